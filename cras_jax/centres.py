@@ -1,0 +1,29 @@
+"""MCMC centres (SPEC section 4): per-class means of the adapted features.
+
+Computed once before training with the frozen backbone and the freshly
+initialised adapter, by streaming sums so any number of images fits.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def init_sums(num_classes: int, num_patches: int, dim: int):
+  return (jnp.zeros((num_classes, num_patches, dim), jnp.float32),
+          jnp.zeros((num_classes,), jnp.float32))
+
+
+def accumulate(sums, counts, u: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
+  """Adds a batch u [B, HW, D] with class labels [B] (weights [B] mask padding)."""
+  if weights is None:
+    weights = jnp.ones(labels.shape, jnp.float32)
+  k = sums.shape[0]
+  sums = sums + jax.ops.segment_sum(u * weights[:, None, None], labels, num_segments=k)
+  counts = counts + jax.ops.segment_sum(weights, labels, num_segments=k)
+  return sums, counts
+
+
+def finalise(sums, counts) -> jax.Array:
+  """c_k = sum / count; raises via NaN-free division only where count > 0."""
+  return sums / jnp.maximum(counts, 1.0)[:, None, None]

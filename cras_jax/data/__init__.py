@@ -1,0 +1,49 @@
+"""Data: datasets in the MVTec layout through TFDS, and the synthetic demo set."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def data_root(config, workdir: str) -> str:
+  """The dataset directory: config.data.root, or the generated demo set in the workdir."""
+  if config.data.name == "synthetic":
+    from cras_jax.data import synthetic
+    root = config.data.root or os.path.join(workdir, "synthetic_data")
+    s = config.data.synthetic
+    synthetic.generate(root, seed=s.seed, image_size=s.image_size, n_train=s.n_train,
+                       n_test_good=s.n_test_good, n_test_defect_per_type=s.n_test_defect_per_type)
+    return root
+  if not config.data.root:
+    raise ValueError(f"config.data.root is empty: set --config.data.root=<directory of the "
+                     f"{config.data.name} dataset in the MVTec layout>")
+  return os.path.expanduser(config.data.root)
+
+
+def load_for_config(config, workdir: str):
+  from cras_jax.data import mvtec
+  root = data_root(config, workdir)
+  cache = config.data.cache_dir or os.path.join(workdir, "data_cache")
+  classes = list(config.data.classes) or None
+  return mvtec.load_dataset(root, classes, config.data.resize, config.data.crop, cache)
+
+
+def get_batch(source, indices, keys=None) -> dict:
+  from cras_jax.data import mvtec
+  batch = mvtec.get_batch(source, np.asarray(indices))
+  if keys is not None:
+    batch = {k: batch[k] for k in keys}
+  return batch
+
+
+def padded_batch(source, indices, batch_size: int, multiple: int = 1) -> dict:
+  """A batch of `indices` padded (by repeating the last one) to `batch_size`, and a
+  0/1 `weight` marking the real entries. batch_size is rounded up to `multiple`."""
+  size = -(-batch_size // multiple) * multiple
+  indices = np.asarray(indices)
+  pad = size - len(indices)
+  full = np.concatenate([indices, np.repeat(indices[-1:], pad)]) if pad > 0 else indices
+  batch = get_batch(source, full)
+  batch["weight"] = (np.arange(size) < len(indices)).astype(np.float32)
+  return batch

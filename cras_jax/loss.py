@@ -1,0 +1,26 @@
+"""The CRD loss (SPEC section 7): BCE(D(y), 0) + BCE(D(z), 1) on logits."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def crd_inputs(u: jax.Array, p: jax.Array, mode: str = "raw_residual") -> jax.Array:
+  """The discriminator's input from features and matched centres.
+
+  Modes (paper Table 6): raw_residual [u | u - p] (default), raw [u],
+  residual [u - p], raw_raw [u | u], residual_residual [u - p | u - p].
+  """
+  res = u - p
+  parts = {"raw_residual": (u, res), "raw": (u,), "residual": (res,),
+           "raw_raw": (u, u), "residual_residual": (res, res)}
+  if mode not in parts:
+    raise ValueError(f"unknown CRD input mode {mode!r}; choose one of {sorted(parts)}")
+  return jnp.concatenate(parts[mode], axis=-1)
+
+
+def bce_losses(logits_true: jax.Array, logits_fake: jax.Array):
+  """Mean BCE of normals against 0 and of synthetic anomalies against 1."""
+  loss_true = jnp.mean(jax.nn.softplus(logits_true))   # -log(1 - sigmoid(x))
+  loss_fake = jnp.mean(jax.nn.softplus(-logits_fake))  # -log(sigmoid(x))
+  return loss_true, loss_fake

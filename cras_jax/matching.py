@@ -1,0 +1,61 @@
+"""Hierarchical prototype matching, HPI (SPEC section 5).
+
+Training knows each image's class: every patch vector u[h, w] is matched to the
+most cosine-similar vector among all HW positions of its class centre. At
+inference the class is unknown: the centre is chosen globally per image
+(cosine of the whole flattened map), then the same local search runs.
+Per-image functions are written for one image and vmapped over the batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _normalise(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def local_match(u: jax.Array, centre: jax.Array, hpi: bool = True):
+  """One image. u [HW, D], centre [HW, D] -> (index [HW], p [HW, D]).
+
+  hpi=False is the "w/o HPI" ablation: each patch takes the centre vector at
+  its own position.
+  """
+  if not hpi:
+    idx = jnp.arange(u.shape[0])
+    return idx, centre
+  sim = jnp.einsum("nd,md->nm", _normalise(u), _normalise(centre), precision=_HIGHEST)
+  idx = jnp.argmax(sim, axis=-1)
+  return idx, centre[idx]
+
+
+def match_known(u: jax.Array, centres: jax.Array, labels: jax.Array, hpi: bool = True):
+  """Training matching. u [B, HW, D], centres [K, HW, D], labels [B] -> (idx, p)."""
+  return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi))(u, labels)
+
+
+def global_match(u: jax.Array, centres: jax.Array) -> jax.Array:
+  """k* = argmax_k cos(vec(u_b), vec(c_k)) per image. u [B, HW, D] -> [B]."""
+  uf = _normalise(u.reshape(u.shape[0], -1))
+  cf = _normalise(centres.reshape(centres.shape[0], -1))
+  return jnp.argmax(jnp.einsum("bd,kd->bk", uf, cf, precision=_HIGHEST), axis=-1)
+
+
+def batch_mode_class(k: jax.Array, num_classes: int) -> jax.Array:
+  """The reference's batch mode: the most frequent k* of the batch for all images."""
+  counts = jnp.zeros((num_classes,), jnp.int32).at[k].add(1)
+  return jnp.full_like(k, jnp.argmax(counts))
+
+
+def match_infer(u: jax.Array, centres: jax.Array, hpi: bool = True,
+                per_image: bool = True):
+  """Inference matching -> (class k* [B], idx [B, HW], p [B, HW, D])."""
+  k = global_match(u, centres)
+  if not per_image:
+    k = batch_mode_class(k, centres.shape[0])
+  idx, p = match_known(u, centres, k, hpi)
+  return k, idx, p

@@ -1,0 +1,117 @@
+"""Progress display, result tables and heatmap figures."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from cras_jax import metrics as metrics_lib
+
+
+def versions() -> dict:
+  import flax
+  import jax
+  import optax
+  import orbax.checkpoint
+  import cras_jax
+  return {"cras_jax": cras_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
+          "python": platform.python_version(),
+          "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}"}
+
+
+def progress(total: int, desc: str, initial: int = 0, unit: str = "step"):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+              mininterval=1.0, file=sys.stdout)
+
+
+def summarise_window(window) -> dict:
+  """Mean metrics over a window of (metrics, batch size, start time) and images/s."""
+  import jax
+  host = jax.device_get([m for m, _, _ in window])
+  images = sum(n for _, n, _ in window)
+  seconds = max(time.time() - window[0][2], 1e-9)
+  out = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+  out["images_per_s"] = images / seconds
+  return out
+
+
+def format_train_metrics(m: dict) -> str:
+  return (f"{m['images_per_s']:.1f} img/s loss {m['loss']:.4f} "
+          f"normal ok {100 * m['p_true']:.1f}% anomaly ok {100 * m['p_fake']:.1f}%")
+
+
+def class_metrics(res: dict, class_names, fpr_limit: float = 0.3) -> dict:
+  """Per-class metrics of SPEC 10 plus the share of images matched to their own centre."""
+  table = {}
+  has_masks = res["mask"] is not None
+  for k, name in enumerate(class_names):
+    sel = res["label"] == k
+    if not sel.any():
+      continue
+    m = metrics_lib.compute_class_metrics(
+        res["is_anomaly"][sel], res["scores"][sel],
+        res["mask"][sel] if has_masks else None, res["maps"][sel] if has_masks else None,
+        fpr_limit=fpr_limit)
+    m["match_acc"] = float(np.mean(res["cls"][sel] == k))
+    table[name] = m
+  return metrics_lib.summarise(table)
+
+
+def markdown(table: dict) -> str:
+  return metrics_lib.to_markdown(table)
+
+
+def write_results(table: dict, out_dir: str, tag: str, extra: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"metrics_{tag}.json"), "w") as f:
+    json.dump({"metrics": table, **extra, "versions": versions()}, f, indent=2)
+  metrics_lib.to_csv(table, os.path.join(out_dir, f"metrics_{tag}.csv"))
+  with open(os.path.join(out_dir, f"metrics_{tag}.md"), "w") as f:
+    f.write(markdown(table) + "\n")
+
+
+
+def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> list[str]:
+  """image | ground truth | anomaly-map overlay PNGs, for defective images first."""
+  if per_class <= 0:
+    return []
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for k, name in enumerate(class_names):
+    idx = np.flatnonzero(res["label"] == k)
+    if idx.size == 0:
+      continue
+    maps = res["maps"][idx]
+    lo, hi = float(maps.min()), float(maps.max())
+    order = sorted(idx, key=lambda i: (-res["is_anomaly"][i], i))
+    chosen = order[:max(per_class - 1, 1)] + [i for i in order if not res["is_anomaly"][i]][:1]
+    for i in dict.fromkeys(chosen):
+      fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.7))
+      img = res["image"][i]
+      axes[0].imshow(img)
+      axes[0].set_title(f"{name}: {res['name'][i]}", fontsize=7)
+      axes[1].imshow(res["mask"][i], cmap="gray", vmin=0, vmax=1)
+      axes[1].set_title("ground truth", fontsize=8)
+      axes[2].imshow(img)
+      axes[2].imshow((res["maps"][i] - lo) / max(hi - lo, 1e-12), cmap="jet", alpha=0.5,
+                     vmin=0, vmax=1)
+      axes[2].set_title(f"score {res['scores'][i]:.3f}", fontsize=8)
+      for a in axes:
+        a.axis("off")
+      fig.tight_layout()
+      safe = str(res["name"][i]).replace(os.sep, "_").replace(".", "_")
+      path = os.path.join(out_dir, f"{name}_{i:04d}_{safe}.png")
+      fig.savefig(path, dpi=80)
+      plt.close(fig)
+      written.append(path)
+  return written

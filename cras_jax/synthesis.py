@@ -1,0 +1,39 @@
+"""DAFS: distance-aware feature synthesis (SPEC section 6), training only."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+VARIANTS = ("default", "no_scaling", "inv_r", "inv_g_r")
+
+
+def dafs_alpha(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
+               variant: str = "default", eps: float = 1e-8) -> jax.Array:
+  """Per-patch noise scale alpha [B, HW] from u, p, g [B, HW, D].
+
+  r = ||u - p||, n = ||g||, s = n / r normalised by its mean over ALL patches
+  of the batch, alpha = beta (s - 1) + 1. Variants (paper Table 6):
+  "no_scaling" alpha = s; "inv_r" uses s = 1/r; "inv_g_r" s = 1/(n r), each
+  mean-normalised and then mixed by beta like the default.
+  """
+  r = jnp.maximum(jnp.linalg.norm(u - p, axis=-1), eps)
+  n = jnp.linalg.norm(g, axis=-1)
+  if variant == "default" or variant == "no_scaling":
+    s = n / r
+  elif variant == "inv_r":
+    s = 1.0 / r
+  elif variant == "inv_g_r":
+    s = 1.0 / jnp.maximum(n * r, eps)
+  else:
+    raise ValueError(f"unknown DAFS variant {variant!r}; choose one of {VARIANTS}")
+  s = s / jnp.mean(s)
+  if variant == "no_scaling":
+    return s
+  return beta * (s - 1.0) + 1.0
+
+
+def dafs(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
+         variant: str = "default") -> jax.Array:
+  """Synthetic anomaly v = u + alpha * g; alpha and g carry no gradient."""
+  alpha = jax.lax.stop_gradient(dafs_alpha(u, p, g, beta, variant))
+  return u + alpha[..., None] * jax.lax.stop_gradient(g)

@@ -1,0 +1,391 @@
+"""Training and evaluation: the jitted, sharded steps and the loop around them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cras_jax import backbones, centres as centres_lib, checkpoint, data as data_lib, model
+from cras_jax import report
+from cras_jax.data import preprocess
+
+
+# ----------------------------------------------------------------------------- state
+
+@flax.struct.dataclass
+class TrainState:
+  """The whole training state, one pytree.
+
+  `backbone` holds the frozen feature extractor's variables: they are inputs of
+  every step but not in `params`, so the optimiser never sees them.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  centres: jax.Array        # [K, HW, D], fixed after initialisation
+  noise_std: jax.Array      # scalar: feature std used by relative noise (1.0 otherwise)
+  rng: jax.Array
+  backbone: Any = None
+
+  def checkpointable(self) -> dict:
+    return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+            "opt_state": self.opt_state, "centres": self.centres,
+            "noise_std": self.noise_std, "rng": self.rng}
+
+
+def make_optimizer(lr_adapter: float, wd_adapter: float, lr_disc: float, wd_disc: float):
+  """SPEC 8: AdamW for the adapter; Adam with coupled L2 decay for the discriminator."""
+  adapter_tx = optax.adamw(lr_adapter, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd_adapter)
+  disc_tx = optax.chain(optax.add_decayed_weights(wd_disc),
+                        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                        optax.scale(-lr_disc))
+  labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+  return optax.multi_transform({"adapter": adapter_tx, "disc": disc_tx}, labels)
+
+
+def optimizer_from_config(cfg) -> optax.GradientTransformation:
+  t = cfg.train
+  return make_optimizer(t.lr_adapter, t.wd_adapter, t.lr_disc, t.wd_disc)
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+class Pieces:
+  """What the steps close over: static modules and settings (no arrays)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    m = config.model
+    self.config = config
+    self.num_classes = num_classes
+    self.heads = model.HeadsConfig.from_config(m)
+    self.backbone = backbones.build_module(m.backbone, m.dtype)
+    self.embed = model.make_embed_fn(self.backbone, tuple(m.levels), m.pre_embed_dim,
+                                     m.embed_dim, m.patch_size)
+    self.tx = optimizer_from_config(config)
+    self.image_size = config.data.crop
+    self.grid, self.num_patches = self._grid()
+
+  def _grid(self):
+    """Patch grid (h, w) of the first level and HW, from shapes alone."""
+    levels = tuple(self.config.model.levels)
+    x = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
+    variables = jax.eval_shape(self.backbone.init, jax.random.PRNGKey(0), x)
+    feats = jax.eval_shape(lambda v, x: self.backbone.apply(v, x, max_level=max(levels)),
+                           variables, x)
+    grid = tuple(feats[f"level{levels[0]}"].shape[1:3])
+    return grid, grid[0] * grid[1]
+
+  def features(self, backbone_vars, images_uint8):
+    return self.embed(backbone_vars, preprocess.normalize(images_uint8))[0]
+
+
+def create_state(pieces: Pieces, backbone_vars, seed: int) -> TrainState:
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  params, batch_stats = model.init_heads(pieces.heads, init_rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=pieces.tx.init(params),
+      centres=jnp.zeros((pieces.num_classes, pieces.num_patches, pieces.heads.embed_dim), jnp.float32),
+      noise_std=jnp.ones((), jnp.float32), rng=state_rng, backbone=backbone_vars)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def make_train_step(pieces: Pieces) -> Callable:
+  cfg = pieces.heads
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    t = pieces.features(state.backbone, batch["image"])
+    sigma = cfg.noise_sigma * state.noise_std
+    noise = sigma * jax.random.normal(rng, t.shape[:2] + (cfg.embed_dim,), jnp.float32)
+    grad_fn = jax.value_and_grad(model.heads_loss, has_aux=True)
+    (_, aux), grads = grad_fn(state.params, state.batch_stats, t, batch["label"],
+                              state.centres, noise, cfg)
+    updates, opt_state = pieces.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(aux["metrics"])
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=aux["batch_stats"], opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_predict_step(pieces: Pieces) -> Callable:
+  def predict_step(state: TrainState, images):
+    t = pieces.features(state.backbone, images)
+    return model.score_features(state.params, state.batch_stats, t, state.centres,
+                                pieces.grid, (pieces.image_size, pieces.image_size), pieces.heads)
+
+  return predict_step
+
+
+def make_centre_step(pieces: Pieces) -> Callable:
+  def centre_step(acc, state: TrainState, batch):
+    sums, counts, s1, s2 = acc
+    u = model.adapt(state.params, pieces.features(state.backbone, batch["image"]), pieces.heads)
+    w = batch["weight"]
+    sums, counts = centres_lib.accumulate(sums, counts, u, batch["label"], w)
+    s1 = s1 + jnp.sum(u.mean(axis=(1, 2)) * w)
+    s2 = s2 + jnp.sum(jnp.square(u).mean(axis=(1, 2)) * w)
+    return sums, counts, s1, s2
+
+  return centre_step
+
+
+# ----------------------------------------------------------------------------- devices
+
+class Devices:
+  """A 1-D mesh over all devices: batches split on 'data', state replicated."""
+
+  def __init__(self):
+    self.mesh = Mesh(np.array(jax.devices()), ("data",))
+    self.count = len(jax.devices())
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch = NamedSharding(self.mesh, P("data"))
+
+  def put_batch(self, batch: dict):
+    return {k: jax.device_put(v, self.batch) for k, v in batch.items() if isinstance(v, np.ndarray)}
+
+  def jit_train(self, fn):
+    return jax.jit(fn, in_shardings=(self.replicated, self.batch),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+  def jit_predict(self, fn):
+    return jax.jit(fn, in_shardings=(self.replicated, self.batch), out_shardings=self.batch)
+
+
+# ----------------------------------------------------------------------------- data order
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """Shuffled indices of one epoch, a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int, multiple: int = 1) -> tuple[int, np.ndarray]:
+  """(epoch, indices) of global step `step`; the last batch of an epoch is kept
+  (trimmed to a multiple of the device count)."""
+  steps_per_epoch = math.ceil(n / batch_size)
+  epoch, i = divmod(step, steps_per_epoch)
+  idx = epoch_order(seed, epoch, n)[i * batch_size:(i + 1) * batch_size]
+  keep = (len(idx) // multiple) * multiple
+  return epoch, idx[:max(keep, multiple)] if keep else idx[:0]
+
+
+def prefetch(iterator, size: int = 2):
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  import queue
+  import threading
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for item in iterator:
+        q.put(item)
+    except BaseException as e:  # surfaced in the consumer
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+# ----------------------------------------------------------------------------- loop
+
+def _meta(config, class_names, pieces) -> dict:
+  import cras_jax
+  return {"class_names": list(class_names), "config": json.loads(config.to_json_best_effort()),
+          "grid": list(pieces.grid), "num_patches": pieces.num_patches,
+          "versions": report.versions(), "cras_jax": cras_jax.__version__}
+
+
+def compute_centres(state: TrainState, pieces: Pieces, devices: Devices, dataset, config) -> TrainState:
+  """MCMC centres and the feature std, with the untrained adapter (SPEC 4)."""
+  n = len(dataset.train)
+  bs = config.eval.batch_size
+  k, hw, d = state.centres.shape
+  acc = (jnp.zeros((k, hw, d)), jnp.zeros((k,)), jnp.zeros(()), jnp.zeros(()))
+  step = jax.jit(make_centre_step(pieces))
+  t0 = time.time()
+  for start in range(0, n, bs):
+    idx = np.arange(start, min(start + bs, n))
+    batch = data_lib.padded_batch(dataset.train, idx, bs, devices.count)
+    acc = step(acc, state, devices.put_batch(batch))
+  sums, counts, s1, s2 = acc
+  missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts) == 0)]
+  if missing:
+    raise ValueError(f"no training images for classes {missing}")
+  mean, meansq = s1 / n, s2 / n
+  std = jnp.sqrt(jnp.maximum(meansq - mean ** 2, 0.0))
+  noise_std = std if config.model.noise_relative else jnp.ones((), jnp.float32)
+  logging.info("centres from %d images in %.1fs; feature std %.4f", n, time.time() - t0, float(std))
+  print(f"centres: {k} classes from {n} images in {time.time() - t0:.1f}s; "
+        f"adapted-feature std {float(std):.4f}; noise sigma "
+        f"{config.model.noise_sigma * float(noise_std):.4f}", flush=True)
+  return state.replace(centres=centres_lib.finalise(sums, counts), noise_std=noise_std)
+
+
+def setup(config, workdir: str, need_train: bool = True):
+  dataset = data_lib.load_for_config(config, workdir)
+  pieces = Pieces(config, len(dataset.class_names))
+  devices = Devices()
+  backbone_vars = backbones.load_variables(config.model.backbone, config.model.weights,
+                                           config.data.crop, config.seed)
+  state = create_state(pieces, backbone_vars, config.seed)
+  state = jax.device_put(state, devices.replicated)
+  return dataset, pieces, devices, state
+
+
+def restore_latest(mngr, state: TrainState):
+  tree, meta = checkpoint.restore(mngr, state.checkpointable())
+  return state.replace(**tree), meta
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it."""
+  os.makedirs(workdir, exist_ok=True)
+  dataset, pieces, devices, state = setup(config, workdir)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  meta = _meta(config, dataset.class_names, pieces)
+  if mngr.latest_step() is not None:
+    state, saved_meta = restore_latest(mngr, state)
+    if saved_meta["class_names"] != meta["class_names"]:
+      raise ValueError(f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
+                       f"data's {meta['class_names']}; use a new --workdir")
+    print(f"resumed from step {int(state.step)} ({mngr.directory})", flush=True)
+  else:
+    state = compute_centres(state, pieces, devices, dataset, config)
+    checkpoint.save(mngr, 0, state.checkpointable(), meta)
+
+  n = len(dataset.train)
+  bs = config.train.batch_size
+  steps_per_epoch = math.ceil(n / bs)
+  total = config.train.epochs * steps_per_epoch
+  train_step = devices.jit_train(make_train_step(pieces))
+  predict_step = devices.jit_predict(make_predict_step(pieces))
+  ckpt_every = config.train.checkpoint_every_steps
+
+  def batches(start):
+    for s in range(start, total):
+      _, idx = batch_indices(config.seed, s, n, bs, devices.count)
+      yield s, devices.put_batch(data_lib.get_batch(dataset.train, idx, ("image", "label")))
+
+  step = int(state.step)
+  history_path = os.path.join(workdir, "train_log.jsonl")
+  bar = report.progress(total=total, initial=step, desc="train")
+  window, last_metrics = [], {}
+  try:
+    for s, batch in prefetch(batches(step)):
+      t0 = time.time()
+      state, metrics = train_step(state, batch)
+      window.append((metrics, batch["label"].shape[0], t0))
+      done = s + 1
+      end_of_epoch = done % steps_per_epoch == 0
+      if end_of_epoch or done == total or len(window) >= config.train.log_every:
+        last_metrics = report.summarise_window(window)
+        window = []
+        bar.set_postfix_str(report.format_train_metrics(last_metrics))
+        with open(history_path, "a") as f:
+          f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
+      bar.update(1)
+      if end_of_epoch or done == total or (ckpt_every and done % ckpt_every == 0):
+        checkpoint.save(mngr, done, state.checkpointable(), meta)
+      epoch = done // steps_per_epoch
+      if (end_of_epoch and config.train.eval_every and epoch % config.train.eval_every == 0
+          and done != total):
+        evaluate(state, pieces, devices, dataset, config, workdir, predict_step,
+                 tag=f"epoch_{epoch:03d}", heatmaps=False)
+  except KeyboardInterrupt:
+    bar.close()
+    jax.block_until_ready(state)
+    if mngr.latest_step() != int(state.step):
+      checkpoint.save(mngr, int(state.step), state.checkpointable(), meta)
+    print(f"\ninterrupted at step {int(state.step)}/{total}; checkpoint saved. "
+          f"Rerun the same command to resume.", flush=True)
+    raise
+  bar.close()
+  if last_metrics:
+    print("final training window: " + report.format_train_metrics(last_metrics), flush=True)
+  return evaluate(state, pieces, devices, dataset, config, workdir, predict_step, tag="final")
+
+
+def predict_dataset(state, pieces, devices, source, batch_size, predict_step):
+  """Scores a whole split -> dict of numpy arrays (scores, maps, cls, labels...)."""
+  n = len(source)
+  outs = {k: [] for k in ("scores", "maps", "cls")}
+  meta = {k: [] for k in ("label", "is_anomaly", "mask", "image")}
+  names = []
+  bar = report.progress(total=n, desc="score", unit="img")
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    batch = data_lib.padded_batch(source, idx, batch_size, devices.count)
+    res = predict_step(state, devices.put_batch({"image": batch["image"]})["image"])
+    m = len(idx)
+    for k in outs:
+      outs[k].append(np.asarray(res[k])[:m])
+    for k in meta:
+      meta[k].append(batch[k][:m])
+    names += list(batch["name"][:m])
+    bar.update(m)
+  bar.close()
+  result = {k: np.concatenate(v) for k, v in {**outs, **meta}.items()}
+  result["name"] = names
+  return result
+
+
+def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None, tag="final",
+             heatmaps=True) -> dict:
+  """Per-class metrics of SPEC 10 on the test split, written to workdir/results."""
+  if predict_step is None:
+    predict_step = devices.jit_predict(make_predict_step(pieces))
+  t0 = time.time()
+  res = predict_dataset(state, pieces, devices, dataset.test, config.eval.batch_size, predict_step)
+  seconds = time.time() - t0
+  table = report.class_metrics(res, dataset.class_names, config.eval.fpr_limit)
+  out_dir = os.path.join(workdir, "results")
+  extra = {"step": int(state.step), "protocol": "final epoch" if tag == "final" else tag,
+           "score_mode": config.model.score_mode, "matching": config.model.matching,
+           "test_images": len(res["scores"]), "score_seconds": seconds}
+  report.write_results(table, out_dir, tag, extra)
+  print(f"\n[{tag}] step {int(state.step)}, {len(res['scores'])} test images scored in "
+        f"{seconds:.1f}s (protocol: {extra['protocol']}; image score: {config.model.score_mode})")
+  print(report.markdown(table), flush=True)
+  if heatmaps:
+    report.save_heatmaps(res, dataset.class_names, os.path.join(out_dir, "heatmaps"),
+                         config.eval.num_heatmaps)
+  return table
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the workdir's latest checkpoint without training."""
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
+  dataset, pieces, devices, state = setup(config, workdir)
+  state, meta = restore_latest(mngr, state)
+  if meta["class_names"] != list(dataset.class_names):
+    raise ValueError(f"checkpoint classes {meta['class_names']} differ from the data's "
+                     f"{list(dataset.class_names)}")
+  return evaluate(state, pieces, devices, dataset, config, workdir, tag="eval")
