@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 0  # 0: at each epoch end only
   config.train.keep_checkpoints = 3
   config.train.log_every = 20
+  # The backbone is frozen and training has no augmentation: compute its patch
+  # features once (host memory) and train the heads on them.
+  config.train.cache_features = False
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32

@@ -1,5 +1,5 @@
 """Entry point: python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/x"""
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cras_jax import train
@@ -16,6 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if FLAGS.mode == "eval":
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   else:

@@ -64,6 +64,17 @@ def class_metrics(res: dict, class_names, fpr_limit: float = 0.3) -> dict:
   return metrics_lib.summarise(table)
 
 
+def write_scores(res: dict, class_names, path: str) -> None:
+  """One row per test image: name, class, matched class, label and image score."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["name", "class", "matched_class", "is_anomaly", "score"])
+    for i, name in enumerate(res["name"]):
+      w.writerow([name, class_names[res["label"][i]], class_names[res["cls"][i]],
+                  int(res["is_anomaly"][i]), f"{float(res['scores'][i]):.6f}"])
+
+
 def markdown(table: dict) -> str:
   return metrics_lib.to_markdown(table)
 

@@ -109,7 +109,10 @@ def make_train_step(pieces: Pieces) -> Callable:
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    t = pieces.features(state.backbone, batch["image"])
+    if "features" in batch:  # cached frozen-backbone features
+      t = batch["features"].astype(jnp.float32)
+    else:
+      t = pieces.features(state.backbone, batch["image"])
     sigma = cfg.noise_sigma * state.noise_std
     noise = sigma * jax.random.normal(rng, t.shape[:2] + (cfg.embed_dim,), jnp.float32)
     grad_fn = jax.value_and_grad(model.heads_loss, has_aux=True)
@@ -136,14 +139,16 @@ def make_predict_step(pieces: Pieces) -> Callable:
 
 
 def make_centre_step(pieces: Pieces) -> Callable:
+  """Accumulates class sums of u = A(t) and the moments of u; also returns t."""
   def centre_step(acc, state: TrainState, batch):
     sums, counts, s1, s2 = acc
-    u = model.adapt(state.params, pieces.features(state.backbone, batch["image"]), pieces.heads)
+    t = pieces.features(state.backbone, batch["image"])
+    u = model.adapt(state.params, t, pieces.heads)
     w = batch["weight"]
     sums, counts = centres_lib.accumulate(sums, counts, u, batch["label"], w)
     s1 = s1 + jnp.sum(u.mean(axis=(1, 2)) * w)
     s2 = s2 + jnp.sum(jnp.square(u).mean(axis=(1, 2)) * w)
-    return sums, counts, s1, s2
+    return (sums, counts, s1, s2), t
 
   return centre_step
 
@@ -221,29 +226,43 @@ def _meta(config, class_names, pieces) -> dict:
           "versions": report.versions(), "cras_jax": cras_jax.__version__}
 
 
-def compute_centres(state: TrainState, pieces: Pieces, devices: Devices, dataset, config) -> TrainState:
-  """MCMC centres and the feature std, with the untrained adapter (SPEC 4)."""
+def feature_pass(state: TrainState, pieces: Pieces, devices: Devices, dataset, config,
+                 keep_features: bool):
+  """One pass over the training images with the frozen backbone and the current
+  adapter: class sums of u (for the centres), the moments of u and, when
+  `keep_features`, the features t of every image (host memory, train order)."""
   n = len(dataset.train)
   bs = config.eval.batch_size
   k, hw, d = state.centres.shape
   acc = (jnp.zeros((k, hw, d)), jnp.zeros((k,)), jnp.zeros(()), jnp.zeros(()))
   step = jax.jit(make_centre_step(pieces))
-  t0 = time.time()
+  feats = None
+  if keep_features:
+    print(f"feature cache: {n} images x {hw} patches x {d} float32 = "
+          f"{n * hw * d * 4 / 2**20:.1f} MiB in memory", flush=True)
+    feats = np.empty((n, hw, d), np.float32)
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
     batch = data_lib.padded_batch(dataset.train, idx, bs, devices.count)
-    acc = step(acc, state, devices.put_batch(batch))
+    acc, t = step(acc, state, devices.put_batch(batch))
+    if feats is not None:
+      feats[idx] = np.asarray(t)[:len(idx)]
+  return acc, feats
+
+
+def compute_centres(state: TrainState, acc, dataset, config) -> TrainState:
+  """MCMC centres and the feature std, with the untrained adapter (SPEC 4)."""
   sums, counts, s1, s2 = acc
+  n = len(dataset.train)
+  k = sums.shape[0]
   missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts) == 0)]
   if missing:
     raise ValueError(f"no training images for classes {missing}")
   mean, meansq = s1 / n, s2 / n
   std = jnp.sqrt(jnp.maximum(meansq - mean ** 2, 0.0))
   noise_std = std if config.model.noise_relative else jnp.ones((), jnp.float32)
-  logging.info("centres from %d images in %.1fs; feature std %.4f", n, time.time() - t0, float(std))
-  print(f"centres: {k} classes from {n} images in {time.time() - t0:.1f}s; "
-        f"adapted-feature std {float(std):.4f}; noise sigma "
-        f"{config.model.noise_sigma * float(noise_std):.4f}", flush=True)
+  print(f"centres: {k} classes from {n} images; adapted-feature std {float(std):.4f}; "
+        f"noise sigma {config.model.noise_sigma * float(noise_std):.4f}", flush=True)
   return state.replace(centres=centres_lib.finalise(sums, counts), noise_std=noise_std)
 
 
@@ -275,9 +294,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
                        f"data's {meta['class_names']}; use a new --workdir")
     print(f"resumed from step {int(state.step)} ({mngr.directory})", flush=True)
+    cache = (feature_pass(state, pieces, devices, dataset, config, True)[1]
+             if config.train.cache_features else None)
   else:
-    state = compute_centres(state, pieces, devices, dataset, config)
+    t0 = time.time()
+    acc, cache = feature_pass(state, pieces, devices, dataset, config, config.train.cache_features)
+    state = compute_centres(state, acc, dataset, config)
+    print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
     checkpoint.save(mngr, 0, state.checkpointable(), meta)
+  train_labels = data_lib.class_indices(dataset.train)
 
   n = len(dataset.train)
   bs = config.train.batch_size
@@ -290,7 +315,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def batches(start):
     for s in range(start, total):
       _, idx = batch_indices(config.seed, s, n, bs, devices.count)
-      yield s, devices.put_batch(data_lib.get_batch(dataset.train, idx, ("image", "label")))
+      if cache is not None:
+        batch = {"features": cache[idx], "label": train_labels[idx]}
+      else:
+        batch = data_lib.get_batch(dataset.train, idx, ("image", "label"))
+      yield s, devices.put_batch(batch)
 
   step = int(state.step)
   history_path = os.path.join(workdir, "train_log.jsonl")
@@ -369,6 +398,7 @@ def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None
            "score_mode": config.model.score_mode, "matching": config.model.matching,
            "test_images": len(res["scores"]), "score_seconds": seconds}
   report.write_results(table, out_dir, tag, extra)
+  report.write_scores(res, dataset.class_names, os.path.join(out_dir, f"scores_{tag}.csv"))
   print(f"\n[{tag}] step {int(state.step)}, {len(res['scores'])} test images scored in "
         f"{seconds:.1f}s (protocol: {extra['protocol']}; image score: {config.model.score_mode})")
   print(report.markdown(table), flush=True)

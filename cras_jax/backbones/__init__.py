@@ -40,8 +40,11 @@ def build_module(name: str, dtype: str = "float32"):
 
 
 def convert_command(name: str) -> str:
-  return (f"python tools/convert_torchvision.py --arch={name} --output=<weights_dir>/{name}.msgpack"
-          f"  (or pass torchvision's own {name} .pth file as config.model.weights)")
+  return (f"pip install -r requirements-tools.txt && python tools/convert_torchvision.py "
+          f"--arch={name} --output=<weights_dir>/{name}.msgpack  (downloads torchvision's "
+          f"IMAGENET1K_V1 weights, as the reference's pretrained=True; offline, without torch: "
+          f"add --input=<torchvision {name} .pth file>, or pass that .pth file itself as "
+          f"config.model.weights)")
 
 
 def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> Any:
@@ -63,9 +66,38 @@ def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> A
     raise WeightsError(f"config.model.weights={weights!r}: no such file. Create it with: "
                        f"{convert_command(name)}")
   if path.endswith(".msgpack"):
+    # written by tools/convert_torchvision.py: {'params','batch_stats'} in Flax layout,
+    # with a JSON sidecar <path>.json naming the arch it was converted for.
+    import json
     import flax.serialization
+    import numpy as np
+    sidecar = path + ".json"
+    if os.path.exists(sidecar):
+      with open(sidecar) as f:
+        arch = json.load(f).get("arch")
+      if arch is not None and arch != name:
+        raise ValueError(f"config.model.weights={weights!r} holds {arch!r} weights "
+                         f"(per {os.path.basename(sidecar)}) but config.model.backbone={name!r}")
     with open(path, "rb") as f:
-      return flax.serialization.msgpack_restore(f.read())
+      variables = flax.serialization.msgpack_restore(f.read())
+    # the file must hold exactly the module's variables (incl. the classifier), same shapes
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    want = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, with_logits=True))
+    want = {jax.tree_util.keystr(k): tuple(v.shape)
+            for k, v in jax.tree_util.tree_leaves_with_path(want)}
+    got = {jax.tree_util.keystr(k): tuple(np.shape(v))
+           for k, v in jax.tree_util.tree_leaves_with_path(
+               variables if isinstance(variables, dict) else {})}
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    shapes = [f"{k}: {got[k]} != {want[k]}" for k in sorted(want.keys() & got.keys())
+              if got[k] != want[k]]
+    problems = [f"{len(v)} {what} (e.g. {v[:4]})" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+                if v]
+    if problems:
+      raise ValueError(f"config.model.weights={weights!r} does not match backbone {name!r}: "
+                       + "; ".join(problems) + f". Re-create it with: {convert_command(name)}")
+    return jax.tree.map(jnp.asarray, variables)
   from cras_jax.backbones.torch_pickle import load_torch_state_dict
   state_dict = load_torch_state_dict(path)
   if name in RESNETS:

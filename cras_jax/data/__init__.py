@@ -37,6 +37,11 @@ def get_batch(source, indices, keys=None) -> dict:
   return batch
 
 
+def class_indices(source) -> np.ndarray:
+  from cras_jax.data import mvtec
+  return mvtec.class_indices(source)
+
+
 def padded_batch(source, indices, batch_size: int, multiple: int = 1) -> dict:
   """A batch of `indices` padded (by repeating the last one) to `batch_size`, and a
   0/1 `weight` marking the real entries. batch_size is rounded up to `multiple`."""
