@@ -26,8 +26,8 @@ def get_config():
   config.train.batch_size = 16
   config.train.epochs = 30
   # Fewer steps than the paper's 100 epochs of MVTec: larger learning rates.
-  config.train.lr_adapter = 5e-4
-  config.train.lr_disc = 1e-3
+  config.train.lr_adapter = 2e-4
+  config.train.lr_disc = 5e-4
   config.train.cache_features = True
   config.train.log_every = 5
   config.eval.batch_size = 32

@@ -68,7 +68,7 @@ __all__ = [
 
 # Bump whenever the rendered pixels change: a cached tree with an older version in its
 # manifest is then regenerated instead of being silently reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST_NAME = "synthetic_manifest.json"
 
 TEXTURE_CLASSES: Tuple[str, ...] = ("fabric", "granite")
@@ -384,7 +384,7 @@ def _render_gear(rng, size, defect):
     s = size / 160.0
     yy, xx = _grid(size)
     cx, cy = size / 2 + rng.uniform(-7, 7, 2) * s
-    rot = rng.uniform(-0.2, 0.2)  # an aligned part with some rotation jitter (about 11 degrees)
+    rot = rng.uniform(-0.1, 0.1)  # an aligned part with some rotation jitter (about 6 degrees)
     n_teeth = 10
     r_out, r_root = 0.42 * size, 0.34 * size
     r_bore, r_hub = 0.08 * size, 0.155 * size

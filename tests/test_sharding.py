@@ -1,0 +1,65 @@
+"""Data parallelism: one jitted, sharded step on 4 simulated CPU devices equals the
+same step on 1 device (parameters, BatchNorm statistics, loss, scores)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from configs import demo
+from cras_jax import train
+
+cfg = demo.get_config()
+cfg.data.crop = 64
+cfg.model.pre_embed_dim = 48
+cfg.model.embed_dim = 32
+pieces = train.Pieces(cfg, 3)
+devices = train.Devices()
+from cras_jax import backbones
+bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
+state = train.create_state(pieces, bb, 0)
+rng = np.random.default_rng(0)
+state = state.replace(centres=jnp.asarray(rng.normal(size=state.centres.shape), jnp.float32))
+state = jax.device_put(state, devices.replicated)
+batch = {"image": rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8),
+         "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)}
+dev_batch = devices.put_batch(batch)
+assert len(dev_batch["image"].sharding.device_set) == devices.count
+assert len(dev_batch["image"].addressable_shards) == devices.count
+assert dev_batch["image"].addressable_shards[0].data.shape[0] == 8 // devices.count
+step = devices.jit_train(train.make_train_step(pieces))
+state, metrics = step(state, dev_batch)
+state, metrics = step(state, devices.put_batch(batch))
+predict = devices.jit_predict(train.make_predict_step(pieces))
+out = predict(state, devices.put_batch({"image": batch["image"]})["image"])
+assert len(out["maps"].sharding.device_set) == devices.count
+flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+    {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics,
+     "scores": out["scores"], "maps": out["maps"]})}
+np.savez(sys.argv[1], **flat)
+print("devices", devices.count)
+'''
+
+
+def run(n, path):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"devices {n}" in out.stdout
+  return dict(np.load(path))
+
+
+def test_four_devices_equal_one(tmp_path):
+  one = run(1, tmp_path / "one.npz")
+  four = run(4, tmp_path / "four.npz")
+  assert one.keys() == four.keys()
+  for k in one:
+    scale = max(1.0, float(np.abs(one[k]).max()))
+    np.testing.assert_allclose(four[k], one[k], atol=1e-5 * scale, rtol=1e-5, err_msg=k)
