@@ -32,12 +32,13 @@ dev_batch = devices.put_batch(batch)
 assert len(dev_batch["image"].sharding.device_set) == devices.count
 assert len(dev_batch["image"].addressable_shards) == devices.count
 assert dev_batch["image"].addressable_shards[0].data.shape[0] == 8 // devices.count
-step = devices.jit_train(train.make_train_step(pieces))
-state, metrics = step(state, dev_batch)
-state, metrics = step(state, devices.put_batch(batch))
+# Scoring first (on the initial state), then one training step.
 predict = devices.jit_predict(train.make_predict_step(pieces))
 out = predict(state, devices.put_batch({"image": batch["image"]})["image"])
 assert len(out["maps"].sharding.device_set) == devices.count
+out = jax.tree.map(np.asarray, out)
+step = devices.jit_train(train.make_train_step(pieces))
+state, metrics = step(state, dev_batch)
 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
     {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics,
      "scores": out["scores"], "maps": out["maps"]})}
@@ -60,6 +61,13 @@ def test_four_devices_equal_one(tmp_path):
   one = run(1, tmp_path / "one.npz")
   four = run(4, tmp_path / "four.npz")
   assert one.keys() == four.keys()
+  # Biases whose gradient is zero in exact arithmetic (the adapter bias and the Linear
+  # biases that feed a BatchNorm) take Adam steps of rounding noise, up to +-lr
+  # (as in the reference, see tests/data README): compare those within 2 lr.
+  zero_grad = {"['params']['adapter']['fc0']['bias']": 2 * 2e-4,
+               "['params']['disc']['block1_fc']['bias']": 2 * 5e-4,
+               "['params']['disc']['block2_fc']['bias']": 2 * 5e-4}
   for k in one:
     scale = max(1.0, float(np.abs(one[k]).max()))
-    np.testing.assert_allclose(four[k], one[k], atol=1e-5 * scale, rtol=1e-5, err_msg=k)
+    atol = zero_grad.get(k, 1e-5 * scale)
+    np.testing.assert_allclose(four[k], one[k], atol=atol, rtol=1e-5, err_msg=k)

@@ -111,3 +111,22 @@ def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path, shared):
          f"--workdir={tmp_path / 'empty'}", "--mode=eval"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "no checkpoint to evaluate" in out.stderr
+
+
+def test_feature_cache_matches_backbone_every_step(shared):
+  """Training on cached backbone features follows the same trajectory as running the
+  backbone in every step (float32 cache: equal up to rounding)."""
+  base, _, _ = shared
+  logs = {}
+  for cache in ("true", "false"):
+    work = base / f"cache_{cache}"
+    run_main(work, base / "data", base / "cache", "--config.train.epochs=1",
+             f"--config.train.cache_features={cache}", "--config.eval.num_heatmaps=0")
+    logs[cache] = [json.loads(l) for l in open(work / "train_log.jsonl")]
+  assert [l["step"] for l in logs["true"]] == [l["step"] for l in logs["false"]] == [1, 2, 3]
+  for a, b in zip(logs["true"], logs["false"]):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+  m_true = metrics(base / "cache_true")["metrics"]["mean"]
+  m_false = metrics(base / "cache_false")["metrics"]["mean"]
+  for key in ("i_auroc", "p_auroc"):
+    assert abs(m_true[key] - m_false[key]) < 0.02
