@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -192,10 +194,41 @@ def batch_indices(seed: int, step: int, n: int, batch_size: int, multiple: int =
   return epoch, idx[:max(keep, multiple)] if keep else idx[:0]
 
 
+class StopRequest:
+  """Turns SIGINT/SIGTERM into a request to stop after the current step.
+
+  A KeyboardInterrupt raised inside a blocking JAX call can leave the pending
+  computation cancelled and the process hung; instead the handler records the
+  signal and the loop checkpoints and exits between steps. A second Ctrl-C
+  interrupts at once.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f"\nsignal {signal.Signals(signum).name}: stopping after this step "
+          f"(again to abort at once)", flush=True)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
 def prefetch(iterator, size: int = 2):
   """Runs `iterator` in a background thread, `size` items ahead."""
   import queue
-  import threading
   q: queue.Queue = queue.Queue(maxsize=size)
   sentinel = object()
 
@@ -283,7 +316,16 @@ def restore_latest(mngr, state: TrainState):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it."""
+  """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it.
+
+  SIGINT/SIGTERM stop training after the current step with a checkpoint (exit
+  status 128 + signal); rerunning the same command resumes exactly.
+  """
+  with StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir: str, stop: "StopRequest") -> dict:
   os.makedirs(workdir, exist_ok=True)
   dataset, pieces, devices, state = setup(config, workdir)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
@@ -325,35 +367,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   history_path = os.path.join(workdir, "train_log.jsonl")
   bar = report.progress(total=total, initial=step, desc="train")
   window, last_metrics = [], {}
-  try:
-    for s, batch in prefetch(batches(step)):
-      t0 = time.time()
-      state, metrics = train_step(state, batch)
-      window.append((metrics, batch["label"].shape[0], t0))
-      done = s + 1
-      end_of_epoch = done % steps_per_epoch == 0
-      if end_of_epoch or done == total or len(window) >= config.train.log_every:
-        last_metrics = report.summarise_window(window)
-        window = []
-        bar.set_postfix_str(report.format_train_metrics(last_metrics))
+  for s, batch in prefetch(batches(step)):
+    t0 = time.time()
+    state, metrics = train_step(state, batch)
+    window.append((metrics, batch["label"].shape[0], t0))
+    done = s + 1
+    end_of_epoch = done % steps_per_epoch == 0
+    if end_of_epoch or done == total or len(window) >= config.train.log_every:
+      last_metrics = report.summarise_window(window)
+      window = []
+      bar.set_postfix_str(report.format_train_metrics(last_metrics))
+      with open(history_path, "a") as f:
+        f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
+    bar.update(1)
+    if (end_of_epoch or done == total or (ckpt_every and done % ckpt_every == 0)
+        or stop.signum is not None):
+      checkpoint.save(mngr, done, state.checkpointable(), meta)
+    if stop.signum is not None:
+      bar.close()
+      if window:  # keep the log complete up to the checkpoint
         with open(history_path, "a") as f:
-          f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
-      bar.update(1)
-      if end_of_epoch or done == total or (ckpt_every and done % ckpt_every == 0):
-        checkpoint.save(mngr, done, state.checkpointable(), meta)
-      epoch = done // steps_per_epoch
-      if (end_of_epoch and config.train.eval_every and epoch % config.train.eval_every == 0
-          and done != total):
-        evaluate(state, pieces, devices, dataset, config, workdir, predict_step,
-                 tag=f"epoch_{epoch:03d}", heatmaps=False)
-  except KeyboardInterrupt:
-    bar.close()
-    jax.block_until_ready(state)
-    if mngr.latest_step() != int(state.step):
-      checkpoint.save(mngr, int(state.step), state.checkpointable(), meta)
-    print(f"\ninterrupted at step {int(state.step)}/{total}; checkpoint saved. "
-          f"Rerun the same command to resume.", flush=True)
-    raise
+          f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch,
+                              **report.summarise_window(window)}) + "\n")
+      print(f"stopped at step {done}/{total}; checkpoint saved. "
+            f"Rerun the same command to resume.", flush=True)
+      raise SystemExit(128 + stop.signum)
+    epoch = done // steps_per_epoch
+    if (end_of_epoch and config.train.eval_every and epoch % config.train.eval_every == 0
+        and done != total):
+      evaluate(state, pieces, devices, dataset, config, workdir, predict_step,
+               tag=f"epoch_{epoch:03d}", heatmaps=False)
   bar.close()
   if last_metrics:
     print("final training window: " + report.format_train_metrics(last_metrics), flush=True)

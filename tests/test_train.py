@@ -85,7 +85,7 @@ def test_sigint_then_rerun_resumes_to_identical_result(shared):
     time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   out = proc.communicate(timeout=300)[0]
-  assert proc.returncode != 0 and "interrupted at step" in out, out[-3000:]
+  assert proc.returncode == 130 and "stopped at step" in out, out[-3000:]
   assert not (work / "results" / "metrics_final.json").exists()
   out2 = run_main(work, base / "data", base / "cache", "--config.train.epochs=3")
   assert "resumed from step" in out2
