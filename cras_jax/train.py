@@ -158,16 +158,37 @@ def make_centre_step(pieces: Pieces) -> Callable:
 # ----------------------------------------------------------------------------- devices
 
 class Devices:
-  """A 1-D mesh over all devices: batches split on 'data', state replicated."""
+  """A 1-D mesh over devices: batches split on 'data', state replicated.
 
-  def __init__(self):
-    self.mesh = Mesh(np.array(jax.devices()), ("data",))
-    self.count = len(jax.devices())
+  With several processes (`jax.distributed.initialize`), the mesh spans every
+  process's devices; each process passes its own contiguous share of the global
+  batch (`local_slice`) and `put_batch` assembles the global array.
+  """
+
+  def __init__(self, devices=None):
+    devices = list(jax.devices() if devices is None else devices)
+    self.mesh = Mesh(np.array(devices), ("data",))
+    self.count = len(devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch = NamedSharding(self.mesh, P("data"))
 
+  @staticmethod
+  def local_slice(global_batch_size: int) -> slice:
+    """This process's rows of a global batch (processes own contiguous blocks)."""
+    n, i = jax.process_count(), jax.process_index()
+    per = global_batch_size // n
+    return slice(i * per, (i + 1) * per)
+
   def put_batch(self, batch: dict):
-    return {k: jax.device_put(v, self.batch) for k, v in batch.items() if isinstance(v, np.ndarray)}
+    """Host arrays (this process's share) -> global arrays sharded on 'data'."""
+    return {k: jax.make_array_from_process_local_data(self.batch, v)
+            for k, v in batch.items() if isinstance(v, np.ndarray)}
+
+  def put_replicated(self, tree):
+    """Identical host values on every process -> replicated global arrays."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), self.replicated,
+                                               lambda idx: np.asarray(x)[idx]), tree)
 
   def jit_train(self, fn):
     return jax.jit(fn, in_shardings=(self.replicated, self.batch),
@@ -306,7 +327,7 @@ def setup(config, workdir: str, need_train: bool = True):
   backbone_vars = backbones.load_variables(config.model.backbone, config.model.weights,
                                            config.data.crop, config.seed)
   state = create_state(pieces, backbone_vars, config.seed)
-  state = jax.device_put(state, devices.replicated)
+  state = devices.put_replicated(jax.device_get(state))
   return dataset, pieces, devices, state
 
 
@@ -357,6 +378,7 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest") -> dict:
   def batches(start):
     for s in range(start, total):
       _, idx = batch_indices(config.seed, s, n, bs, devices.count)
+      idx = idx[devices.local_slice(len(idx))]
       if cache is not None:
         batch = {"features": cache[idx], "label": train_labels[idx]}
       else:

@@ -72,7 +72,10 @@ MODES = ("train", "score")
 # ----------------------------------------------------------------------------- config
 
 def load_config(path: str):
-  """`get_config()` of a config file (configs/*.py), without absl flags."""
+  """`get_config()` of a config file (configs/*.py), without absl flags; a relative path
+  is looked up in the working directory, then in the repository."""
+  if not os.path.exists(path) and not os.path.isabs(path):
+    path = str(_REPO_ROOT / path)
   path = os.path.abspath(path)
   name = "_bench_config_" + Path(path).stem
   spec = importlib.util.spec_from_file_location(name, path)
@@ -308,9 +311,7 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
   state = train.create_state(pieces, backbone_vars, args.seed)
   state = state.replace(centres=jnp.asarray(
       rng.standard_normal(state.centres.shape, np.float32)))
-  # A copy: the training step donates the state, and the backbone variables are shared
-  # between rows.
-  state = jax.device_put(state, devices.replicated, may_alias=False)
+  state = jax.device_put(state, devices.replicated)
   host_batches = [{"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
                    "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
                   for _ in range(max(1, args.num_batches))]
@@ -406,7 +407,10 @@ def row_label(mode, config, n_devices, batch_size) -> str:
 def _fmt(x, scale=1.0, digits=1):
   if x is None:
     return "–"
-  return f"{x / scale:.{digits}f}"
+  v = x / scale
+  if digits == 1 and abs(v) < 10:
+    digits = 2  # small values: keep two significant figures or so
+  return f"{v:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
@@ -476,7 +480,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("images/s (median, min–max)")
     ax.set_title("training step" if mode == "train" else "scoring")
     ax.grid(alpha=0.3)
-    ax.set_ylim(bottom=0)
+    top = max(r["batch_size"] / r["min_s"] for r in rows if r["mode"] == mode)
+    ax.set_ylim(0, 1.25 * top)
     ax.legend(fontsize=7)
   env = result["environment"]
   fig.suptitle(f"{result['config']} on {env['device_kind']} ({env['platform']})", fontsize=9)
@@ -528,8 +533,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         key = (config.model.backbone, args.weights, size)
         if key not in vars_cache:
           vars_cache.clear()
-          vars_cache[key] = backbones.load_variables(config.model.backbone, args.weights, size,
-                                                     args.seed)
+          # host copies: every row puts its own on the devices (the train step donates them)
+          vars_cache[key] = jax.device_get(backbones.load_variables(
+              config.model.backbone, args.weights, size, args.seed))
         for n in args.devices:
           for bs in args.batch_sizes:
             for mode in args.modes:
@@ -557,8 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   finally:
     counter.close()
 
-  result = {"config": os.path.relpath(os.path.abspath(args.config), os.getcwd())
-            if os.path.abspath(args.config).startswith(os.getcwd()) else os.path.basename(args.config),
+  result = {"config": args.config,
             "args": {k: v for k, v in vars(args).items() if k != "out"},
             "environment": environment(), "matmul_peaks": peaks, "rows": rows,
             "skipped": skipped}

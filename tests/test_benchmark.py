@@ -1,0 +1,71 @@
+"""tools/benchmark.py at a tiny setting: the JSON has its fields with positive numbers, the
+markdown table and the plot are written, and `--devices=1,2` gives a row per device count."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "benchmark.py"
+
+_spec = importlib.util.spec_from_file_location("cras_benchmark_tool", TOOL)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TINY = ["--config=configs/demo.py", "--backbone=efficientnet_lite0", "--image_size=64",
+        "--embed_dim=32", "--reps=2", "--steps_per_rep=2", "--matmul_size=256"]
+
+POSITIVE = ("lower_s", "compile_s", "lower_and_compile_s", "first_call_s", "median_s", "min_s",
+            "max_s", "images_per_s", "images_per_s_best", "flops_per_step",
+            "flops_per_step_per_device", "achieved_flops_per_s", "peak_flops_per_s_f32",
+            "ratio_to_peak_f32", "xla_memory_bytes_per_device")
+
+
+def check_rows(result, expect):
+  rows = result["rows"]
+  assert sorted((r["mode"], r["devices"], r["batch_size"]) for r in rows) == sorted(expect)
+  for r in rows:
+    for k in POSITIVE:
+      assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r[k])
+    assert r["iqr_s"] >= 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
+    assert len(r["rep_step_times_s"]) == r["reps"] == 2
+    assert r["images_per_s"] == r["batch_size"] / r["median_s"]
+    assert r["ratio_to_peak_f32"] == r["achieved_flops_per_s"] / r["peak_flops_per_s_f32"]
+    assert r["flops_per_step"] == r["flops_per_step_per_device"] * r["devices"]
+    assert r["recompiles_during_timing"] == 0
+    assert r["device_peak_bytes"] is None or r["device_peak_bytes"] > 0
+    assert (r["backbone"], r["image_size"], r["embed_dim"], r["dtype"]) == (
+        "efficientnet_lite0", 64, 32, "float32")
+  for p in result["matmul_peaks"]:
+    assert p["flops_per_s"] > 0 and p["dtype"] == "float32"
+
+
+def test_one_device_in_process(tmp_path):
+  out = tmp_path / "bench"
+  result = bench.main([*TINY, "--batch_sizes=4", "--devices=1", "--dtype=float32",
+                       f"--out={out}"])
+  check_rows(result, [("train", 1, 4), ("score", 1, 4)])
+  with open(out / "benchmark.json") as f:
+    assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
+  md = (out / "benchmark.md").read_text()
+  assert md.count("\n| train |") == 1 and md.count("\n| score |") == 1
+  assert (out / "benchmark.png").stat().st_size > 10_000
+  assert str(tmp_path) not in json.dumps(result)  # no machine paths in the record
+
+
+def test_two_devices_subprocess(tmp_path):
+  out = tmp_path / "bench"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(TOOL), *TINY, "--batch_sizes=4", "--devices=1,2",
+                         f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(out / "benchmark.json") as f:
+    result = json.load(f)
+  assert result["environment"]["device_count"] == 2
+  check_rows(result, [("train", 1, 4), ("score", 1, 4), ("train", 2, 4), ("score", 2, 4)])
+  assert sorted(p["devices"] for p in result["matmul_peaks"]) == [1, 2]
+  assert "| train |" in proc.stdout and (out / "benchmark.png").exists()

@@ -1,0 +1,86 @@
+"""Two processes (jax.distributed on localhost, one CPU device each), each loading
+its own half of the batch, run the training step of one process with two devices."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import sys
+import jax
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if nproc > 1:
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
+                             process_id=pid, initialization_timeout=120)
+import jax.numpy as jnp, numpy as np
+from configs import demo
+from cras_jax import backbones, train
+
+cfg = demo.get_config()
+cfg.data.crop = 64
+cfg.model.pre_embed_dim = 48
+cfg.model.embed_dim = 32
+pieces = train.Pieces(cfg, 3)
+devices = train.Devices()
+assert devices.count == 2, devices.count
+bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
+state = train.create_state(pieces, bb, 0)
+rng = np.random.default_rng(0)
+state = state.replace(centres=jnp.asarray(rng.normal(size=state.centres.shape), jnp.float32))
+state = devices.put_replicated(jax.device_get(state))
+batch = {"image": rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8),
+         "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)}
+local = {k: v[devices.local_slice(8)] for k, v in batch.items()}
+assert local["image"].shape[0] == 8 // jax.process_count()
+dev_batch = devices.put_batch(local)
+assert dev_batch["image"].shape == (8, 64, 64, 3)
+step = devices.jit_train(train.make_train_step(pieces))
+state, metrics = step(state, dev_batch)
+tree = {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics}
+flat = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0))
+        for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+if jax.process_index() == 0:
+  np.savez(out, **flat)
+print("ok", jax.process_count(), devices.count)
+'''
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices_per_process):
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  single = tmp_path / "single.npz"
+  out = subprocess.run([sys.executable, "-c", SCRIPT, "0", "1", "0", str(single)], cwd=ROOT,
+                       env=_env(2), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  port = str(_free_port())
+  multi = tmp_path / "multi.npz"
+  procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(i), "2", port, str(multi)],
+                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-3000:]
+    assert "ok 2 2" in o
+  a, b = dict(np.load(single)), dict(np.load(multi))
+  assert a.keys() == b.keys()
+  # Zero-gradient biases move by Adam-amplified rounding noise (see test_sharding).
+  zero_grad = {"['params']['adapter']['fc0']['bias']": 2 * 2e-4,
+               "['params']['disc']['block1_fc']['bias']": 2 * 5e-4,
+               "['params']['disc']['block2_fc']['bias']": 2 * 5e-4}
+  for k in a:
+    scale = max(1.0, float(np.abs(a[k]).max()))
+    np.testing.assert_allclose(b[k], a[k], atol=zero_grad.get(k, 1e-5 * scale), rtol=1e-5,
+                               err_msg=k)
