@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cras_jax import backbones, centres as centres_lib, checkpoint, data as data_lib, model
@@ -184,6 +183,14 @@ class Devices:
     return {k: jax.make_array_from_process_local_data(self.batch, v)
             for k, v in batch.items() if isinstance(v, np.ndarray)}
 
+  @staticmethod
+  def gather(tree):
+    """Batch-sharded global arrays -> full host arrays on every process."""
+    if jax.process_count() == 1:
+      return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
   def put_replicated(self, tree):
     """Identical host values on every process -> replicated global arrays."""
     return jax.tree.map(
@@ -298,9 +305,11 @@ def feature_pass(state: TrainState, pieces: Pieces, devices: Devices, dataset, c
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
     batch = data_lib.padded_batch(dataset.train, idx, bs, devices.count)
-    acc, t = step(acc, state, devices.put_batch(batch))
+    local = devices.local_slice(len(batch["weight"]))
+    acc, t = step(acc, state, devices.put_batch({k: batch[k][local]
+                                                 for k in ("image", "label", "weight")}))
     if feats is not None:
-      feats[idx] = np.asarray(t)[:len(idx)]
+      feats[idx] = devices.gather(t)[:len(idx)]
   return acc, feats
 
 
@@ -386,7 +395,8 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest") -> dict:
       yield s, devices.put_batch(batch)
 
   step = int(state.step)
-  history_path = os.path.join(workdir, "train_log.jsonl")
+  history_path = (os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0
+                  else os.devnull)
   bar = report.progress(total=total, initial=step, desc="train")
   window, last_metrics = [], {}
   for s, batch in prefetch(batches(step)):
@@ -435,10 +445,12 @@ def predict_dataset(state, pieces, devices, source, batch_size, predict_step):
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     batch = data_lib.padded_batch(source, idx, batch_size, devices.count)
-    res = predict_step(state, devices.put_batch({"image": batch["image"]})["image"])
+    local = batch["image"][devices.local_slice(len(batch["image"]))]
+    res = predict_step(state, devices.put_batch({"image": local})["image"])
+    res = devices.gather({k: res[k] for k in outs})
     m = len(idx)
     for k in outs:
-      outs[k].append(np.asarray(res[k])[:m])
+      outs[k].append(res[k][:m])
     for k in meta:
       meta[k].append(batch[k][:m])
     names += list(batch["name"][:m])
@@ -462,12 +474,13 @@ def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None
   extra = {"step": int(state.step), "protocol": "final epoch" if tag == "final" else tag,
            "score_mode": config.model.score_mode, "matching": config.model.matching,
            "test_images": len(res["scores"]), "score_seconds": seconds}
-  report.write_results(table, out_dir, tag, extra)
-  report.write_scores(res, dataset.class_names, os.path.join(out_dir, f"scores_{tag}.csv"))
+  if jax.process_index() == 0:
+    report.write_results(table, out_dir, tag, extra)
+    report.write_scores(res, dataset.class_names, os.path.join(out_dir, f"scores_{tag}.csv"))
   print(f"\n[{tag}] step {int(state.step)}, {len(res['scores'])} test images scored in "
         f"{seconds:.1f}s (protocol: {extra['protocol']}; image score: {config.model.score_mode})")
   print(report.markdown(table), flush=True)
-  if heatmaps:
+  if heatmaps and jax.process_index() == 0:
     report.save_heatmaps(res, dataset.class_names, os.path.join(out_dir, "heatmaps"),
                          config.eval.num_heatmaps)
   return table

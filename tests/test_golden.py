@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from cras_jax import anomaly_map, centres as centres_lib, features, matching, model
 from cras_jax.train import make_optimizer
