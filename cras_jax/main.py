@@ -9,6 +9,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, results and pre
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train: train (resuming from the workdir) then evaluate; "
                   "eval: score the workdir's latest checkpoint without training.")
+flags.DEFINE_bool("allow_config_change", False,
+                  "Continue a run in --workdir although result-changing config fields differ.")
 flags.DEFINE_string("coordinator_address", None,
                     "host:port of process 0 for multi-process runs (jax.distributed).")
 flags.DEFINE_integer("num_processes", 1, "Number of processes of a multi-process run.")
@@ -29,7 +31,7 @@ def main(argv):
   if FLAGS.mode == "eval":
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,24 @@ def versions() -> dict:
   import cras_jax
   return {"cras_jax": cras_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
-          "python": platform.python_version(),
+          "python": platform.python_version(), "git_commit": git_commit(),
           "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}"}
+
+
+def git_commit() -> str | None:
+  """The commit of the cras_jax checkout in use, if it is a git checkout."""
+  import subprocess
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                         timeout=10)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  if out.returncode != 0:
+    return None
+  return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def progress(total: int, desc: str, initial: int = 0, unit: str = "step"):

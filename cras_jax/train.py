@@ -122,7 +122,7 @@ def make_train_step(pieces: Pieces) -> Callable:
     updates, opt_state = pieces.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(aux["metrics"])
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=aux["batch_stats"], opt_state=opt_state)
     return new_state, metrics
@@ -341,26 +341,105 @@ def setup(config, workdir: str, need_train: bool = True):
 
 
 def restore_latest(mngr, state: TrainState):
-  tree, meta = checkpoint.restore(mngr, state.checkpointable())
+  """The newest readable checkpoint; corrupted newer ones are reported and skipped."""
+  tree, meta, step, skipped = checkpoint.restore_good(mngr, state.checkpointable())
+  for bad, reason in skipped:
+    print(f"checkpoint {bad} is unreadable ({reason}); falling back to an earlier one "
+          f"(moved to corrupted_checkpoints/)", flush=True)
+  if skipped:
+    print(f"using checkpoint {step}", flush=True)
   return state.replace(**tree), meta
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+# Config fields that do not change results: they may differ between a run and its resumption.
+NON_RESULT_FIELDS = ("data.root", "data.cache_dir", "train.log_every", "train.eval_every",
+                     "train.checkpoint_every_steps", "train.keep_checkpoints",
+                     "train.cache_features", "eval.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Result-changing fields that differ between a saved and a new config."""
+  a, b = _flatten(saved), _flatten(current)
+  diffs = []
+  for key in sorted(a.keys() | b.keys()):
+    if any(key == f or (f.endswith(".") and key.startswith(f)) for f in NON_RESULT_FIELDS):
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      diffs.append(f"{key}: saved {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
+  return diffs
+
+
+class WorkdirLock:
+  """An exclusive lock on the workdir (flock: released by the OS even on SIGKILL)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._f = None
+
+  def __enter__(self):
+    import fcntl
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    self._f = open(self.path, "a+")
+    try:
+      fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._f.seek(0)
+      owner = self._f.read().strip() or "another process"
+      self._f.close()
+      raise RuntimeError(f"{os.path.dirname(self.path)} is in use by a running job ({owner}); "
+                         f"wait for it to finish or use another --workdir") from None
+    self._f.seek(0)
+    self._f.truncate()
+    self._f.write(f"pid {os.getpid()}\n")
+    self._f.flush()
+    return self
+
+  def __exit__(self, *exc):
+    import fcntl
+    fcntl.flock(self._f, fcntl.LOCK_UN)
+    self._f.close()
+    return False
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict:
   """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it.
 
   SIGINT/SIGTERM stop training after the current step with a checkpoint (exit
   status 128 + signal); rerunning the same command resumes exactly.
   """
-  with StopRequest() as stop:
-    return _train_and_evaluate(config, workdir, stop)
+  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir), StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop, allow_config_change)
 
 
-def _train_and_evaluate(config, workdir: str, stop: "StopRequest") -> dict:
+def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
+                        allow_config_change: bool) -> dict:
   os.makedirs(workdir, exist_ok=True)
   dataset, pieces, devices, state = setup(config, workdir)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   meta = _meta(config, dataset.class_names, pieces)
   if mngr.latest_step() is not None:
+    saved_meta = checkpoint.restore_meta(mngr)
+    diffs = config_differences(saved_meta["config"], meta["config"])
+    if diffs and not allow_config_change:
+      raise ValueError(f"{workdir} holds a run with a different configuration:\n  "
+                       + "\n  ".join(diffs) + "\nUse a new --workdir, or pass "
+                       "--allow_config_change to continue this run with the new values.")
+    if diffs:
+      print("continuing with changed configuration (--allow_config_change):\n  "
+            + "\n  ".join(diffs), flush=True)
     state, saved_meta = restore_latest(mngr, state)
     if saved_meta["class_names"] != meta["class_names"]:
       raise ValueError(f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
@@ -405,22 +484,20 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest") -> dict:
     window.append((metrics, batch["label"].shape[0], t0))
     done = s + 1
     end_of_epoch = done % steps_per_epoch == 0
-    if end_of_epoch or done == total or len(window) >= config.train.log_every:
+    save_now = (end_of_epoch or done == total or (ckpt_every and done % ckpt_every == 0)
+                or stop.signum is not None)
+    if save_now or len(window) >= config.train.log_every:
+      check_finite(window, done)  # before any save: never checkpoint a diverged state
       last_metrics = report.summarise_window(window)
       window = []
       bar.set_postfix_str(report.format_train_metrics(last_metrics))
       with open(history_path, "a") as f:
         f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
     bar.update(1)
-    if (end_of_epoch or done == total or (ckpt_every and done % ckpt_every == 0)
-        or stop.signum is not None):
+    if save_now:
       checkpoint.save(mngr, done, state.checkpointable(), meta)
     if stop.signum is not None:
       bar.close()
-      if window:  # keep the log complete up to the checkpoint
-        with open(history_path, "a") as f:
-          f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch,
-                              **report.summarise_window(window)}) + "\n")
       print(f"stopped at step {done}/{total}; checkpoint saved. "
             f"Rerun the same command to resume.", flush=True)
       raise SystemExit(128 + stop.signum)
@@ -433,6 +510,18 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest") -> dict:
   if last_metrics:
     print("final training window: " + report.format_train_metrics(last_metrics), flush=True)
   return evaluate(state, pieces, devices, dataset, config, workdir, predict_step, tag="final")
+
+
+def check_finite(window, done: int) -> None:
+  """Stops training at the first non-finite loss or gradient of the window."""
+  host = jax.device_get([m for m, _, _ in window])
+  first = done - len(window) + 1
+  for i, m in enumerate(host):
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+    if bad:
+      raise FloatingPointError(
+          f"non-finite {' and '.join(bad)} at step {first + i}: training stopped; the last "
+          f"checkpoint (before that step) is kept. Lower the learning rates or check the data.")
 
 
 def predict_dataset(state, pieces, devices, source, batch_size, predict_step):

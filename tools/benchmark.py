@@ -179,9 +179,10 @@ def make_devices(devs: Sequence[Any]) -> train.Devices:
 
 
 class CompileCounter:
-  """Counts XLA backend compiles and persistent-cache hits (jax.monitoring events)."""
+  """Counts compile-pipeline activity (jax.monitoring events: tracing, lowering, XLA backend
+  compiles, persistent-cache hits) and, apart, persistent-cache hits."""
 
-  COMPILE = "/jax/core/compile/backend_compile_duration"
+  PREFIXES = ("/jax/core/compile/", "/jax/compilation_cache/cache_")
   CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
   def __init__(self):
@@ -191,10 +192,12 @@ class CompileCounter:
     jax.monitoring.register_event_listener(self._event)
 
   def _duration(self, name, _secs, **_):
-    if name == self.COMPILE:
+    if name.startswith(self.PREFIXES):
       self.compiles += 1
 
   def _event(self, name, **_):
+    if name.startswith(self.PREFIXES):
+      self.compiles += 1
     if name == self.CACHE_HIT:
       self.cache_hits += 1
 
@@ -264,6 +267,18 @@ def timed_reps(run_steps, reps: int, steps_per_rep: int) -> list[float]:
     run_steps(steps_per_rep)
     out.append((time.perf_counter() - t0) / steps_per_rep)
   return out
+
+
+def _cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+def _loadavg() -> float | None:
+  try:
+    return os.getloadavg()[0]
+  except OSError:
+    return None
 
 
 def choose_steps(args, one_step_s: float) -> int:
@@ -361,7 +376,9 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
   run(1, 1)  # warm
   warm_s = time.perf_counter() - t4
   k = choose_steps(args, warm_s)
+  cpu0, wall0 = _cpu_seconds(), time.perf_counter()
   step_times = timed_reps(run, args.reps, k)
+  cpu_util = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
   recompiles = counter.compiles - compiles0
 
   trace_dir = None
@@ -391,9 +408,11 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
       "device_peak_bytes": device_peak_bytes(devs),
       "compiles_on_first_call": first_call_compiles,
       "recompiles_during_timing": recompiles,
+      # CPU seconds of this process per wall second in the timed reps: on the CPU backend,
+      # well under the core count means the host was shared (other load) or the step idles.
+      "process_cpu_per_wall_s": cpu_util, "loadavg_1min": _loadavg(),
       "trace_dir": os.path.relpath(trace_dir, args.out) if trace_dir else None,
   }
-  del holder, inputs, state
   return row
 
 
@@ -418,12 +437,14 @@ def markdown(result: dict) -> str:
       f"Benchmark: {result['config']} on {result['environment']['device_count']} x "
       f"{result['environment']['device_kind']} ({result['environment']['platform']}), "
       f"jax {result['environment']['jax']}; {result['rows'][0]['reps'] if result['rows'] else 0}"
-      f" reps; step time median [min–max]; FLOPs from XLA's cost analysis.",
+      f" reps; step time median [min–max]; FLOPs from XLA's cost analysis; CPU s/s: this "
+      f"process's CPU seconds per wall second while timed ({result['environment']['cpu_count']}"
+      f" host CPUs, 1-min load average {_fmt(result['environment']['loadavg_1min'])} at the start).",
       "",
       "| mode | backbone | image | D | dtype | dev | batch | compile s | step ms median [min–max]"
       " | images/s | GFLOP/step | achieved GFLOP/s | f32 matmul GFLOP/s | % of peak | XLA mem MiB"
-      " | peak mem MiB |",
-      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+      " | peak mem MiB | CPU s/s |",
+      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in result["rows"]:
     step = (f"{r['median_s'] * 1e3:.1f} [{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f}]")
@@ -435,12 +456,14 @@ def markdown(result: dict) -> str:
         f"{r['images_per_s']:.2f} | {_fmt(r['flops_per_step'], 1e9)} | "
         f"{_fmt(r['achieved_flops_per_s'], 1e9)} | {_fmt(r['peak_flops_per_s_f32'], 1e9)} | "
         f"{_fmt(r['ratio_to_peak_f32'], 0.01)} | {_fmt(r['xla_memory_bytes_per_device'], 2**20, 0)} | "
-        f"{_fmt(r['device_peak_bytes'], 2**20, 0)} |")
+        f"{_fmt(r['device_peak_bytes'], 2**20, 0)} | {_fmt(r['process_cpu_per_wall_s'])} |")
   peaks = result["matmul_peaks"]
   if peaks:
     lines += ["", "Peak matmul (n x n @ n x n, rows split over the devices, best rep): " + "; ".join(
         f"{p['devices']} dev {p['dtype']} n={p['n']}: {p['flops_per_s'] / 1e9:.1f} GFLOP/s"
         for p in peaks)]
+  for sk in result.get("skipped", []):
+    lines += ["", f"skipped {sk['row']}: {sk['why']}"]
   bad = [r for r in result["rows"] if r["recompiles_during_timing"]]
   if bad:
     lines += ["", f"WARNING: {len(bad)} row(s) recompiled inside the timed loop."]
@@ -495,7 +518,7 @@ def environment() -> dict:
   import jaxlib
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": d[0].platform,
           "device_kind": d[0].device_kind, "device_count": len(d), "python": platform.python_version(),
-          "host": platform.machine(), "cpu_count": os.cpu_count(),
+          "host": platform.machine(), "cpu_count": os.cpu_count(), "loadavg_1min": _loadavg(),
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -513,6 +536,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   dtypes = _strs(args.dtype) if args.dtype else [base.model.dtype]
   sizes = _ints(args.image_size) if args.image_size else [int(base.data.crop)]
   num_classes = args.num_classes or len(base.data.classes) or 4
+  env = environment()  # before any work: the load average is that of the rest of the host
   counter = CompileCounter()
   rows, skipped, peaks = [], [], []
   try:
@@ -565,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   result = {"config": args.config,
             "args": {k: v for k, v in vars(args).items() if k != "out"},
-            "environment": environment(), "matmul_peaks": peaks, "rows": rows,
+            "environment": env, "matmul_peaks": peaks, "rows": rows,
             "skipped": skipped}
   with open(os.path.join(args.out, "benchmark.json"), "w") as f:
     json.dump(result, f, indent=2)
