@@ -226,7 +226,6 @@ def test_second_run_on_same_workdir_is_refused(shared, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path, monkeypatch):
   import jax.numpy as jnp
-  import orbax.checkpoint as ocp  # noqa: F401
   from configs import demo
   from cras_jax import train
   base, _, _ = shared
