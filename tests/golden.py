@@ -36,3 +36,20 @@ def disc_variables(g, prefix):
 def heads_variables(g, prefix_a="adapter_init", prefix_d="disc_init"):
   dp, ds = disc_variables(g, prefix_d)
   return {"adapter": adapter_params(g, prefix_a), "disc": dp}, {"disc": ds}
+
+
+def assert_one_step_equal(actual: dict, desired: dict, lr_adapter: float, lr_disc: float):
+  """Compares flattened results of one training step within 1e-5 (relative to scale).
+
+  Biases whose gradient is zero in exact arithmetic (the adapter bias and the Linear
+  biases that feed a BatchNorm) take Adam steps of rounding noise of up to +-lr, as in
+  the reference (see tests/data README): those are compared within 2 lr.
+  """
+  zero_grad = {"['params']['adapter']['fc0']['bias']": 2 * lr_adapter,
+               "['params']['disc']['block1_fc']['bias']": 2 * lr_disc,
+               "['params']['disc']['block2_fc']['bias']": 2 * lr_disc}
+  assert actual.keys() == desired.keys()
+  for k in desired:
+    scale = max(1.0, float(np.abs(desired[k]).max()))
+    np.testing.assert_allclose(actual[k], desired[k], atol=zero_grad.get(k, 1e-5 * scale),
+                               rtol=1e-5, err_msg=k)

@@ -6,6 +6,9 @@ import sys
 
 import numpy as np
 
+from configs import demo
+from tests import golden
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r'''
@@ -60,14 +63,5 @@ def run(n, path):
 def test_four_devices_equal_one(tmp_path):
   one = run(1, tmp_path / "one.npz")
   four = run(4, tmp_path / "four.npz")
-  assert one.keys() == four.keys()
-  # Biases whose gradient is zero in exact arithmetic (the adapter bias and the Linear
-  # biases that feed a BatchNorm) take Adam steps of rounding noise, up to +-lr
-  # (as in the reference, see tests/data README): compare those within 2 lr.
-  zero_grad = {"['params']['adapter']['fc0']['bias']": 2 * 2e-4,
-               "['params']['disc']['block1_fc']['bias']": 2 * 5e-4,
-               "['params']['disc']['block2_fc']['bias']": 2 * 5e-4}
-  for k in one:
-    scale = max(1.0, float(np.abs(one[k]).max()))
-    atol = zero_grad.get(k, 1e-5 * scale)
-    np.testing.assert_allclose(four[k], one[k], atol=atol, rtol=1e-5, err_msg=k)
+  t = demo.get_config().train  # the rates the step used
+  golden.assert_one_step_equal(four, one, t.lr_adapter, t.lr_disc)
