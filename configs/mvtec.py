@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.root = ""            # required: the dataset directory (MVTec layout)
   config.data.classes = MVTEC_CLASSES
   config.data.cache_dir = ""       # prepared TFDS data; default <workdir>/data_cache
+  # True: defective test images without masks are allowed; pixel metrics then
+  # cover only the images that have masks.
+  config.data.allow_image_level_only = False
   config.data.resize = 329
   config.data.crop = 288
   config.data.synthetic = ml_collections.ConfigDict(dict(

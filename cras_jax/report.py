@@ -66,11 +66,13 @@ def format_train_metrics(m: dict) -> str:
 def class_metrics(res: dict, class_names, fpr_limit: float = 0.3) -> dict:
   """Per-class metrics of SPEC 10 plus the share of images matched to their own centre."""
   table = {}
-  has_masks = res["mask"] is not None
   for k, name in enumerate(class_names):
     sel = res["label"] == k
     if not sel.any():
       continue
+    # Pixel metrics are absent (NaN) for a class with defective images lacking masks
+    # (config.data.allow_image_level_only).
+    has_masks = bool(np.all(res.get("has_mask", np.ones_like(sel))[sel]))
     m = metrics_lib.compute_class_metrics(
         res["is_anomaly"][sel], res["scores"][sel],
         res["mask"][sel] if has_masks else None, res["maps"][sel] if has_masks else None,

@@ -547,6 +547,7 @@ def predict_dataset(state, pieces, devices, source, batch_size, predict_step):
   bar.close()
   result = {k: np.concatenate(v) for k, v in {**outs, **meta}.items()}
   result["name"] = names
+  result["has_mask"] = data_lib.has_mask(source)
   return result
 
 

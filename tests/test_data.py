@@ -326,8 +326,9 @@ def test_build_error_names_bad_file(tmp_path):
     root = make_dataset(tmp_path / "ds", classes=("a",))
     bad = root / "a" / "test" / "good" / "001.png"
     bad.write_bytes(bad.read_bytes()[:100])
-    with pytest.raises(ImageReadError, match="001.png"):
+    with pytest.raises(DatasetError, match="truncated file .*001.png"):
         mvtec.load_dataset(root, None, RESIZE, CROP, tmp_path / "cache", verbose=False)
+    assert not (tmp_path / "cache").exists()  # validated before anything is written
 
 
 def test_build_without_tensorflow_for_splits_over_tfds_memory_buffer(tmp_path, monkeypatch):

@@ -22,11 +22,12 @@ def data_root(config, workdir: str) -> str:
 
 
 def load_for_config(config, workdir: str):
-  from cras_jax.data import mvtec
+  from cras_jax.data import datasets, mvtec
   root = data_root(config, workdir)
   cache = config.data.cache_dir or os.path.join(workdir, "data_cache")
-  classes = list(config.data.classes) or None
-  return mvtec.load_dataset(root, classes, config.data.resize, config.data.crop, cache)
+  classes = datasets.resolve_classes(config.data.name, config.data.classes)
+  return mvtec.load_dataset(root, classes, config.data.resize, config.data.crop, cache,
+                            allow_image_level_only=config.data.allow_image_level_only)
 
 
 def get_batch(source, indices, keys=None) -> dict:
@@ -40,6 +41,12 @@ def get_batch(source, indices, keys=None) -> dict:
 def class_indices(source) -> np.ndarray:
   from cras_jax.data import mvtec
   return mvtec.class_indices(source)
+
+
+def has_mask(source) -> np.ndarray:
+  """1 where an example's mask is known (normal images, or defective with a mask)."""
+  from cras_jax.data import mvtec
+  return mvtec.has_mask(source)
 
 
 def padded_batch(source, indices, batch_size: int, multiple: int = 1) -> dict:

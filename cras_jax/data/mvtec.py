@@ -1,4 +1,4 @@
-"""MVTec-layout datasets (MVTec AD, VisA converted, MPDD, ITDD) as a cached TFDS dataset.
+"""MVTec-layout datasets (MVTec AD, VisA converted, MPDD, ITDD, BTAD) as a cached TFDS dataset.
 
 Layout (SPEC section 11)::
 
@@ -6,6 +6,14 @@ Layout (SPEC section 11)::
     <root>/<class>/test/good/<name>.<ext>
     <root>/<class>/test/<defect_type>/<name>.<ext>
     <root>/<class>/ground_truth/<defect_type>/<name>_mask.png
+
+BTAD's folders are read as they are: ``train/ok`` and ``test/ok`` hold the normal images,
+``test/ko`` the defective ones, ``ground_truth/ko/<name>.png|.bmp`` their masks.
+
+Before anything is computed or written, ``load_dataset`` validates the dataset
+(``validate.validate``) and raises one ``DatasetError`` listing every problem. With
+``allow_image_level_only=True`` defective images without a mask are kept with an all-zero mask
+and ``has_mask`` 0 in the split metadata (``has_mask(source)``).
 
 The images are decoded, resized and cropped once (``preprocess.load_example``) and stored by a
 TFDS ``GeneratorBasedBuilder`` in ``array_record`` files under ``cache_dir``; they are read back
@@ -38,14 +46,16 @@ from cras_jax.data import preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
-BUILDER_VERSION = "1.1.0"
+BUILDER_VERSION = "1.2.0"
 
 EXPECTED_LAYOUT = """\
 Expected layout (MVTec AD style; image extensions png/jpg/jpeg/bmp/tif/tiff):
   <root>/<class>/train/good/<name>.<ext>                    normal training images
   <root>/<class>/test/good/<name>.<ext>                     normal test images
   <root>/<class>/test/<defect_type>/<name>.<ext>            defective test images
-  <root>/<class>/ground_truth/<defect_type>/<name>_mask.png one mask per defective image"""
+  <root>/<class>/ground_truth/<defect_type>/<name>_mask.png one mask per defective image
+  (masks may also be named <name>.<ext> or <name>_mask.<ext>; BTAD's ok/ko folders are
+  accepted: train/ok and test/ok are the normal images, ground_truth/ko/<name>.png|bmp)"""
 
 
 class DatasetError(ValueError):
@@ -63,6 +73,11 @@ class Record:
     @property
     def is_anomaly(self) -> bool:
         return self.defect_type != "good"
+
+    @property
+    def has_mask(self) -> bool:
+        """Pixel ground truth known: a normal image (all zeros) or a defect with its mask."""
+        return not self.is_anomaly or self.mask_path is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,19 +121,52 @@ def discover_classes(root: str | os.PathLike) -> list[str]:
     ]
 
 
-def scan_mvtec(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[Record]:
-    """List the images of an MVTec-layout dataset.
+# BTAD names its normal folders ``ok`` (``train/ok``, ``test/ok``) and its defect folder ``ko``.
+NORMAL_DIR_NAMES = ("good", "ok")
 
-    Records come class by class (in ``classes`` order, or sorted when discovered), the train
-    split before the test split, defect types and files sorted by name. Raises one
-    ``DatasetError`` listing every problem found.
+
+def _train_dir(cdir: Path) -> Path:
+    """``train/good``, or ``train/ok`` (BTAD) when only that one exists."""
+    for name in NORMAL_DIR_NAMES:
+        if (cdir / "train" / name).is_dir():
+            return cdir / "train" / name
+    return cdir / "train" / "good"
+
+
+def _format_names(names: Sequence[str], limit: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
+                                       else "")
+
+
+def orphan_masks(records: Sequence[Record], root: str | os.PathLike,
+                 class_names: Sequence[str]) -> list[str]:
+    """Problems for files in ``<class>/ground_truth/<type>/`` that belong to no test image."""
+    used = {os.path.normcase(os.path.abspath(r.mask_path)) for r in records if r.mask_path}
+    problems = []
+    for cls in class_names:
+        for gdir in _subdirs(Path(root) / cls / "ground_truth"):
+            orphans = [p.name for p in _list_images(gdir)
+                       if os.path.normcase(os.path.abspath(p)) not in used]
+            if orphans:
+                problems.append(
+                    f"class {cls!r}: masks without a matching test image in "
+                    f"{os.fspath(gdir)!r} (expected test/{gdir.name}/<name>.<ext>): "
+                    f"{_format_names(orphans)}")
+    return problems
+
+
+def collect(root: str | os.PathLike, classes: Sequence[str] | None = None, *,
+            check_masks: bool = True) -> tuple[list[Record], list[str], list[str]]:
+    """Scan without raising: ``(records, problems, class_names)``.
+
+    Defective test images without a mask get ``mask_path=None``; with ``check_masks`` they,
+    and masks that belong to no test image, are listed among the problems. A missing root is
+    the only problem that stops the scan (reported alone).
     """
     root_p = Path(root)
     if not root_p.is_dir():
-        raise DatasetError(
-            f"Dataset root {os.fspath(root)!r} does not exist or is not a folder.\n"
-            + EXPECTED_LAYOUT
-        )
+        return [], [f"dataset root {os.fspath(root)!r} does not exist or is not a folder"], []
     problems: list[str] = []
     if classes is None:
         classes = discover_classes(root_p)
@@ -137,21 +185,19 @@ def scan_mvtec(root: str | os.PathLike, classes: Sequence[str] | None = None) ->
         if not cdir.is_dir():
             problems.append(f"class {cls!r}: folder {os.fspath(cdir)!r} is missing")
             continue
-        train = _list_images(cdir / "train" / "good")
+        tr_dir = _train_dir(cdir)
+        train = _list_images(tr_dir)
         if not train:
-            problems.append(
-                f"class {cls!r}: no training images in {os.fspath(cdir / 'train' / 'good')!r}"
-            )
+            problems.append(f"class {cls!r}: no training images in {os.fspath(tr_dir)!r}")
         records += [Record(cls, "train", "good", os.fspath(p)) for p in train]
-        test_types = _subdirs(cdir / "test")
         n_test = 0
-        for tdir in test_types:
-            dtype = tdir.name
+        for tdir in _subdirs(cdir / "test"):
             images = _list_images(tdir)
             n_test += len(images)
-            if dtype == "good":
+            if tdir.name in NORMAL_DIR_NAMES:
                 records += [Record(cls, "test", "good", os.fspath(p)) for p in images]
                 continue
+            dtype = tdir.name
             gdir = cdir / "ground_truth" / dtype
             gt_files = {p.name.lower(): p for p in _list_images(gdir)}
             missing = []
@@ -159,24 +205,41 @@ def scan_mvtec(root: str | os.PathLike, classes: Sequence[str] | None = None) ->
                 m = _find_mask(gt_files, p.stem)
                 if m is None:
                     missing.append(p.name)
-                else:
-                    records.append(Record(cls, "test", dtype, os.fspath(p), os.fspath(m)))
-            if missing:
-                shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)"
-                                                  if len(missing) > 5 else "")
+                records.append(Record(cls, "test", dtype, os.fspath(p),
+                                      None if m is None else os.fspath(m)))
+            if missing and check_masks:
                 problems.append(
                     f"class {cls!r}: defective test images without a mask in "
-                    f"{os.fspath(gdir)!r} (expected <name>_mask.png): {shown}"
+                    f"{os.fspath(gdir)!r} (expected <name>_mask.png): {_format_names(missing)}"
                 )
         if n_test == 0:
             problems.append(f"class {cls!r}: no test images in {os.fspath(cdir / 'test')!r}")
-    if problems:
+    if check_masks:
+        problems += orphan_masks(records, root_p, [c for c in classes if (root_p / c).is_dir()])
+    return records, problems, list(classes)
+
+
+def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
+    return (f"Dataset at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
+            + "\n".join(f"  - {p}" for p in problems) + "\n" + EXPECTED_LAYOUT)
+
+
+def scan_mvtec(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[Record]:
+    """List the images of an MVTec-layout dataset (no image is read).
+
+    Records come class by class (in ``classes`` order, or sorted when discovered), the train
+    split before the test split, defect types and files sorted by name. Raises one
+    ``DatasetError`` listing every layout problem found (missing root / class, no training or
+    test images, defective images without a mask, masks without an image).
+    """
+    if not Path(root).is_dir():
         raise DatasetError(
-            f"Dataset at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + "\n"
+            f"Dataset root {os.fspath(root)!r} does not exist or is not a folder.\n"
             + EXPECTED_LAYOUT
         )
+    records, problems, _ = collect(root, classes, check_masks=True)
+    if problems:
+        raise DatasetError(format_problems(root, problems))
     return records
 
 
@@ -240,6 +303,9 @@ def _split_metadata(records: Sequence[Record], class_names: Sequence[str], root:
         "is_anomaly": [int(r.is_anomaly) for r in records],
         "defect_type": [r.defect_type for r in records],
         "name": [_relname(r.image_path, root) for r in records],
+        # 0 for a defective image stored without a mask (allow_image_level_only=True): its
+        # stored mask is all zeros and means "unknown", not "no defect".
+        "has_mask": [int(r.has_mask) for r in records],
     }
 
 
@@ -251,6 +317,7 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     RELEASE_NOTES = {
         "1.0.0": "Preprocessed uint8 images and {0,1} masks (zlib).",
         "1.1.0": "Masks stored as raw bytes (faster reads, same file size).",
+        "1.2.0": "Split metadata 'has_mask' (0: defective image without a pixel mask).",
     }
 
     def __init__(self, *, config: MVTecFolderConfig, records: Sequence[Record] | None = None,
@@ -361,9 +428,11 @@ class Dataset:
             n_train = sum(r.split == "train" for r in rs)
             n_good = sum(r.split == "test" and not r.is_anomaly for r in rs)
             n_bad = sum(r.split == "test" and r.is_anomaly for r in rs)
+            n_nomask = sum(not r.has_mask for r in rs)
             types = sorted({r.defect_type for r in rs if r.is_anomaly})
             lines.append(f"[{k}] {cls}: train {n_train} | test good {n_good}, defective {n_bad}"
-                         f" | defect types: {', '.join(types) or '-'}")
+                         + (f" ({n_nomask} without a mask)" if n_nomask else "")
+                         + f" | defect types: {', '.join(types) or '-'}")
         return lines
 
 
@@ -400,20 +469,39 @@ def _prune_stale(builder: MVTecFolder, keep_name: str, phash: str) -> None:
 
 def load_dataset(root: str | os.PathLike, classes: Sequence[str] | None, resize: int, crop: int,
                  cache_dir: str | os.PathLike, *, num_workers: int | None = None,
-                 prune_stale: bool = True, verbose: bool = True) -> Dataset:
-    """Scan ``root``, build (or reuse) the preprocessed cache in ``cache_dir`` and open it."""
-    records = scan_mvtec(root, classes)
-    class_names = list(classes) if classes is not None else discover_classes(root)
+                 prune_stale: bool = True, verbose: bool = True,
+                 allow_image_level_only: bool = False) -> Dataset:
+    """Scan and validate ``root``, build (or reuse) the preprocessed cache in ``cache_dir`` and
+    open it.
+
+    Nothing is written to ``cache_dir`` unless validation passes (``validate.validate``: every
+    image and mask is opened and decoded once; all problems are raised in one ``DatasetError``).
+    With ``allow_image_level_only`` defective test images without a mask are accepted: their
+    mask is all zeros and the split metadata's ``has_mask`` entry is 0.
+    """
+    from cras_jax.data import validate as validate_lib
+
+    records, problems, class_names = collect(root, classes, check_masks=False)
+    if problems and not records:  # e.g. no root: nothing more to check
+        validate_lib.validate(records, root, problems=problems, class_names=class_names)
     config = make_config(root, class_names, resize, crop, records)
     # tfds logs a warning with the whole config for every custom config: silence that one.
+    # (Constructing the builder writes nothing to cache_dir.)
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         builder = MVTecFolder(config=config, records=records, num_workers=num_workers,
                               data_dir=os.fspath(cache_dir))
+        prepared = builder.is_prepared()
     finally:
         absl_logging.set_verbosity(verbosity)
-    if not builder.is_prepared():
+    # A prepared cache of this config was built from these very files (the config name holds
+    # their paths, sizes and mtimes) after they passed validation: decoding them again is
+    # skipped, the layout checks (masks present, no orphan masks) are always run.
+    validate_lib.validate(records, root, allow_image_level_only=allow_image_level_only,
+                          problems=problems, class_names=class_names,
+                          read_images=not prepared, num_workers=num_workers)
+    if not prepared:
         largest = max(sum(r.split == s for r in records) for s in SPLITS)
         with _in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
             builder.download_and_prepare(
@@ -447,6 +535,16 @@ def split_metadata(source) -> dict | None:
     if m is None or len(m["label"]) != len(source):
         return None
     return m
+
+
+def has_mask(source) -> np.ndarray:
+    """Per example of the split: 1 where the pixel ground truth is known, 0 for a defective
+    image loaded without a mask (``allow_image_level_only``). All ones when the metadata has
+    no ``has_mask`` entry."""
+    m = split_metadata(source)
+    if m is not None and "has_mask" in m:
+        return np.asarray(m["has_mask"], dtype=np.int32)
+    return np.ones(len(source), dtype=np.int32)
 
 
 def class_indices(source) -> np.ndarray:
