@@ -33,6 +33,7 @@ def get_config():
   config.train.lr_adapter = 2e-4
   config.train.lr_disc = 5e-4
   config.train.cache_features = True
+  config.train.feature_cache_dtype = "float32"  # 94 MiB; keeps results equal to uncached
   config.train.log_every = 5
   config.eval.batch_size = 32
   config.eval.num_heatmaps = 3

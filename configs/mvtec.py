@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The backbone is frozen and training has no augmentation: compute its patch
   # features once (host memory) and train the heads on them.
   config.train.cache_features = False
+  config.train.feature_cache_dtype = "float16"  # storage; training computes in float32
+  config.train.feature_cache_dir = ""  # default <data cache_dir>/features
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32

