@@ -5,7 +5,6 @@ level 2 [B, 36, 36, 512] and level 3 [B, 18, 18, 1024] -> t [B, 1296, 1536].
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import jax
@@ -95,7 +94,3 @@ def aggregate_patches(levels: Sequence[jax.Array], pre_embed_dim: int, embed_dim
   x = x.reshape(b, grid[0] * grid[1], len(levels) * pre_embed_dim)
   return adaptive_avg_pool_last(x, embed_dim)
 
-
-def grid_size(image_size: int, stride: int = 8) -> int:
-  """Patch grid side for a square input and the first level's stride."""
-  return math.ceil(image_size / stride)

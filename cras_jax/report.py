@@ -106,7 +106,6 @@ def write_results(table: dict, out_dir: str, tag: str, extra: dict) -> None:
     f.write(markdown(table) + "\n")
 
 
-
 def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> list[str]:
   """image | ground truth | anomaly-map overlay PNGs, for defective images first."""
   if per_class <= 0:

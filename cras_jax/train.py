@@ -320,9 +320,8 @@ def feature_pass(state: TrainState, pieces: Pieces, devices: Devices, dataset, c
       writer = feature_cache.Writer(file, (n, hw, d), dtype)
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
-    pad = np.concatenate([idx, np.repeat(idx[-1:], -(-bs // devices.count) * devices.count - len(idx))])
+    pad, weight = data_lib.padded_indices(idx, bs, devices.count)
     local = devices.local_slice(len(pad))
-    weight = (np.arange(len(pad)) < len(idx)).astype(np.float32)
     if feats is not None:  # from the cache, as training will see it
       t = devices.put_batch({"t": np.asarray(feats[pad[local]])})["t"]
     else:

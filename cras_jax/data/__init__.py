@@ -49,13 +49,18 @@ def has_mask(source) -> np.ndarray:
   return mvtec.has_mask(source)
 
 
-def padded_batch(source, indices, batch_size: int, multiple: int = 1) -> dict:
-  """A batch of `indices` padded (by repeating the last one) to `batch_size`, and a
-  0/1 `weight` marking the real entries. batch_size is rounded up to `multiple`."""
+def padded_indices(indices, batch_size: int, multiple: int = 1):
+  """`indices` padded (by repeating the last one) to `batch_size` rounded up to
+  `multiple`, and a 0/1 weight marking the real entries."""
   size = -(-batch_size // multiple) * multiple
   indices = np.asarray(indices)
-  pad = size - len(indices)
-  full = np.concatenate([indices, np.repeat(indices[-1:], pad)]) if pad > 0 else indices
+  full = np.concatenate([indices, np.repeat(indices[-1:], size - len(indices))])
+  return full, (np.arange(size) < len(indices)).astype(np.float32)
+
+
+def padded_batch(source, indices, batch_size: int, multiple: int = 1) -> dict:
+  """The batch of `padded_indices`, with its `weight`."""
+  full, weight = padded_indices(indices, batch_size, multiple)
   batch = get_batch(source, full)
-  batch["weight"] = (np.arange(size) < len(indices)).astype(np.float32)
+  batch["weight"] = weight
   return batch
