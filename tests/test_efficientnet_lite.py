@@ -7,12 +7,12 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tests import reference
 import pytest
 
 from cras_jax.backbones import efficientnet_lite as eff
 from cras_jax.backbones.efficientnet_lite import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     LEVEL_STRIDES,
     EfficientNetLite,
     block_specs,
@@ -180,23 +180,10 @@ def _apply_fn(max_level: int, with_logits: bool):
     return jax.jit(lambda v, x: model.apply(v, x, max_level=max_level, with_logits=with_logits))
 
 
-def _preprocess(img: np.ndarray, short: int = 256, crop: int = 224) -> np.ndarray:
-    from PIL import Image
-    im = Image.fromarray(img).convert("RGB")
-    w, h = im.size
-    s = short / min(w, h)
-    im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
-    w, h = im.size
-    left, top = (w - crop) // 2, (h - crop) // 2
-    im = im.crop((left, top, left + crop, top + crop))
-    x = np.asarray(im, np.float32) / 255.0
-    return ((x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)).astype(np.float32)
-
-
 @needs_lite0
 def test_imagenet_classes_chelsea_and_coffee():
     skdata = pytest.importorskip("skimage.data")
-    x = np.stack([_preprocess(skdata.chelsea()), _preprocess(skdata.coffee())])
+    x = np.stack([reference.imagenet_input(skdata.chelsea()), reference.imagenet_input(skdata.coffee())])
     logits = np.asarray(_apply_fn(4, True)(_lite0(), x)["logits"])
     top = np.argsort(-logits, axis=1)[:, :5]
     assert top[0, 0] == 285, top[0]                       # Egyptian cat

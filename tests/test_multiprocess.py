@@ -19,24 +19,12 @@ pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.arg
 if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
                              process_id=pid, initialization_timeout=120)
-import jax.numpy as jnp, numpy as np
-from configs import demo
-from cras_jax import backbones, train
+import numpy as np
+from cras_jax import train
+from tests import tiny_step
 
-cfg = demo.get_config()
-cfg.data.crop = 64
-cfg.model.pre_embed_dim = 48
-cfg.model.embed_dim = 32
-pieces = train.Pieces(cfg, 3)
-devices = train.Devices()
+pieces, devices, state, batch = tiny_step.setup()
 assert devices.count == 2, devices.count
-bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
-state = train.create_state(pieces, bb, 0)
-rng = np.random.default_rng(0)
-state = state.replace(centres=jnp.asarray(rng.normal(size=state.centres.shape), jnp.float32))
-state = devices.put_replicated(jax.device_get(state))
-batch = {"image": rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8),
-         "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)}
 local = {k: v[devices.local_slice(8)] for k, v in batch.items()}
 assert local["image"].shape[0] == 8 // jax.process_count()
 dev_batch = devices.put_batch(local)

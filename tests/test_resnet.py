@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tests import reference
 import pytest
 
 from cras_jax.backbones.resnet import (
@@ -214,12 +216,7 @@ if torch is not None:
                     tnn.init.kaiming_normal_(mod.weight, mode="fan_out",
                                              nonlinearity="relu", generator=g)
                 elif isinstance(mod, tnn.BatchNorm2d):
-                    n = mod.num_features
-                    mod.weight.copy_(0.5 + torch.rand(n, generator=g))
-                    mod.bias.copy_(0.1 * torch.randn(n, generator=g))
-                    mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                    mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                    mod.num_batches_tracked.fill_(7)
+                    reference.randomise_batchnorm(mod, g)
         return m.eval()
 
 

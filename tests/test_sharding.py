@@ -13,24 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r'''
 import sys
-import jax, jax.numpy as jnp, numpy as np
-from configs import demo
+import jax, numpy as np
 from cras_jax import train
+from tests import tiny_step
 
-cfg = demo.get_config()
-cfg.data.crop = 64
-cfg.model.pre_embed_dim = 48
-cfg.model.embed_dim = 32
-pieces = train.Pieces(cfg, 3)
-devices = train.Devices()
-from cras_jax import backbones
-bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
-state = train.create_state(pieces, bb, 0)
-rng = np.random.default_rng(0)
-state = state.replace(centres=jnp.asarray(rng.normal(size=state.centres.shape), jnp.float32))
-state = jax.device_put(state, devices.replicated)
-batch = {"image": rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8),
-         "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)}
+pieces, devices, state, batch = tiny_step.setup()
 dev_batch = devices.put_batch(batch)
 assert len(dev_batch["image"].sharding.device_set) == devices.count
 assert len(dev_batch["image"].addressable_shards) == devices.count
