@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -600,14 +600,52 @@ def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None
   return table
 
 
+def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  """The config a checkpoint was trained with (stored in its meta item)."""
+  return ml_collections.ConfigDict(meta["config"])
+
+
+class Run(NamedTuple):
+  """A trained run restored from its workdir, ready to score."""
+  config: ml_collections.ConfigDict
+  pieces: Pieces
+  devices: Devices
+  state: TrainState
+  meta: dict
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.meta["class_names"])
+
+
+def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> Run:
+  """Restores the workdir's newest readable checkpoint with its frozen backbone.
+
+  config: defaults to the one the run was trained with (from the checkpoint), so a
+  trained workdir alone is enough to score new images.
+  """
+  mngr = checkpoint.manager(workdir)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"{workdir}: no checkpoint found; train first "
+                            f"(python -m cras_jax.main --config=... --workdir={workdir})")
+  meta = checkpoint.restore_meta(mngr)
+  if config is None:
+    config = config_from_meta(meta)
+  pieces = Pieces(config, len(meta["class_names"]))
+  devices = Devices()
+  backbone_vars = backbones.load_variables(config.model.backbone, config.model.weights,
+                                           config.data.crop, config.seed)
+  state = create_state(pieces, backbone_vars, config.seed)
+  state = devices.put_replicated(jax.device_get(state))
+  state, meta = restore_latest(mngr, state)
+  return Run(config, pieces, devices, state, meta)
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training."""
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate; train first (--mode=train)")
-  dataset, pieces, devices, state = setup(config, workdir)
-  state, meta = restore_latest(mngr, state)
-  if meta["class_names"] != list(dataset.class_names):
-    raise ValueError(f"checkpoint classes {meta['class_names']} differ from the data's "
+  run = load_run(workdir, config)
+  dataset = data_lib.load_for_config(config, workdir)
+  if run.class_names != list(dataset.class_names):
+    raise ValueError(f"checkpoint classes {run.class_names} differ from the data's "
                      f"{list(dataset.class_names)}")
-  return evaluate(state, pieces, devices, dataset, config, workdir, tag="eval")
+  return evaluate(run.state, run.pieces, run.devices, dataset, config, workdir, tag="eval")

@@ -15,14 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = [
-    "--config.data.synthetic.image_size=64", "--config.data.synthetic.n_train=6",
-    "--config.data.synthetic.n_test_good=2", "--config.data.synthetic.n_test_defect_per_type=1",
-    "--config.data.resize=73", "--config.data.crop=64",
-    "--config.model.pre_embed_dim=48", "--config.model.embed_dim=32",
-    "--config.train.batch_size=8", "--config.eval.batch_size=8", "--config.train.log_every=1",
-    "--config.eval.num_heatmaps=1",
-]
+from tests.conftest import TINY
 
 
 def run_main(workdir, data_root, cache, *extra, wait=True):
