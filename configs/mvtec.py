@@ -13,6 +13,10 @@ MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "le
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # "multi_class": one model for all classes (the paper's main setting);
+  # "single_class": one model per class, trained one after another in
+  # <workdir>/classes/<class>, results gathered into one table.
+  config.setting = "multi_class"
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mvtec"
@@ -36,12 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_dim = 1536
   config.model.adapter_layers = 1
   config.model.disc_layers = 3
+  config.model.centre = "mean"     # MCMC class means; "single": one training image (w/o MCMC)
   config.model.noise_sigma = 0.015
   config.model.noise_relative = False  # True: sigma is a multiple of the adapted-feature std
   config.model.dafs_beta = 0.3
-  config.model.dafs_variant = "default"
-  config.model.crd_input = "raw_residual"
-  config.model.hpi = True
+  config.model.dafs_variant = "default"  # "none": alpha = 1 (w/o DAFS); Table 6 variants
+  config.model.crd_input = "raw_residual"  # "raw": w/o CRD; Table 6 combinations
+  config.model.hpi = True         # False: same-position centre vector (w/o HPI)
   config.model.matching = "per_image"  # or "batch" (the reference's batch-mode)
   config.model.score_mode = "reference"  # max of raw patch scores; "paper": max of the map
   config.model.map_sigma = 4.0
@@ -66,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
+  # "final": the last epoch (default). "best_epoch": the reference code's protocol,
+  # evaluating every train.eval_every (or 1) epochs and reporting the epoch with the
+  # best mean I-AUROC + P-AUROC: it selects on the test set, and reports say so.
+  config.eval.protocol = "final"
   config.eval.fpr_limit = 0.3
   config.eval.num_heatmaps = 4
   return config

@@ -7,6 +7,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+CENTRE_MODES = ("mean", "single")
+
+
+def centre_weights(labels: np.ndarray, mode: str = "mean") -> np.ndarray:
+  """Which training images (in training-set order) form the centres: all of them
+  ("mean", MCMC) or the first image of each class ("single", the "w/o MCMC" ablation)."""
+  labels = np.asarray(labels)
+  if mode == "mean":
+    return np.ones(labels.shape, np.float32)
+  if mode == "single":
+    w = np.zeros(labels.shape, np.float32)
+    w[np.unique(labels, return_index=True)[1]] = 1.0
+    return w
+  raise ValueError(f"config.model.centre={mode!r}: choose one of {CENTRE_MODES}")
 
 
 def init_sums(num_classes: int, num_patches: int, dim: int):

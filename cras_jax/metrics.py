@@ -409,7 +409,7 @@ def select_epoch(history: Sequence[Mapping[str, Mapping[str, float]]],
                  protocol: str = "final") -> int:
     """Index of the epoch to report from per-epoch ``summarise`` tables (SPEC section 10).
 
-    ``"final"`` (default): the last epoch. ``"reference"``: the reference implementation's
+    ``"final"`` (default): the last epoch. ``"best_epoch"``: the reference implementation's
     protocol, the epoch with the highest mean I-AUROC + mean P-AUROC (earliest on ties; nan
     counts as -inf). The reference protocol selects on the test set; label reports with it.
     """
@@ -417,8 +417,8 @@ def select_epoch(history: Sequence[Mapping[str, Mapping[str, float]]],
         raise ValueError("empty history")
     if protocol == "final":
         return len(history) - 1
-    if protocol != "reference":
-        raise ValueError(f"unknown protocol {protocol!r} (use 'final' or 'reference')")
+    if protocol != "best_epoch":
+        raise ValueError(f"unknown protocol {protocol!r} (use 'final' or 'best_epoch')")
     best, best_val = 0, -math.inf
     for i, table in enumerate(history):
         row = table[MEAN_ROW]

@@ -102,8 +102,9 @@ def write_results(table: dict, out_dir: str, tag: str, extra: dict) -> None:
   with open(os.path.join(out_dir, f"metrics_{tag}.json"), "w") as f:
     json.dump({"metrics": table, **extra, "versions": versions()}, f, indent=2)
   metrics_lib.to_csv(table, os.path.join(out_dir, f"metrics_{tag}.csv"))
+  title = f"protocol: {extra['protocol']}" if "protocol" in extra else None
   with open(os.path.join(out_dir, f"metrics_{tag}.md"), "w") as f:
-    f.write(markdown(table) + "\n")
+    f.write(metrics_lib.to_markdown(table, title=title) + "\n")
 
 
 def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ("default", "no_scaling", "inv_r", "inv_g_r")
+VARIANTS = ("default", "none", "no_scaling", "inv_r", "inv_g_r")
 
 
 def dafs_alpha(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
@@ -14,8 +14,11 @@ def dafs_alpha(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
   r = ||u - p||, n = ||g||, s = n / r normalised by its mean over ALL patches
   of the batch, alpha = beta (s - 1) + 1. Variants (paper Table 6):
   "no_scaling" alpha = s; "inv_r" uses s = 1/r; "inv_g_r" s = 1/(n r), each
-  mean-normalised and then mixed by beta like the default.
+  mean-normalised and then mixed by beta like the default. "none" is the
+  "w/o DAFS" ablation: alpha = 1, fixed-variance noise.
   """
+  if variant == "none":
+    return jnp.ones(u.shape[:-1], u.dtype)
   r = jnp.maximum(jnp.linalg.norm(u - p, axis=-1), eps)
   n = jnp.linalg.norm(g, axis=-1)
   if variant == "default" or variant == "no_scaling":

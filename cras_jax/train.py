@@ -148,11 +148,12 @@ def make_embed_step(pieces: Pieces) -> Callable:
 
 
 def make_centre_step(pieces: Pieces) -> Callable:
-  """Accumulates class sums of u = A(t) and the moments of u."""
-  def centre_step(acc, state: TrainState, t, labels, weights):
+  """Accumulates class sums of u = A(t) (images weighted by centre_weights) and the
+  moments of u (images weighted by weights: 0 marks padding)."""
+  def centre_step(acc, state: TrainState, t, labels, weights, centre_weights):
     sums, counts, s1, s2 = acc
     u = model.adapt(state.params, t.astype(jnp.float32), pieces.heads)
-    sums, counts = centres_lib.accumulate(sums, counts, u, labels, weights)
+    sums, counts = centres_lib.accumulate(sums, counts, u, labels, weights * centre_weights)
     s1 = s1 + jnp.sum(u.mean(axis=(1, 2)) * weights)
     s2 = s2 + jnp.sum(jnp.square(u).mean(axis=(1, 2)) * weights)
     return sums, counts, s1, s2
@@ -307,6 +308,7 @@ def feature_pass(state: TrainState, pieces: Pieces, devices: Devices, dataset, c
   centre_step = jax.jit(make_centre_step(pieces))
   embed_step = jax.jit(make_embed_step(pieces))
   labels = data_lib.class_indices(dataset.train)
+  centre_w = centres_lib.centre_weights(labels, config.model.centre)
   feats = writer = None
   if config.train.cache_features:
     file = feature_cache.path(config, workdir, feature_cache.key(config, dataset))
@@ -329,8 +331,9 @@ def feature_pass(state: TrainState, pieces: Pieces, devices: Devices, dataset, c
       t = embed_step(state, devices.put_batch({"image": images})["image"])
       if writer is not None:
         writer.array[idx] = devices.gather(t)[:len(idx)].astype(writer.array.dtype)
-    lw = devices.put_batch({"label": labels[pad[local]], "weight": weight[local]})
-    acc = centre_step(acc, state, t, lw["label"], lw["weight"])
+    lw = devices.put_batch({"label": labels[pad[local]], "weight": weight[local],
+                            "centre_weight": centre_w[pad[local]]})
+    acc = centre_step(acc, state, t, lw["label"], lw["weight"], lw["centre_weight"])
   if writer is not None:
     feats = writer.commit()
   return acc, feats
@@ -347,7 +350,8 @@ def compute_centres(state: TrainState, acc, dataset, config) -> TrainState:
   mean, meansq = s1 / n, s2 / n
   std = jnp.sqrt(jnp.maximum(meansq - mean ** 2, 0.0))
   noise_std = std if config.model.noise_relative else jnp.ones((), jnp.float32)
-  print(f"centres: {k} classes from {n} images; adapted-feature std {float(std):.4f}; "
+  how = "means of" if config.model.centre == "mean" else "one image each (w/o MCMC) of"
+  print(f"centres: {k} classes, {how} {n} images; adapted-feature std {float(std):.4f}; "
         f"noise sigma {config.model.noise_sigma * float(noise_std):.4f}", flush=True)
   return state.replace(centres=centres_lib.finalise(sums, counts), noise_std=noise_std)
 
@@ -443,8 +447,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   status 128 + signal); rerunning the same command resumes exactly.
   """
   os.makedirs(workdir, exist_ok=True)
+  if config.setting == "single_class":
+    with WorkdirLock(workdir):
+      return _single_class(config, workdir, lambda c, w: train_and_evaluate(
+          c, w, allow_config_change), "final")
+  check_setting(config)
   with WorkdirLock(workdir), StopRequest() as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)
+
+
+SETTINGS = ("multi_class", "single_class")
+
+
+def check_setting(config) -> None:
+  if config.setting not in SETTINGS:
+    raise ValueError(f"config.setting={config.setting!r}: choose 'multi_class' (one model for "
+                     f"all classes) or 'single_class' (one model per class)")
+
+
+def single_class_configs(config, workdir: str) -> dict:
+  """The per-class runs of the single-class setting: class -> (config, sub-workdir).
+
+  Every run reads the same data (generated or prepared once, in the parent
+  workdir's cache) and trains on one class in <workdir>/classes/<class>.
+  """
+  from cras_jax.data import datasets, mvtec
+  root = data_lib.data_root(config, workdir)
+  classes = (datasets.resolve_classes(config.data.name, config.data.classes)
+             or mvtec.discover_classes(root))
+  runs = {}
+  for cls in classes:
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.setting = "multi_class"  # one model, here for a single class
+    sub.data.classes = (cls,)
+    sub.data.root = root
+    sub.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "data_cache")
+    runs[cls] = (sub, os.path.join(workdir, "classes", cls))
+  return runs
+
+
+def _single_class(config, workdir: str, run_one: Callable, tag: str) -> dict:
+  """Runs (trains or evaluates) one model per class, one after another, and gathers
+  their per-class rows into one table in workdir/results (metrics_<tag>.*)."""
+  from cras_jax import metrics as metrics_lib
+  runs = single_class_configs(config, workdir)
+  table, protocols, steps = {}, set(), {}
+  for i, (cls, (sub, subdir)) in enumerate(runs.items()):
+    print(f"\n=== single-class setting: {cls} ({i + 1}/{len(runs)}) -> {subdir}", flush=True)
+    run_one(sub, subdir)
+    with open(os.path.join(subdir, "results", f"metrics_{tag}.json")) as f:
+      res = json.load(f)
+    table[cls] = res["metrics"][cls]
+    protocols.add(res["protocol"])
+    steps[cls] = res["step"]
+  table = metrics_lib.summarise(table)
+  extra = {"setting": "single_class", "protocol": " / ".join(sorted(protocols)), "step": steps,
+           "runs": {c: os.path.relpath(d, workdir) for c, (_, d) in runs.items()},
+           "score_mode": config.model.score_mode, "matching": config.model.matching}
+  if jax.process_index() == 0:
+    report.write_results(table, os.path.join(workdir, "results"), tag, extra)
+  print(f"\n[{tag}] single-class setting, {len(runs)} models (protocol: {extra['protocol']})")
+  print(report.markdown(table), flush=True)
+  return table
 
 
 def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
@@ -485,6 +549,8 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
   train_step = devices.jit_train(make_train_step(pieces))
   predict_step = devices.jit_predict(make_predict_step(pieces))
   ckpt_every = config.train.checkpoint_every_steps
+  protocol = check_protocol(config)
+  eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
 
   def batches(start):
     for s in range(start, total):
@@ -526,14 +592,58 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
             f"Rerun the same command to resume.", flush=True)
       raise SystemExit(128 + stop.signum)
     epoch = done // steps_per_epoch
-    if (end_of_epoch and config.train.eval_every and epoch % config.train.eval_every == 0
-        and done != total):
+    if end_of_epoch and eval_every and epoch % eval_every == 0 and done != total:
       evaluate(state, pieces, devices, dataset, config, workdir, predict_step,
                tag=f"epoch_{epoch:03d}", heatmaps=False)
   bar.close()
   if last_metrics:
     print("final training window: " + report.format_train_metrics(last_metrics), flush=True)
-  return evaluate(state, pieces, devices, dataset, config, workdir, predict_step, tag="final")
+  if protocol == "final":
+    return evaluate(state, pieces, devices, dataset, config, workdir, predict_step, tag="final")
+  evaluate(state, pieces, devices, dataset, config, workdir, predict_step,
+           tag=f"epoch_{config.train.epochs:03d}")
+  return report_best_epoch(workdir)
+
+
+PROTOCOLS = ("final", "best_epoch")
+BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
+
+
+def check_protocol(config) -> str:
+  protocol = config.eval.protocol
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"config.eval.protocol={protocol!r}: choose 'final' (the last epoch) or "
+                     f"'best_epoch' (the reference code's selection on the test set)")
+  return protocol
+
+
+def report_best_epoch(workdir: str) -> dict:
+  """The reference protocol: of the per-epoch results in workdir/results, the epoch
+  with the best mean I-AUROC + P-AUROC is written as the run's reported result
+  (metrics_final.*, labelled as selected on the test set)."""
+  import glob
+  import shutil
+  from cras_jax import metrics as metrics_lib
+  out_dir = os.path.join(workdir, "results")
+  files = sorted(glob.glob(os.path.join(out_dir, "metrics_epoch_*.json")))
+  if not files:
+    raise FileNotFoundError(f"{out_dir}: no per-epoch results to select from")
+  runs = [json.load(open(f)) for f in files]
+  best = metrics_lib.select_epoch([r["metrics"] for r in runs], "best_epoch")
+  chosen = runs[best]
+  tag = os.path.basename(files[best])[len("metrics_"):-len(".json")]
+  extra = {k: v for k, v in chosen.items() if k not in ("metrics", "versions")}
+  extra.update(protocol=BEST_EPOCH_LABEL, selected=tag, selected_step=chosen["step"],
+               candidates=[os.path.basename(f)[len("metrics_"):-len(".json")] for f in files])
+  if jax.process_index() == 0:
+    report.write_results(chosen["metrics"], out_dir, "final", extra)
+    scores = os.path.join(out_dir, f"scores_{tag}.csv")
+    if os.path.exists(scores):
+      shutil.copyfile(scores, os.path.join(out_dir, "scores_final.csv"))
+  print(f"\n[final] protocol: {BEST_EPOCH_LABEL}: {tag} (step {chosen['step']}) of "
+        f"{len(files)} evaluated epochs")
+  print(report.markdown(chosen["metrics"]), flush=True)
+  return chosen["metrics"]
 
 
 def check_finite(window, done: int) -> None:
@@ -585,7 +695,9 @@ def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None
   seconds = time.time() - t0
   table = report.class_metrics(res, dataset.class_names, config.eval.fpr_limit)
   out_dir = os.path.join(workdir, "results")
-  extra = {"step": int(state.step), "protocol": "final epoch" if tag == "final" else tag,
+  protocol = {"final": "final epoch", "eval": f"checkpoint of step {int(state.step)}"}.get(
+      tag, f"per-epoch evaluation ({tag})")
+  extra = {"step": int(state.step), "protocol": protocol,
            "score_mode": config.model.score_mode, "matching": config.model.matching,
            "test_images": len(res["scores"]), "score_seconds": seconds}
   if jax.process_index() == 0:
@@ -643,6 +755,8 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> R
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training."""
+  if config.setting == "single_class":
+    return _single_class(config, workdir, evaluate_checkpoint, "eval")
   run = load_run(workdir, config)
   dataset = data_lib.load_for_config(config, workdir)
   if run.class_names != list(dataset.class_names):

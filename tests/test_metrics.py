@@ -249,6 +249,6 @@ def test_select_epoch():
         return {"mean": {"i_auroc": i, "p_auroc": p}}
     hist = [tab(0.9, 0.9), tab(0.95, 0.96), tab(0.96, 0.95), tab(0.93, 0.94)]
     assert M.select_epoch(hist) == 3
-    assert M.select_epoch(hist, "reference") == 1  # first of the tied best
+    assert M.select_epoch(hist, "best_epoch") == 1  # first of the tied best
     with pytest.raises(ValueError):
         M.select_epoch(hist, "best")
