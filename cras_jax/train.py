@@ -408,10 +408,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 class WorkdirLock:
-  """An exclusive lock on the workdir (flock: released by the OS even on SIGKILL)."""
+  """An exclusive lock on the workdir (flock: released by the OS even on SIGKILL).
+
+  In a multi-process run each process locks its own file (process 0 the same
+  file as a single-process run), so the processes of one job share the workdir
+  while a second job on it is refused.
+  """
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
+    i = jax.process_index()
+    self.path = os.path.join(workdir, ".lock" if i == 0 else f".lock.process{i}")
     self._f = None
 
   def __enter__(self):
@@ -599,9 +605,10 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
   if last_metrics:
     print("final training window: " + report.format_train_metrics(last_metrics), flush=True)
   if protocol == "final":
-    return evaluate(state, pieces, devices, dataset, config, workdir, predict_step, tag="final")
+    return evaluate(state, pieces, devices, dataset, config, workdir, predict_step, tag="final",
+                    calibrate=True)
   evaluate(state, pieces, devices, dataset, config, workdir, predict_step,
-           tag=f"epoch_{config.train.epochs:03d}")
+           tag=f"epoch_{config.train.epochs:03d}", calibrate=True)
   return report_best_epoch(workdir)
 
 
@@ -686,8 +693,11 @@ def predict_dataset(state, pieces, devices, source, batch_size, predict_step):
 
 
 def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None, tag="final",
-             heatmaps=True) -> dict:
-  """Per-class metrics of SPEC 10 on the test split, written to workdir/results."""
+             heatmaps=True, calibrate=False) -> dict:
+  """Per-class metrics of SPEC 10 on the test split, written to workdir/results.
+
+  calibrate: also write workdir/thresholds.json (per-class normalisation, image and pixel
+  thresholds; `predict.calibrate`) from these scores; the metrics are unchanged."""
   if predict_step is None:
     predict_step = devices.jit_predict(make_predict_step(pieces))
   t0 = time.time()
@@ -709,6 +719,9 @@ def evaluate(state, pieces, devices, dataset, config, workdir, predict_step=None
   if heatmaps and jax.process_index() == 0:
     report.save_heatmaps(res, dataset.class_names, os.path.join(out_dir, "heatmaps"),
                          config.eval.num_heatmaps)
+  if calibrate:
+    from cras_jax import predict as predict_lib
+    predict_lib.calibrate(state, config, dataset.class_names, devices, dataset, workdir, res)
   return table
 
 
@@ -738,7 +751,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> R
   """
   mngr = checkpoint.manager(workdir)
   if mngr.latest_step() is None:
-    raise FileNotFoundError(f"{workdir}: no checkpoint found; train first "
+    raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate; train first "
                             f"(python -m cras_jax.main --config=... --workdir={workdir})")
   meta = checkpoint.restore_meta(mngr)
   if config is None:

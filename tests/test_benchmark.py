@@ -46,12 +46,16 @@ def check_rows(result, expect):
 def test_one_device_in_process(tmp_path):
   out = tmp_path / "bench"
   result = bench.main([*TINY, "--batch_sizes=4", "--devices=1", "--dtype=float32",
-                       f"--out={out}"])
-  check_rows(result, [("train", 1, 4), ("score", 1, 4)])
+                       "--modes=train,train_cached,score", f"--out={out}"])
+  check_rows(result, [("train", 1, 4), ("train_cached", 1, 4), ("score", 1, 4)])
+  # Without the backbone the step does fewer operations.
+  flops = {r["mode"]: r["flops_per_step"] for r in result["rows"]}
+  assert flops["train_cached"] < flops["train"]
   with open(out / "benchmark.json") as f:
     assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
   md = (out / "benchmark.md").read_text()
   assert md.count("\n| train |") == 1 and md.count("\n| score |") == 1
+  assert md.count("\n| train_cached |") == 1
   assert (out / "benchmark.png").stat().st_size > 10_000
   assert str(tmp_path) not in json.dumps(result)  # no machine paths in the record
 

@@ -66,7 +66,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from cras_jax import backbones, train  # noqa: E402
 
-MODES = ("train", "score")
+# train_cached: the training step on stored backbone features (train.cache_features=True),
+# which is how a run trains after its first feature pass: the backbone is frozen and training
+# has no augmentation, so the step is the heads alone.
+MODES = ("train", "train_cached", "score")
 
 
 # ----------------------------------------------------------------------------- config
@@ -116,7 +119,8 @@ def parse_args(argv: Sequence[str] | None):
   p.add_argument("--levels", default=None, help="override config.model.levels, e.g. 2,3")
   p.add_argument("--num_classes", type=int, default=0,
                  help="number of class centres K (default: the config's class count, or 4)")
-  p.add_argument("--modes", default="train,score", help="comma-separated: train,score")
+  p.add_argument("--modes", default="train,score",
+                 help="comma-separated: train, train_cached (heads on stored features), score")
   p.add_argument("--reps", type=int, default=5, help="timed repetitions")
   p.add_argument("--steps_per_rep", type=int, default=0,
                  help="steps per repetition (0: enough for --min_rep_seconds, at most 50)")
@@ -333,6 +337,12 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
   if mode == "train":
     inputs = [devices.put_batch(b) for b in host_batches]
     jitted = devices.jit_train(train.make_train_step(pieces))
+  elif mode == "train_cached":
+    dtype = np.dtype(config.train.feature_cache_dtype)
+    shape = (batch_size, pieces.num_patches, pieces.heads.embed_dim)
+    inputs = [devices.put_batch({"features": rng.standard_normal(shape, np.float32).astype(dtype),
+                                 "label": b["label"]}) for b in host_batches]
+    jitted = devices.jit_train(train.make_train_step(pieces))
   else:
     inputs = [devices.put_batch({"image": b["image"]})["image"] for b in host_batches]
     jitted = devices.jit_predict(train.make_predict_step(pieces))
@@ -352,7 +362,7 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
   # The state is donated in training: thread it through every call.
   holder = {"state": state}
 
-  if mode == "train":
+  if mode in ("train", "train_cached"):
     def run(k, start=0):
       s = holder["state"]
       metrics = []
@@ -501,7 +511,8 @@ def plot(result: dict, path: str) -> None:
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images/s (median, min–max)")
-    ax.set_title("training step" if mode == "train" else "scoring")
+    ax.set_title({"train": "training step", "train_cached": "training step (stored features)",
+                  "score": "scoring"}[mode])
     ax.grid(alpha=0.3)
     top = max(r["batch_size"] / r["min_s"] for r in rows if r["mode"] == mode)
     ax.set_ylim(0, 1.25 * top)

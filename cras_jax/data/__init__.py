@@ -22,12 +22,22 @@ def data_root(config, workdir: str) -> str:
 
 
 def load_for_config(config, workdir: str):
+  """The dataset of a config. Generation and TFDS preparation run under an exclusive
+  file lock in the cache directory: the processes of a multi-process run (or two
+  runs sharing a cache) prepare it once, one after another, instead of racing."""
+  import fcntl
   from cras_jax.data import datasets, mvtec
-  root = data_root(config, workdir)
   cache = config.data.cache_dir or os.path.join(workdir, "data_cache")
-  classes = datasets.resolve_classes(config.data.name, config.data.classes)
-  return mvtec.load_dataset(root, classes, config.data.resize, config.data.crop, cache,
-                            allow_image_level_only=config.data.allow_image_level_only)
+  os.makedirs(cache, exist_ok=True)
+  with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      root = data_root(config, workdir)
+      classes = datasets.resolve_classes(config.data.name, config.data.classes)
+      return mvtec.load_dataset(root, classes, config.data.resize, config.data.crop, cache,
+                                allow_image_level_only=config.data.allow_image_level_only)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def get_batch(source, indices, keys=None) -> dict:

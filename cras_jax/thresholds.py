@@ -1,0 +1,326 @@
+"""Decision thresholds and per-class score normalisation (pure NumPy).
+
+A trained run scores an image with a probability-like number whose normal level differs
+from class to class. So that one image threshold and one pixel threshold serve every class,
+scores and maps are normalised per class first:
+
+    z = (s - loc[c]) / scale[c]
+
+with c the class the image was *matched* to (the only class known when scoring new images),
+loc[c] the median score of the normal calibration images matched to c, and scale[c] their
+`quantile` (0.99) score minus loc[c]: a normal image at the median gives 0, one at the 99th
+percentile gives 1. Maps are normalised with the same (loc, scale) as the image score.
+When a class has fewer than two normal calibration images (or they all score the same),
+scale[c] falls back to the median of the other classes' scales, then to the spread of all
+normal calibration scores pooled, then to 1 (`scale_source` records which).
+
+Calibration data: the test split, divided deterministically into a *calibration* part and a
+*report* part: within each (class, normal/defective) group the images are ordered by the
+SHA-256 of their file name and the first ceil(n/2) calibrate. The model is never selected on
+either part (the default protocol is the final epoch); thresholds are chosen on the
+calibration part only and the report part measures them. Thresholds do not change AUROC.
+
+* image threshold: the F1-optimal threshold on the calibration part's normalised scores (all
+  classes pooled; an image is anomalous when z >= threshold, the threshold lying half-way
+  between the lowest score flagged and the next lower one). Without defective calibration
+  images (e.g. a folder of normal images only): the `quantile` of the normal normalised scores.
+* pixel threshold: likewise on the normalised maps of the calibration images with masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+FILE_NAME = "thresholds.json"
+FORMAT_VERSION = 1
+QUANTILE = 0.99
+MAX_PIXELS = 20_000_000  # pixel F1 on every k-th pixel beyond this
+MAX_CANDIDATES = 4096    # candidate thresholds when there are more distinct values
+
+
+# ----------------------------------------------------------------------------- the split
+
+def name_hash(name: str) -> int:
+  return int.from_bytes(hashlib.sha256(str(name).encode("utf-8")).digest()[:8], "big")
+
+
+def calibration_mask(names: Sequence[str], labels, is_anomaly) -> np.ndarray:
+  """True for the calibration part: ceil(n/2) of each (class, is_anomaly) group, chosen by
+  the hash of the file name (independent of order and of the other images)."""
+  labels, is_anomaly = np.asarray(labels), np.asarray(is_anomaly)
+  out = np.zeros(len(names), bool)
+  for key in sorted(set(zip(labels.tolist(), is_anomaly.tolist()))):
+    idx = np.flatnonzero((labels == key[0]) & (is_anomaly == key[1]))
+    order = sorted(idx, key=lambda i: (name_hash(names[i]), str(names[i])))
+    out[order[:math.ceil(len(order) / 2)]] = True
+  return out
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+def normalisation(scores, cls, num_classes: int, quantile: float = QUANTILE):
+  """(loc [K], scale [K], info) from the scores of normal images and their matched class."""
+  scores = np.asarray(scores, np.float64)
+  cls = np.asarray(cls)
+  loc = np.full(num_classes, np.nan)
+  scale = np.full(num_classes, np.nan)
+  counts = np.array([int(np.sum(cls == k)) for k in range(num_classes)])
+  loc_source, scale_source = [""] * num_classes, [""] * num_classes
+  for k in range(num_classes):
+    s = scores[cls == k]
+    if s.size:
+      loc[k], loc_source[k] = np.median(s), "class"
+    if s.size >= 2:
+      spread = np.quantile(s, quantile) - loc[k]
+      if spread > 1e-12:
+        scale[k], scale_source[k] = spread, "class"
+  if np.isnan(loc).any():
+    fill, source = ((float(np.nanmedian(loc)), "median_of_classes") if np.isfinite(loc).any()
+                    else (0.0, "zero"))
+    for k in np.flatnonzero(np.isnan(loc)):
+      loc[k], loc_source[k] = fill, source
+  if np.isnan(scale).any():
+    valid = scale[np.isfinite(scale)]
+    if valid.size:
+      fill, source = float(np.median(valid)), "median_of_classes"
+    else:
+      spread = (np.quantile(scores, quantile) - np.median(scores)) if scores.size >= 2 else 0.0
+      fill, source = (spread, "pooled") if spread > 1e-12 else (1.0, "unit")
+    for k in np.flatnonzero(np.isnan(scale)):
+      scale[k], scale_source[k] = fill, source
+  info = {"n_normal": counts.tolist(), "loc_source": loc_source, "scale_source": scale_source}
+  return loc, scale, info
+
+
+def normalise(scores, cls, loc, scale) -> np.ndarray:
+  """Image scores [B] -> z [B] (float32, as the exported function computes it)."""
+  loc, scale = np.asarray(loc, np.float32), np.asarray(scale, np.float32)
+  cls = np.asarray(cls)
+  return ((np.asarray(scores, np.float32) - loc[cls]) / scale[cls]).astype(np.float32)
+
+
+def normalise_maps(maps, cls, loc, scale) -> np.ndarray:
+  """Maps [B, H, W] -> z maps [B, H, W] with each image's matched-class parameters."""
+  loc, scale = np.asarray(loc, np.float32), np.asarray(scale, np.float32)
+  cls = np.asarray(cls)
+  return ((np.asarray(maps, np.float32) - loc[cls][:, None, None])
+          / scale[cls][:, None, None]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+def f1_optimal_threshold(scores, labels, max_candidates: int = MAX_CANDIDATES):
+  """(threshold, f1) maximising F1 of `scores >= threshold` against boolean `labels`.
+
+  The threshold is half-way between the lowest flagged score and the next lower one, so the
+  decisions on these scores are those at the optimum. With more than `max_candidates`
+  distinct values the candidates are that many quantiles. NaN when there is no positive.
+  """
+  scores = np.asarray(scores).reshape(-1)
+  labels = np.asarray(labels, bool).reshape(-1)
+  pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
+  if pos.size == 0:
+    return float("nan"), float("nan")
+  cand = np.unique(scores)
+  if cand.size > max_candidates:
+    cand = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, max_candidates)))
+    cand = np.unique(np.concatenate([cand, pos[-1:]]))
+  tp = pos.size - np.searchsorted(pos, cand, "left")
+  fp = neg.size - np.searchsorted(neg, cand, "left")
+  f1 = 2 * tp / np.maximum(2 * tp + fp + (pos.size - tp), 1)
+  i = int(np.argmax(f1))
+  thr = float(cand[i]) if i == 0 else float((cand[i - 1] + cand[i]) / 2)
+  return thr, float(f1[i])
+
+
+def prf(pred, labels) -> dict:
+  """Precision, recall, F1 and counts of boolean predictions."""
+  pred, labels = np.asarray(pred, bool).reshape(-1), np.asarray(labels, bool).reshape(-1)
+  tp = int(np.sum(pred & labels))
+  fp = int(np.sum(pred & ~labels))
+  fn = int(np.sum(~pred & labels))
+  tn = int(pred.size - tp - fp - fn)
+  precision = tp / (tp + fp) if tp + fp else float("nan")
+  recall = tp / (tp + fn) if tp + fn else float("nan")
+  f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+  return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
+          "tn": tn}
+
+
+def _subsample(n: int, limit: int):
+  """Every k-th of n items, at most `limit` (deterministic)."""
+  return slice(None) if n <= limit else slice(0, None, math.ceil(n / limit))
+
+
+def calibrate(res: dict, class_names: Sequence[str], quantile: float = QUANTILE) -> dict:
+  """Normalisation and thresholds from a scored test split.
+
+  res: scores [N], maps [N, H, W], cls [N] (matched class), label [N] (true class),
+  is_anomaly [N], mask [N, H, W], name [N], optional has_mask [N]. Returns the content of
+  thresholds.json (see `save`).
+  """
+  k = len(class_names)
+  names = [str(n) for n in res["name"]]
+  label, is_anomaly = np.asarray(res["label"]), np.asarray(res["is_anomaly"]).astype(bool)
+  cls = np.asarray(res["cls"])
+  has_mask = np.asarray(res.get("has_mask", np.ones(len(names))), bool)
+  cal = calibration_mask(names, label, is_anomaly)
+  normal_cal = cal & ~is_anomaly
+  loc, scale, info = normalisation(np.asarray(res["scores"])[normal_cal], cls[normal_cal], k,
+                                   quantile)
+  z = normalise(res["scores"], cls, loc, scale)
+
+  # Image threshold.
+  if np.any(cal & is_anomaly):
+    image_thr, cal_f1 = f1_optimal_threshold(z[cal], is_anomaly[cal])
+    image_rule = "f1_calibration"
+  elif np.any(normal_cal):
+    image_thr, cal_f1 = float(np.quantile(z[normal_cal], quantile)), float("nan")
+    image_rule = f"normal_quantile_{quantile}"
+  else:
+    raise ValueError("no calibration images: the test split is empty")
+
+  # Pixel threshold, on the calibration images with pixel ground truth.
+  pix_sel = np.flatnonzero(cal & has_mask)
+  zmaps = normalise_maps(np.asarray(res["maps"])[pix_sel], cls[pix_sel], loc, scale).reshape(-1)
+  masks = np.asarray(res["mask"])[pix_sel].reshape(-1).astype(bool)
+  keep = _subsample(zmaps.size, MAX_PIXELS)
+  zmaps, masks = zmaps[keep], masks[keep]
+  if masks.any():
+    pixel_thr, pix_f1 = f1_optimal_threshold(zmaps, masks)
+    pixel_rule = "f1_calibration"
+  else:
+    pixel_thr, pix_f1 = float(np.quantile(zmaps, quantile)), float("nan")
+    pixel_rule = f"normal_quantile_{quantile}"
+  del zmaps, masks
+
+  def part_metrics(sel) -> dict:
+    out = {"images": int(sel.sum()), "image": prf(z[sel] >= image_thr, is_anomaly[sel])}
+    psel = np.flatnonzero(sel & has_mask)
+    if psel.size:
+      zm = normalise_maps(np.asarray(res["maps"])[psel], cls[psel], loc, scale)
+      out["pixel"] = prf(zm >= pixel_thr, np.asarray(res["mask"])[psel].astype(bool))
+    out["per_class"] = {
+        c: prf(z[sel & (label == i)] >= image_thr, is_anomaly[sel & (label == i)])
+        for i, c in enumerate(class_names) if np.any(sel & (label == i))}
+    return out
+
+  return {
+      "format_version": FORMAT_VERSION,
+      "class_names": list(class_names),
+      "image_threshold": float(image_thr),
+      "pixel_threshold": float(pixel_thr),
+      "rules": {"image": image_rule, "pixel": pixel_rule,
+                "decision": "anomalous where normalised value >= threshold"},
+      "calibration_f1": {"image": cal_f1, "pixel": pix_f1},
+      "normalisation": {
+          "definition": "z = (s - loc[c]) / scale[c], c = matched class; loc: median score of "
+                        "the normal calibration images matched to c; scale: their "
+                        f"{quantile} quantile minus loc (maps use the same loc, scale)",
+          "quantile": quantile, "loc": loc.tolist(), "scale": scale.tolist(), **info},
+      "split": {"definition": "test split; per (class, normal/defective) group, the first "
+                              "ceil(n/2) images by SHA-256 of the file name calibrate, the "
+                              "rest report",
+                "calibration_images": int(cal.sum()), "report_images": int((~cal).sum())},
+      "calibration": part_metrics(cal),
+      "report": part_metrics(~cal),
+  }
+
+
+# ----------------------------------------------------------------------------- the file
+
+@dataclasses.dataclass
+class Thresholds:
+  """What scoring needs: per-class normalisation and the two thresholds."""
+  class_names: list
+  loc: np.ndarray
+  scale: np.ndarray
+  image_threshold: float
+  pixel_threshold: float
+  source: str = "file"
+  step: int | None = None  # the checkpoint step the thresholds were calibrated on
+
+  @classmethod
+  def from_dict(cls, d: dict, source: str = "file") -> "Thresholds":
+    n = d["normalisation"]
+    return cls(list(d["class_names"]), np.asarray(n["loc"], np.float32),
+               np.asarray(n["scale"], np.float32), float(d["image_threshold"]),
+               float(d["pixel_threshold"]), source, d.get("step"))
+
+  @classmethod
+  def identity(cls, class_names) -> "Thresholds":
+    """No calibration: raw scores (loc 0, scale 1) and no thresholds (NaN)."""
+    k = len(class_names)
+    return cls(list(class_names), np.zeros(k, np.float32), np.ones(k, np.float32),
+               float("nan"), float("nan"), "none")
+
+  def with_overrides(self, image_threshold=None, pixel_threshold=None) -> "Thresholds":
+    out = dataclasses.replace(self)
+    if image_threshold is not None:
+      out.image_threshold = float(image_threshold)
+    if pixel_threshold is not None:
+      out.pixel_threshold = float(pixel_threshold)
+    return out
+
+
+def json_safe(x):
+  """JSON without NaN (written as null)."""
+  if isinstance(x, float):
+    return None if not math.isfinite(x) else x
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  return x
+
+
+def path(workdir: str) -> str:
+  return os.path.join(workdir, FILE_NAME)
+
+
+def save(d: dict, file: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+  tmp = file + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(json_safe(d), f, indent=2)
+  os.replace(tmp, file)
+
+
+def load_dict(file: str) -> dict:
+  with open(file) as f:
+    return json.load(f)
+
+
+def load(workdir: str, class_names: Sequence[str]) -> Thresholds | None:
+  """The workdir's thresholds, or None when it has none (older runs: `--calibrate`)."""
+  file = path(workdir)
+  if not os.path.exists(file):
+    return None
+  d = load_dict(file)
+  if list(d["class_names"]) != list(class_names):
+    raise ValueError(f"{file} was made for classes {d['class_names']}, the run has "
+                     f"{list(class_names)}; recompute it with --calibrate")
+  d["image_threshold"] = float("nan") if d["image_threshold"] is None else d["image_threshold"]
+  d["pixel_threshold"] = float("nan") if d["pixel_threshold"] is None else d["pixel_threshold"]
+  return Thresholds.from_dict(d)
+
+
+def summary(d: dict) -> str:
+  """One line for the log."""
+  def f(x):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+  rep = d["report"]
+  line = (f"thresholds: image {f(d['image_threshold'])} ({d['rules']['image']}), pixel "
+          f"{f(d['pixel_threshold'])} ({d['rules']['pixel']}) on normalised scores; report "
+          f"part ({rep['images']} images): image P/R/F1 {f(rep['image']['precision'])}/"
+          f"{f(rep['image']['recall'])}/{f(rep['image']['f1'])}")
+  if "pixel" in rep:
+    line += (f", pixel P/R/F1 {f(rep['pixel']['precision'])}/{f(rep['pixel']['recall'])}/"
+             f"{f(rep['pixel']['f1'])}")
+  return line

@@ -1,0 +1,84 @@
+"""The portable export: jax.export with a symbolic batch, reloaded by tools/run_exported.py in a
+fresh process that imports only jax and numpy."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cras_jax import export, predict, thresholds
+from tests import predict_helpers
+from tests.conftest import ROOT
+
+# Libraries the exported model must not need (the project, its model/data libraries). (scipy
+# may appear: jaxlib's CPU runtime loads scipy.linalg.cython_blas, a dependency of jax itself.)
+FORBIDDEN = ("cras_jax", "flax", "optax", "orbax", "ml_collections", "tensorflow",
+             "tensorflow_datasets", "PIL", "skimage", "matplotlib", "torch", "absl", "tqdm")
+
+RUNNER = """
+import json, runpy, sys
+model, crops, out = sys.argv[1:4]
+runner = runpy.run_path("tools/run_exported.py")
+for bs in (3, 8):
+  runner["main"]([model, crops, f"--batch_size={bs}", f"--output={out}_{bs}.npz", "--quiet"])
+print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+  workdir = str(tiny_run["workdir"])
+  run = predict_helpers.loaded_run(workdir)
+  images, ref = predict_helpers.reference_outputs(workdir, str(tiny_run["data_root"]))
+  tmp = tmp_path_factory.mktemp("export")
+  thr = predict.load_thresholds(run, workdir)
+  meta = export.export_run(run, thr, str(tmp / "model.npz"))
+  np.save(tmp / "crops.npy", images)
+  return {"dir": tmp, "meta": meta, "thr": thr, "images": images, "ref": ref}
+
+
+def test_exported_file_holds_function_weights_and_settings(exported, tiny_run):
+  meta, thr = exported["meta"], exported["thr"]
+  with np.load(exported["dir"] / "model.npz", allow_pickle=False) as f:
+    stored = json.loads(f["meta"].tobytes().decode())
+    assert stored == json.loads(json.dumps(meta))
+    assert f["exported"].dtype == np.uint8 and f["exported"].size > 1000
+    assert sum(k.startswith("w") for k in f.files) == meta["num_weights"]
+  d = thresholds.load_dict(os.path.join(tiny_run["workdir"], "thresholds.json"))
+  assert meta["class_names"] == ["chip", "fabric", "gear", "granite"]
+  assert meta["input"]["shape"] == ["b", 64, 64, 3] and meta["input"]["resize"] == 73
+  assert meta["thresholds"]["image"] == pytest.approx(d["image_threshold"])
+  assert meta["thresholds"]["pixel"] == pytest.approx(d["pixel_threshold"])
+  np.testing.assert_allclose(meta["normalisation"]["loc"], thr.loc, rtol=1e-6)
+  assert meta["weights_dropped_unused"] > 0  # the backbone's unused head is not stored
+  assert set(meta["platforms"]) == {"cpu", "cuda"}
+
+
+def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
+  tmp = exported["dir"]
+  out = subprocess.run([sys.executable, "-c", RUNNER, str(tmp / "model.npz"),
+                        str(tmp / "crops.npy"), str(tmp / "out")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  modules = json.loads(out.stdout.split("MODULES ", 1)[1])
+  assert "jax" in modules and "numpy" in modules
+  assert not set(modules) & set(FORBIDDEN), set(modules) & set(FORBIDDEN)
+
+  ref, thr = exported["ref"], exported["thr"]
+  z_ref = thresholds.normalise(ref["scores"], ref["cls"], thr.loc, thr.scale)
+  zmaps_ref = thresholds.normalise_maps(ref["maps"], ref["cls"], thr.loc, thr.scale)
+  for bs in (3, 8):  # one file, two batch sizes (20 images: padded last batches)
+    got = np.load(tmp / f"out_{bs}.npz")
+    assert got["scores"].shape == (20,)
+    for key in ("scores", "maps", "patch"):
+      np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(got["cls"], ref["cls"])
+    np.testing.assert_allclose(got["normalised_scores"], z_ref, rtol=1e-5, atol=1e-4)
+    near = np.abs(z_ref - thr.image_threshold) < 1e-4
+    np.testing.assert_array_equal(got["is_anomaly"][~near],
+                                  (z_ref >= thr.image_threshold)[~near])
+    near = np.abs(zmaps_ref - thr.pixel_threshold) < 1e-4
+    np.testing.assert_array_equal(got["masks"][~near],
+                                  (zmaps_ref >= thr.pixel_threshold)[~near])
