@@ -59,7 +59,8 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any):
   (step, reason) for every newer checkpoint that could not be read.
   """
   skipped = []
-  for step in sorted(mngr.all_steps(read=True), reverse=True):
+  mngr.reload()  # the steps on disk now (another process may have saved)
+  for step in sorted(mngr.all_steps(), reverse=True):
     try:
       tree, meta = restore(mngr, abstract_state, step)
       if not _finite(tree):
