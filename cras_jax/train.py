@@ -749,6 +749,11 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> R
   config: defaults to the one the run was trained with (from the checkpoint), so a
   trained workdir alone is enough to score new images.
   """
+  classes_dir = os.path.join(workdir, "classes")
+  if os.path.isdir(classes_dir) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(
+        f"{workdir} holds one model per class (setting=single_class): pass one of them, "
+        f"--workdir={os.path.join(classes_dir, '<class>')} ({', '.join(sorted(os.listdir(classes_dir)))})")
   mngr = checkpoint.manager(workdir)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint to evaluate; train first "

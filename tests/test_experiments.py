@@ -145,3 +145,7 @@ def test_single_class_setting_trains_one_model_per_class_into_one_table(tiny_run
   ev = json.load(open(work / "results" / "metrics_eval.json"))
   for cls in ("chip", "gear"):
     assert ev["metrics"][cls]["i_auroc"] == pytest.approx(final["metrics"][cls]["i_auroc"])
+  # Scoring tools need one of the per-class models and say so.
+  with pytest.raises(FileNotFoundError, match="one model per class"):
+    train.load_run(str(work))
+  assert train.load_run(str(work / "classes" / "gear")).class_names == ["gear"]
