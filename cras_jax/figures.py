@@ -37,19 +37,22 @@ ROWS = ("image", "ground truth", "anomaly map")
 
 # ----------------------------------------------------------------------------- features
 
-def make_sample_step(pieces, project: bool):
-  """(state, images uint8, projection [D, d]) -> L2-normalised flattened u [B, HW*d]."""
+def make_sample_step(pieces, projection=None):
+  """The predict step plus "sample": the L2-normalised flattened u [B, HW*d] (after the
+  [D, d] `projection` when given), from the same backbone pass."""
   import jax
   import jax.numpy as jnp
   from cras_jax import model
 
-  def step(state, images, projection):
-    u = model.adapt(state.params, pieces.features(state.backbone, images), pieces.heads)
-    u = u.astype(jnp.float32)
-    if project:
+  def step(state, images):
+    t = pieces.features(state.backbone, images)
+    out = model.score_features(state.params, state.batch_stats, t, state.centres, pieces.grid,
+                               (pieces.image_size, pieces.image_size), pieces.heads)
+    u = model.adapt(state.params, t, pieces.heads).astype(jnp.float32)
+    if projection is not None:
       u = jnp.einsum("bnd,de->bne", u, projection, precision=jax.lax.Precision.HIGHEST)
     v = u.reshape(u.shape[0], -1)
-    return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)
+    return {**out, "sample": v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-8)}
 
   return step
 
@@ -63,24 +66,15 @@ def projection_matrix(num_images: int, num_patches: int, dim: int, max_values: i
   return (rng.standard_normal((dim, d)) / math.sqrt(d)).astype(np.float32)
 
 
-def sample_features(run, source, batch_size: int, projection=None) -> np.ndarray:
-  """Normalised sample-level features of every example of `source` -> [N, HW*d] float32,
-  batched and padded like `train.predict_dataset`."""
-  import jax
-  from cras_jax import data as data_lib
-  devices = run.devices
-  step = jax.jit(make_sample_step(run.pieces, projection is not None),
-                 in_shardings=(devices.replicated, devices.batch, devices.replicated),
-                 out_shardings=devices.batch)
-  proj = devices.put_replicated(np.zeros((), np.float32) if projection is None else projection)
-  n, out = len(source), []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
-    batch = data_lib.padded_batch(source, idx, batch_size, devices.count)
-    local = batch["image"][devices.local_slice(len(batch["image"]))]
-    v = step(run.state, devices.put_batch({"image": local})["image"], proj)
-    out.append(devices.gather(v)[:len(idx)])
-  return np.concatenate(out).astype(np.float32)
+def score_with_features(run, source, batch_size: int, projection=None) -> dict:
+  """`train.predict_dataset` of `source` with the normalised sample-level features of every
+  example in "sample" [N, HW*d] float32 (one pass over the split)."""
+  from cras_jax import train
+  step = run.devices.jit_predict(make_sample_step(run.pieces, projection))
+  res = train.predict_dataset(run.state, run.pieces, run.devices, source, batch_size, step,
+                              extra_outputs=("sample",))
+  res["sample"] = res["sample"].astype(np.float32)
+  return res
 
 
 def centre_features(centres, projection=None) -> np.ndarray:
@@ -270,7 +264,6 @@ def make_figures(workdir: str, classes=None, per_class: int = 2, output_dir: str
                  max_values: int = 2 ** 28) -> dict:
   """Scores the test split of a trained run and writes both figures and tsne.json."""
   import jax
-  from cras_jax import train
   from cras_jax.robustness import load_run_and_test_data, protocol
   run, dataset = load_run_and_test_data(workdir, data_root)
   names = list(dataset.class_names)
@@ -279,11 +272,10 @@ def make_figures(workdir: str, classes=None, per_class: int = 2, output_dir: str
   if unknown:
     raise ValueError(f"unknown classes {unknown}; the run's classes: {names}")
   bs = batch_size or run.config.eval.batch_size
-  predict_step = run.devices.jit_predict(train.make_predict_step(run.pieces))
-  res = train.predict_dataset(run.state, run.pieces, run.devices, dataset.test, bs, predict_step)
   k, hw, d = run.state.centres.shape
   proj = projection_matrix(len(dataset.test), hw, d, max_values, seed)
-  feats = sample_features(run, dataset.test, bs, proj)
+  res = score_with_features(run, dataset.test, bs, proj)
+  feats = res.pop("sample")
   cfeats = centre_features(jax.device_get(run.state.centres), proj)
   # Global matching recomputed from the plotted vectors (equals `cls` for per-image matching
   # without projection: a check that the picture shows what the model compared).

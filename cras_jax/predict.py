@@ -166,11 +166,8 @@ def calibrate(state, config, class_names, devices, dataset, workdir: str, res=No
 
 def calibrate_run(run, workdir: str) -> dict:
   """`--calibrate`: thresholds for an existing trained workdir (loads its test split)."""
-  from cras_jax import data as data_lib
-  dataset = data_lib.load_for_config(run.config, workdir)
-  if list(dataset.class_names) != run.class_names:
-    raise ValueError(f"checkpoint classes {run.class_names} differ from the data's "
-                     f"{list(dataset.class_names)}")
+  from cras_jax import train
+  dataset = train.load_run_dataset(run, workdir)
   return calibrate(run.state, run.config, run.class_names, run.devices, dataset, workdir)
 
 
@@ -217,14 +214,14 @@ def _fmt(v):
 def predict_paths(run, thr: "thr_lib.Thresholds", inputs: Sequence[str], output_dir: str,
                   batch_size: int = 0, write_masks: bool = True, write_overlays: bool = True,
                   save_maps: bool = False, save_crops: str | None = None,
-                  workers: int | None = None, progress: bool = True) -> dict:
+                  workers: int | None = None, progress: bool = True, found=None) -> dict:
   """Scores images and folders with a loaded run; writes the outputs; returns a summary
-  (rows in input order, errors, timings)."""
+  (rows in input order, errors, timings). found: `find_images(inputs)` when already known."""
   from cras_jax import report
   cfg = run.config
   batch_size = batch_size or cfg.eval.batch_size
   workers = workers or min(8, os.cpu_count() or 1)
-  items, missing = find_images(inputs)
+  items, missing = find_images(inputs) if found is None else found
   paths = [p for p, _ in items]
   names = [n for _, n in items]
   stems = output_stems(names)
@@ -394,8 +391,9 @@ def main(argv):
   if not inputs and not FLAGS.calibrate:
     from absl import app
     raise app.UsageError("give the images or folders to score (or --calibrate)")
-  if inputs and not find_images(inputs)[0]:
-    for p, e in find_images(inputs)[1]:
+  found = find_images(inputs)
+  if inputs and not found[0]:
+    for p, e in found[1]:
       print(f"error: {e}", file=sys.stderr)
     print("nothing to score: no image files found in "
           + ", ".join(inputs), file=sys.stderr, flush=True)
@@ -409,7 +407,7 @@ def main(argv):
   out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
   summary = predict_paths(run, thr, inputs, out_dir, FLAGS.batch_size, FLAGS.masks,
                           FLAGS.overlays, FLAGS.save_maps, FLAGS.save_crops,
-                          FLAGS.workers or None)
+                          FLAGS.workers or None, found=found)
   return 0 if summary["scored"] else 1
 
 

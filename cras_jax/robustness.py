@@ -267,17 +267,9 @@ class PerturbedSource:
 def load_run_and_test_data(workdir: str, data_root: str | None = None):
   """A trained run and its dataset (the data root and cache the run used, unless
   `data_root` is given)."""
-  from cras_jax import data as data_lib, train
+  from cras_jax import train
   run = train.load_run(workdir)
-  config = run.config
-  if data_root:
-    config = config.copy_and_resolve_references()
-    config.data.root = data_root
-  dataset = data_lib.load_for_config(config, workdir)
-  if run.class_names != list(dataset.class_names):
-    raise ValueError(f"checkpoint classes {run.class_names} differ from the data's "
-                     f"{list(dataset.class_names)}")
-  return run, dataset
+  return run, train.load_run_dataset(run, workdir, data_root)
 
 
 def protocol(run, dataset) -> dict:

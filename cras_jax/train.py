@@ -452,12 +452,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   SIGINT/SIGTERM stop training after the current step with a checkpoint (exit
   status 128 + signal); rerunning the same command resumes exactly.
   """
+  check_setting(config)
+  check_protocol(config)  # before any data is prepared or trained on
   os.makedirs(workdir, exist_ok=True)
   if config.setting == "single_class":
     with WorkdirLock(workdir):
       return _single_class(config, workdir, lambda c, w: train_and_evaluate(
           c, w, allow_config_change), "final")
-  check_setting(config)
   with WorkdirLock(workdir), StopRequest() as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)
 
@@ -555,7 +556,7 @@ def _train_and_evaluate(config, workdir: str, stop: "StopRequest",
   train_step = devices.jit_train(make_train_step(pieces))
   predict_step = devices.jit_predict(make_predict_step(pieces))
   ckpt_every = config.train.checkpoint_every_steps
-  protocol = check_protocol(config)
+  protocol = config.eval.protocol
   eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
 
   def batches(start):
@@ -616,12 +617,10 @@ PROTOCOLS = ("final", "best_epoch")
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
 
 
-def check_protocol(config) -> str:
-  protocol = config.eval.protocol
-  if protocol not in PROTOCOLS:
-    raise ValueError(f"config.eval.protocol={protocol!r}: choose 'final' (the last epoch) or "
-                     f"'best_epoch' (the reference code's selection on the test set)")
-  return protocol
+def check_protocol(config) -> None:
+  if config.eval.protocol not in PROTOCOLS:
+    raise ValueError(f"config.eval.protocol={config.eval.protocol!r}: choose 'final' (the last "
+                     f"epoch) or 'best_epoch' (the reference code's selection on the test set)")
 
 
 def report_best_epoch(workdir: str) -> dict:
@@ -665,10 +664,13 @@ def check_finite(window, done: int) -> None:
           f"checkpoint (before that step) is kept. Lower the learning rates or check the data.")
 
 
-def predict_dataset(state, pieces, devices, source, batch_size, predict_step):
-  """Scores a whole split -> dict of numpy arrays (scores, maps, cls, labels...)."""
+def predict_dataset(state, pieces, devices, source, batch_size, predict_step,
+                    extra_outputs: tuple[str, ...] = ()):
+  """Scores a whole split -> dict of numpy arrays (scores, maps, cls, labels...).
+
+  extra_outputs: further keys of predict_step's result to gather (e.g. features)."""
   n = len(source)
-  outs = {k: [] for k in ("scores", "maps", "cls")}
+  outs = {k: [] for k in ("scores", "maps", "cls", *extra_outputs)}
   meta = {k: [] for k in ("label", "is_anomaly", "mask", "image")}
   names = []
   bar = report.progress(total=n, desc="score", unit="img")
@@ -771,13 +773,24 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> R
   return Run(config, pieces, devices, state, meta)
 
 
+def load_run_dataset(run: Run, workdir: str, data_root: str | None = None):
+  """The dataset of a loaded run (its config's data, or `data_root` instead of the
+  recorded root), checked to hold the classes the run was trained on."""
+  config = run.config
+  if data_root:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.root = data_root
+  dataset = data_lib.load_for_config(config, workdir)
+  if run.class_names != list(dataset.class_names):
+    raise ValueError(f"checkpoint classes {run.class_names} differ from the data's "
+                     f"{list(dataset.class_names)}")
+  return dataset
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training."""
   if config.setting == "single_class":
     return _single_class(config, workdir, evaluate_checkpoint, "eval")
   run = load_run(workdir, config)
-  dataset = data_lib.load_for_config(config, workdir)
-  if run.class_names != list(dataset.class_names):
-    raise ValueError(f"checkpoint classes {run.class_names} differ from the data's "
-                     f"{list(dataset.class_names)}")
+  dataset = load_run_dataset(run, workdir)
   return evaluate(run.state, run.pieces, run.devices, dataset, config, workdir, tag="eval")
