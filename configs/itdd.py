@@ -1,4 +1,5 @@
 """ITDD (4 classes of industrial textiles), multi-class."""
+
 from configs import mvtec
 
 ITDD_CLASSES = ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric")

@@ -1,8 +1,15 @@
 """MPDD (6 classes of metal parts), multi-class."""
+
 from configs import mvtec
 
-MPDD_CLASSES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate",
-                "tubes")
+MPDD_CLASSES = (
+    "bracket_black",
+    "bracket_brown",
+    "bracket_white",
+    "connector",
+    "metal_plate",
+    "tubes",
+)
 
 
 def get_config():

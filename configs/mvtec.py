@@ -1,13 +1,28 @@
-"""MVTec AD, multi-class, with the paper's defaults (SPEC section 11).
+"""MVTec AD, multi-class, with the paper's defaults (docs/method.md §11).
 
 python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec \
     --config.data.root=<MVTec AD directory> --config.model.weights=<wide_resnet50_2 weights>
 """
+
 import ml_collections
 
-MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-                 "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
-                 "zipper")
+MVTEC_CLASSES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,33 +35,34 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mvtec"
-  config.data.root = ""            # required: the dataset directory (MVTec layout)
+  config.data.root = ""  # required: the dataset directory (MVTec layout)
   config.data.classes = MVTEC_CLASSES
-  config.data.cache_dir = ""       # prepared TFDS data; default <workdir>/data_cache
+  config.data.cache_dir = ""  # prepared TFDS data; default <workdir>/data_cache
   # True: defective test images without masks are allowed; pixel metrics then
   # cover only the images that have masks.
   config.data.allow_image_level_only = False
   config.data.resize = 329
   config.data.crop = 288
-  config.data.synthetic = ml_collections.ConfigDict(dict(
-      seed=0, image_size=160, n_train=40, n_test_good=12, n_test_defect_per_type=6))
+  config.data.synthetic = ml_collections.ConfigDict(
+      dict(seed=0, image_size=160, n_train=40, n_test_good=12, n_test_defect_per_type=6)
+  )
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "wide_resnet50_2"
-  config.model.weights = ""        # converted/torchvision weights file; "random" by name only
+  config.model.weights = ""  # converted/torchvision weights file; "random" by name only
   config.model.levels = (2, 3)
   config.model.patch_size = 3
   config.model.pre_embed_dim = 1536
   config.model.embed_dim = 1536
   config.model.adapter_layers = 1
   config.model.disc_layers = 3
-  config.model.centre = "mean"     # MCMC class means; "single": one training image (w/o MCMC)
+  config.model.centre = "mean"  # MCMC class means; "single": one training image (w/o MCMC)
   config.model.noise_sigma = 0.015
   config.model.noise_relative = False  # True: sigma is a multiple of the adapted-feature std
   config.model.dafs_beta = 0.3
   config.model.dafs_variant = "default"  # "none": alpha = 1 (w/o DAFS); Table 6 variants
   config.model.crd_input = "raw_residual"  # "raw": w/o CRD; Table 6 combinations
-  config.model.hpi = True         # False: same-position centre vector (w/o HPI)
+  config.model.hpi = True  # False: same-position centre vector (w/o HPI)
   config.model.matching = "per_image"  # or "batch" (the reference's batch-mode)
   config.model.score_mode = "reference"  # max of raw patch scores; "paper": max of the map
   config.model.map_sigma = 4.0
@@ -59,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.wd_adapter = 0.01
   config.train.lr_disc = 2e-4
   config.train.wd_disc = 1e-5
-  config.train.eval_every = 0      # evaluate every N epochs (0: only at the end)
+  config.train.eval_every = 0  # evaluate every N epochs (0: only at the end)
   config.train.checkpoint_every_steps = 0  # 0: at each epoch end only
   config.train.keep_checkpoints = 3
   config.train.log_every = 20

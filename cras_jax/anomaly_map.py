@@ -1,10 +1,11 @@
-"""Anomaly maps and image scores (SPEC section 9), computed on the device.
+"""Anomaly maps and image scores (docs/method.md §9), computed on the device.
 
 The map is bilinear upsampling (half-pixel centres, PyTorch align_corners=False)
 followed by SciPy's `gaussian_filter(sigma, mode='reflect', truncate=4)`. Both
 are linear and separable, so each axis is one small matrix built here in NumPy
 and the whole map is two matrix products: map = Ry @ s @ Rx^T.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,16 +57,19 @@ def map_operator(out_size: int, in_size: int, sigma: float) -> np.ndarray:
   return m.astype(np.float32)
 
 
-def anomaly_map(patch_scores: jax.Array, out_size: tuple[int, int], sigma: float = 4.0) -> jax.Array:
+def anomaly_map(
+    patch_scores: jax.Array, out_size: tuple[int, int], sigma: float = 4.0
+) -> jax.Array:
   """[B, h, w] patch scores -> [B, H, W] smoothed map at image resolution."""
   _, h, w = patch_scores.shape
   ry = jnp.asarray(map_operator(out_size[0], h, sigma))
   rx = jnp.asarray(map_operator(out_size[1], w, sigma))
-  return jnp.einsum("yh,bhw,xw->byx", ry, patch_scores, rx,
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("yh,bhw,xw->byx", ry, patch_scores, rx, precision=jax.lax.Precision.HIGHEST)
 
 
-def image_score(patch_scores: jax.Array, smoothed_map: jax.Array, mode: str = "reference") -> jax.Array:
+def image_score(
+    patch_scores: jax.Array, smoothed_map: jax.Array, mode: str = "reference"
+) -> jax.Array:
   """Image score: max of raw patch scores ("reference") or of the map ("paper", Eq. 10)."""
   if mode == "reference":
     return patch_scores.reshape(patch_scores.shape[0], -1).max(-1)

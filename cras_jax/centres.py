@@ -1,8 +1,9 @@
-"""MCMC centres (SPEC section 4): per-class means of the adapted features.
+"""MCMC centres (docs/method.md §4): per-class means of the adapted features.
 
 Computed once before training with the frozen backbone and the freshly
 initialised adapter, by streaming sums so any number of images fits.
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,10 @@ def centre_weights(labels: np.ndarray, mode: str = "mean") -> np.ndarray:
 
 
 def init_sums(num_classes: int, num_patches: int, dim: int):
-  return (jnp.zeros((num_classes, num_patches, dim), jnp.float32),
-          jnp.zeros((num_classes,), jnp.float32))
+  return (
+      jnp.zeros((num_classes, num_patches, dim), jnp.float32),
+      jnp.zeros((num_classes,), jnp.float32),
+  )
 
 
 def accumulate(sums, counts, u: jax.Array, labels: jax.Array, weights: jax.Array | None = None):

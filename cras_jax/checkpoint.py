@@ -4,6 +4,7 @@ Each checkpoint step holds two items: `state` (params, batch_stats, opt_state,
 centres, noise_std, step, rng: everything but the frozen backbone, which is
 rebuilt from its weights source) and `meta` (class names, config, versions).
 """
+
 from __future__ import annotations
 
 import os
@@ -11,22 +12,34 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   # Saves are synchronous and atomic (written to a temporary directory, then
   # renamed); temporary directories of an interrupted save are removed on start.
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=False,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options, item_names=("state", "meta"))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=options,
+      item_names=("state", "meta"),
+  )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state_tree: Any, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
+  mngr.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)
+      ),
+      force=True,
+  )
   mngr.wait_until_finished()
 
 
@@ -41,15 +54,21 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
   """Restores (state_tree, meta) of `step` (default latest) onto abstract_state's shardings."""
   step = mngr.latest_step() if step is None else step
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   meta=ocp.args.JsonRestore()))
+  out = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+  )
   return out["state"], out["meta"]
 
 
 def _finite(tree) -> bool:
-  import numpy as np
-  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.floating))
+  return all(
+      np.isfinite(np.asarray(x)).all()
+      for x in jax.tree.leaves(tree)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+  )
 
 
 def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any):
@@ -69,12 +88,16 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any):
         quarantine = os.path.join(os.path.dirname(str(mngr.directory)), "corrupted_checkpoints")
         os.makedirs(quarantine, exist_ok=True)
         for bad, _ in skipped:
-          os.replace(os.path.join(str(mngr.directory), str(bad)),
-                     os.path.join(quarantine, f"{bad}-{int(time.time())}"))
+          os.replace(
+              os.path.join(str(mngr.directory), str(bad)),
+              os.path.join(quarantine, f"{bad}-{int(time.time())}"),
+          )
         mngr.reload()
       return tree, meta, step, skipped
     except Exception as e:  # a truncated/corrupted step: try the previous one
       skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
   steps = ", ".join(f"{s} ({r})" for s, r in skipped)
-  raise RuntimeError(f"{mngr.directory}: no readable checkpoint; tried {steps}. "
-                     f"Remove the directory to start afresh.")
+  raise RuntimeError(
+      f"{mngr.directory}: no readable checkpoint; tried {steps}. "
+      f"Remove the directory to start afresh."
+  )

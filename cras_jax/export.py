@@ -1,7 +1,7 @@
 """A portable export of the whole scoring function: one .npz file, run with jax and numpy only.
 
     python -m cras_jax.export --workdir=<trained run> --output=model.npz
-    python tools/run_exported.py model.npz crops.npy
+    python -m tools.run_exported model.npz crops.npy
 
 The function `score(weights, images, image_threshold, pixel_threshold)` (backbone, adapter,
 matching, discriminator, anomaly map, per-class normalisation and the two decisions) is
@@ -15,7 +15,7 @@ serialised with `jax.export` for a symbolic batch size `b`:
                      (meta["input"])
   image_threshold,   float32 scalars (normalised units): the run's thresholds.json values are
   pixel_threshold    in meta["thresholds"]; any other value may be passed
-  -> dict(scores [b], maps [b, crop, crop], patch [b, h, w], cls [b]   (= train.predict_step),
+  -> dict(scores [b], maps [b, crop, crop], patch [b, h, w], cls [b]   (= the predict step),
           normalised_scores [b], is_anomaly [b] uint8, masks [b, crop, crop] uint8)
 
 File (numpy .npz, no pickles): "exported" (the serialised function, uint8 bytes), "meta" (UTF-8
@@ -24,6 +24,7 @@ weights. Weights the function never reads (e.g. backbone stages past the last fe
 are left out; the function takes exactly the stored ones. The module is lowered for
 `--platforms` (default cpu and cuda); it runs on a jax of the same or a newer version.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from jax import export as jax_export
+
+import cras_jax
+from cras_jax import runs, scoring
 
 FORMAT = "cras_jax.exported_scoring"
 FORMAT_VERSION = 1
@@ -50,70 +55,74 @@ OUTPUTS = {
 }
 
 
-def _state_from(w: dict):
-  from cras_jax import train
-  return train.TrainState(step=None, params=w["params"], batch_stats=w["batch_stats"],
-                          opt_state=None, centres=w["centres"], noise_std=None, rng=None,
-                          backbone=w["backbone"])
-
-
-def make_score_fn(pieces, treedef, keep=None, shapes=None):
+def make_score_fn(predict_step, treedef, keep=None, shapes=None):
   """score(weights: list, images, image_threshold, pixel_threshold) -> dict (module doc).
 
+  predict_step: a scorer's (unjitted) step, (scoring variables, images) -> dict.
   keep: the indices of the leaves passed in `weights` (others are unused by the function and
   replaced by zeros of `shapes`)."""
-  from cras_jax import train
-  predict_step = train.make_predict_step(pieces)
 
   def score(weights, images, image_threshold, pixel_threshold):
     if keep is None:
       leaves = list(weights)
     else:
       given = dict(zip(keep, weights))
-      leaves = [given[i] if i in given else jnp.zeros(s.shape, s.dtype)
-                for i, s in enumerate(shapes)]
+      leaves = [
+          given[i] if i in given else jnp.zeros(s.shape, s.dtype) for i, s in enumerate(shapes)
+      ]
     w = jax.tree.unflatten(treedef, leaves)
-    out = predict_step(_state_from(w), images)
+    out = predict_step(w["svars"], images)
     loc, scale = w["loc"][out["cls"]], w["scale"][out["cls"]]
     z = (out["scores"] - loc) / scale
     zmaps = (out["maps"] - loc[:, None, None]) / scale[:, None, None]
-    return {**out, "normalised_scores": z,
-            "is_anomaly": (z >= image_threshold).astype(jnp.uint8),
-            "masks": (zmaps >= pixel_threshold).astype(jnp.uint8)}
+    return {
+        **out,
+        "normalised_scores": z,
+        "is_anomaly": (z >= image_threshold).astype(jnp.uint8),
+        "masks": (zmaps >= pixel_threshold).astype(jnp.uint8),
+    }
 
   return score
 
 
 def used_weights(fn, leaf_shapes, crop: int) -> list[int]:
   """Indices of the weights that `fn`'s traced program reads."""
-  closed = jax.make_jaxpr(fn)([jax.ShapeDtypeStruct(s.shape, s.dtype) for s in leaf_shapes],
-                              jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.uint8),
-                              jnp.float32(0), jnp.float32(0))
+  closed = jax.make_jaxpr(fn)(
+      [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in leaf_shapes],
+      jax.ShapeDtypeStruct((1, crop, crop, 3), jnp.uint8),
+      jnp.float32(0),
+      jnp.float32(0),
+  )
   read = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars}
   read |= {id(v) for v in closed.jaxpr.outvars}
-  return [i for i, v in enumerate(closed.jaxpr.invars[:len(leaf_shapes)]) if id(v) in read]
+  return [i for i, v in enumerate(closed.jaxpr.invars[: len(leaf_shapes)]) if id(v) in read]
 
 
 def _export(fn, leaf_shapes, crop: int, platforms):
-  b, = jax_export.symbolic_shape("b", constraints=("b >= 1",))
-  args = ([jax.ShapeDtypeStruct(s.shape, s.dtype) for s in leaf_shapes],
-          jax.ShapeDtypeStruct((b, crop, crop, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
+  (b,) = jax_export.symbolic_shape("b", constraints=("b >= 1",))
+  args = (
+      [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in leaf_shapes],
+      jax.ShapeDtypeStruct((b, crop, crop, 3), jnp.uint8),
+      jax.ShapeDtypeStruct((), jnp.float32),
+      jax.ShapeDtypeStruct((), jnp.float32),
+  )
   return jax_export.export(jax.jit(fn), platforms=platforms)(*args)
 
 
-def export_run(run, thr, output: str, platforms=("cpu", "cuda")) -> dict:
-  """Exports a loaded run (`train.load_run`) with thresholds `thr` (`thresholds.Thresholds`)
+def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> dict:
+  """Exports a loaded run (`runs.load_run`) with thresholds `thr` (`thresholds.Thresholds`)
   to `output` (.npz). Returns the meta."""
-  import cras_jax
-  from cras_jax import predict as predict_lib, train
   t0 = time.time()
-  cfg = predict_lib.per_image_config(run.config)
-  pieces = train.Pieces(cfg, len(run.class_names))
-  state = jax.device_get(run.state)
-  tree = {"backbone": state.backbone, "params": state.params, "batch_stats": state.batch_stats,
-          "centres": state.centres, "loc": np.asarray(thr.loc, np.float32),
-          "scale": np.asarray(thr.scale, np.float32)}
+  scorer = scoring.Scorer.for_run(run, per_image=True)
+  cfg = scorer.spec.config
+  # The scorer's variables (folded BatchNorm, per-centre terms), prepared once, are stored;
+  # the exported function is its predict step on them.
+  svars = jax.device_get(scorer.svars)
+  tree = {
+      "svars": svars,
+      "loc": np.asarray(thr.loc, np.float32),
+      "scale": np.asarray(thr.scale, np.float32),
+  }
   leaves, treedef = jax.tree.flatten(tree)
   leaves = [np.asarray(x) for x in leaves]
   for x in leaves:
@@ -124,45 +133,69 @@ def export_run(run, thr, output: str, platforms=("cpu", "cuda")) -> dict:
   platforms = tuple(platforms)
   # Only the weights the function reads are stored and passed (a shape-polymorphic export
   # keeps every argument, used or not: e.g. the backbone's classifier head).
-  keep = used_weights(make_score_fn(pieces, treedef), shapes, crop)
-  exp = _export(make_score_fn(pieces, treedef, keep, shapes), [shapes[i] for i in keep], crop,
-                platforms)
+  keep = used_weights(make_score_fn(scorer.step_fn, treedef), shapes, crop)
+  exp = _export(
+      make_score_fn(scorer.step_fn, treedef, keep, shapes),
+      [shapes[i] for i in keep],
+      crop,
+      platforms,
+  )
   blob = exp.serialize()
   kept = [leaves[i] for i in keep]
   meta = {
-      "format": FORMAT, "format_version": FORMAT_VERSION,
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
       "function": "score(weights, images, image_threshold, pixel_threshold) -> dict",
       "class_names": run.class_names,
-      "input": {"shape": ["b", crop, crop, 3], "dtype": "uint8", "colour": "RGB",
-                "resize": int(cfg.data.resize), "crop": crop,
-                "preprocessing": "8-bit RGB (grey replicated, alpha dropped); shorter side "
-                                 "resized to `resize` (the other int(resize * long / short)) "
-                                 "with PIL bilinear; centre crop crop x crop (torchvision "
-                                 "Resize + CenterCrop); cras_jax.data.preprocess.load_example"},
+      "input": {
+          "shape": ["b", crop, crop, 3],
+          "dtype": "uint8",
+          "colour": "RGB",
+          "resize": int(cfg.data.resize),
+          "crop": crop,
+          "preprocessing": "8-bit RGB (grey replicated, alpha dropped); shorter side "
+          "resized to `resize` (the other int(resize * long / short)) "
+          "with PIL bilinear; centre crop crop x crop (torchvision "
+          "Resize + CenterCrop); cras_jax.data.preprocess.load_example",
+      },
       "outputs": OUTPUTS,
-      "thresholds": {"image": _finite(thr.image_threshold), "pixel": _finite(thr.pixel_threshold),
-                     "source": thr.source,
-                     "decision": "anomalous where normalised value >= threshold"},
-      "normalisation": {"loc": np.asarray(thr.loc).tolist(), "scale": np.asarray(thr.scale).tolist(),
-                        "definition": "z = (s - loc[c]) / scale[c], c = matched class"},
-      "num_weights": len(kept), "weights_bytes": int(sum(x.nbytes for x in kept)),
+      "thresholds": {
+          "image": _finite(thr.image_threshold),
+          "pixel": _finite(thr.pixel_threshold),
+          "source": thr.source,
+          "decision": "anomalous where normalised value >= threshold",
+      },
+      "normalisation": {
+          "loc": np.asarray(thr.loc).tolist(),
+          "scale": np.asarray(thr.scale).tolist(),
+          "definition": "z = (s - loc[c]) / scale[c], c = matched class",
+      },
+      "num_weights": len(kept),
+      "weights_bytes": int(sum(x.nbytes for x in kept)),
       "weights_dropped_unused": len(leaves) - len(kept),
-      "platforms": list(platforms), "step": int(state.step),
-      "score_mode": cfg.model.score_mode, "backbone": cfg.model.backbone,
+      "platforms": list(platforms),
+      "step": int(run.state.step),
+      "score_mode": cfg.model.score_mode,
+      "backbone": cfg.model.backbone,
       "versions": {"cras_jax": cras_jax.__version__, "jax": jax.__version__},
   }
-  arrays = {"exported": np.frombuffer(bytes(blob), np.uint8),
-            "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)}
+  arrays = {
+      "exported": np.frombuffer(bytes(blob), np.uint8),
+      "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
+  }
   arrays.update({f"w{i:06d}": x for i, x in enumerate(kept)})
   os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
   tmp = output + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, output)
   size = os.path.getsize(output)
-  print(f"exported {len(kept)} weight arrays ({meta['weights_bytes'] / 2**20:.1f} MiB; "
-        f"{meta['weights_dropped_unused']} unused left out) and the scoring function "
-        f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}, batch size symbolic) "
-        f"to {output}: {size / 2**20:.2f} MiB in {time.time() - t0:.1f}s", flush=True)
+  print(
+      f"exported {len(kept)} weight arrays ({meta['weights_bytes'] / 2**20:.1f} MiB; "
+      f"{meta['weights_dropped_unused']} unused left out) and the scoring function "
+      f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}, batch size symbolic) "
+      f"to {output}: {size / 2**20:.2f} MiB in {time.time() - t0:.1f}s",
+      flush=True,
+  )
   return meta
 
 
@@ -172,39 +205,51 @@ def _finite(x):
 
 # ----------------------------------------------------------------------------- command line
 
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "A trained run's directory.")
-  flags.DEFINE_string("output", None, "The .npz file to write (default <workdir>/exported.npz).")
-  flags.DEFINE_list("platforms", ["cpu", "cuda"], "Platforms to lower for (cpu, cuda, rocm, tpu).")
-  flags.DEFINE_float("image_threshold", None, "Store this image threshold instead of the "
-                     "run's (normalised units).")
-  flags.DEFINE_float("pixel_threshold", None, "Store this pixel threshold instead of the run's.")
-  flags.mark_flag_as_required("workdir")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags (defined when it runs as a command)."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
+  flags.DEFINE_string(
+      "output", None, "The .npz file to write (default <workdir>/exported.npz).", flag_values=fv
+  )
+  flags.DEFINE_list(
+      "platforms",
+      ["cpu", "cuda"],
+      "Platforms to lower for (cpu, cuda, rocm, " "tpu).",
+      flag_values=fv,
+  )
+  flags.DEFINE_float(
+      "image_threshold",
+      None,
+      "Store this image threshold instead of the " "run's (normalised units).",
+      flag_values=fv,
+  )
+  flags.DEFINE_float(
+      "pixel_threshold", None, "Store this pixel threshold instead of the run's.", flag_values=fv
+  )
+  flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
-def main(argv):
-  from absl import app, flags, logging
-  from cras_jax import predict as predict_lib, train
-  FLAGS = flags.FLAGS
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  fv = flag_values
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
+  if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  run = train.load_run(FLAGS.workdir)
-  thr = predict_lib.load_thresholds(run, FLAGS.workdir, FLAGS.image_threshold,
-                                    FLAGS.pixel_threshold)
+  run = runs.load_run(fv.workdir)
+  thr = scoring.load_thresholds(run, fv.workdir, fv.image_threshold, fv.pixel_threshold)
   if thr.source == "none":
-    print("note: the run has no thresholds.json (python -m cras_jax.predict --calibrate "
-          f"--workdir={FLAGS.workdir}): the export normalises nothing (loc 0, scale 1) and its "
-          "stored thresholds are absent; pass thresholds to the exported function.",
-          file=sys.stderr)
-  export_run(run, thr, FLAGS.output or os.path.join(FLAGS.workdir, "exported.npz"),
-             FLAGS.platforms)
+    print(
+        "note: the run has no thresholds.json (python -m cras_jax.predict --calibrate "
+        f"--workdir={fv.workdir}): the export normalises nothing (loc 0, scale 1) and its "
+        "stored thresholds are absent; pass thresholds to the exported function.",
+        file=sys.stderr,
+    )
+  export_run(run, thr, fv.output or os.path.join(fv.workdir, "exported.npz"), fv.platforms)
   return 0
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
+  define_flags()
   app.run(main)

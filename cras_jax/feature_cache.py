@@ -1,4 +1,4 @@
-"""A disk cache of the frozen backbone's aggregated patch features t (SPEC 2).
+"""A disk cache of the frozen backbone's aggregated patch features t (docs/method.md §2).
 
 The backbone is frozen and training has no augmentation, so t of every training
 image is the same in every epoch and every later run with the same data,
@@ -6,6 +6,7 @@ backbone, weights and preprocessing. It is stored once as a memory-mapped .npy
 (float16 by default) under a key hashing all of those, written to a temporary
 name and renamed when complete, so an interrupted write is never reused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,14 +15,15 @@ import os
 
 import numpy as np
 
+from cras_jax.backbones import efficientnet_lite
+
 FORMAT_VERSION = 1
 
 
 def _weights_identity(weights: str, backbone: str) -> dict:
   if weights in ("", "random"):
     if weights == "" and backbone.startswith("efficientnet"):
-      from cras_jax.backbones.efficientnet_lite import weights_path
-      path = weights_path(backbone.split("_")[-1])
+      path = efficientnet_lite.weights_path(backbone.split("_")[-1])
       st = os.stat(path)
       return {"package_file": os.path.basename(path), "size": st.st_size}
     return {"weights": weights}
@@ -36,10 +38,14 @@ def key(config, dataset) -> str:
   spec = {
       "format": FORMAT_VERSION,
       "data": dataset.builder.builder_config.name,  # layout, content fingerprint, resize, crop
-      "backbone": m.backbone, "weights": _weights_identity(m.weights, m.backbone),
+      "backbone": m.backbone,
+      "weights": _weights_identity(m.weights, m.backbone),
       "seed": config.seed if m.weights == "random" else None,
-      "levels": list(m.levels), "patch_size": m.patch_size, "pre_embed_dim": m.pre_embed_dim,
-      "embed_dim": m.embed_dim, "compute_dtype": m.dtype,
+      "levels": list(m.levels),
+      "patch_size": m.patch_size,
+      "pre_embed_dim": m.pre_embed_dim,
+      "embed_dim": m.embed_dim,
+      "compute_dtype": m.dtype,
       "storage": config.train.feature_cache_dtype,
   }
   return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -47,7 +53,8 @@ def key(config, dataset) -> str:
 
 def path(config, workdir: str, cache_key: str) -> str:
   root = config.train.feature_cache_dir or os.path.join(
-      config.data.cache_dir or os.path.join(workdir, "data_cache"), "features")
+      config.data.cache_dir or os.path.join(workdir, "data_cache"), "features"
+  )
   return os.path.join(root, f"train_{cache_key}.npy")
 
 
@@ -65,8 +72,9 @@ class Writer:
   def __init__(self, file: str, shape: tuple, dtype: str):
     os.makedirs(os.path.dirname(file), exist_ok=True)
     self.file, self.tmp = file, f"{file}.tmp-{os.getpid()}.npy"
-    self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.dtype(dtype),
-                                           shape=tuple(shape))
+    self.array = np.lib.format.open_memmap(
+        self.tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape)
+    )
 
   def commit(self) -> np.ndarray:
     self.array.flush()

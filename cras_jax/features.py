@@ -1,11 +1,12 @@
-"""Local patch aggregation and level fusion (SPEC section 2).
+"""Local patch aggregation and level fusion (docs/method.md §2).
 
 All functions are pure and work on NHWC arrays. Shapes for the paper's defaults:
 level 2 [B, 36, 36, 512] and level 3 [B, 18, 18, 1024] -> t [B, 1296, 1536].
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ def unfold3x3(x: jax.Array, patch_size: int = 3) -> jax.Array:
   pad = (k - 1) // 2
   b, h, w, c = x.shape
   xp = jnp.pad(x, ((0, 0), (pad, k - 1 - pad), (pad, k - 1 - pad), (0, 0)))
-  taps = [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)]
+  taps = [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
   out = jnp.stack(taps, axis=-1)  # [B, H, W, C, k*k]
   return out.reshape(b, h, w, c * k * k)
 
@@ -68,11 +69,47 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   return jax.image.resize(x, (b, size[0], size[1], c), method="linear", antialias=False)
 
 
-def aggregate_patches(levels: Sequence[jax.Array], pre_embed_dim: int, embed_dim: int,
-                      patch_size: int = 3) -> jax.Array:
+def adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
+  """[length, out] float64 matrix of `F.adaptive_avg_pool1d` (x @ M pools the last axis)."""
+  start, end = adaptive_pool_windows(length, out)
+  m = np.zeros((length, out), np.float64)
+  for j in range(out):
+    m[start[j] : end[j], j] = 1.0 / (end[j] - start[j])
+  return m
+
+
+def _is_reshape_mean(length: int, out: int) -> bool:
+  return length == out or length % out == 0
+
+
+def level_projections(
+    channels: Sequence[int], pre_embed_dim: int, embed_dim: int, patch_size: int = 3
+) -> list[tuple[np.ndarray, int, int]]:
+  """Per level, the one linear map from its unfolded patch vector to its share of t.
+
+  Patch aggregation is linear in each level's unfolded features: the level's pooling
+  (C k k -> pre_embed_dim) followed by the rows of the final pooling (n_levels * pre ->
+  embed_dim) that read that level's block. Their product M_l [C k k, D] is nonzero only
+  in a contiguous range of output columns [c0, c1) (the final windows that touch the
+  block). Returns [(M_l[:, c0:c1] as float32, c0, c1)], products taken in float64.
+  """
+  final = adaptive_pool_matrix(len(channels) * pre_embed_dim, embed_dim)
+  out = []
+  for i, c in enumerate(channels):
+    m = adaptive_pool_matrix(c * patch_size * patch_size, pre_embed_dim)
+    m = m @ final[i * pre_embed_dim : (i + 1) * pre_embed_dim]
+    cols = np.flatnonzero(np.abs(m).sum(0) > 0)
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    out.append((m[:, c0:c1].astype(np.float32), c0, c1))
+  return out
+
+
+def aggregate_patches(
+    levels: Sequence[jax.Array], pre_embed_dim: int, embed_dim: int, patch_size: int = 3
+) -> jax.Array:
   """Fuses backbone levels into patch features t [B, H0 * W0, embed_dim].
 
-  levels: NHWC maps, the first one sets the grid (SPEC: level 2, stride 8).
+  levels: NHWC maps, the first one sets the grid (docs/method.md §2: level 2, stride 8).
   Per level: unfold k x k, upsample to the first level's grid, pool C*k*k to
   `pre_embed_dim`; stack level-major and pool again to `embed_dim`.
 
@@ -80,17 +117,40 @@ def aggregate_patches(levels: Sequence[jax.Array], pre_embed_dim: int, embed_dim
   different axes (space vs. feature vector), so pooling first is the same map
   and far cheaper (level 3 is upsampled at pre_embed_dim instead of C*k*k
   channels); tests check it against the reference order.
+
+  When every pooling is a plain mean of equal consecutive groups (e.g. WideResNet50:
+  4608 -> 1536 -> ...), the poolings are reshape-means. Otherwise (uneven windows, or
+  pre_embed_dim above C k k as for EfficientNet-Lite levels), a pooling would be a gather,
+  which XLA runs slowly on CPUs: each level's two poolings are then one small matrix
+  product (`level_projections`), applied before upsampling, and the levels' shares add up.
   """
   grid = levels[0].shape[1:3]
-  pooled = []
-  for feat in levels:
+  b = levels[0].shape[0]
+  k2 = patch_size * patch_size
+  n = len(levels)
+  plain = all(
+      _is_reshape_mean(f.shape[-1] * k2, pre_embed_dim) for f in levels
+  ) and _is_reshape_mean(n * pre_embed_dim, embed_dim)
+  if plain:
+    pooled = []
+    for feat in levels:
+      f = unfold3x3(feat, patch_size)
+      f = adaptive_avg_pool_last(f, pre_embed_dim)
+      if f.shape[1:3] != grid:
+        f = resize_bilinear(f, grid)
+      pooled.append(f)
+    x = jnp.stack(pooled, axis=-2)  # [B, H, W, n_levels, pre]
+    x = x.reshape(b, grid[0] * grid[1], n * pre_embed_dim)
+    return adaptive_avg_pool_last(x, embed_dim)
+  projections = level_projections(
+      [f.shape[-1] for f in levels], pre_embed_dim, embed_dim, patch_size
+  )
+  t = None
+  for feat, (m, c0, c1) in zip(levels, projections):
     f = unfold3x3(feat, patch_size)
-    f = adaptive_avg_pool_last(f, pre_embed_dim)
+    f = jnp.dot(f, jnp.asarray(m, f.dtype), precision=jax.lax.Precision.HIGHEST)
     if f.shape[1:3] != grid:
       f = resize_bilinear(f, grid)
-    pooled.append(f)
-  b = pooled[0].shape[0]
-  x = jnp.stack(pooled, axis=-2)  # [B, H, W, n_levels, pre]
-  x = x.reshape(b, grid[0] * grid[1], len(levels) * pre_embed_dim)
-  return adaptive_avg_pool_last(x, embed_dim)
-
+    f = jnp.pad(f, ((0, 0), (0, 0), (0, 0), (c0, embed_dim - c1)))
+    t = f if t is None else t + f
+  return t.reshape(b, grid[0] * grid[1], embed_dim)

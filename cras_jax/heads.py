@@ -1,8 +1,9 @@
-"""The trained parts of CRAS: adapter A (SPEC 3) and discriminator D (SPEC 7).
+"""The trained parts of CRAS: adapter A (docs/method.md §3) and discriminator D (docs/method.md §7).
 
 Small Flax modules with PyTorch's initialisation and BatchNorm conventions, so
 one training step reproduces the reference to float precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ def torch_bias_init(fan_in: int):
 
 class TorchLinear(nn.Module):
   """Linear layer with Xavier-normal weights and PyTorch's default bias."""
+
   features: int
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
@@ -34,10 +36,15 @@ class TorchLinear(nn.Module):
   def __call__(self, x):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", xavier_normal, (fan_in, self.features), jnp.float32)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None)
+    y = jnp.dot(
+        x.astype(self.dtype),
+        kernel.astype(self.dtype),
+        preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None,
+    )
     if self.use_bias:
-      y = y + self.param("bias", torch_bias_init(fan_in), (self.features,), jnp.float32).astype(y.dtype)
+      y = y + self.param("bias", torch_bias_init(fan_in), (self.features,), jnp.float32).astype(
+          y.dtype
+      )
     return y
 
 
@@ -49,6 +56,7 @@ class TorchBatchNorm(nn.Module):
   convention (new = 0.9 old + 0.1 batch). Flax's BatchNorm uses the biased
   variance for the running statistics, which differs by n / (n - 1).
   """
+
   momentum: float = 0.1
   epsilon: float = 1e-5
 
@@ -67,8 +75,9 @@ class TorchBatchNorm(nn.Module):
       var = jnp.square(xf - mean).mean(axes)
       if not self.is_initializing():
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = ((1 - self.momentum) * ra_var.value
-                        + self.momentum * var * (n / max(n - 1, 1)))
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * var * (
+            n / max(n - 1, 1)
+        )
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
@@ -77,6 +86,7 @@ class TorchBatchNorm(nn.Module):
 
 class Adapter(nn.Module):
   """A: `n_layers` Linear(D -> D) layers (the paper uses one)."""
+
   features: int
   n_layers: int = 1
   dtype: jnp.dtype = jnp.float32
@@ -95,6 +105,7 @@ class Discriminator(nn.Module):
   Hidden widths halve from the input width (3072 -> 1536 -> 768 -> 1 in the
   paper). Returns logits [..., ]; the anomaly probability is sigmoid(logits).
   """
+
   n_layers: int = 3
   dtype: jnp.dtype = jnp.float32
 
@@ -108,3 +119,140 @@ class Discriminator(nn.Module):
       x = nn.leaky_relu(x, 0.2)
     x = TorchLinear(1, use_bias=False, dtype=self.dtype, name="tail")(x)
     return x[..., 0].astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- exact rewrites
+#
+# The discriminator's first layer sees a CRD input that is linear in (u, p):
+# [u | u - p] @ W = u @ (W1 + W2) - p @ W2, and likewise for every CRD mode. So
+# the first layer is u @ A + p @ B + b with A, B fixed by the mode. In training
+# the normal row u and the synthetic row v share the same p, so p @ B is computed
+# once per row pair (3 products of D x H instead of 4). At inference the centres
+# are fixed: centres @ B is computed once per run and gathered by the matched
+# index, and the inference BatchNorm (an affine map) is folded into the Linear
+# weights. The results equal the plain form up to float32 rounding (the sums are
+# taken in another order).
+
+
+def crd_first_layer(kernel: jax.Array, crd_input: str, embed_dim: int):
+  """(A, B) with crd_inputs(u, p, mode) @ kernel == u @ A + p @ B (B None: no p term)."""
+  d = embed_dim
+  if crd_input == "raw_residual":
+    w1, w2 = kernel[:d], kernel[d:]
+    return w1 + w2, -w2
+  if crd_input == "raw":
+    return kernel, None
+  if crd_input == "residual":
+    return kernel, -kernel
+  if crd_input == "raw_raw":
+    return kernel[:d] + kernel[d:], None
+  if crd_input == "residual_residual":
+    a = kernel[:d] + kernel[d:]
+    return a, -a
+  raise ValueError(f"unknown CRD input mode {crd_input!r}")
+
+
+def _first_name(n_layers: int) -> str:
+  return "block1_fc" if n_layers > 1 else "tail"
+
+
+def _dot(x, w, dtype):
+  pref = jnp.float32 if dtype == jnp.float32 else None
+  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=pref)
+
+
+def discriminator_split(
+    params,
+    batch_stats,
+    u_rows,
+    p_rows,
+    n_layers: int,
+    crd_input: str,
+    train: bool,
+    dtype=jnp.float32,
+):
+  """The Discriminator on crd_inputs([u_0; ...; u_{m-1}], p), sharing p @ B.
+
+  u_rows: a list of m arrays [N, D] that all pair with p_rows [N, D] (training:
+  the normal and the synthetic features). Returns (logits [m * N], new
+  batch_stats or None) exactly as Discriminator.apply on the concatenated rows.
+  """
+  d = u_rows[0].shape[-1]
+  first = params[_first_name(n_layers)]
+  a, b = crd_first_layer(first["kernel"], crd_input, d)
+  hs = [_dot(x, a, dtype) for x in u_rows]
+  if b is not None:
+    pb = _dot(p_rows, b, dtype)
+    # Added to each part before concatenating: the transpose is then one elementwise
+    # sum of the parts' cotangents (a tile's transpose became a slow reduction on CPU).
+    hs = [x + pb for x in hs]
+  h = jnp.concatenate(hs, axis=0) if len(hs) > 1 else hs[0]
+  if "bias" in first:
+    h = h + first["bias"].astype(h.dtype)
+  if n_layers == 1:
+    return h[..., 0].astype(jnp.float32), None
+  new_stats = {}
+  for i in range(n_layers - 1):
+    name = f"block{i + 1}"
+    if i > 0:
+      fc = params[f"{name}_fc"]
+      h = _dot(h, fc["kernel"], dtype) + fc["bias"].astype(h.dtype)
+    bn_vars = {"params": params[f"{name}_bn"], "batch_stats": batch_stats[f"{name}_bn"]}
+    if train:
+      h, upd = TorchBatchNorm().apply(bn_vars, h, True, mutable=["batch_stats"])
+      new_stats[f"{name}_bn"] = upd["batch_stats"]
+    else:
+      h = TorchBatchNorm().apply(bn_vars, h, False)
+    h = nn.leaky_relu(h, 0.2)
+  logits = _dot(h, params["tail"]["kernel"], dtype)[..., 0].astype(jnp.float32)
+  return logits, (new_stats if train else None)
+
+
+def fold_discriminator(
+    params, batch_stats, n_layers: int, crd_input: str, embed_dim: int, epsilon: float = 1e-5
+) -> dict:
+  """Inference-only discriminator weights with BatchNorm folded into each Linear.
+
+  -> {"a": [D, H1], "b": [D, H1] or None, "bias": [H1], "hidden": [(kernel, bias)...],
+  "tail": [H, 1]} where layer i computes leaky(x @ kernel + bias) with the running
+  statistics already applied: s = scale / sqrt(var + eps), kernel' = kernel * s,
+  bias' = (bias - mean) * s + beta.
+  """
+  first = params[_first_name(n_layers)]
+  a, b = crd_first_layer(first["kernel"], crd_input, embed_dim)
+  bias = first.get("bias", jnp.zeros((a.shape[-1],), jnp.float32))
+  out = {"hidden": []}
+  if n_layers == 1:
+    out.update(a=a, b=b, bias=bias, tail=None)
+    return out
+
+  def bn_affine(name):
+    p, s = params[f"{name}_bn"], batch_stats[f"{name}_bn"]
+    scale = p["scale"] * jax.lax.rsqrt(s["var"] + epsilon)
+    return scale, p["bias"] - s["mean"] * scale
+
+  s1, c1 = bn_affine("block1")
+  out.update(a=a * s1, b=None if b is None else b * s1, bias=bias * s1 + c1)
+  for i in range(1, n_layers - 1):
+    name = f"block{i + 1}"
+    fc = params[f"{name}_fc"]
+    s, c = bn_affine(name)
+    out["hidden"].append((fc["kernel"] * s, fc["bias"] * s + c))
+  out["tail"] = params["tail"]["kernel"]
+  return out
+
+
+def apply_folded_discriminator(
+    folded: dict, u: jax.Array, pb: jax.Array | None, dtype=jnp.float32
+) -> jax.Array:
+  """Logits of the folded discriminator. u [..., D]; pb [..., H1] = (matched p) @ B' or None."""
+  h = _dot(u, folded["a"], dtype)
+  if pb is not None:
+    h = h + pb.astype(h.dtype)
+  h = h + folded["bias"].astype(h.dtype)
+  if folded["tail"] is None:
+    return h[..., 0].astype(jnp.float32)
+  h = nn.leaky_relu(h, 0.2)
+  for kernel, bias in folded["hidden"]:
+    h = nn.leaky_relu(_dot(h, kernel, dtype) + bias.astype(h.dtype), 0.2)
+  return _dot(h, folded["tail"], dtype)[..., 0].astype(jnp.float32)

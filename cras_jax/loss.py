@@ -1,4 +1,5 @@
-"""The CRD loss (SPEC section 7): BCE(D(y), 0) + BCE(D(z), 1) on logits."""
+"""The CRD loss (docs/method.md §7): BCE(D(y), 0) + BCE(D(z), 1) on logits."""
+
 from __future__ import annotations
 
 import jax
@@ -12,8 +13,13 @@ def crd_inputs(u: jax.Array, p: jax.Array, mode: str = "raw_residual") -> jax.Ar
   residual [u - p], raw_raw [u | u], residual_residual [u - p | u - p].
   """
   res = u - p
-  parts = {"raw_residual": (u, res), "raw": (u,), "residual": (res,),
-           "raw_raw": (u, u), "residual_residual": (res, res)}
+  parts = {
+      "raw_residual": (u, res),
+      "raw": (u,),
+      "residual": (res,),
+      "raw_raw": (u, u),
+      "residual_residual": (res, res),
+  }
   if mode not in parts:
     raise ValueError(f"unknown CRD input mode {mode!r}; choose one of {sorted(parts)}")
   return jnp.concatenate(parts[mode], axis=-1)
@@ -21,6 +27,6 @@ def crd_inputs(u: jax.Array, p: jax.Array, mode: str = "raw_residual") -> jax.Ar
 
 def bce_losses(logits_true: jax.Array, logits_fake: jax.Array):
   """Mean BCE of normals against 0 and of synthetic anomalies against 1."""
-  loss_true = jnp.mean(jax.nn.softplus(logits_true))   # -log(1 - sigmoid(x))
+  loss_true = jnp.mean(jax.nn.softplus(logits_true))  # -log(1 - sigmoid(x))
   loss_fake = jnp.mean(jax.nn.softplus(-logits_fake))  # -log(sigmoid(x))
   return loss_true, loss_fake

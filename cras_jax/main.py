@@ -1,38 +1,75 @@
-"""Entry point: python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/x"""
+"""Entry point: python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/x
+
+Trains (resuming from the workdir) and evaluates (`train.train_and_evaluate`), or with
+`--mode=eval` scores the workdir's latest checkpoint (`evaluate.evaluate_checkpoint`). Any
+config field can be overridden: `--config.train.epochs=3`.
+"""
+
+from __future__ import annotations
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cras_jax import train
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, results and prepared data.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train: train (resuming from the workdir) then evaluate; "
-                  "eval: score the workdir's latest checkpoint without training.")
-flags.DEFINE_bool("allow_config_change", False,
-                  "Continue a run in --workdir although result-changing config fields differ.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-process runs (jax.distributed).")
-flags.DEFINE_integer("num_processes", 1, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+from cras_jax import evaluate, train
 
 
-def main(argv):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags (defined when it runs as a command)."""
+  fv = flag_values
+  flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints, results and prepared data.", flag_values=fv
+  )
+  flags.DEFINE_enum(
+      "mode",
+      "train",
+      ["train", "eval"],
+      "train: train (resuming from the workdir) then evaluate; "
+      "eval: score the workdir's latest checkpoint without training.",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool(
+      "allow_config_change",
+      False,
+      "Continue a run in --workdir although result-changing config fields differ.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "coordinator_address",
+      None,
+      "host:port of process 0 for multi-process runs (jax.distributed).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "num_processes", 1, "Number of processes of a multi-process run.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+      "process_id", 0, "This process's index in a multi-process run.", flag_values=fv
+  )
+  config_flags.DEFINE_config_file(
+      "config", None, "Training configuration file.", flag_values=fv, lock_config=True
+  )
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  fv = flag_values
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
+  if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if FLAGS.num_processes > 1:
-    import jax
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  if FLAGS.mode == "eval":
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+  if fv.num_processes > 1:
+    jax.distributed.initialize(
+        coordinator_address=fv.coordinator_address,
+        num_processes=fv.num_processes,
+        process_id=fv.process_id,
+    )
+  if fv.mode == "eval":
+    evaluate.evaluate_checkpoint(fv.config, fv.workdir)
   else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+    train.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

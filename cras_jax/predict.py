@@ -21,29 +21,33 @@ Scoring is always per image: a run configured with batch-mode class voting
 (model.matching="batch", whose result depends on the batch's other images) is scored with
 per-image matching, and a note says so.
 """
+
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
-import collections
 import itertools
 import json
 import math
 import os
 import sys
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+from absl import app, flags, logging
+from PIL import Image
 
+from cras_jax import results, runs, scoring
 from cras_jax import thresholds as thr_lib
-from cras_jax.data import preprocess
+from cras_jax.data import layout, preprocess
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OVERLAY_ALPHA = 0.45
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def find_images(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
   """-> ([(path, name)], [(path, error)]). Folders are searched recursively (sorted, hidden
@@ -56,8 +60,11 @@ def find_images(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[tupl
       found = []
       for dirpath, dirnames, filenames in os.walk(p):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if not f.startswith(".") and f.lower().endswith(layout.IMAGE_EXTENSIONS)
+        ]
       files += [(f, os.path.dirname(os.path.abspath(os.path.normpath(p)))) for f in found]
     elif os.path.exists(p):
       files.append((p, os.path.dirname(os.path.abspath(p))))
@@ -81,14 +88,17 @@ def output_stems(names: Sequence[str]) -> list[str]:
   (the extension is kept where two names would otherwise collide)."""
   plain = [os.path.splitext(n)[0].replace("/", "__") for n in names]
   count = collections.Counter(plain)
-  return [p if count[p] == 1 else n.replace("/", "__").replace(".", "_")
-          for p, n in zip(plain, names)]
+  return [
+      p if count[p] == 1 else n.replace("/", "__").replace(".", "_") for p, n in zip(plain, names)
+  ]
 
 
-def read_images(paths: Sequence[str], resize: int, crop: int,
-                workers: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+def read_images(
+    paths: Sequence[str], resize: int, crop: int, workers: int
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
   """(index, preprocessed uint8 crop or None, error or None) in input order; decoding runs in
   `workers` threads, a window ahead."""
+
   def work(p):
     try:
       return preprocess.load_example(p, None, resize, crop)[0], None
@@ -112,72 +122,26 @@ def read_images(paths: Sequence[str], resize: int, crop: int,
 
 # ----------------------------------------------------------------------------- scoring
 
-def per_image_config(config):
-  """The config with model.matching = "per_image" (a copy; the original may be locked)."""
-  import ml_collections
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  if cfg.model.matching != "per_image":
-    print(f"note: this run was configured with model.matching={cfg.model.matching!r} "
-          f"(class voting over the batch); predict scores every image on its own "
-          f"(per_image), so its scores can differ from the run's evaluation.", file=sys.stderr)
-    cfg.model.matching = "per_image"
-  return cfg
 
-
-class Scorer:
-  """The jitted, sharded predict step of a run at a fixed batch size (one compilation):
-  uint8 crops [n <= batch_size, c, c, 3] -> numpy scores [n], maps [n, c, c], cls [n]."""
-
-  def __init__(self, state, config, num_classes: int, devices, batch_size: int):
-    from cras_jax import train
-    self.pieces = train.Pieces(per_image_config(config), num_classes)
-    self.state, self.devices, self.batch_size = state, devices, batch_size
-    self.step = devices.jit_predict(train.make_predict_step(self.pieces))
-
-  def __call__(self, images: np.ndarray) -> dict:
-    from cras_jax import data as data_lib
-    n = len(images)
-    idx, _ = data_lib.padded_indices(np.arange(n), self.batch_size, self.devices.count)
-    batch = self.devices.put_batch({"image": np.asarray(images)[idx]})["image"]
-    out = self.step(self.state, batch)
-    out = self.devices.gather({k: out[k] for k in ("scores", "maps", "cls")})
-    return {k: v[:n] for k, v in out.items()}
-
-
-def calibrate(state, config, class_names, devices, dataset, workdir: str, res=None) -> dict:
-  """Computes and writes <workdir>/thresholds.json from the run's test split.
-
-  res: the evaluation's scores of that split (reused when they were computed per image),
-  else the split is scored here. Every process takes part; process 0 writes."""
-  import jax
-  from cras_jax import train
-  if res is None or config.model.matching != "per_image":
-    pieces = train.Pieces(per_image_config(config), len(class_names))
-    step = devices.jit_predict(train.make_predict_step(pieces))
-    res = train.predict_dataset(state, pieces, devices, dataset.test, config.eval.batch_size,
-                                step)
-  d = thr_lib.calibrate(res, class_names)
-  d.update(step=int(state.step), score_mode=config.model.score_mode, matching="per_image")
-  if jax.process_index() == 0:
-    thr_lib.save(d, thr_lib.path(workdir))
-  print(thr_lib.summary(d) + f" -> {thr_lib.path(workdir)}", flush=True)
-  return d
-
-
-def calibrate_run(run, workdir: str) -> dict:
-  """`--calibrate`: thresholds for an existing trained workdir (loads its test split)."""
-  from cras_jax import train
-  dataset = train.load_run_dataset(run, workdir)
-  return calibrate(run.state, run.config, run.class_names, run.devices, dataset, workdir)
+def calibrate_run(run: runs.Run, workdir: str) -> dict:
+  """`--calibrate`: writes the thresholds of an existing trained run into `workdir` from its
+  test split (for runs trained before thresholds existed)."""
+  dataset = runs.load_run_dataset(run, workdir)
+  return scoring.write_thresholds(
+      scoring.Scorer.for_run(run, per_image=True), dataset.test, run.class_names, workdir
+  )
 
 
 # ----------------------------------------------------------------------------- outputs
 
-def overlay(image: np.ndarray, zmap: np.ndarray, mask: np.ndarray | None, vmax: float,
-            vmin: float = 0.0) -> np.ndarray:
+
+def overlay(
+    image: np.ndarray, zmap: np.ndarray, mask: np.ndarray | None, vmax: float, vmin: float = 0.0
+) -> np.ndarray:
   """The image with the map in the 'jet' colours on [vmin, vmax] blended over it and the
   outline of the binary mask in white -> uint8 [H, W, 3]."""
-  import matplotlib
+  import matplotlib  # here only: the colour map of overlays (--nooverlays needs none)
+
   heat = np.clip((zmap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
   rgb = matplotlib.colormaps["jet"](heat)[..., :3] * 255.0
   out = (1 - OVERLAY_ALPHA) * image.astype(np.float32) + OVERLAY_ALPHA * rgb
@@ -189,11 +153,10 @@ def overlay(image: np.ndarray, zmap: np.ndarray, mask: np.ndarray | None, vmax: 
 
 
 def _write_png(path: str, array: np.ndarray) -> None:
-  from PIL import Image
   Image.fromarray(array).save(path)
 
 
-def colour_scale(thr: "thr_lib.Thresholds") -> tuple[float, float]:
+def colour_scale(thr: thr_lib.Thresholds) -> tuple[float, float]:
   """Overlay colour range: normalised maps on [0, 2 x pixel threshold] (the threshold in the
   middle), raw maps (no thresholds file) on [0, 1]."""
   if thr.source != "none" and math.isfinite(thr.pixel_threshold) and thr.pixel_threshold > 0:
@@ -201,8 +164,18 @@ def colour_scale(thr: "thr_lib.Thresholds") -> tuple[float, float]:
   return 0.0, 1.0
 
 
-CSV_FIELDS = ("name", "path", "score", "normalised_score", "matched_class", "is_anomaly",
-              "defect_fraction", "mask", "overlay", "error")
+CSV_FIELDS = (
+    "name",
+    "path",
+    "score",
+    "normalised_score",
+    "matched_class",
+    "is_anomaly",
+    "defect_fraction",
+    "mask",
+    "overlay",
+    "error",
+)
 
 
 def _fmt(v):
@@ -211,13 +184,22 @@ def _fmt(v):
   return "" if v is None else v
 
 
-def predict_paths(run, thr: "thr_lib.Thresholds", inputs: Sequence[str], output_dir: str,
-                  batch_size: int = 0, write_masks: bool = True, write_overlays: bool = True,
-                  save_maps: bool = False, save_crops: str | None = None,
-                  workers: int | None = None, progress: bool = True, found=None) -> dict:
+def predict_paths(
+    run,
+    thr: thr_lib.Thresholds,
+    inputs: Sequence[str],
+    output_dir: str,
+    batch_size: int = 0,
+    write_masks: bool = True,
+    write_overlays: bool = True,
+    save_maps: bool = False,
+    save_crops: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    found=None,
+) -> dict:
   """Scores images and folders with a loaded run; writes the outputs; returns a summary
   (rows in input order, errors, timings). found: `find_images(inputs)` when already known."""
-  from cras_jax import report
   cfg = run.config
   batch_size = batch_size or cfg.eval.batch_size
   workers = workers or min(8, os.cpu_count() or 1)
@@ -229,7 +211,7 @@ def predict_paths(run, thr: "thr_lib.Thresholds", inputs: Sequence[str], output_
   for sub, on in (("masks", write_masks), ("overlays", write_overlays)):
     if on:
       os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-  scorer = Scorer(run.state, cfg, len(run.class_names), run.devices, batch_size)
+  scorer = scoring.Scorer.for_run(run, batch_size, per_image=True)
   vmin, vmax = colour_scale(thr)
   image_thr, pixel_thr = thr.image_threshold, thr.pixel_threshold
 
@@ -241,30 +223,45 @@ def predict_paths(run, thr: "thr_lib.Thresholds", inputs: Sequence[str], output_
   writer = concurrent.futures.ThreadPoolExecutor(2)
   writes = []
   timing = {"first_batch_s": None, "first_batch_images": 0}
-  bar = report.progress(total=len(items), desc="predict", unit="img") if progress else None
+  bar = results.progress(total=len(items), desc="predict", unit="img") if progress else None
   t_start = time.time()
 
   def flush(batch_idx, batch_images):
     out = scorer(np.stack(batch_images))
-    z = thr_lib.normalise(out["scores"], out["cls"], thr.loc, thr.scale)
-    zmaps = thr_lib.normalise_maps(out["maps"], out["cls"], thr.loc, thr.scale)
+    norm = scoring.normalise(out, thr)
+    z, zmaps = norm["normalised_scores"], norm["normalised_maps"]
     for j, i in enumerate(batch_idx):
       mask = zmaps[j] >= pixel_thr if math.isfinite(pixel_thr) else None
-      row = {"name": names[i], "path": paths[i], "score": float(out["scores"][j]),
-             "normalised_score": float(z[j]),
-             "matched_class": run.class_names[int(out["cls"][j])],
-             "is_anomaly": (int(z[j] >= image_thr) if math.isfinite(image_thr) else None),
-             "defect_fraction": None if mask is None else float(mask.mean()),
-             "mask": None, "overlay": None, "error": None}
+      row = {
+          "name": names[i],
+          "path": paths[i],
+          "score": float(out["scores"][j]),
+          "normalised_score": float(z[j]),
+          "matched_class": run.class_names[int(out["cls"][j])],
+          "is_anomaly": (int(z[j] >= image_thr) if math.isfinite(image_thr) else None),
+          "defect_fraction": None if mask is None else float(mask.mean()),
+          "mask": None,
+          "overlay": None,
+          "error": None,
+      }
       if write_masks and mask is not None:
         row["mask"] = os.path.join("masks", stems[i] + ".png")
-        writes.append(writer.submit(_write_png, os.path.join(output_dir, row["mask"]),
-                                    mask.astype(np.uint8) * 255))
+        writes.append(
+            writer.submit(
+                _write_png, os.path.join(output_dir, row["mask"]), mask.astype(np.uint8) * 255
+            )
+        )
       if write_overlays:
         row["overlay"] = os.path.join("overlays", stems[i] + ".png")
-        writes.append(writer.submit(
-            lambda path, img, zm, m: _write_png(path, overlay(img, zm, m, vmax, vmin)),
-            os.path.join(output_dir, row["overlay"]), batch_images[j], zmaps[j], mask))
+        writes.append(
+            writer.submit(
+                lambda path, img, zm, m: _write_png(path, overlay(img, zm, m, vmax, vmin)),
+                os.path.join(output_dir, row["overlay"]),
+                batch_images[j],
+                zmaps[j],
+                mask,
+            )
+        )
       rows[i] = row
       if save_maps:
         kept_maps[i] = (out["maps"][j], int(out["cls"][j]))
@@ -303,9 +300,12 @@ def predict_paths(run, thr: "thr_lib.Thresholds", inputs: Sequence[str], output_
   n_scored = len(scored)
   after = n_scored - timing["first_batch_images"]
   steady_s = total_s - (timing["first_batch_s"] or 0.0)
-  timing.update(total_s=total_s, images_per_s=n_scored / total_s if total_s > 0 else None,
-                steady_images_per_s=(after / steady_s if after > 0 and steady_s > 0 else None),
-                batch_size=batch_size)
+  timing.update(
+      total_s=total_s,
+      images_per_s=n_scored / total_s if total_s > 0 else None,
+      steady_images_per_s=(after / steady_s if after > 0 and steady_s > 0 else None),
+      batch_size=batch_size,
+  )
   all_rows = [{"path": p, "name": p, "error": e} for p, e in missing] + [r for r in rows if r]
   with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
     w = csv.writer(f)
@@ -313,105 +313,157 @@ def predict_paths(run, thr: "thr_lib.Thresholds", inputs: Sequence[str], output_
     for r in all_rows:
       w.writerow([_fmt(r.get(k)) for k in CSV_FIELDS])
   summary = {
-      "step": int(run.state.step), "class_names": run.class_names,
-      "thresholds": {"image": image_thr, "pixel": pixel_thr, "source": thr.source,
-                     "units": "raw score" if thr.source == "none" else
-                              "normalised: (s - loc[c]) / scale[c], c = matched class",
-                     "loc": np.asarray(thr.loc).tolist(), "scale": np.asarray(thr.scale).tolist()},
+      "step": int(run.state.step),
+      "class_names": run.class_names,
+      "thresholds": {
+          "image": image_thr,
+          "pixel": pixel_thr,
+          "source": thr.source,
+          "units": "raw score"
+          if thr.source == "none"
+          else "normalised: (s - loc[c]) / scale[c], c = matched class",
+          "loc": np.asarray(thr.loc).tolist(),
+          "scale": np.asarray(thr.scale).tolist(),
+      },
       "preprocessing": {"resize": cfg.data.resize, "crop": cfg.data.crop},
       "overlay_colour_range": [vmin, vmax],
-      "scored": n_scored, "errors": errors, "timing": timing, "images": all_rows,
+      "scored": n_scored,
+      "errors": errors,
+      "timing": timing,
+      "images": all_rows,
   }
   with open(os.path.join(output_dir, "results.json"), "w") as f:
     json.dump(thr_lib.json_safe(summary), f, indent=2)
   order = sorted(kept_maps)
   if save_maps and order:
-    np.savez(os.path.join(output_dir, "maps.npz"), names=np.asarray([names[i] for i in order]),
-             maps=np.stack([kept_maps[i][0] for i in order]),
-             cls=np.asarray([kept_maps[i][1] for i in order], np.int32))
+    np.savez(
+        os.path.join(output_dir, "maps.npz"),
+        names=np.asarray([names[i] for i in order]),
+        maps=np.stack([kept_maps[i][0] for i in order]),
+        cls=np.asarray([kept_maps[i][1] for i in order], np.int32),
+    )
   if save_crops and kept_crops:
     np.save(save_crops, np.stack([kept_crops[i] for i in sorted(kept_crops)]))
   steady = timing["steady_images_per_s"]
-  print(f"scored {n_scored} of {len(items) + len(missing)} images in {total_s:.1f}s "
-        f"({n_scored / max(total_s, 1e-9):.1f} images/s in all"
-        + (f", {steady:.1f} images/s after the first batch (compilation)" if steady else "")
-        + f"); {len(errors)} unreadable; results in {output_dir}", flush=True)
+  print(
+      f"scored {n_scored} of {len(items) + len(missing)} images in {total_s:.1f}s "
+      f"({n_scored / max(total_s, 1e-9):.1f} images/s in all"
+      + (f", {steady:.1f} images/s after the first batch (compilation)" if steady else "")
+      + f"); {len(errors)} unreadable; results in {output_dir}",
+      flush=True,
+  )
   if thr.source == "none" and not (math.isfinite(image_thr) and math.isfinite(pixel_thr)):
-    print("note: this run has no thresholds.json: decisions and masks need thresholds; "
-          "compute them with --calibrate or give --image_threshold / --pixel_threshold "
-          "(raw scores).", file=sys.stderr, flush=True)
+    print(
+        "note: this run has no thresholds.json: decisions and masks need thresholds; "
+        "compute them with --calibrate or give --image_threshold / --pixel_threshold "
+        "(raw scores).",
+        file=sys.stderr,
+        flush=True,
+    )
   if errors:
-    print(f"{len(errors)} file(s) could not be scored: "
-          + ", ".join(e["path"] for e in errors), file=sys.stderr, flush=True)
+    print(
+        f"{len(errors)} file(s) could not be scored: " + ", ".join(e["path"] for e in errors),
+        file=sys.stderr,
+        flush=True,
+    )
   return summary
-
-
-def load_thresholds(run, workdir: str, image_threshold=None, pixel_threshold=None):
-  thr = thr_lib.load(workdir, run.class_names) or thr_lib.Thresholds.identity(run.class_names)
-  state = getattr(run, "state", None)
-  if thr.step is not None and state is not None and thr.step != int(state.step):
-    print(f"warning: {thr_lib.path(workdir)} was calibrated at step {thr.step}, the checkpoint "
-          f"is at step {int(state.step)}: recompute it with --calibrate", file=sys.stderr)
-  if image_threshold is not None or pixel_threshold is not None:
-    thr = thr.with_overrides(image_threshold, pixel_threshold)
-    thr.source = thr.source + "+override"
-  return thr
 
 
 # ----------------------------------------------------------------------------- command line
 
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "A trained run's directory.")
-  flags.DEFINE_string("output_dir", None, "Where to write results (default "
-                      "<workdir>/predictions).")
-  flags.DEFINE_integer("batch_size", 0, "Images per step (default: the run's eval.batch_size).")
-  flags.DEFINE_float("image_threshold", None, "Override the image threshold (normalised score; "
-                     "raw score when the run has no thresholds.json).")
-  flags.DEFINE_float("pixel_threshold", None, "Override the pixel threshold (normalised map).")
-  flags.DEFINE_bool("calibrate", False, "Compute <workdir>/thresholds.json from the run's "
-                    "test split first (for runs trained before thresholds existed).")
-  flags.DEFINE_bool("masks", True, "Write masks/<name>.png (0/255).")
-  flags.DEFINE_bool("overlays", True, "Write overlays/<name>.png (heatmap over the image).")
-  flags.DEFINE_bool("save_maps", False, "Also write maps.npz (raw maps, matched classes).")
-  flags.DEFINE_string("save_crops", None, "Also write the preprocessed uint8 crops "
-                      "[N, crop, crop, 3] of the scored images to this .npy file (the input "
-                      "of tools/run_exported.py).")
-  flags.DEFINE_integer("workers", 0, "Image-decoding threads (default min(8, CPUs)).")
-  flags.mark_flag_as_required("workdir")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags (defined when it runs as a command); its arguments are the images
+  and folders to score."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
+  flags.DEFINE_string(
+      "output_dir",
+      None,
+      "Where to write results (default " "<workdir>/predictions).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "batch_size", 0, "Images per step (default: the run's eval.batch_size).", flag_values=fv
+  )
+  flags.DEFINE_float(
+      "image_threshold",
+      None,
+      "Override the image threshold (normalised score; "
+      "raw score when the run has no thresholds.json).",
+      flag_values=fv,
+  )
+  flags.DEFINE_float(
+      "pixel_threshold", None, "Override the pixel threshold (normalised map).", flag_values=fv
+  )
+  flags.DEFINE_bool(
+      "calibrate",
+      False,
+      "Compute <workdir>/thresholds.json from the run's "
+      "test split first (for runs trained before thresholds existed).",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool("masks", True, "Write masks/<name>.png (0/255).", flag_values=fv)
+  flags.DEFINE_bool(
+      "overlays", True, "Write overlays/<name>.png (heatmap over the image).", flag_values=fv
+  )
+  flags.DEFINE_bool(
+      "save_maps", False, "Also write maps.npz (raw maps, matched classes).", flag_values=fv
+  )
+  flags.DEFINE_string(
+      "save_crops",
+      None,
+      "Also write the preprocessed uint8 crops "
+      "[N, crop, crop, 3] of the scored images to this .npy file (the input "
+      "of tools/run_exported.py).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "workers", 0, "Image-decoding threads (default min(8, CPUs)).", flag_values=fv
+  )
+  flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
-def main(argv):
-  from absl import flags, logging
-  from cras_jax import train
-  FLAGS = flags.FLAGS
-  if not FLAGS["verbosity"].present:
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  fv = flag_values
+  if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   inputs = argv[1:]
-  if not inputs and not FLAGS.calibrate:
-    from absl import app
+  if not inputs and not fv.calibrate:
     raise app.UsageError("give the images or folders to score (or --calibrate)")
   found = find_images(inputs)
   if inputs and not found[0]:
     for p, e in found[1]:
       print(f"error: {e}", file=sys.stderr)
-    print("nothing to score: no image files found in "
-          + ", ".join(inputs), file=sys.stderr, flush=True)
+    print(
+        "nothing to score: no image files found in " + ", ".join(inputs),
+        file=sys.stderr,
+        flush=True,
+    )
     return 1
-  run = train.load_run(FLAGS.workdir)
-  if FLAGS.calibrate:
-    calibrate_run(run, FLAGS.workdir)
+  run = runs.load_run(fv.workdir)
+  if fv.calibrate:
+    calibrate_run(run, fv.workdir)
   if not inputs:
     return 0
-  thr = load_thresholds(run, FLAGS.workdir, FLAGS.image_threshold, FLAGS.pixel_threshold)
-  out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
-  summary = predict_paths(run, thr, inputs, out_dir, FLAGS.batch_size, FLAGS.masks,
-                          FLAGS.overlays, FLAGS.save_maps, FLAGS.save_crops,
-                          FLAGS.workers or None, found=found)
+  thr = scoring.load_thresholds(run, fv.workdir, fv.image_threshold, fv.pixel_threshold)
+  out_dir = fv.output_dir or os.path.join(fv.workdir, "predictions")
+  summary = predict_paths(
+      run,
+      thr,
+      inputs,
+      out_dir,
+      fv.batch_size,
+      fv.masks,
+      fv.overlays,
+      fv.save_maps,
+      fv.save_crops,
+      fv.workers or None,
+      found=found,
+  )
   return 0 if summary["scored"] else 1
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
+  define_flags()
   app.run(main)

@@ -1,4 +1,4 @@
-"""Robustness evaluation (SPEC 11, the paper's Table 7): a trained model scored on
+"""Robustness evaluation (docs/method.md §11, the paper's Table 7): a trained model scored on
 perturbed test images, reporting the drop against the clean score.
 
 python -m cras_jax.robustness --workdir=runs/demo [--perturbations=noise,jitter,rotation]
@@ -24,6 +24,7 @@ results do not depend on the batch size or the device count.
   would measure that artifact as much as the rotation; ``--rotation_fill=constant`` gives the
   black corners (the mask's corners are then normal), ``nearest`` repeats the edge pixels.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,289 +33,57 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
-from scipy import ndimage
+from absl import app, flags, logging
 
-PERTURBATIONS = ("noise", "jitter", "rotation")
-_IDS = {"noise": 1, "jitter": 2, "rotation": 3}
-_FILL_MODES = {"reflect": "reflect", "constant": "grid-constant", "nearest": "nearest"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Strengths of the perturbations (defaults: the paper's Table 7)."""
-  noise_std: float = 0.01          # on [0, 1]-scaled images
-  brightness: float = 0.1
-  contrast: float = 0.1
-  saturation: float = 0.1
-  hue: float = 0.1
-  max_angle: float = 5.0           # degrees
-  rotation_fill: str = "reflect"   # reflect | constant (black) | nearest
-
-  def __post_init__(self):
-    if self.rotation_fill not in _FILL_MODES:
-      raise ValueError(f"rotation_fill must be one of {sorted(_FILL_MODES)}, "
-                       f"not {self.rotation_fill!r}")
-    if not 0 <= self.hue <= 0.5:
-      raise ValueError(f"hue must be in [0, 0.5], not {self.hue}")
-    for name in ("noise_std", "brightness", "contrast", "saturation", "max_angle"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, not {getattr(self, name)}")
-
-
-def image_rng(seed: int, perturbation: str, index: int) -> np.random.Generator:
-  """The generator of one image: a pure function of (seed, perturbation, index)."""
-  return np.random.default_rng([int(seed), _IDS[perturbation], int(index)])
-
-
-# ----------------------------------------------------------------------------- noise
-
-def gaussian_noise(image: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
-  """uint8 image -> uint8 image + N(0, std^2) on the [0, 1] scale (clipped, rounded)."""
-  if std == 0:
-    return image.copy()
-  x = image.astype(np.float64) / 255.0 + rng.normal(0.0, std, size=image.shape)
-  return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- colour jitter
-# torchvision.transforms._functional_tensor on uint8 [..., H, W, 3] images, in float32 with the
-# same truncations to uint8 (so results agree with torchvision to within one grey level).
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  """torch's clamp(0, 255).to(uint8): truncation toward zero."""
-  return np.clip(x, 0, 255).astype(np.uint8)
-
-
-def _grayscale(img: np.ndarray) -> np.ndarray:
-  x = img.astype(np.float32)
-  g = np.float32(0.2989) * x[..., 0] + np.float32(0.587) * x[..., 1] + np.float32(0.114) * x[..., 2]
-  return _to_uint8(g)[..., None]
-
-
-def _blend(img1: np.ndarray, img2, ratio: float) -> np.ndarray:
-  r = np.float32(ratio)
-  out = r * img1.astype(np.float32) + np.float32(1.0 - ratio) * np.asarray(img2, np.float32)
-  return _to_uint8(out)
-
-
-def adjust_brightness(img: np.ndarray, factor: float) -> np.ndarray:
-  return _blend(img, 0.0, factor)
-
-
-def adjust_contrast(img: np.ndarray, factor: float) -> np.ndarray:
-  mean = _grayscale(img).astype(np.float32).mean(axis=(-3, -2, -1), keepdims=True)
-  return _blend(img, mean, factor)
-
-
-def adjust_saturation(img: np.ndarray, factor: float) -> np.ndarray:
-  return _blend(img, _grayscale(img), factor)
-
-
-def _rgb2hsv(x: np.ndarray) -> np.ndarray:
-  r, g, b = x[..., 0], x[..., 1], x[..., 2]
-  maxc, minc = x.max(axis=-1), x.min(axis=-1)
-  eqc = maxc == minc
-  cr = maxc - minc
-  one = np.float32(1.0)
-  s = cr / np.where(eqc, one, maxc)
-  div = np.where(eqc, one, cr)
-  rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-  hr = (maxc == r) * (bc - gc)
-  hg = ((maxc == g) & (maxc != r)) * (np.float32(2.0) + rc - bc)
-  hb = ((maxc != g) & (maxc != r)) * (np.float32(4.0) + gc - rc)
-  h = np.fmod((hr + hg + hb) / np.float32(6.0) + one, one)
-  return np.stack([h, s, maxc], axis=-1).astype(np.float32)
-
-
-def _hsv2rgb(x: np.ndarray) -> np.ndarray:
-  h, s, v = x[..., 0], x[..., 1], x[..., 2]
-  i = np.floor(h * np.float32(6.0))
-  f = h * np.float32(6.0) - i
-  i = i.astype(np.int32) % 6
-  p = np.clip(v * (1 - s), 0, 1)
-  q = np.clip(v * (1 - s * f), 0, 1)
-  t = np.clip(v * (1 - s * (1 - f)), 0, 1)
-  table = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-  out = np.zeros(x.shape, np.float32)
-  for k, (rr, gg, bb) in enumerate(table):
-    sel = i == k
-    out[..., 0] = np.where(sel, rr, out[..., 0])
-    out[..., 1] = np.where(sel, gg, out[..., 1])
-    out[..., 2] = np.where(sel, bb, out[..., 2])
-  return out
-
-
-def adjust_hue(img: np.ndarray, shift: float) -> np.ndarray:
-  if not -0.5 <= shift <= 0.5:
-    raise ValueError(f"hue shift must be in [-0.5, 0.5], not {shift}")
-  hsv = _rgb2hsv(img.astype(np.float32) / np.float32(255.0))
-  hsv[..., 0] = np.mod(hsv[..., 0] + np.float32(shift), np.float32(1.0))
-  # torchvision's float -> uint8: x * (255 + 1 - 1e-3), truncated.
-  return (_hsv2rgb(hsv) * np.float32(255.999)).astype(np.uint8)
-
-
-def jitter_params(rng: np.random.Generator, s: Settings) -> tuple:
-  """(order of the four ops, brightness, contrast, saturation, hue); None = op skipped.
-  Drawn in torchvision's order: permutation first, then the four factors."""
-  order = rng.permutation(4)
-
-  def factor(v):
-    return None if v == 0 else float(rng.uniform(max(0.0, 1.0 - v), 1.0 + v))
-
-  b, c, sat = factor(s.brightness), factor(s.contrast), factor(s.saturation)
-  h = None if s.hue == 0 else float(rng.uniform(-s.hue, s.hue))
-  return order, b, c, sat, h
-
-
-def color_jitter(img: np.ndarray, params: tuple) -> np.ndarray:
-  order, b, c, sat, h = params
-  ops = {0: (adjust_brightness, b), 1: (adjust_contrast, c), 2: (adjust_saturation, sat),
-         3: (adjust_hue, h)}
-  out = img
-  for k in order:
-    fn, v = ops[int(k)]
-    if v is not None:
-      out = fn(out, v)
-  return out if out is not img else img.copy()
-
-
-# ----------------------------------------------------------------------------- rotation
-
-def rotate(image: np.ndarray, mask: np.ndarray | None, angle: float, fill: str = "reflect"):
-  """Rotates image [H, W, C] uint8 (bilinear, rounded) and mask [H, W] (nearest-neighbour,
-  same coordinates) by `angle` degrees counter-clockwise about the centre; same size."""
-  if angle == 0:
-    return image.copy(), None if mask is None else mask.copy()
-  mode = _FILL_MODES[fill]
-  h, w = image.shape[:2]
-  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  th = math.radians(angle)
-  yy, xx = np.meshgrid(np.arange(h, dtype=np.float64) - cy, np.arange(w, dtype=np.float64) - cx,
-                       indexing="ij")
-  # Output pixel (y, x) reads the input at the point rotated back by -angle.
-  src = np.stack([cy + xx * math.sin(th) + yy * math.cos(th),
-                  cx + xx * math.cos(th) - yy * math.sin(th)])
-  img = np.stack([ndimage.map_coordinates(image[..., ch].astype(np.float64), src, order=1,
-                                          mode=mode, cval=0.0)
-                  for ch in range(image.shape[-1])], axis=-1)
-  img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-  if mask is None:
-    return img, None
-  m = ndimage.map_coordinates(mask, src, order=0, mode=mode, cval=0).astype(mask.dtype)
-  return img, m
-
-
-def rotation_angle(rng: np.random.Generator, s: Settings) -> float:
-  return 0.0 if s.max_angle == 0 else float(rng.uniform(-s.max_angle, s.max_angle))
-
-
-# ----------------------------------------------------------------------------- batches
-
-def perturb(image: np.ndarray, mask: np.ndarray, index: int, perturbation: str, seed: int,
-            settings: Settings = Settings()):
-  """One uint8 image [H, W, 3] and its mask [H, W] -> perturbed (image, mask)."""
-  rng = image_rng(seed, perturbation, index)
-  if perturbation == "noise":
-    return gaussian_noise(image, rng, settings.noise_std), mask
-  if perturbation == "jitter":
-    return color_jitter(image, jitter_params(rng, settings)), mask
-  if perturbation == "rotation":
-    return rotate(image, mask, rotation_angle(rng, settings), settings.rotation_fill)
-  raise ValueError(f"unknown perturbation {perturbation!r}; known: {', '.join(PERTURBATIONS)}")
-
-
-def perturb_batch(images: np.ndarray, masks: np.ndarray, indices, perturbation: str, seed: int,
-                  settings: Settings = Settings()):
-  """images [B, H, W, 3] uint8, masks [B, H, W], indices [B] (positions in the split)."""
-  pairs = [perturb(i, m, k, perturbation, seed, settings)
-           for i, m, k in zip(images, masks, np.asarray(indices).reshape(-1))]
-  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
-class PerturbedSource:
-  """A data source (len, __getitems__) whose examples' image and mask are perturbed;
-  everything else (labels, names, split metadata) is the wrapped source's."""
-
-  def __init__(self, source, perturbation: str, seed: int, settings: Settings = Settings()):
-    if perturbation not in _IDS:
-      raise ValueError(f"unknown perturbation {perturbation!r}; known: {', '.join(PERTURBATIONS)}")
-    self.source, self.perturbation, self.seed, self.settings = source, perturbation, seed, settings
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getattr__(self, name):  # dataset_info, split, ... (metadata of the split)
-    if name == "source":
-      raise AttributeError(name)
-    return getattr(self.source, name)
-
-  def _apply(self, ex, index):
-    ex = dict(ex)
-    ex["image"], ex["mask"] = perturb(np.asarray(ex["image"]), np.asarray(ex["mask"]), index,
-                                      self.perturbation, self.seed, self.settings)
-    return ex
-
-  def __getitem__(self, index):
-    return self._apply(self.source[index], index)
-
-  def __getitems__(self, indices):
-    return [self._apply(ex, i) for ex, i in zip(self.source.__getitems__(list(indices)), indices)]
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def load_run_and_test_data(workdir: str, data_root: str | None = None):
-  """A trained run and its dataset (the data root and cache the run used, unless
-  `data_root` is given)."""
-  from cras_jax import train
-  run = train.load_run(workdir)
-  return run, train.load_run_dataset(run, workdir, data_root)
-
-
-def protocol(run, dataset) -> dict:
-  """The checkpoint evaluated: its step and whether it ends training (final epoch)."""
-  t = run.config.train
-  total = t.epochs * math.ceil(len(dataset.train) / t.batch_size)
-  step = int(run.state.step)
-  text = (f"checkpoint step {step} (final epoch)" if step == total
-          else f"checkpoint step {step} of {total} (training not finished)")
-  return {"step": step, "total_steps": total, "protocol": text,
-          "score_mode": run.config.model.score_mode, "matching": run.config.model.matching}
-
+from cras_jax import evaluate, results, runs, scoring
+from cras_jax import metrics as metrics_lib
+from cras_jax.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 
 METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap", "aupro", "match_acc")
 
 
 def _drops(clean: dict, other: dict) -> dict:
   """clean - perturbed, in points, per class and metric."""
-  return {c: {m: 100.0 * (clean[c][m] - other[c][m]) for m in clean[c] if m in other.get(c, {})}
-          for c in clean}
+  return {
+      c: {m: 100.0 * (clean[c][m] - other[c][m]) for m in clean[c] if m in other.get(c, {})}
+      for c in clean
+  }
 
 
-def evaluate_robustness(run, dataset, perturbations=PERTURBATIONS, seed: int = 0,
-                        settings: Settings = Settings(), batch_size: int | None = None) -> dict:
+def evaluate_robustness(
+    run,
+    dataset,
+    perturbations=PERTURBATIONS,
+    seed: int = 0,
+    settings: Settings = Settings(),
+    batch_size: int | None = None,
+) -> dict:
   """Scores the clean test split and each perturbed version.
 
   -> dict(tables={setting: per-class metrics (fractions, with a 'mean' row)},
           drops={perturbation: {class: {metric: clean - perturbed in points}}}, ...)
   """
-  from cras_jax import report, train
-  bs = batch_size or run.config.eval.batch_size
-  predict_step = run.devices.jit_predict(train.make_predict_step(run.pieces))
+  scorer = scoring.Scorer.for_run(run, batch_size)
   fpr = run.config.eval.fpr_limit
 
   def score(source):
-    res = train.predict_dataset(run.state, run.pieces, run.devices, source, bs, predict_step)
-    return report.class_metrics(res, dataset.class_names, fpr)
+    return results.class_metrics(scorer.predict_dataset(source), dataset.class_names, fpr)
 
   tables = {"clean": score(dataset.test)}
   for p in perturbations:
     tables[p] = score(PerturbedSource(dataset.test, p, seed, settings))
   drops = {p: _drops(tables["clean"], tables[p]) for p in perturbations}
-  return {**protocol(run, dataset), "seed": seed, "settings": dataclasses.asdict(settings),
-          "perturbations": list(perturbations), "test_images": len(dataset.test),
-          "tables": tables, "drops": drops}
+  return {
+      **evaluate.checkpoint_protocol(run, dataset),
+      "seed": seed,
+      "settings": dataclasses.asdict(settings),
+      "perturbations": list(perturbations),
+      "test_images": len(dataset.test),
+      "tables": tables,
+      "drops": drops,
+  }
 
 
 def _fmt(v: float) -> str:
@@ -322,18 +91,21 @@ def _fmt(v: float) -> str:
 
 
 def markdown(result: dict) -> str:
-  from cras_jax import metrics as metrics_lib
   tables, drops, perts = result["tables"], result["drops"], result["perturbations"]
   names = {m: metrics_lib.METRIC_NAMES.get(m, m) for m in METRICS}
   s = result["settings"]
-  lines = [f"Robustness (SPEC 11, Table 7): {result['protocol']}; image score: "
-           f"{result['score_mode']}; matching: {result['matching']}; seed {result['seed']}; "
-           f"{result['test_images']} test images.",
-           f"Perturbations: noise N(0, {s['noise_std']}^2) on [0, 1]; colour jitter brightness "
-           f"{s['brightness']}, contrast {s['contrast']}, saturation {s['saturation']}, hue "
-           f"{s['hue']} (torchvision ColorJitter); rotation uniform in +-{s['max_angle']} deg "
-           f"(bilinear, fill {s['rotation_fill']}, masks rotated with the images).",
-           "", "Mean over classes; drop = clean - perturbed, in points.", ""]
+  lines = [
+      f"Robustness (docs/method.md §11, Table 7): {result['protocol']}; image score: "
+      f"{result['score_mode']}; matching: {result['matching']}; seed {result['seed']}; "
+      f"{result['test_images']} test images.",
+      f"Perturbations: noise N(0, {s['noise_std']}^2) on [0, 1]; colour jitter brightness "
+      f"{s['brightness']}, contrast {s['contrast']}, saturation {s['saturation']}, hue "
+      f"{s['hue']} (torchvision ColorJitter); rotation uniform in +-{s['max_angle']} deg "
+      f"(bilinear, fill {s['rotation_fill']}, masks rotated with the images).",
+      "",
+      "Mean over classes; drop = clean - perturbed, in points.",
+      "",
+  ]
   header = "| setting | " + " | ".join(f"{names[m]} | drop" for m in METRICS) + " |"
   lines += [header, "|---|" + "---:|---:|" * len(METRICS)]
   for setting, table in tables.items():
@@ -350,9 +122,13 @@ def markdown(result: dict) -> str:
       cells += ["", _fmt(float(np.mean(d)))]
     lines.append("| mean drop | " + " | ".join(cells) + " |")
   for m in ("i_auroc", "p_auroc"):
-    lines += ["", f"{names[m]} per class (drop in brackets).", "",
-              "| class | clean | " + " | ".join(perts) + " |",
-              "|---|---:|" + "---:|" * len(perts)]
+    lines += [
+        "",
+        f"{names[m]} per class (drop in brackets).",
+        "",
+        "| class | clean | " + " | ".join(perts) + " |",
+        "|---|---:|" + "---:|" * len(perts),
+    ]
     for c in tables["clean"]:
       cells = [_fmt(100 * tables["clean"][c][m])]
       cells += [f"{_fmt(100 * tables[p][c][m])} ({_fmt(drops[p][c][m])})" for p in perts]
@@ -362,11 +138,10 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, out_dir: str, stem: str) -> list[str]:
   """<out_dir>/<stem>.{json,csv,md}; the CSV has one row per (setting, class, metric)."""
-  from cras_jax import report
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"{stem}.{e}") for e in ("json", "csv", "md")]
   with open(paths[0], "w") as f:
-    json.dump({**result, "versions": report.versions()}, f, indent=2)
+    json.dump({**result, "versions": results.versions()}, f, indent=2)
   with open(paths[1], "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["setting", "class", "metric", "value_pts", "drop_pts"])
@@ -380,42 +155,76 @@ def write(result: dict, out_dir: str, stem: str) -> list[str]:
   return paths
 
 
-def main(argv=None) -> dict:
-  import argparse
-  ap = argparse.ArgumentParser(prog="python -m cras_jax.robustness", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", required=True, help="a trained run's workdir")
-  ap.add_argument("--perturbations", default=",".join(PERTURBATIONS),
-                  help="comma-separated subset of " + ",".join(PERTURBATIONS))
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--noise_std", type=float, default=Settings.noise_std)
-  ap.add_argument("--jitter", type=float, default=0.1,
-                  help="brightness, contrast, saturation and hue strength")
-  ap.add_argument("--max_angle", type=float, default=Settings.max_angle)
-  ap.add_argument("--rotation_fill", default=Settings.rotation_fill, choices=sorted(_FILL_MODES))
-  ap.add_argument("--batch_size", type=int, default=None, help="default: the run's eval batch size")
-  ap.add_argument("--data_root", default=None, help="default: the data the run was trained on")
-  ap.add_argument("--output_dir", default=None, help="default: <workdir>/results")
-  args = ap.parse_args(argv)
-  perts = [p.strip() for p in args.perturbations.split(",") if p.strip()]
-  unknown = sorted(set(perts) - set(PERTURBATIONS))
-  if unknown:
-    ap.error(f"unknown perturbations {unknown}; known: {', '.join(PERTURBATIONS)}")
-  settings = Settings(noise_std=args.noise_std, brightness=args.jitter, contrast=args.jitter,
-                      saturation=args.jitter, hue=args.jitter, max_angle=args.max_angle,
-                      rotation_fill=args.rotation_fill)
-  import jax
-  from absl import logging
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags (defined when it runs as a command)."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
+  flags.DEFINE_list(
+      "perturbations",
+      list(PERTURBATIONS),
+      "Comma-separated subset of " + ",".join(PERTURBATIONS) + ".",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("seed", 0, "Perturbation seed.", flag_values=fv)
+  flags.DEFINE_float(
+      "noise_std", Settings.noise_std, "Gaussian noise std on [0, 1].", flag_values=fv
+  )
+  flags.DEFINE_float(
+      "jitter", 0.1, "Brightness, contrast, saturation and hue strength.", flag_values=fv
+  )
+  flags.DEFINE_float(
+      "max_angle", Settings.max_angle, "Largest rotation, in degrees.", flag_values=fv
+  )
+  flags.DEFINE_enum(
+      "rotation_fill",
+      Settings.rotation_fill,
+      sorted(FILL_MODES),
+      "Border fill of the rotation.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("batch_size", None, "Default: the run's eval batch size.", flag_values=fv)
+  flags.DEFINE_string(
+      "data_root", None, "Default: the data the run was trained on.", flag_values=fv
+  )
+  flags.DEFINE_string("output_dir", None, "Default: <workdir>/results.", flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  flags.register_validator(
+      "perturbations",
+      lambda ps: set(ps) <= set(PERTURBATIONS),
+      f"unknown perturbations; known: {', '.join(PERTURBATIONS)}",
+      flag_values=fv,
+  )
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  fv = flag_values
+  perts = [p.strip() for p in fv.perturbations if p.strip()]
+  settings = Settings(
+      noise_std=fv.noise_std,
+      brightness=fv.jitter,
+      contrast=fv.jitter,
+      saturation=fv.jitter,
+      hue=fv.jitter,
+      max_angle=fv.max_angle,
+      rotation_fill=fv.rotation_fill,
+  )
   logging.set_verbosity(logging.WARNING)
-  run, dataset = load_run_and_test_data(args.workdir, args.data_root)
-  result = evaluate_robustness(run, dataset, perts, args.seed, settings, args.batch_size)
+  run = runs.load_run(fv.workdir)
+  dataset = runs.load_run_dataset(run, fv.workdir, fv.data_root)
+  result = evaluate_robustness(run, dataset, perts, fv.seed, settings, fv.batch_size)
   if jax.process_index() == 0:
-    out_dir = args.output_dir or os.path.join(args.workdir, "results")
-    paths = write(result, out_dir, f"robustness_seed{args.seed}")
+    out_dir = fv.output_dir or os.path.join(fv.workdir, "results")
+    paths = write(result, out_dir, f"robustness_seed{fv.seed}")
     print("\n" + markdown(result))
     print("written: " + ", ".join(paths), flush=True)
-  return result
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

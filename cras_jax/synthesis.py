@@ -1,4 +1,5 @@
-"""DAFS: distance-aware feature synthesis (SPEC section 6), training only."""
+"""DAFS: distance-aware feature synthesis (docs/method.md §6), training only."""
+
 from __future__ import annotations
 
 import jax
@@ -7,8 +8,14 @@ import jax.numpy as jnp
 VARIANTS = ("default", "none", "no_scaling", "inv_r", "inv_g_r")
 
 
-def dafs_alpha(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
-               variant: str = "default", eps: float = 1e-8) -> jax.Array:
+def dafs_alpha(
+    u: jax.Array,
+    p: jax.Array,
+    g: jax.Array,
+    beta: float,
+    variant: str = "default",
+    eps: float = 1e-8,
+) -> jax.Array:
   """Per-patch noise scale alpha [B, HW] from u, p, g [B, HW, D].
 
   r = ||u - p||, n = ||g||, s = n / r normalised by its mean over ALL patches
@@ -35,8 +42,9 @@ def dafs_alpha(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
   return beta * (s - 1.0) + 1.0
 
 
-def dafs(u: jax.Array, p: jax.Array, g: jax.Array, beta: float,
-         variant: str = "default") -> jax.Array:
+def dafs(
+    u: jax.Array, p: jax.Array, g: jax.Array, beta: float, variant: str = "default"
+) -> jax.Array:
   """Synthetic anomaly v = u + alpha * g; alpha and g carry no gradient."""
   alpha = jax.lax.stop_gradient(dafs_alpha(u, p, g, beta, variant))
   return u + alpha[..., None] * jax.lax.stop_gradient(g)

@@ -26,6 +26,7 @@ calibration part only and the report part measures them. Thresholds do not chang
   images (e.g. a folder of normal images only): the `quantile` of the normal normalised scores.
 * pixel threshold: likewise on the normalised maps of the calibration images with masks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -41,10 +42,11 @@ FILE_NAME = "thresholds.json"
 FORMAT_VERSION = 1
 QUANTILE = 0.99
 MAX_PIXELS = 20_000_000  # pixel F1 on every k-th pixel beyond this
-MAX_CANDIDATES = 4096    # candidate thresholds when there are more distinct values
+MAX_CANDIDATES = 4096  # candidate thresholds when there are more distinct values
 
 
 # ----------------------------------------------------------------------------- the split
+
 
 def name_hash(name: str) -> int:
   return int.from_bytes(hashlib.sha256(str(name).encode("utf-8")).digest()[:8], "big")
@@ -58,11 +60,12 @@ def calibration_mask(names: Sequence[str], labels, is_anomaly) -> np.ndarray:
   for key in sorted(set(zip(labels.tolist(), is_anomaly.tolist()))):
     idx = np.flatnonzero((labels == key[0]) & (is_anomaly == key[1]))
     order = sorted(idx, key=lambda i: (name_hash(names[i]), str(names[i])))
-    out[order[:math.ceil(len(order) / 2)]] = True
+    out[order[: math.ceil(len(order) / 2)]] = True
   return out
 
 
 # ----------------------------------------------------------------------------- normalisation
+
 
 def normalisation(scores, cls, num_classes: int, quantile: float = QUANTILE):
   """(loc [K], scale [K], info) from the scores of normal images and their matched class."""
@@ -81,8 +84,9 @@ def normalisation(scores, cls, num_classes: int, quantile: float = QUANTILE):
       if spread > 1e-12:
         scale[k], scale_source[k] = spread, "class"
   if np.isnan(loc).any():
-    fill, source = ((float(np.nanmedian(loc)), "median_of_classes") if np.isfinite(loc).any()
-                    else (0.0, "zero"))
+    fill, source = (
+        (float(np.nanmedian(loc)), "median_of_classes") if np.isfinite(loc).any() else (0.0, "zero")
+    )
     for k in np.flatnonzero(np.isnan(loc)):
       loc[k], loc_source[k] = fill, source
   if np.isnan(scale).any():
@@ -109,11 +113,13 @@ def normalise_maps(maps, cls, loc, scale) -> np.ndarray:
   """Maps [B, H, W] -> z maps [B, H, W] with each image's matched-class parameters."""
   loc, scale = np.asarray(loc, np.float32), np.asarray(scale, np.float32)
   cls = np.asarray(cls)
-  return ((np.asarray(maps, np.float32) - loc[cls][:, None, None])
-          / scale[cls][:, None, None]).astype(np.float32)
+  return (
+      (np.asarray(maps, np.float32) - loc[cls][:, None, None]) / scale[cls][:, None, None]
+  ).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- thresholds
+
 
 def f1_optimal_threshold(scores, labels, max_candidates: int = MAX_CANDIDATES):
   """(threshold, f1) maximising F1 of `scores >= threshold` against boolean `labels`.
@@ -149,8 +155,15 @@ def prf(pred, labels) -> dict:
   precision = tp / (tp + fp) if tp + fp else float("nan")
   recall = tp / (tp + fn) if tp + fn else float("nan")
   f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-  return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn,
-          "tn": tn}
+  return {
+      "precision": precision,
+      "recall": recall,
+      "f1": f1,
+      "tp": tp,
+      "fp": fp,
+      "fn": fn,
+      "tn": tn,
+  }
 
 
 def _subsample(n: int, limit: int):
@@ -158,8 +171,8 @@ def _subsample(n: int, limit: int):
   return slice(None) if n <= limit else slice(0, None, math.ceil(n / limit))
 
 
-def calibrate(res: dict, class_names: Sequence[str], quantile: float = QUANTILE) -> dict:
-  """Normalisation and thresholds from a scored test split.
+def fit(res: dict, class_names: Sequence[str], quantile: float = QUANTILE) -> dict:
+  """Normalisation and thresholds fitted on a scored test split (its calibration part).
 
   res: scores [N], maps [N, H, W], cls [N] (matched class), label [N] (true class),
   is_anomaly [N], mask [N, H, W], name [N], optional has_mask [N]. Returns the content of
@@ -172,8 +185,9 @@ def calibrate(res: dict, class_names: Sequence[str], quantile: float = QUANTILE)
   has_mask = np.asarray(res.get("has_mask", np.ones(len(names))), bool)
   cal = calibration_mask(names, label, is_anomaly)
   normal_cal = cal & ~is_anomaly
-  loc, scale, info = normalisation(np.asarray(res["scores"])[normal_cal], cls[normal_cal], k,
-                                   quantile)
+  loc, scale, info = normalisation(
+      np.asarray(res["scores"])[normal_cal], cls[normal_cal], k, quantile
+  )
   z = normalise(res["scores"], cls, loc, scale)
 
   # Image threshold.
@@ -208,7 +222,9 @@ def calibrate(res: dict, class_names: Sequence[str], quantile: float = QUANTILE)
       out["pixel"] = prf(zm >= pixel_thr, np.asarray(res["mask"])[psel].astype(bool))
     out["per_class"] = {
         c: prf(z[sel & (label == i)] >= image_thr, is_anomaly[sel & (label == i)])
-        for i, c in enumerate(class_names) if np.any(sel & (label == i))}
+        for i, c in enumerate(class_names)
+        if np.any(sel & (label == i))
+    }
     return out
 
   return {
@@ -216,18 +232,28 @@ def calibrate(res: dict, class_names: Sequence[str], quantile: float = QUANTILE)
       "class_names": list(class_names),
       "image_threshold": float(image_thr),
       "pixel_threshold": float(pixel_thr),
-      "rules": {"image": image_rule, "pixel": pixel_rule,
-                "decision": "anomalous where normalised value >= threshold"},
+      "rules": {
+          "image": image_rule,
+          "pixel": pixel_rule,
+          "decision": "anomalous where normalised value >= threshold",
+      },
       "calibration_f1": {"image": cal_f1, "pixel": pix_f1},
       "normalisation": {
           "definition": "z = (s - loc[c]) / scale[c], c = matched class; loc: median score of "
-                        "the normal calibration images matched to c; scale: their "
-                        f"{quantile} quantile minus loc (maps use the same loc, scale)",
-          "quantile": quantile, "loc": loc.tolist(), "scale": scale.tolist(), **info},
-      "split": {"definition": "test split; per (class, normal/defective) group, the first "
-                              "ceil(n/2) images by SHA-256 of the file name calibrate, the "
-                              "rest report",
-                "calibration_images": int(cal.sum()), "report_images": int((~cal).sum())},
+          "the normal calibration images matched to c; scale: their "
+          f"{quantile} quantile minus loc (maps use the same loc, scale)",
+          "quantile": quantile,
+          "loc": loc.tolist(),
+          "scale": scale.tolist(),
+          **info,
+      },
+      "split": {
+          "definition": "test split; per (class, normal/defective) group, the first "
+          "ceil(n/2) images by SHA-256 of the file name calibrate, the "
+          "rest report",
+          "calibration_images": int(cal.sum()),
+          "report_images": int((~cal).sum()),
+      },
       "calibration": part_metrics(cal),
       "report": part_metrics(~cal),
   }
@@ -235,9 +261,11 @@ def calibrate(res: dict, class_names: Sequence[str], quantile: float = QUANTILE)
 
 # ----------------------------------------------------------------------------- the file
 
+
 @dataclasses.dataclass
 class Thresholds:
   """What scoring needs: per-class normalisation and the two thresholds."""
+
   class_names: list
   loc: np.ndarray
   scale: np.ndarray
@@ -247,20 +275,32 @@ class Thresholds:
   step: int | None = None  # the checkpoint step the thresholds were calibrated on
 
   @classmethod
-  def from_dict(cls, d: dict, source: str = "file") -> "Thresholds":
+  def from_dict(cls, d: dict, source: str = "file") -> Thresholds:
     n = d["normalisation"]
-    return cls(list(d["class_names"]), np.asarray(n["loc"], np.float32),
-               np.asarray(n["scale"], np.float32), float(d["image_threshold"]),
-               float(d["pixel_threshold"]), source, d.get("step"))
+    return cls(
+        list(d["class_names"]),
+        np.asarray(n["loc"], np.float32),
+        np.asarray(n["scale"], np.float32),
+        float(d["image_threshold"]),
+        float(d["pixel_threshold"]),
+        source,
+        d.get("step"),
+    )
 
   @classmethod
-  def identity(cls, class_names) -> "Thresholds":
+  def identity(cls, class_names) -> Thresholds:
     """No calibration: raw scores (loc 0, scale 1) and no thresholds (NaN)."""
     k = len(class_names)
-    return cls(list(class_names), np.zeros(k, np.float32), np.ones(k, np.float32),
-               float("nan"), float("nan"), "none")
+    return cls(
+        list(class_names),
+        np.zeros(k, np.float32),
+        np.ones(k, np.float32),
+        float("nan"),
+        float("nan"),
+        "none",
+    )
 
-  def with_overrides(self, image_threshold=None, pixel_threshold=None) -> "Thresholds":
+  def with_overrides(self, image_threshold=None, pixel_threshold=None) -> Thresholds:
     out = dataclasses.replace(self)
     if image_threshold is not None:
       out.image_threshold = float(image_threshold)
@@ -304,8 +344,10 @@ def load(workdir: str, class_names: Sequence[str]) -> Thresholds | None:
     return None
   d = load_dict(file)
   if list(d["class_names"]) != list(class_names):
-    raise ValueError(f"{file} was made for classes {d['class_names']}, the run has "
-                     f"{list(class_names)}; recompute it with --calibrate")
+    raise ValueError(
+        f"{file} was made for classes {d['class_names']}, the run has "
+        f"{list(class_names)}; recompute it with --calibrate"
+    )
   d["image_threshold"] = float("nan") if d["image_threshold"] is None else d["image_threshold"]
   d["pixel_threshold"] = float("nan") if d["pixel_threshold"] is None else d["pixel_threshold"]
   return Thresholds.from_dict(d)
@@ -313,14 +355,20 @@ def load(workdir: str, class_names: Sequence[str]) -> Thresholds | None:
 
 def summary(d: dict) -> str:
   """One line for the log."""
+
   def f(x):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
   rep = d["report"]
-  line = (f"thresholds: image {f(d['image_threshold'])} ({d['rules']['image']}), pixel "
-          f"{f(d['pixel_threshold'])} ({d['rules']['pixel']}) on normalised scores; report "
-          f"part ({rep['images']} images): image P/R/F1 {f(rep['image']['precision'])}/"
-          f"{f(rep['image']['recall'])}/{f(rep['image']['f1'])}")
+  line = (
+      f"thresholds: image {f(d['image_threshold'])} ({d['rules']['image']}), pixel "
+      f"{f(d['pixel_threshold'])} ({d['rules']['pixel']}) on normalised scores; report "
+      f"part ({rep['images']} images): image P/R/F1 {f(rep['image']['precision'])}/"
+      f"{f(rep['image']['recall'])}/{f(rep['image']['f1'])}"
+  )
   if "pixel" in rep:
-    line += (f", pixel P/R/F1 {f(rep['pixel']['precision'])}/{f(rep['pixel']['recall'])}/"
-             f"{f(rep['pixel']['f1'])}")
+    line += (
+        f", pixel P/R/F1 {f(rep['pixel']['precision'])}/{f(rep['pixel']['recall'])}/"
+        f"{f(rep['pixel']['f1'])}"
+    )
   return line

@@ -1,32 +1,39 @@
 """Shared test settings: a persistent XLA compilation cache for the session, so the
 end-to-end tests that start several processes compile each step once."""
+
 import os
+import subprocess
+import sys
 import tempfile
 
 import jax
+import pytest
+from absl import app, flags
 
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                               os.path.join(tempfile.gettempdir(), "cras_jax_test_xla_cache"))
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cras_jax_test_xla_cache")
+)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 # ----------------------------------------------------------------------------- a trained run
 
-import subprocess
-import sys
-
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Command-line overrides that shrink the demo to seconds (images, dataset and model).
 TINY = [
-    "--config.data.synthetic.image_size=64", "--config.data.synthetic.n_train=6",
-    "--config.data.synthetic.n_test_good=2", "--config.data.synthetic.n_test_defect_per_type=1",
-    "--config.data.resize=73", "--config.data.crop=64",
-    "--config.model.pre_embed_dim=48", "--config.model.embed_dim=32",
-    "--config.train.batch_size=8", "--config.eval.batch_size=8", "--config.train.log_every=1",
+    "--config.data.synthetic.image_size=64",
+    "--config.data.synthetic.n_train=6",
+    "--config.data.synthetic.n_test_good=2",
+    "--config.data.synthetic.n_test_defect_per_type=1",
+    "--config.data.resize=73",
+    "--config.data.crop=64",
+    "--config.model.pre_embed_dim=48",
+    "--config.model.embed_dim=32",
+    "--config.train.batch_size=8",
+    "--config.eval.batch_size=8",
+    "--config.train.log_every=1",
     "--config.eval.num_heatmaps=1",
 ]
 
@@ -34,10 +41,44 @@ TINY = [
 def run_module(module: str, *args, timeout: int = 600) -> str:
   """Runs `python -m module args` from the repository root; asserts success, returns output."""
   env = dict(os.environ, PYTHONUNBUFFERED="1")
-  out = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+  out = subprocess.run(
+      [sys.executable, "-m", module, *map(str, args)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out.stdout + out.stderr
+
+
+def parse_command_flags(command, *args) -> flags.FlagValues:
+  """A command module's flags (`command.define_flags`) parsed from `args`, on a FlagValues of
+  their own (absl's global flags are left alone)."""
+  fv = flags.FlagValues()
+  command.define_flags(fv)
+  fv([command.__name__, *map(str, args)])
+  return fv
+
+
+def run_command(command, *args, **kwargs):
+  """Runs a command module in this process as `python -m` runs it, on flags of its own.
+
+  A command module defines `define_flags(flag_values)` and `main(argv, flag_values, ...)`
+  (and may define `parse_flags(argv, flag_values) -> argv`); `kwargs` go to `main`. As under
+  absl's `app.run`, a bad flag or a usage error exits (SystemExit, status 1). Returns what
+  `main` returns."""
+  fv = flags.FlagValues()
+  command.define_flags(fv)
+  argv = [command.__name__, *map(str, args)]
+  parse = getattr(command, "parse_flags", None)
+  try:
+    argv = parse(argv, fv) if parse is not None else fv(argv)
+    return command.main(argv, fv, **kwargs)
+  except (flags.Error, app.UsageError) as e:
+    print(f"{command.__name__}: {e}", file=sys.stderr)
+    raise SystemExit(1) from e
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +87,13 @@ def tiny_run(tmp_path_factory):
   score, export, perturb or plot a trained run. -> dict(workdir, data_root, cache_dir)."""
   base = tmp_path_factory.mktemp("tiny_run")
   paths = {"workdir": base / "run", "data_root": base / "data", "cache_dir": base / "cache"}
-  run_module("cras_jax.main", "--config=configs/demo.py", f"--workdir={paths['workdir']}",
-             f"--config.data.root={paths['data_root']}",
-             f"--config.data.cache_dir={paths['cache_dir']}", *TINY, "--config.train.epochs=3")
+  run_module(
+      "cras_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={paths['workdir']}",
+      f"--config.data.root={paths['data_root']}",
+      f"--config.data.cache_dir={paths['cache_dir']}",
+      *TINY,
+      "--config.train.epochs=3",
+  )
   return paths

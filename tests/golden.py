@@ -1,4 +1,5 @@
 """Helpers to read the reference vectors recorded from the authors' PyTorch CRAS."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ def nhwc(x):
 
 
 def adapter_params(g, prefix):
-  return {"fc0": {"kernel": g[f"{prefix}/layers.0fc.weight"].T,
-                  "bias": g[f"{prefix}/layers.0fc.bias"]}}
+  return {
+      "fc0": {"kernel": g[f"{prefix}/layers.0fc.weight"].T, "bias": g[f"{prefix}/layers.0fc.bias"]}
+  }
 
 
 def disc_variables(g, prefix):
@@ -45,11 +47,14 @@ def assert_one_step_equal(actual: dict, desired: dict, lr_adapter: float, lr_dis
   biases that feed a BatchNorm) take Adam steps of rounding noise of up to +-lr, as in
   the reference (see tests/data README): those are compared within 2 lr.
   """
-  zero_grad = {"['params']['adapter']['fc0']['bias']": 2 * lr_adapter,
-               "['params']['disc']['block1_fc']['bias']": 2 * lr_disc,
-               "['params']['disc']['block2_fc']['bias']": 2 * lr_disc}
+  zero_grad = {
+      "['params']['adapter']['fc0']['bias']": 2 * lr_adapter,
+      "['params']['disc']['block1_fc']['bias']": 2 * lr_disc,
+      "['params']['disc']['block2_fc']['bias']": 2 * lr_disc,
+  }
   assert actual.keys() == desired.keys()
   for k in desired:
     scale = max(1.0, float(np.abs(desired[k]).max()))
-    np.testing.assert_allclose(actual[k], desired[k], atol=zero_grad.get(k, 1e-5 * scale),
-                               rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(
+        actual[k], desired[k], atol=zero_grad.get(k, 1e-5 * scale), rtol=1e-5, err_msg=k
+    )

@@ -1,16 +1,19 @@
 """Shared by tests/test_predict.py and tests/test_export.py: the tiny run loaded once per
 session, its test images and the in-framework predict step on them."""
+
 import functools
 import glob
 import os
 
 import numpy as np
 
+from cras_jax import runs, scoring
+from cras_jax.data import preprocess
+
 
 @functools.lru_cache(maxsize=None)
 def loaded_run(workdir: str):
-  from cras_jax import train
-  return train.load_run(workdir)
+  return runs.load_run(workdir)
 
 
 def image_paths(data_root) -> list[str]:
@@ -20,17 +23,16 @@ def image_paths(data_root) -> list[str]:
 
 def crops(paths, config) -> np.ndarray:
   """The preprocessed uint8 crops, read by the dataset loader's function."""
-  from cras_jax.data import preprocess
-  return np.stack([preprocess.load_example(p, None, config.data.resize, config.data.crop)[0]
-                   for p in paths])
+  return np.stack(
+      [preprocess.load_example(p, None, config.data.resize, config.data.crop)[0] for p in paths]
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def reference_outputs(workdir: str, data_root: str):
-  """(crops, train.make_predict_step outputs) on all test images in one batch."""
-  from cras_jax import train
+  """(crops, the run's predict step outputs) on all test images in one batch."""
   run = loaded_run(workdir)
   images = crops(image_paths(data_root), run.config)
-  step = run.devices.jit_predict(train.make_predict_step(run.pieces))
-  out = step(run.state, run.devices.put_batch({"image": images})["image"])
+  scorer = scoring.Scorer.for_run(run, len(images))
+  out = scorer.predict_step(scorer.svars, run.devices.put_batch({"image": images})["image"])
   return images, {k: np.asarray(v) for k, v in out.items()}

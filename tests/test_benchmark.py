@@ -1,27 +1,47 @@
-"""tools/benchmark.py at a tiny setting: the JSON has its fields with positive numbers, the
+"""tools.benchmark at a tiny setting: the JSON has its fields with positive numbers, the
 markdown table and the plot are written, and `--devices=1,2` gives a row per device count."""
-import importlib.util
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import parse_command_flags
+from tools import benchmark as bench
+from tools import benchmark_probes
+
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "tools" / "benchmark.py"
 
-_spec = importlib.util.spec_from_file_location("cras_benchmark_tool", TOOL)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+TINY = [
+    "--config=configs/demo.py",
+    "--backbone=efficientnet_lite0",
+    "--image_size=64",
+    "--embed_dim=32",
+    "--reps=2",
+    "--steps_per_rep=2",
+    "--matmul_size=256",
+    "--min_rep_seconds=0.1",
+]
 
-TINY = ["--config=configs/demo.py", "--backbone=efficientnet_lite0", "--image_size=64",
-        "--embed_dim=32", "--reps=2", "--steps_per_rep=2", "--matmul_size=256",
-        "--min_rep_seconds=0.1"]
-
-POSITIVE = ("lower_s", "compile_s", "lower_and_compile_s", "first_call_s", "median_s", "min_s",
-            "max_s", "images_per_s", "images_per_s_best", "flops_per_step",
-            "flops_per_step_per_device", "achieved_flops_per_s", "peak_flops_per_s_f32",
-            "ratio_to_peak_f32", "xla_memory_bytes_per_device", "process_cpu_per_wall_s")
+POSITIVE = (
+    "lower_s",
+    "compile_s",
+    "lower_and_compile_s",
+    "first_call_s",
+    "median_s",
+    "min_s",
+    "max_s",
+    "images_per_s",
+    "images_per_s_best",
+    "flops_per_step",
+    "flops_per_step_per_device",
+    "achieved_flops_per_s",
+    "peak_flops_per_s_f32",
+    "ratio_to_peak_f32",
+    "xla_memory_bytes_per_device",
+    "process_cpu_per_wall_s",
+)
 
 
 def check_rows(result, expect):
@@ -38,15 +58,34 @@ def check_rows(result, expect):
     assert r["recompiles_during_timing"] == 0
     assert r["device_peak_bytes"] is None or r["device_peak_bytes"] > 0
     assert (r["backbone"], r["image_size"], r["embed_dim"], r["dtype"]) == (
-        "efficientnet_lite0", 64, 32, "float32")
+        "efficientnet_lite0",
+        64,
+        32,
+        "float32",
+    )
+    shares = r["stage_shares"]
+    assert set(shares) == set(benchmark_probes.STAGE_NAMES)
+    assert abs(sum(shares.values()) - 1) < 1e-9 and min(shares.values()) >= 0
+    assert shares["adapter_matching"] > 0 and shares["discriminator"] > 0
+    # The frozen backbone is in every step but the one on stored features.
+    assert (shares["backbone"] > 0) == (r["mode"] != "train_cached"), (r["mode"], shares)
   for p in result["matmul_peaks"]:
     assert p["flops_per_s"] > 0 and p["dtype"] == "float32"
 
 
 def test_one_device_in_process(tmp_path):
   out = tmp_path / "bench"
-  result = bench.main([*TINY, "--batch_sizes=4", "--devices=1", "--dtype=float32",
-                       "--modes=train,train_cached,score", f"--out={out}"])
+  result = bench.run(
+      parse_command_flags(
+          bench,
+          *TINY,
+          "--batch_sizes=4",
+          "--devices=1",
+          "--dtype=float32",
+          "--modes=train,train_cached,score",
+          f"--out={out}",
+      )
+  )
   check_rows(result, [("train", 1, 4), ("train_cached", 1, 4), ("score", 1, 4)])
   # Without the backbone the step does fewer operations.
   flops = {r["mode"]: r["flops_per_step"] for r in result["rows"]}
@@ -56,17 +95,30 @@ def test_one_device_in_process(tmp_path):
   md = (out / "benchmark.md").read_text()
   assert md.count("\n| train |") == 1 and md.count("\n| score |") == 1
   assert md.count("\n| train_cached |") == 1
+  assert "| backbone % | adapter+matching % | discriminator % | other % |" in md
   assert (out / "benchmark.png").stat().st_size > 10_000
   assert str(tmp_path) not in json.dumps(result)  # no machine paths in the record
 
 
 def test_two_devices_subprocess(tmp_path):
   out = tmp_path / "bench"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, str(TOOL), *TINY, "--batch_sizes=4", "--devices=1,2",
-                         f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tools.benchmark",
+          *TINY,
+          "--batch_sizes=4",
+          "--devices=1,2",
+          f"--out={out}",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out / "benchmark.json") as f:
     result = json.load(f)

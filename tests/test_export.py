@@ -1,5 +1,6 @@
 """The portable export: jax.export with a symbolic batch, reloaded by tools/run_exported.py in a
 fresh process that imports only jax and numpy."""
+
 import json
 import os
 import subprocess
@@ -8,14 +9,27 @@ import sys
 import numpy as np
 import pytest
 
-from cras_jax import export, predict, thresholds
+from cras_jax import export, scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
 
 # Libraries the exported model must not need (the project, its model/data libraries). (scipy
 # may appear: jaxlib's CPU runtime loads scipy.linalg.cython_blas, a dependency of jax itself.)
-FORBIDDEN = ("cras_jax", "flax", "optax", "orbax", "ml_collections", "tensorflow",
-             "tensorflow_datasets", "PIL", "skimage", "matplotlib", "torch", "absl", "tqdm")
+FORBIDDEN = (
+    "cras_jax",
+    "flax",
+    "optax",
+    "orbax",
+    "ml_collections",
+    "tensorflow",
+    "tensorflow_datasets",
+    "PIL",
+    "skimage",
+    "matplotlib",
+    "torch",
+    "absl",
+    "tqdm",
+)
 
 RUNNER = """
 import json, runpy, sys
@@ -33,7 +47,7 @@ def exported(tiny_run, tmp_path_factory):
   run = predict_helpers.loaded_run(workdir)
   images, ref = predict_helpers.reference_outputs(workdir, str(tiny_run["data_root"]))
   tmp = tmp_path_factory.mktemp("export")
-  thr = predict.load_thresholds(run, workdir)
+  thr = scoring.load_thresholds(run, workdir)
   meta = export.export_run(run, thr, str(tmp / "model.npz"))
   np.save(tmp / "crops.npy", images)
   return {"dir": tmp, "meta": meta, "thr": thr, "images": images, "ref": ref}
@@ -58,9 +72,20 @@ def test_exported_file_holds_function_weights_and_settings(exported, tiny_run):
 
 def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
   tmp = exported["dir"]
-  out = subprocess.run([sys.executable, "-c", RUNNER, str(tmp / "model.npz"),
-                        str(tmp / "crops.npy"), str(tmp / "out")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-c",
+          RUNNER,
+          str(tmp / "model.npz"),
+          str(tmp / "crops.npy"),
+          str(tmp / "out"),
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   modules = json.loads(out.stdout.split("MODULES ", 1)[1])
   assert "jax" in modules and "numpy" in modules
@@ -77,8 +102,6 @@ def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
     np.testing.assert_array_equal(got["cls"], ref["cls"])
     np.testing.assert_allclose(got["normalised_scores"], z_ref, rtol=1e-5, atol=1e-4)
     near = np.abs(z_ref - thr.image_threshold) < 1e-4
-    np.testing.assert_array_equal(got["is_anomaly"][~near],
-                                  (z_ref >= thr.image_threshold)[~near])
+    np.testing.assert_array_equal(got["is_anomaly"][~near], (z_ref >= thr.image_threshold)[~near])
     near = np.abs(zmaps_ref - thr.pixel_threshold) < 1e-4
-    np.testing.assert_array_equal(got["masks"][~near],
-                                  (zmaps_ref >= thr.pixel_threshold)[~near])
+    np.testing.assert_array_equal(got["masks"][~near], (zmaps_ref >= thr.pixel_threshold)[~near])

@@ -1,4 +1,4 @@
-"""SPEC section 2's patch aggregation against an independent PyTorch expression.
+"""docs/method.md §2's patch aggregation against an independent PyTorch expression.
 
 The reference follows the authors' code order: unfold 3x3 (zero padding 1), upsample level 3's
 unfolded grid (every one of its C*9 components) to level 2's grid with bilinear
@@ -6,13 +6,17 @@ interpolation (align_corners=False) BEFORE any pooling, 1-D adaptive average poo
 level's C*9 vector to pre_embed, stack level-major, pool again to D.
 `cras_jax.features.aggregate_patches` pools before upsampling; the two must agree.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch not installed: PyTorch feature reference "
-                            "skipped (pip install -r requirements-tools.txt)")
+torch = pytest.importorskip(
+    "torch",
+    reason="torch not installed: PyTorch feature reference "
+    "skipped (pip install -r requirements-tools.txt)",
+)
 F = torch.nn.functional
 
 from cras_jax.features import aggregate_patches  # noqa: E402
@@ -25,14 +29,15 @@ def torch_aggregate(levels_nchw, pre_embed: int, embed: int, k: int = 3) -> np.n
   per_level = []
   for feat in levels_nchw:
     _, c, h, w = feat.shape
-    u = F.unfold(feat, kernel_size=k, padding=(k - 1) // 2)          # [B, C*k*k, h*w]
+    u = F.unfold(feat, kernel_size=k, padding=(k - 1) // 2)  # [B, C*k*k, h*w]
     u = u.reshape(b, c, k, k, h, w)
     if (h, w) != (h0, w0):  # upsample every component of the unfolded grid
-      u = F.interpolate(u.reshape(-1, 1, h, w), size=(h0, w0), mode="bilinear",
-                        align_corners=False).reshape(b, c, k, k, h0, w0)
+      u = F.interpolate(
+          u.reshape(-1, 1, h, w), size=(h0, w0), mode="bilinear", align_corners=False
+      ).reshape(b, c, k, k, h0, w0)
     u = u.permute(0, 4, 5, 1, 2, 3).reshape(b * h0 * w0, 1, c * k * k)  # channel, row, col
-    per_level.append(F.adaptive_avg_pool1d(u, pre_embed).squeeze(1))    # [N, pre]
-  x = torch.stack(per_level, dim=1).reshape(b * h0 * w0, 1, -1)         # level-major
+    per_level.append(F.adaptive_avg_pool1d(u, pre_embed).squeeze(1))  # [N, pre]
+  x = torch.stack(per_level, dim=1).reshape(b * h0 * w0, 1, -1)  # level-major
   return F.adaptive_avg_pool1d(x, embed).reshape(b, h0 * w0, embed).numpy()
 
 
@@ -57,4 +62,3 @@ def test_aggregate_patches_matches_torch(case):
   out = np.asarray(aggregate_patches([x.transpose(0, 2, 3, 1) for x in levels], pre, d))
   assert out.shape == ref.shape == (shapes[0][0], shapes[0][2] * shapes[0][3], d)
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
-

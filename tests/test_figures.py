@@ -1,5 +1,6 @@
 """Figures of a trained run (Fig. 6 grid, Fig. 7 t-SNE) and the wrong-match count, on the
 tiny trained run."""
+
 import csv
 import json
 import os
@@ -14,8 +15,13 @@ from cras_jax import figures
 @pytest.fixture(scope="module")
 def figs(tiny_run, tmp_path_factory):
   out_dir = tmp_path_factory.mktemp("figures")
-  out = figures.make_figures(str(tiny_run["workdir"]), classes=["chip", "gear"], per_class=1,
-                             output_dir=str(out_dir), seed=0)
+  out = figures.make_figures(
+      str(tiny_run["workdir"]),
+      classes=["chip", "gear"],
+      per_class=1,
+      output_dir=str(out_dir),
+      seed=0,
+  )
   return out, out_dir
 
 

@@ -1,5 +1,6 @@
-"""Robustness perturbations (SPEC 11, Table 7) against independent references
+"""Robustness perturbations (docs/method.md §11, Table 7) against independent references
 (torchvision, SciPy), their seeding, and the CLI on the tiny trained run."""
+
 import json
 import os
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from cras_jax import robustness as R
+from cras_jax import perturbations as R
 from tests.conftest import run_module
 
 torch = pytest.importorskip("torch")
@@ -18,9 +19,9 @@ from torchvision.transforms import InterpolationMode  # noqa: E402
 def _images(n=3, h=40, w=36, seed=0):
   rng = np.random.default_rng(seed)
   img = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-  img[0, :8] = 255                                  # saturated
-  img[0, 8:16] = img[0, 8:16, :, :1]                # greys (max == min: hue undefined)
-  img[-1, :6] = 0                                   # black
+  img[0, :8] = 255  # saturated
+  img[0, 8:16] = img[0, 8:16, :, :1]  # greys (max == min: hue undefined)
+  img[-1, :6] = 0  # black
   return img
 
 
@@ -37,12 +38,15 @@ def _close(out, ref):
   assert d.max() <= 1 and (d > 0).mean() < 1e-3, (d.max(), (d > 0).mean())
 
 
-@pytest.mark.parametrize("ours,theirs,factors", [
-    (R.adjust_brightness, TF.adjust_brightness, (0.9, 0.97, 1.04, 1.1)),
-    (R.adjust_contrast, TF.adjust_contrast, (0.9, 0.95, 1.07, 1.1)),
-    (R.adjust_saturation, TF.adjust_saturation, (0.9, 0.93, 1.02, 1.1)),
-    (R.adjust_hue, TF.adjust_hue, (-0.1, -0.03, 0.05, 0.1)),
-])
+@pytest.mark.parametrize(
+    "ours,theirs,factors",
+    [
+        (R.adjust_brightness, TF.adjust_brightness, (0.9, 0.97, 1.04, 1.1)),
+        (R.adjust_contrast, TF.adjust_contrast, (0.9, 0.95, 1.07, 1.1)),
+        (R.adjust_saturation, TF.adjust_saturation, (0.9, 0.93, 1.02, 1.1)),
+        (R.adjust_hue, TF.adjust_hue, (-0.1, -0.03, 0.05, 0.1)),
+    ],
+)
 def test_colour_ops_match_torchvision(ours, theirs, factors):
   for img in _images():
     for f in factors:
@@ -60,8 +64,12 @@ def test_color_jitter_is_torchvision_colorjitter_for_its_parameters():
     seen_orders.add(tuple(order.tolist()))
     ref = _torch(img)
     for k in order:  # torchvision ColorJitter.forward, the same factors and order
-      ref = [lambda x: TF.adjust_brightness(x, b), lambda x: TF.adjust_contrast(x, c),
-             lambda x: TF.adjust_saturation(x, sat), lambda x: TF.adjust_hue(x, h)][k](ref)
+      ref = [
+          lambda x: TF.adjust_brightness(x, b),
+          lambda x: TF.adjust_contrast(x, c),
+          lambda x: TF.adjust_saturation(x, sat),
+          lambda x: TF.adjust_hue(x, h),
+      ][k](ref)
     out = R.color_jitter(img, params)
     _close(out, _numpy(ref))
     assert np.any(out != img)
@@ -74,8 +82,13 @@ def test_rotation_matches_scipy(fill, mode):
   mask = (np.random.default_rng(1).random(img.shape[:2]) > 0.7).astype(np.uint8)
   for angle in (-4.6, 2.3, 5.0):
     out, m = R.rotate(img, mask, angle, fill)
-    ref = np.stack([ndi.rotate(img[..., c].astype(float), angle, reshape=False, order=1,
-                               mode=mode) for c in range(3)], -1)
+    ref = np.stack(
+        [
+            ndi.rotate(img[..., c].astype(float), angle, reshape=False, order=1, mode=mode)
+            for c in range(3)
+        ],
+        -1,
+    )
     assert np.abs(out - ref).max() <= 0.5 + 1e-6  # ours is the same bilinear value, rounded
     np.testing.assert_array_equal(m, ndi.rotate(mask, angle, reshape=False, order=0, mode=mode))
 
@@ -87,8 +100,9 @@ def test_rotation_constant_fill_matches_torchvision_rotate():
     out, m = R.rotate(img, mask, angle, "constant")
     ref = _numpy(TF.rotate(_torch(img), angle, interpolation=InterpolationMode.BILINEAR, fill=0))
     _close(out[3:-3, 3:-3], ref[3:-3, 3:-3])  # borders: torchvision blends the fill differently
-    ref_m = TF.rotate(torch.from_numpy(mask)[None], angle,
-                      interpolation=InterpolationMode.NEAREST)[0].numpy()
+    ref_m = TF.rotate(torch.from_numpy(mask)[None], angle, interpolation=InterpolationMode.NEAREST)[
+        0
+    ].numpy()
     assert (m != ref_m).mean() < 1e-3
     assert out[0, 0].max() == 0 and out[-1, -1].max() == 0  # black corners
 
@@ -140,13 +154,15 @@ def test_noise_statistics_reproducibility_and_seeding():
   d = (out.astype(float) - img) / 255.0
   assert abs(d.mean()) < 3e-4
   # Rounding to uint8 adds (1/255)^2/12 of variance.
-  assert abs(d.std() - np.sqrt(0.01 ** 2 + (1 / 255) ** 2 / 12)) < 3e-4
-  assert abs(R.gaussian_noise(img, np.random.default_rng(0), 0.05).astype(float).std() / 255
-             - 0.05) < 2e-3  # std configurable
+  assert abs(d.std() - np.sqrt(0.01**2 + (1 / 255) ** 2 / 12)) < 3e-4
+  assert (
+      abs(R.gaussian_noise(img, np.random.default_rng(0), 0.05).astype(float).std() / 255 - 0.05)
+      < 2e-3
+  )  # std configurable
   a = R.perturb(img, None, 4, "noise", 0)[0]
-  np.testing.assert_array_equal(a, R.perturb(img, None, 4, "noise", 0)[0])   # reproducible
-  assert np.any(a != R.perturb(img, None, 4, "noise", 1)[0])                 # seed matters
-  assert np.any(a != R.perturb(img, None, 5, "noise", 0)[0])                 # per image
+  np.testing.assert_array_equal(a, R.perturb(img, None, 4, "noise", 0)[0])  # reproducible
+  assert np.any(a != R.perturb(img, None, 4, "noise", 1)[0])  # seed matters
+  assert np.any(a != R.perturb(img, None, 5, "noise", 0)[0])  # per image
 
 
 class _Source:
@@ -154,9 +170,17 @@ class _Source:
 
   def __init__(self, n=7):
     imgs = _images(n, 24, 24, seed=3)
-    self.examples = [{"image": imgs[i], "mask": (imgs[i, ..., 0] > 200).astype(np.uint8),
-                      "label": i % 2, "is_anomaly": 1, "defect_type": b"x",
-                      "name": f"c/test/x/{i:03d}.png".encode()} for i in range(n)]
+    self.examples = [
+        {
+            "image": imgs[i],
+            "mask": (imgs[i, ..., 0] > 200).astype(np.uint8),
+            "label": i % 2,
+            "is_anomaly": 1,
+            "defect_type": b"x",
+            "name": f"c/test/x/{i:03d}.png".encode(),
+        }
+        for i in range(n)
+    ]
     self.split = "test"
 
   def __len__(self):
@@ -172,6 +196,7 @@ class _Source:
 @pytest.mark.parametrize("kind", R.PERTURBATIONS)
 def test_perturbed_source_is_independent_of_batch_size(kind):
   from cras_jax.data import mvtec
+
   src = _Source()
   p = R.PerturbedSource(src, kind, seed=3)
   assert len(p) == len(src) and p.split == "test"

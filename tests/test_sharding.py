@@ -1,5 +1,6 @@
 """Data parallelism: one jitted, sharded step on 4 simulated CPU devices equals the
 same step on 1 device (parameters, BatchNorm statistics, loss, scores)."""
+
 import os
 import subprocess
 import sys
@@ -11,37 +12,44 @@ from tests import golden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r'''
+SCRIPT = r"""
 import sys
 import jax, numpy as np
-from cras_jax import train
+from cras_jax import scoring, steps
 from tests import tiny_step
 
-pieces, devices, state, batch = tiny_step.setup()
+spec, devices, state, batch = tiny_step.setup()
 dev_batch = devices.put_batch(batch)
 assert len(dev_batch["image"].sharding.device_set) == devices.count
 assert len(dev_batch["image"].addressable_shards) == devices.count
 assert dev_batch["image"].addressable_shards[0].data.shape[0] == 8 // devices.count
 # Scoring first (on the initial state), then one training step.
-predict = devices.jit_predict(train.make_predict_step(pieces))
-out = predict(state, devices.put_batch({"image": batch["image"]})["image"])
+scorer = scoring.Scorer(spec, devices, 8, state=state)
+out = scorer.predict_step(scorer.svars, devices.put_batch({"image": batch["image"]})["image"])
 assert len(out["maps"].sharding.device_set) == devices.count
 out = jax.tree.map(np.asarray, out)
-step = devices.jit_train(train.make_train_step(pieces))
+step = devices.jit_train(steps.make_train_step(spec))
 state, metrics = step(state, dev_batch)
 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
     {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics,
      "scores": out["scores"], "maps": out["maps"]})}
 np.savez(sys.argv[1], **flat)
 print("devices", devices.count)
-'''
+"""
 
 
 def run(n, path):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+  env = dict(
+      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", SCRIPT, str(path)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"devices {n}" in out.stdout
   return dict(np.load(path))

@@ -3,6 +3,7 @@
 The runs use the real entry point (`python -m cras_jax.main --config=configs/demo.py`)
 with command-line overrides that shrink images, dataset and model.
 """
+
 import json
 import os
 import signal
@@ -13,18 +14,28 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from tests.conftest import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(workdir, data_root, cache, *extra, wait=True):
-  cmd = [sys.executable, "-m", "cras_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-         f"--config.data.root={data_root}", f"--config.data.cache_dir={cache}", *TINY, *extra]
+  cmd = [
+      sys.executable,
+      "-m",
+      "cras_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={workdir}",
+      f"--config.data.root={data_root}",
+      f"--config.data.cache_dir={cache}",
+      *TINY,
+      *extra,
+  ]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out.stdout + out.stderr
@@ -37,6 +48,7 @@ def metrics(workdir, tag="final"):
 
 def final_params(workdir):
   import orbax.checkpoint as ocp
+
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   path = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
   return steps[-1], ocp.StandardCheckpointer().restore(path)
@@ -87,6 +99,7 @@ def test_sigint_then_rerun_resumes_to_identical_result(shared):
   step_b, params_b = final_params(work)
   assert step_a == step_b == 9
   import jax
+
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
   assert metrics(work)["metrics"] == metrics(ref)["metrics"]
@@ -101,8 +114,14 @@ def test_eval_mode_scores_checkpoint_without_training(shared):
 
 def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path, shared):
   base, _, _ = shared
-  cmd = [sys.executable, "-m", "cras_jax.main", "--config=configs/demo.py",
-         f"--workdir={tmp_path / 'empty'}", "--mode=eval"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "cras_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={tmp_path / 'empty'}",
+      "--mode=eval",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "no checkpoint to evaluate" in out.stderr
 
@@ -114,15 +133,27 @@ def test_feature_cache_matches_backbone_every_step(shared):
   logs = {}
   for cache in ("true", "false"):
     work = base / f"cache_{cache}"
-    run_main(work, base / "data", base / "cache", "--config.train.epochs=1",
-             f"--config.train.cache_features={cache}", "--config.eval.num_heatmaps=0")
+    run_main(
+        work,
+        base / "data",
+        base / "cache",
+        "--config.train.epochs=1",
+        f"--config.train.cache_features={cache}",
+        "--config.eval.num_heatmaps=0",
+    )
     logs[cache] = [json.loads(l) for l in open(work / "train_log.jsonl")]
   assert [l["step"] for l in logs["true"]] == [l["step"] for l in logs["false"]] == [1, 2, 3]
   for a, b in zip(logs["true"], logs["false"]):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
   # A later run with the same data, backbone and settings reuses the stored features.
-  out = run_main(base / "cache_again", base / "data", base / "cache", "--config.train.epochs=1",
-                 "--config.train.cache_features=true", "--config.eval.num_heatmaps=0")
+  out = run_main(
+      base / "cache_again",
+      base / "data",
+      base / "cache",
+      "--config.train.epochs=1",
+      "--config.train.cache_features=true",
+      "--config.eval.num_heatmaps=0",
+  )
   assert "feature cache: reusing" in out
   again = [json.loads(l) for l in open(base / "cache_again" / "train_log.jsonl")]
   assert [l["loss"] for l in again] == [l["loss"] for l in logs["true"]]
@@ -134,13 +165,16 @@ def test_feature_cache_matches_backbone_every_step(shared):
 
 # ----------------------------------------------------------------------------- faults
 
+
 def _copy_run(src, dst):
   import shutil
+
   shutil.copytree(src, dst, ignore=shutil.ignore_patterns("results", ".lock"))
 
 
 def _assert_same_final_params(work, ref):
   import jax
+
   step_a, params_a = final_params(ref)
   step_b, params_b = final_params(work)
   assert step_a == step_b
@@ -194,30 +228,58 @@ def test_changed_config_is_refused_unless_allowed(shared):
   base, ref, _ = shared
   work = base / "changed"
   _copy_run(ref, work)
-  cmd = [sys.executable, "-m", "cras_jax.main", "--config=configs/demo.py", f"--workdir={work}",
-         f"--config.data.root={base / 'data'}", f"--config.data.cache_dir={base / 'cache'}",
-         *TINY, "--config.train.epochs=3", "--config.model.dafs_beta=0.5",
-         "--config.train.lr_disc=0.001"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "cras_jax.main",
+      "--config=configs/demo.py",
+      f"--workdir={work}",
+      f"--config.data.root={base / 'data'}",
+      f"--config.data.cache_dir={base / 'cache'}",
+      *TINY,
+      "--config.train.epochs=3",
+      "--config.model.dafs_beta=0.5",
+      "--config.train.lr_disc=0.001",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode != 0
   assert "model.dafs_beta: saved 0.3, now 0.5" in out.stderr
   assert "train.lr_disc: saved 0.0005, now 0.001" in out.stderr
   assert "--allow_config_change" in out.stderr
   # Fields that do not change results (logging, evaluation) are not refused.
-  run_main(work, base / "data", base / "cache", "--config.train.epochs=3",
-           "--config.train.log_every=3", "--config.eval.num_heatmaps=0")
-  out = run_main(work, base / "data", base / "cache", "--config.train.epochs=3",
-                 "--config.model.dafs_beta=0.5", "--allow_config_change")
+  run_main(
+      work,
+      base / "data",
+      base / "cache",
+      "--config.train.epochs=3",
+      "--config.train.log_every=3",
+      "--config.eval.num_heatmaps=0",
+  )
+  out = run_main(
+      work,
+      base / "data",
+      base / "cache",
+      "--config.train.epochs=3",
+      "--config.model.dafs_beta=0.5",
+      "--allow_config_change",
+  )
   assert "continuing with changed configuration" in out
 
 
 def test_second_run_on_same_workdir_is_refused(shared, tmp_path):
-  from cras_jax.train import WorkdirLock
+  from cras_jax.runs import WorkdirLock
+
   base, _, _ = shared
   work = tmp_path / "locked"
   with WorkdirLock(str(work)):
-    cmd = [sys.executable, "-m", "cras_jax.main", "--config=configs/demo.py",
-           f"--workdir={work}", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cras_jax.main",
+        "--config=configs/demo.py",
+        f"--workdir={work}",
+        *TINY,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "is in use by a running job (pid" in out.stderr
@@ -225,21 +287,24 @@ def test_second_run_on_same_workdir_is_refused(shared, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path, monkeypatch):
   import jax.numpy as jnp
-  from configs import demo
-  from cras_jax import train
-  base, _, _ = shared
-  make = train.make_train_step
 
-  def poisoned(pieces):
-    step = make(pieces)
+  from configs import demo
+  from cras_jax import steps, train
+
+  base, _, _ = shared
+  make = steps.make_train_step
+
+  def poisoned(spec):
+    step = make(spec)
 
     def wrapped(state, batch):
       new_state, m = step(state, batch)
       m["loss"] = jnp.where(state.step == 4, jnp.nan, m["loss"])  # the 5th step diverges
       return new_state, m
+
     return wrapped
 
-  monkeypatch.setattr(train, "make_train_step", poisoned)
+  monkeypatch.setattr(steps, "make_train_step", poisoned)
   cfg = demo.get_config()
   overrides = dict(a.lstrip("-").split("=", 1) for a in TINY)
   for key, value in overrides.items():
@@ -264,9 +329,15 @@ def test_float16_feature_cache_stays_close(shared):
   logs, outs = {}, {}
   for dtype in ("float16", "float32"):
     work = base / f"cache_{dtype}"
-    outs[dtype] = run_main(work, base / "data", base / "cache", "--config.train.epochs=1",
-                   "--config.train.cache_features=true", f"--config.train.feature_cache_dtype={dtype}",
-                   "--config.eval.num_heatmaps=0")
+    outs[dtype] = run_main(
+        work,
+        base / "data",
+        base / "cache",
+        "--config.train.epochs=1",
+        "--config.train.cache_features=true",
+        f"--config.train.feature_cache_dtype={dtype}",
+        "--config.eval.num_heatmaps=0",
+    )
     logs[dtype] = [json.loads(l)["loss"] for l in open(work / "train_log.jsonl")]
   assert "KiB per image, float16" in outs["float16"]
   np.testing.assert_allclose(logs["float16"], logs["float32"], rtol=2e-3)

@@ -1,11 +1,13 @@
 """Each pure function against an independent NumPy/SciPy computation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
 
-from cras_jax import anomaly_map, features, loss as loss_lib, matching, synthesis
+from cras_jax import anomaly_map, features, matching, synthesis
+from cras_jax import loss as loss_lib
 
 RNG = np.random.default_rng(0)
 
@@ -42,12 +44,17 @@ def np_bilinear_up(x, out_h, out_w):
   res = np.zeros((b, out_h, out_w, c))
   for oy in range(out_h):
     sy = max((oy + 0.5) * h / out_h - 0.5, 0)
-    y0 = min(int(np.floor(sy)), h - 1); y1 = min(y0 + 1, h - 1); ly = sy - y0
+    y0 = min(int(np.floor(sy)), h - 1)
+    y1 = min(y0 + 1, h - 1)
+    ly = sy - y0
     for ox in range(out_w):
       sx = max((ox + 0.5) * w / out_w - 0.5, 0)
-      x0 = min(int(np.floor(sx)), w - 1); x1 = min(x0 + 1, w - 1); lx = sx - x0
-      res[:, oy, ox] = ((1 - ly) * ((1 - lx) * x[:, y0, x0] + lx * x[:, y0, x1])
-                        + ly * ((1 - lx) * x[:, y1, x0] + lx * x[:, y1, x1]))
+      x0 = min(int(np.floor(sx)), w - 1)
+      x1 = min(x0 + 1, w - 1)
+      lx = sx - x0
+      res[:, oy, ox] = (1 - ly) * ((1 - lx) * x[:, y0, x0] + lx * x[:, y0, x1]) + ly * (
+          (1 - lx) * x[:, y1, x0] + lx * x[:, y1, x1]
+      )
   return res
 
 
@@ -59,8 +66,9 @@ def test_unfold_matches_loop():
 @pytest.mark.parametrize("length,out", [(36, 12), (40, 24), (80, 24), (7, 3), (10, 10), (5, 8)])
 def test_adaptive_pool_matches_loop(length, out):
   x = RNG.normal(size=(3, length)).astype(np.float32)
-  np.testing.assert_allclose(features.adaptive_avg_pool_last(jnp.asarray(x), out),
-                             np_adaptive_pool(x, out), atol=1e-6)
+  np.testing.assert_allclose(
+      features.adaptive_avg_pool_last(jnp.asarray(x), out), np_adaptive_pool(x, out), atol=1e-6
+  )
 
 
 def test_aggregate_matches_reference_order():
@@ -79,8 +87,9 @@ def test_aggregate_matches_reference_order():
 
 def test_resize_bilinear_matches_loop():
   x = RNG.normal(size=(1, 4, 5, 2)).astype(np.float32)
-  np.testing.assert_allclose(features.resize_bilinear(jnp.asarray(x), (8, 10)),
-                             np_bilinear_up(x, 8, 10), atol=1e-5)
+  np.testing.assert_allclose(
+      features.resize_bilinear(jnp.asarray(x), (8, 10)), np_bilinear_up(x, 8, 10), atol=1e-5
+  )
   m = anomaly_map.bilinear_matrix(10, 5)
   np.testing.assert_allclose(np.einsum("oi,bhic->bhoc", m, x), np_bilinear_up(x, 4, 10), atol=1e-6)
 
@@ -120,8 +129,12 @@ def test_global_matching_brute_force_and_batch_mode():
   c = RNG.normal(size=(3, 10, 6)).astype(np.float32)
   u = c[[2, 0, 2, 1]] + 0.3 * RNG.normal(size=(4, 10, 6)).astype(np.float32)
   k, _, _ = matching.match_infer(jnp.asarray(u), jnp.asarray(c))
-  ref = [int(np.argmax([ui.ravel() @ ck.ravel() / np.linalg.norm(ui) / np.linalg.norm(ck)
-                        for ck in c])) for ui in u]
+  ref = [
+      int(
+          np.argmax([ui.ravel() @ ck.ravel() / np.linalg.norm(ui) / np.linalg.norm(ck) for ck in c])
+      )
+      for ui in u
+  ]
   np.testing.assert_array_equal(k, ref)
   kb, _, _ = matching.match_infer(jnp.asarray(u), jnp.asarray(c), per_image=False)
   np.testing.assert_array_equal(kb, [2, 2, 2, 2])
@@ -131,7 +144,8 @@ def test_dafs_invariants():
   u = RNG.normal(size=(2, 5, 4)).astype(np.float32)
   p = RNG.normal(size=(2, 5, 4)).astype(np.float32)
   g = 0.1 * RNG.normal(size=(2, 5, 4)).astype(np.float32)
-  r = np.linalg.norm(u - p, axis=-1); n = np.linalg.norm(g, axis=-1)
+  r = np.linalg.norm(u - p, axis=-1)
+  n = np.linalg.norm(g, axis=-1)
   s = (n / r) / (n / r).mean()
   alpha = synthesis.dafs_alpha(jnp.asarray(u), jnp.asarray(p), jnp.asarray(g), 0.3)
   np.testing.assert_allclose(alpha, 0.3 * (s - 1) + 1, rtol=1e-5)
@@ -141,7 +155,8 @@ def test_dafs_invariants():
   v = synthesis.dafs(jnp.asarray(u), jnp.asarray(p), jnp.asarray(g), 0.3)
   np.testing.assert_allclose(v, u + np.asarray(alpha)[..., None] * g, rtol=1e-5, atol=1e-6)
   # A patch equal to its centre gets a finite alpha.
-  p0 = p.copy(); p0[0, 0] = u[0, 0]
+  p0 = p.copy()
+  p0[0, 0] = u[0, 0]
   assert np.isfinite(np.asarray(synthesis.dafs_alpha(u, p0, g, 0.3))).all()
   # No gradient flows through alpha or g: dv/du is the identity.
   jac = jax.jacobian(lambda x: synthesis.dafs(x, p, g, 0.3).sum())(jnp.asarray(u))
@@ -149,7 +164,8 @@ def test_dafs_invariants():
 
 
 def test_bce_matches_numpy():
-  lt = RNG.normal(size=50).astype(np.float32); lf = RNG.normal(size=50).astype(np.float32)
+  lt = RNG.normal(size=50).astype(np.float32)
+  lf = RNG.normal(size=50).astype(np.float32)
   sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))
   a, b = loss_lib.bce_losses(jnp.asarray(lt), jnp.asarray(lf))
   np.testing.assert_allclose(a, -np.mean(np.log(1 - sig(lt))), rtol=1e-5)
@@ -157,14 +173,18 @@ def test_bce_matches_numpy():
 
 
 def test_crd_input_modes():
-  u = jnp.ones((1, 2, 3)); p = jnp.zeros((1, 2, 3)) + 0.25
+  u = jnp.ones((1, 2, 3))
+  p = jnp.zeros((1, 2, 3)) + 0.25
   assert loss_lib.crd_inputs(u, p).shape[-1] == 6
   np.testing.assert_allclose(loss_lib.crd_inputs(u, p, "residual"), np.full((1, 2, 3), 0.75))
   with pytest.raises(ValueError, match="raw_residual"):
     loss_lib.crd_inputs(u, p, "bogus")
 
 
-@pytest.mark.parametrize("h,out,sigma", [(8, 64, 4.0), (6, 48, 4.0), (36, 288, 4.0), (5, 20, 4.0), (3, 10, 4.0), (7, 50, 1.5)])
+@pytest.mark.parametrize(
+    "h,out,sigma",
+    [(8, 64, 4.0), (6, 48, 4.0), (36, 288, 4.0), (5, 20, 4.0), (3, 10, 4.0), (7, 50, 1.5)],
+)
 def test_anomaly_map_matches_scipy(h, out, sigma):
   """Upsampling then scipy.ndimage.gaussian_filter(mode='reflect', truncate 4)."""
   s = RNG.random(size=(2, h, h)).astype(np.float32)

@@ -3,27 +3,30 @@
 Imported by the scripts those tests run in subprocesses (after any
 `jax.distributed.initialize`), so every run builds exactly the same inputs.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import demo
-from cras_jax import backbones, train
+from cras_jax import backbones, sharding, steps
 
 
 def setup():
-  """-> (pieces, devices, replicated state with random centres, global host batch of 8)."""
+  """-> (spec, devices, replicated state with random centres, global host batch of 8)."""
   cfg = demo.get_config()
   cfg.data.crop = 64
   cfg.model.pre_embed_dim = 48
   cfg.model.embed_dim = 32
-  pieces = train.Pieces(cfg, 3)
-  devices = train.Devices()
+  spec = steps.ModelSpec(cfg, 3)
+  devices = sharding.Devices()
   bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
-  state = train.create_state(pieces, bb, 0)
+  state = steps.create_state(spec, bb, 0)
   rng = np.random.default_rng(0)
   state = state.replace(centres=jnp.asarray(rng.normal(size=state.centres.shape), jnp.float32))
   state = devices.put_replicated(jax.device_get(state))
-  batch = {"image": rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8),
-           "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)}
-  return pieces, devices, state, batch
+  batch = {
+      "image": rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8),
+      "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32),
+  }
+  return spec, devices, state, batch

@@ -2,12 +2,14 @@
 """Throughput benchmark of the CRAS steps: training and scoring, images/s.
 
 Measures, for every combination of batch size, device count, precision and image size:
-- `train`: `train.make_train_step`, the full training step on uint8 images (frozen backbone
+- `train`: `steps.make_train_step`, the full training step on uint8 images (frozen backbone
   + adapter + synthesis + discriminator + backward + optimiser update; the uncached path,
-  batch = {'image': uint8, 'label': int32}), jitted and sharded like `train.Devices.jit_train`
+  batch = {'image': uint8, 'label': int32}), jitted and sharded by `Devices.jit_train`
   (state replicated and donated, batch split on 'data');
-- `score`: `train.make_predict_step` (backbone + adapter + matching + discriminator +
-  anomaly map), jitted like `train.Devices.jit_predict`.
+- `train_cached`: the same step on stored backbone features (`train.cache_features=True`);
+- `score`: the predict step of a `scoring.Scorer` (backbone + adapter + matching +
+  discriminator + anomaly map on the model's prepared scoring variables), as every command
+  scores.
 
 Per row: compile time (`jit(...).lower(...)` and `.compile()`, timed apart from steady
 state), the first call, the steady state over `--reps` repetitions (each rep = several steps
@@ -27,44 +29,38 @@ the values. Results go to `--out`: `benchmark.json`, `benchmark.md` (also printe
 size is given). `--profile` also writes a `jax.profiler` trace of a few steady-state steps of
 every row into `--out/trace/<row>/` (open with TensorBoard's profile plugin or Perfetto).
 
-Examples:
-  python tools/benchmark.py --config=configs/mvtec.py --batch_sizes=8 --image_size=288 \\
+Examples (from the repository root):
+  python -m tools.benchmark --config=configs/mvtec.py --batch_sizes=8 --image_size=288 \\
       --dtype=float32 --reps=5 --out=runs/bench
-  python tools/benchmark.py --config=configs/demo.py --backbone=efficientnet_lite0 \\
+  python -m tools.benchmark --config=configs/demo.py --backbone=efficientnet_lite0 \\
       --image_size=64,160 --embed_dim=32 --batch_sizes=4,16 --dtype=float32,bfloat16 --out=runs/b
   # several devices on a CPU: simulate them
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python tools/benchmark.py \\
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tools.benchmark \\
       --config=configs/demo.py --devices=1,2,4 --batch_sizes=8 --out=runs/bench_dev
 
 Compile times are those of this process: if a persistent compilation cache is configured
 (`JAX_COMPILATION_CACHE_DIR`), a hit makes them small; each row records `compile_cache_hit`.
 """
+
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import importlib.util
-import inspect
 import json
 import math
 import os
-import platform
-import sys
+import tempfile
 import time
-from pathlib import Path
-from typing import Any, Sequence
+import types
+from collections.abc import Sequence
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(_REPO_ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-from cras_jax import backbones, train  # noqa: E402
+from cras_jax import backbones, scoring, sharding, steps
+from tools import benchmark_probes as probes
 
 # train_cached: the training step on stored backbone features (train.cache_features=True),
 # which is how a run trains after its first feature pass: the backbone is frozen and training
@@ -72,78 +68,149 @@ from cras_jax import backbones, train  # noqa: E402
 MODES = ("train", "train_cached", "score")
 
 
-# ----------------------------------------------------------------------------- config
-
-def load_config(path: str):
-  """`get_config()` of a config file (configs/*.py), without absl flags; a relative path
-  is looked up in the working directory, then in the repository."""
-  if not os.path.exists(path) and not os.path.isabs(path):
-    path = str(_REPO_ROOT / path)
-  path = os.path.abspath(path)
-  name = "_bench_config_" + Path(path).stem
-  spec = importlib.util.spec_from_file_location(name, path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"--config={path}: not a Python file")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+# ----------------------------------------------------------------------------- flags
 
 
-def _ints(s: str) -> list[int]:
-  return [int(x) for x in str(s).split(",") if x.strip()]
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined when it runs as a command)."""
+  fv = flag_values
+  config_flags.DEFINE_config_file(
+      "config",
+      "configs/mvtec.py",
+      "Config file with get_config().",
+      flag_values=fv,
+      lock_config=True,
+  )
+  flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
+  flags.DEFINE_list("batch_sizes", ["8"], "Comma-separated global batch sizes.", flag_values=fv)
+  flags.DEFINE_list(
+      "devices",
+      ["1"],
+      "Comma-separated device counts; N uses the first N of " "jax.devices().",
+      flag_values=fv,
+  )
+  flags.DEFINE_list(
+      "dtype",
+      None,
+      "Comma-separated config.model.dtype values (float32," "bfloat16); default: the config's.",
+      flag_values=fv,
+  )
+  flags.DEFINE_list(
+      "image_size",
+      None,
+      "Comma-separated input sizes (config.data.crop); " "default: the config's.",
+      flag_values=fv,
+  )
+  flags.DEFINE_alias("image_sizes", "image_size", flag_values=fv)
+  flags.DEFINE_string("backbone", None, "Override config.model.backbone.", flag_values=fv)
+  flags.DEFINE_string(
+      "weights",
+      "random",
+      "Backbone weights (default 'random': timings do not " "depend on values).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("embed_dim", None, "Override config.model.embed_dim.", flag_values=fv)
+  flags.DEFINE_integer(
+      "pre_embed_dim",
+      None,
+      "Override config.model.pre_embed_dim (default: " "follows --embed_dim).",
+      flag_values=fv,
+  )
+  flags.DEFINE_list("levels", None, "Override config.model.levels, e.g. 2,3.", flag_values=fv)
+  flags.DEFINE_integer(
+      "num_classes",
+      0,
+      "Number of class centres K (default: the config's " "class count, or 4).",
+      flag_values=fv,
+  )
+  flags.DEFINE_list(
+      "modes",
+      ["train", "score"],
+      "Comma-separated: train, train_cached (heads " "on stored features), score.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("reps", 5, "Timed repetitions.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer(
+      "steps_per_rep",
+      0,
+      "Steps per repetition (0: enough for " "--min_rep_seconds, at most 50).",
+      flag_values=fv,
+  )
+  flags.DEFINE_float("min_rep_seconds", 0.5, "Shortest repetition, in seconds.", flag_values=fv)
+  flags.DEFINE_integer(
+      "num_batches", 2, "Distinct input batches on the devices, cycled " "through.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+      "matmul_size",
+      0,
+      "n of the n x n float32 peak matmul (0: 4096 on " "accelerators, 2048 on CPU).",
+      flag_values=fv,
+  )
+  flags.DEFINE_list(
+      "matmul_dtypes",
+      ["float32"],
+      "Dtypes of the peak matmul; the ratio column " "uses float32.",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool(
+      "profile",
+      False,
+      "Write a jax.profiler trace of a few steady-state steps " "to OUT/trace/<row>.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("profile_steps", 3, "Steps of --profile.", flag_values=fv)
+  flags.DEFINE_bool(
+      "breakdown",
+      True,
+      "Per-stage shares (a profile of --breakdown_steps steps "
+      "per row); --nobreakdown skips them.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("breakdown_steps", 2, "Steps of the per-stage profile.", flag_values=fv)
+  flags.DEFINE_integer(
+      "seed", 0, "Seed of the random weights, centres and batches.", flag_values=fv
+  )
+  flags.mark_flag_as_required("out", flag_values=fv)
+  flags.register_validator(
+      "modes", lambda ms: set(ms) <= set(MODES), f"--modes: each one of {MODES}", flag_values=fv
+  )
 
 
-def _strs(s: str) -> list[str]:
-  return [x.strip() for x in str(s).split(",") if x.strip()]
+_OPTIONS = (
+    "out",
+    "batch_sizes",
+    "devices",
+    "dtype",
+    "image_size",
+    "backbone",
+    "weights",
+    "embed_dim",
+    "pre_embed_dim",
+    "levels",
+    "num_classes",
+    "modes",
+    "reps",
+    "steps_per_rep",
+    "min_rep_seconds",
+    "num_batches",
+    "matmul_size",
+    "matmul_dtypes",
+    "profile",
+    "profile_steps",
+    "breakdown",
+    "breakdown_steps",
+    "seed",
+)
 
 
-def parse_args(argv: Sequence[str] | None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/mvtec.py", help="config file with get_config()")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--batch_sizes", default="8", help="comma-separated global batch sizes")
-  p.add_argument("--devices", default="1",
-                 help="comma-separated device counts; N uses the first N of jax.devices()")
-  p.add_argument("--dtype", default=None,
-                 help="comma-separated config.model.dtype values (float32,bfloat16); "
-                      "default: the config's")
-  p.add_argument("--image_size", "--image_sizes", dest="image_size", default=None,
-                 help="comma-separated input sizes (config.data.crop); default: the config's")
-  p.add_argument("--backbone", default=None, help="override config.model.backbone")
-  p.add_argument("--weights", default="random",
-                 help="backbone weights (default 'random': timings do not depend on values)")
-  p.add_argument("--embed_dim", type=int, default=None, help="override config.model.embed_dim")
-  p.add_argument("--pre_embed_dim", type=int, default=None,
-                 help="override config.model.pre_embed_dim (default: follows --embed_dim)")
-  p.add_argument("--levels", default=None, help="override config.model.levels, e.g. 2,3")
-  p.add_argument("--num_classes", type=int, default=0,
-                 help="number of class centres K (default: the config's class count, or 4)")
-  p.add_argument("--modes", default="train,score",
-                 help="comma-separated: train, train_cached (heads on stored features), score")
-  p.add_argument("--reps", type=int, default=5, help="timed repetitions")
-  p.add_argument("--steps_per_rep", type=int, default=0,
-                 help="steps per repetition (0: enough for --min_rep_seconds, at most 50)")
-  p.add_argument("--min_rep_seconds", type=float, default=0.5)
-  p.add_argument("--num_batches", type=int, default=2,
-                 help="distinct input batches on the devices, cycled through")
-  p.add_argument("--matmul_size", type=int, default=0,
-                 help="n of the n x n float32 peak matmul (0: 4096 on accelerators, 2048 on CPU)")
-  p.add_argument("--matmul_dtypes", default="float32",
-                 help="dtypes of the peak matmul; the ratio column uses float32")
-  p.add_argument("--profile", action="store_true",
-                 help="write a jax.profiler trace of a few steady-state steps to OUT/trace/<row>")
-  p.add_argument("--profile_steps", type=int, default=3)
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
-  args.batch_sizes = _ints(args.batch_sizes)
-  args.devices = _ints(args.devices)
-  args.modes = _strs(args.modes)
-  for m in args.modes:
-    if m not in MODES:
-      p.error(f"--modes: {m!r} is not one of {MODES}")
-  if args.reps < 1:
-    p.error("--reps must be >= 1")
+def options(fv: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags as the benchmark uses them (integer lists as integers)."""
+  args = types.SimpleNamespace(**{k: fv[k].value for k in _OPTIONS})
+  args.config = config_flags.get_config_filename(fv["config"])
+  args.batch_sizes = [int(x) for x in args.batch_sizes]
+  args.devices = [int(x) for x in args.devices]
+  args.image_size = [int(x) for x in args.image_size] if args.image_size else None
+  args.levels = tuple(int(x) for x in args.levels) if args.levels else None
   return args
 
 
@@ -159,129 +226,12 @@ def configure(base, args, image_size: int, dtype: str):
   if args.pre_embed_dim:
     m.pre_embed_dim = args.pre_embed_dim
   if args.levels:
-    m.levels = tuple(_ints(args.levels))
+    m.levels = args.levels
   m.weights = args.weights
   m.dtype = dtype
   config.data.crop = image_size
   config.data.resize = max(int(config.data.resize), image_size)
   return config
-
-
-# ----------------------------------------------------------------------------- devices
-
-def make_devices(devs: Sequence[Any]) -> train.Devices:
-  """`train.Devices` over the given devices (a 1-D mesh on 'data')."""
-  devs = list(devs)
-  if "devices" in inspect.signature(train.Devices.__init__).parameters:
-    return train.Devices(devices=devs)
-  d = train.Devices.__new__(train.Devices)  # same attributes as Devices.__init__
-  d.mesh = Mesh(np.array(devs), ("data",))
-  d.count = len(devs)
-  d.replicated = NamedSharding(d.mesh, P())
-  d.batch = NamedSharding(d.mesh, P("data"))
-  return d
-
-
-class CompileCounter:
-  """Counts compile-pipeline activity (jax.monitoring events: tracing, lowering, XLA backend
-  compiles, persistent-cache hits) and, apart, persistent-cache hits."""
-
-  PREFIXES = ("/jax/core/compile/", "/jax/compilation_cache/cache_")
-  CACHE_HIT = "/jax/compilation_cache/cache_hits"
-
-  def __init__(self):
-    self.compiles = 0
-    self.cache_hits = 0
-    jax.monitoring.register_event_duration_secs_listener(self._duration)
-    jax.monitoring.register_event_listener(self._event)
-
-  def _duration(self, name, _secs, **_):
-    if name.startswith(self.PREFIXES):
-      self.compiles += 1
-
-  def _event(self, name, **_):
-    if name.startswith(self.PREFIXES):
-      self.compiles += 1
-    if name == self.CACHE_HIT:
-      self.cache_hits += 1
-
-  def close(self):
-    for unregister, fn in ((jax.monitoring.unregister_event_duration_listener, self._duration),
-                           (jax.monitoring.unregister_event_listener, self._event)):
-      with contextlib.suppress(Exception):
-        unregister(fn)
-
-
-# ----------------------------------------------------------------------------- XLA facts
-
-def cost_flops(compiled) -> float | None:
-  """XLA's FLOP count of a compiled step (per device), across cost_analysis() return types."""
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - not every backend implements it
-    return None
-  if isinstance(ca, (list, tuple)):  # older jax: one dict per module/device
-    ca = ca[0] if ca else None
-  if not ca:
-    return None
-  flops = ca.get("flops")
-  return float(flops) if flops is not None and flops > 0 else None
-
-
-def memory_bytes(compiled) -> int | None:
-  """XLA's estimate of a step's device footprint (per device)."""
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001
-    return None
-  if ma is None:
-    return None
-  if isinstance(ma, (list, tuple)):
-    ma = ma[0] if ma else None
-    if ma is None:
-      return None
-  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-             - ma.alias_size_in_bytes)
-
-
-def device_peak_bytes(devs) -> int | None:
-  peaks = []
-  for d in devs:
-    try:
-      stats = d.memory_stats()
-    except Exception:  # noqa: BLE001
-      stats = None
-    if stats and "peak_bytes_in_use" in stats:
-      peaks.append(int(stats["peak_bytes_in_use"]))
-  return max(peaks) if peaks else None
-
-
-def stats(step_times: Sequence[float]) -> dict:
-  t = np.asarray(step_times, np.float64)
-  q1, med, q3 = np.percentile(t, [25, 50, 75])
-  return {"median_s": float(med), "min_s": float(t.min()), "max_s": float(t.max()),
-          "iqr_s": float(q3 - q1), "rep_step_times_s": [float(x) for x in t]}
-
-
-def timed_reps(run_steps, reps: int, steps_per_rep: int) -> list[float]:
-  """Time per step of each rep; `run_steps(k)` runs k steps and blocks on their outputs."""
-  out = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    run_steps(steps_per_rep)
-    out.append((time.perf_counter() - t0) / steps_per_rep)
-  return out
-
-
-def _cpu_seconds() -> float:
-  return time.process_time()  # all threads of this process, ns resolution (os.times: 10 ms)
-
-
-def _loadavg() -> float | None:
-  try:
-    return os.getloadavg()[0]
-  except OSError:
-    return None
 
 
 def choose_steps(args, one_step_s: float) -> int:
@@ -290,61 +240,50 @@ def choose_steps(args, one_step_s: float) -> int:
   return int(min(50, max(1, math.ceil(args.min_rep_seconds / max(one_step_s, 1e-6)))))
 
 
-# ----------------------------------------------------------------------------- matmul peak
-
-def matmul_peak(devs, n: int, dtype: str, reps: int, min_rep_seconds: float) -> dict:
-  """FLOP/s of an n x n @ n x n matmul, rows of A (and C) split over the devices."""
-  devices = make_devices(devs)
-  n = int(math.ceil(n / devices.count) * devices.count)
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-  f = jax.jit(lambda a, b: a @ b, in_shardings=(devices.batch, devices.replicated),
-              out_shardings=devices.batch)
-  rng = np.random.default_rng(0)
-  a = jax.device_put(jnp.asarray(rng.standard_normal((n, n), np.float32), dt), devices.batch)
-  b = jax.device_put(jnp.asarray(rng.standard_normal((n, n), np.float32), dt), devices.replicated)
-  f.lower(a, b).compile()
-  t0 = time.perf_counter()
-  jax.block_until_ready(f(a, b))
-  k = int(min(50, max(2, math.ceil(min_rep_seconds / max(time.perf_counter() - t0, 1e-6)))))
-
-  def run(k):
-    jax.block_until_ready([f(a, b) for _ in range(k)])
-
-  times = timed_reps(run, max(3, reps), k)
-  flops = 2.0 * n ** 3
-  return {"n": n, "dtype": dtype, "devices": devices.count, "steps_per_rep": k,
-          "median_s": float(np.median(times)), "min_s": float(np.min(times)),
-          "flops": flops, "flops_per_s": flops / float(np.min(times)),
-          "flops_per_s_median": flops / float(np.median(times))}
-
-
 # ----------------------------------------------------------------------------- one row
 
-def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, backbone_vars,
-              counter: CompileCounter) -> dict:
-  devices = make_devices(devs)
-  pieces = train.Pieces(config, num_classes)
-  size = pieces.image_size
+
+def bench_row(
+    mode: str,
+    config,
+    args,
+    devs,
+    batch_size: int,
+    num_classes: int,
+    backbone_vars,
+    counter: probes.CompileCounter,
+) -> dict:
+  devices = sharding.Devices(devices=list(devs))
+  spec = steps.ModelSpec(config, num_classes)
+  size = spec.image_size
   rng = np.random.default_rng(args.seed)
-  state = train.create_state(pieces, backbone_vars, args.seed)
-  state = state.replace(centres=jnp.asarray(
-      rng.standard_normal(state.centres.shape, np.float32)))
+  state = steps.create_state(spec, backbone_vars, args.seed)
+  state = state.replace(centres=jnp.asarray(rng.standard_normal(state.centres.shape, np.float32)))
   state = jax.device_put(state, devices.replicated)
-  host_batches = [{"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-                   "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
-                  for _ in range(max(1, args.num_batches))]
+  host_batches = [
+      {
+          "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+          "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
+      }
+      for _ in range(max(1, args.num_batches))
+  ]
   if mode == "train":
     inputs = [devices.put_batch(b) for b in host_batches]
-    jitted = devices.jit_train(train.make_train_step(pieces))
+    jitted = devices.jit_train(steps.make_train_step(spec))
   elif mode == "train_cached":
     dtype = np.dtype(config.train.feature_cache_dtype)
-    shape = (batch_size, pieces.num_patches, pieces.heads.embed_dim)
-    inputs = [devices.put_batch({"features": rng.standard_normal(shape, np.float32).astype(dtype),
-                                 "label": b["label"]}) for b in host_batches]
-    jitted = devices.jit_train(train.make_train_step(pieces))
-  else:
+    shape = (batch_size, spec.num_patches, spec.heads.embed_dim)
+    inputs = [
+        devices.put_batch(
+            {"features": rng.standard_normal(shape, np.float32).astype(dtype), "label": b["label"]}
+        )
+        for b in host_batches
+    ]
+    jitted = devices.jit_train(steps.make_train_step(spec))
+  else:  # how every command scores: the Scorer's jitted predict step on its prepared variables
+    scorer = scoring.Scorer(spec, devices, batch_size, state=state)  # prepared once, not timed
     inputs = [devices.put_batch({"image": b["image"]})["image"] for b in host_batches]
-    jitted = devices.jit_predict(train.make_predict_step(pieces))
+    jitted, state = scorer.predict_step, scorer.svars
   jax.block_until_ready((state, inputs))
 
   hits0 = counter.cache_hits
@@ -354,14 +293,16 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
   compiled = lowered.compile()
   t2 = time.perf_counter()
   cache_hit = counter.cache_hits > hits0
-  flops_per_device = cost_flops(compiled)
-  xla_mem = memory_bytes(compiled)
+  flops_per_device = probes.cost_flops(compiled)
+  xla_mem = probes.memory_bytes(compiled)
+  stages = probes.op_stages(compiled.as_text()) if args.breakdown else {}
   del lowered, compiled
 
   # The state is donated in training: thread it through every call.
   holder = {"state": state}
 
   if mode in ("train", "train_cached"):
+
     def run(k, start=0):
       s = holder["state"]
       metrics = []
@@ -370,10 +311,13 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
         metrics.append(m)
       holder["state"] = s
       jax.block_until_ready((s, metrics))
+
   else:
+
     def run(k, start=0):
-      jax.block_until_ready([jitted(holder["state"], inputs[(start + i) % len(inputs)])
-                             for i in range(k)])
+      jax.block_until_ready(
+          [jitted(holder["state"], inputs[(start + i) % len(inputs)]) for i in range(k)]
+      )
 
   compiles0 = counter.compiles
   t3 = time.perf_counter()
@@ -385,9 +329,9 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
   run(1, 1)  # warm
   warm_s = time.perf_counter() - t4
   k = choose_steps(args, warm_s)
-  cpu0, wall0 = _cpu_seconds(), time.perf_counter()
-  step_times = timed_reps(run, args.reps, k)
-  cpu_util = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
+  cpu0, wall0 = probes.cpu_seconds(), time.perf_counter()
+  step_times = probes.timed_reps(run, args.reps, k)
+  cpu_util = (probes.cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
   recompiles = counter.compiles - compiles0
 
   trace_dir = None
@@ -399,38 +343,62 @@ def bench_row(mode: str, config, args, devs, batch_size: int, num_classes: int, 
         with jax.profiler.StepTraceAnnotation(mode, step_num=i):
           run(1, i)
 
-  s = stats(step_times)
+  shares = None
+  if args.breakdown:
+    with tempfile.TemporaryDirectory() as tmp:
+      with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        run(args.breakdown_steps)
+      shares = probes.stage_shares(tmp, stages, "train_step" if mode != "score" else "predict_step")
+
+  s = probes.stats(step_times)
   flops_total = flops_per_device * devices.count if flops_per_device else None
   row = {
-      "mode": mode, "backbone": config.model.backbone, "image_size": size,
-      "embed_dim": int(config.model.embed_dim), "num_classes": num_classes,
-      "dtype": config.model.dtype, "devices": devices.count, "batch_size": batch_size,
-      "platform": devs[0].platform, "device_kind": devs[0].device_kind,
-      "lower_s": t1 - t0, "compile_s": t2 - t1, "lower_and_compile_s": t2 - t0,
-      "compile_cache_hit": cache_hit, "first_call_s": first_call_s,
-      "reps": args.reps, "steps_per_rep": k, **s,
+      "mode": mode,
+      "backbone": config.model.backbone,
+      "image_size": size,
+      "embed_dim": int(config.model.embed_dim),
+      "num_classes": num_classes,
+      "dtype": config.model.dtype,
+      "devices": devices.count,
+      "batch_size": batch_size,
+      "platform": devs[0].platform,
+      "device_kind": devs[0].device_kind,
+      "lower_s": t1 - t0,
+      "compile_s": t2 - t1,
+      "lower_and_compile_s": t2 - t0,
+      "compile_cache_hit": cache_hit,
+      "first_call_s": first_call_s,
+      "reps": args.reps,
+      "steps_per_rep": k,
+      **s,
       "images_per_s": batch_size / s["median_s"],
       "images_per_s_best": batch_size / s["min_s"],
-      "flops_per_step": flops_total, "flops_per_step_per_device": flops_per_device,
+      "flops_per_step": flops_total,
+      "flops_per_step_per_device": flops_per_device,
       "achieved_flops_per_s": flops_total / s["median_s"] if flops_total else None,
       "xla_memory_bytes_per_device": xla_mem,
-      "device_peak_bytes": device_peak_bytes(devs),
+      "device_peak_bytes": probes.device_peak_bytes(devs),
       "compiles_on_first_call": first_call_compiles,
       "recompiles_during_timing": recompiles,
       # CPU seconds of this process per wall second in the timed reps: on the CPU backend,
       # well under the core count means the host was shared (other load) or the step idles.
-      "process_cpu_per_wall_s": cpu_util, "loadavg_1min": _loadavg(),
+      "process_cpu_per_wall_s": cpu_util,
+      "loadavg_1min": probes.loadavg(),
       "trace_dir": os.path.relpath(trace_dir, args.out) if trace_dir else None,
+      "stage_shares": shares,
   }
   return row
 
 
 def row_label(mode, config, n_devices, batch_size) -> str:
-  return (f"{mode}_{config.model.backbone}_{config.data.crop}px_{config.model.dtype}"
-          f"_{n_devices}dev_b{batch_size}")
+  return (
+      f"{mode}_{config.model.backbone}_{config.data.crop}px_{config.model.dtype}"
+      f"_{n_devices}dev_b{batch_size}"
+  )
 
 
 # ----------------------------------------------------------------------------- output
+
 
 def _fmt(x, scale=1.0, digits=1):
   if x is None:
@@ -452,25 +420,47 @@ def markdown(result: dict) -> str:
       "",
       "| mode | backbone | image | D | dtype | dev | batch | compile s | step ms median [min–max]"
       " | images/s | GFLOP/step | achieved GFLOP/s | f32 matmul GFLOP/s | % of peak | XLA mem MiB"
-      " | peak mem MiB | CPU s/s |",
-      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+      " | peak mem MiB | CPU s/s | backbone % | adapter+matching % | discriminator % | other % |",
+      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+      "---:|---:|---:|---:|",
   ]
   for r in result["rows"]:
-    step = (f"{r['median_s'] * 1e3:.1f} [{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f}]")
-    compile_s = _fmt(r["lower_and_compile_s"], digits=2) + (" (cache)" if r["compile_cache_hit"]
-                                                            else "")
+    step = f"{r['median_s'] * 1e3:.1f} [{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f}]"
+    compile_s = _fmt(r["lower_and_compile_s"], digits=2) + (
+        " (cache)" if r["compile_cache_hit"] else ""
+    )
     lines.append(
         f"| {r['mode']} | {r['backbone']} | {r['image_size']} | {r['embed_dim']} | {r['dtype']} | "
         f"{r['devices']} | {r['batch_size']} | {compile_s} | {step} | "
         f"{r['images_per_s']:.2f} | {_fmt(r['flops_per_step'], 1e9)} | "
         f"{_fmt(r['achieved_flops_per_s'], 1e9)} | {_fmt(r['peak_flops_per_s_f32'], 1e9)} | "
         f"{_fmt(r['ratio_to_peak_f32'], 0.01)} | {_fmt(r['xla_memory_bytes_per_device'], 2**20, 0)} | "
-        f"{_fmt(r['device_peak_bytes'], 2**20, 0)} | {_fmt(r['process_cpu_per_wall_s'])} |")
+        f"{_fmt(r['device_peak_bytes'], 2**20, 0)} | {_fmt(r['process_cpu_per_wall_s'])} | "
+        + " | ".join(
+            _fmt(sh.get(k) if (sh := r.get("stage_shares")) else None, 0.01, 0)
+            for k in probes.STAGE_NAMES
+        )
+        + " |"
+    )
   peaks = result["matmul_peaks"]
   if peaks:
-    lines += ["", "Peak matmul (n x n @ n x n, rows split over the devices, best rep): " + "; ".join(
-        f"{p['devices']} dev {p['dtype']} n={p['n']}: {p['flops_per_s'] / 1e9:.1f} GFLOP/s"
-        for p in peaks)]
+    lines += [
+        "",
+        "Peak matmul (n x n @ n x n, rows split over the devices, best rep): "
+        + "; ".join(
+            f"{p['devices']} dev {p['dtype']} n={p['n']}: {p['flops_per_s'] / 1e9:.1f} GFLOP/s"
+            for p in peaks
+        ),
+    ]
+  if any(r.get("stage_shares") for r in result["rows"]):
+    lines += [
+        "",
+        "Stage shares: of the summed time of the step's ops in a profile (ops running "
+        "at once on several threads all count): backbone = frozen backbone and patch "
+        "aggregation; adapter+matching = adapter, global and local matching; "
+        "discriminator = discriminator and loss; other = noise, DAFS, optimiser, "
+        "anomaly map.",
+    ]
   for sk in result.get("skipped", []):
     lines += ["", f"skipped {sk['row']}: {sk['why']}"]
   bad = [r for r in result["rows"] if r["recompiles_during_timing"]]
@@ -480,7 +470,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  import matplotlib
+  import matplotlib  # here only: plotting, for the figure alone
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -501,17 +492,29 @@ def plot(result: dict, path: str) -> None:
       rs = sorted(rs, key=lambda r: r[xkey])
       label = f"{bb} {size}px {dtype}, {'dev' if other == 'devices' else 'batch'} {val}"
       ax.plot([r[xkey] for r in rs], [r["images_per_s"] for r in rs], "o-", label=label)
-      ax.errorbar([r[xkey] for r in rs], [r["images_per_s"] for r in rs],
-                  yerr=[[r["images_per_s"] - r["batch_size"] / r["max_s"] for r in rs],
-                        [r["batch_size"] / r["min_s"] - r["images_per_s"] for r in rs]],
-                  fmt="none", capsize=3, color=ax.lines[-1].get_color())
+      ax.errorbar(
+          [r[xkey] for r in rs],
+          [r["images_per_s"] for r in rs],
+          yerr=[
+              [r["images_per_s"] - r["batch_size"] / r["max_s"] for r in rs],
+              [r["batch_size"] / r["min_s"] - r["images_per_s"] for r in rs],
+          ],
+          fmt="none",
+          capsize=3,
+          color=ax.lines[-1].get_color(),
+      )
     ax.set_xscale("log", base=2)
     xs = sorted({r[xkey] for r in rows if r["mode"] == mode})
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images/s (median, min–max)")
-    ax.set_title({"train": "training step", "train_cached": "training step (stored features)",
-                  "score": "scoring"}[mode])
+    ax.set_title(
+        {
+            "train": "training step",
+            "train_cached": "training step (stored features)",
+            "score": "scoring",
+        }[mode]
+    )
     ax.grid(alpha=0.3)
     top = max(r["batch_size"] / r["min_s"] for r in rows if r["mode"] == mode)
     ax.set_ylim(0, 1.25 * top)
@@ -523,43 +526,40 @@ def plot(result: dict, path: str) -> None:
   plt.close(fig)
 
 
-def environment() -> dict:
-  d = jax.devices()
-  import jaxlib
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": d[0].platform,
-          "device_kind": d[0].device_kind, "device_count": len(d), "python": platform.python_version(),
-          "host": platform.machine(), "cpu_count": os.cpu_count(), "loadavg_1min": _loadavg(),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
 # ----------------------------------------------------------------------------- main
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  args = parse_args(argv)
+
+def run(fv: flags.FlagValues) -> dict:
+  """Runs every row the flags ask for; writes and returns the result (module doc)."""
+  args = options(fv)
   os.makedirs(args.out, exist_ok=True)
-  base = load_config(args.config)
+  base = fv.config
   all_devices = jax.devices()
   for n in args.devices:
     if not 1 <= n <= len(all_devices):
-      raise SystemExit(f"--devices: {n} requested, {len(all_devices)} available "
-                       f"(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-  dtypes = _strs(args.dtype) if args.dtype else [base.model.dtype]
-  sizes = _ints(args.image_size) if args.image_size else [int(base.data.crop)]
+      raise SystemExit(
+          f"--devices: {n} requested, {len(all_devices)} available "
+          f"(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+      )
+  dtypes = list(args.dtype) if args.dtype else [base.model.dtype]
+  sizes = args.image_size or [int(base.data.crop)]
   num_classes = args.num_classes or len(base.data.classes) or 4
-  env = environment()  # before any work: the load average is that of the rest of the host
-  counter = CompileCounter()
+  env = probes.environment()  # before any work: the load average is that of the rest of the host
+  counter = probes.CompileCounter()
   rows, skipped, peaks = [], [], []
   try:
     matmul_n = args.matmul_size or (2048 if all_devices[0].platform == "cpu" else 4096)
-    matmul_dtypes = ["float32"] + [d for d in _strs(args.matmul_dtypes) if d != "float32"]
+    matmul_dtypes = ["float32"] + [d for d in args.matmul_dtypes if d != "float32"]
     peak_by = {}
     for n in args.devices:
       for dt in matmul_dtypes:
-        pk = matmul_peak(all_devices[:n], matmul_n, dt, args.reps, args.min_rep_seconds)
+        pk = probes.matmul_peak(all_devices[:n], matmul_n, dt, args.reps, args.min_rep_seconds)
         peaks.append(pk)
         peak_by[(n, dt)] = pk["flops_per_s"]
-        print(f"peak matmul {n} dev {dt} n={pk['n']}: {pk['flops_per_s'] / 1e9:.1f} GFLOP/s",
-              flush=True)
+        print(
+            f"peak matmul {n} dev {dt} n={pk['n']}: {pk['flops_per_s'] / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
     vars_cache: dict = {}
     for size in sizes:
       for dtype in dtypes:
@@ -568,8 +568,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if key not in vars_cache:
           vars_cache.clear()
           # host copies: every row puts its own on the devices (the train step donates them)
-          vars_cache[key] = jax.device_get(backbones.load_variables(
-              config.model.backbone, args.weights, size, args.seed))
+          vars_cache[key] = jax.device_get(
+              backbones.load_variables(config.model.backbone, args.weights, size, args.seed)
+          )
         for n in args.devices:
           for bs in args.batch_sizes:
             for mode in args.modes:
@@ -578,29 +579,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 skipped.append({"row": label, "why": f"batch {bs} not divisible by {n} devices"})
                 print(f"skip {label}: batch not divisible by the device count", flush=True)
                 continue
-              row = bench_row(mode, config, args, all_devices[:n], bs, num_classes,
-                              vars_cache[key], counter)
+              row = bench_row(
+                  mode, config, args, all_devices[:n], bs, num_classes, vars_cache[key], counter
+              )
               row["peak_flops_per_s_f32"] = peak_by.get((n, "float32"))
-              row["ratio_to_peak_f32"] = (row["achieved_flops_per_s"] / row["peak_flops_per_s_f32"]
-                                          if row["achieved_flops_per_s"] and
-                                          row["peak_flops_per_s_f32"] else None)
+              row["ratio_to_peak_f32"] = (
+                  row["achieved_flops_per_s"] / row["peak_flops_per_s_f32"]
+                  if row["achieved_flops_per_s"] and row["peak_flops_per_s_f32"]
+                  else None
+              )
               same = peak_by.get((n, dtype))
               row["peak_flops_per_s_same_dtype"] = same
-              row["ratio_to_peak_same_dtype"] = (row["achieved_flops_per_s"] / same
-                                                 if row["achieved_flops_per_s"] and same else None)
+              row["ratio_to_peak_same_dtype"] = (
+                  row["achieved_flops_per_s"] / same
+                  if row["achieved_flops_per_s"] and same
+                  else None
+              )
               rows.append(row)
-              print(f"{label}: compile {row['lower_and_compile_s']:.2f}s, step "
-                    f"{row['median_s'] * 1e3:.1f} ms [{row['min_s'] * 1e3:.1f}–"
-                    f"{row['max_s'] * 1e3:.1f}], {row['images_per_s']:.2f} images/s, "
-                    f"{_fmt(row['achieved_flops_per_s'], 1e9)} GFLOP/s "
-                    f"({_fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)", flush=True)
+              print(
+                  f"{label}: compile {row['lower_and_compile_s']:.2f}s, step "
+                  f"{row['median_s'] * 1e3:.1f} ms [{row['min_s'] * 1e3:.1f}–"
+                  f"{row['max_s'] * 1e3:.1f}], {row['images_per_s']:.2f} images/s, "
+                  f"{_fmt(row['achieved_flops_per_s'], 1e9)} GFLOP/s "
+                  f"({_fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)",
+                  flush=True,
+              )
   finally:
     counter.close()
 
-  result = {"config": args.config,
-            "args": {k: v for k, v in vars(args).items() if k != "out"},
-            "environment": env, "matmul_peaks": peaks, "rows": rows,
-            "skipped": skipped}
+  result = {
+      "config": args.config,
+      "args": {k: v for k, v in vars(args).items() if k != "out"},
+      "environment": env,
+      "matmul_peaks": peaks,
+      "rows": rows,
+      "skipped": skipped,
+  }
   with open(os.path.join(args.out, "benchmark.json"), "w") as f:
     json.dump(result, f, indent=2)
   md = markdown(result)
@@ -612,5 +626,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return result
 
 
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  run(flag_values)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main)

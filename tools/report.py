@@ -19,32 +19,30 @@ Writes into `--output_dir` (default `<sweep dir>/report` for one sweep directory
 Rows of different protocols (e.g. final epoch and best epoch selected on the test set) are
 refused unless `--allow_mixed_protocols`, which marks the table.
 
-Examples:
-  python tools/report.py runs/ablations
-  python tools/report.py full=runs/demo wo_hpi=runs/demo_wo_hpi --output_dir=runs/cmp
-  python tools/report.py runs/params --curve=model.noise_sigma --curve=model.levels
+Examples (from the repository root):
+  python -m tools.report runs/ablations
+  python -m tools.report full=runs/demo wo_hpi=runs/demo_wo_hpi --output_dir=runs/cmp
+  python -m tools.report runs/params --curve=model.noise_sigma --curve=model.levels
 """
+
 from __future__ import annotations
 
-import argparse
 import csv
-import functools
 import glob
 import json
 import math
 import os
 import re
 import sys
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
+from absl import app, flags
 
-from cras_jax import metrics as metrics_lib  # noqa: E402
+from cras_jax import metrics as metrics_lib
+from tools import sweep
 
-METRICS = metrics_lib.METRIC_KEYS        # i_auroc, i_ap, p_auroc, p_ap, aupro
+METRICS = metrics_lib.METRIC_KEYS  # i_auroc, i_ap, p_auroc, p_ap, aupro
 NAMES = {**metrics_lib.METRIC_NAMES, "match_acc": "match_acc"}
 MEAN = "mean"
 _NAN = float("nan")
@@ -55,6 +53,7 @@ class ReportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- gathering
+
 
 def _read_json(path) -> dict | None:
   try:
@@ -94,8 +93,10 @@ def find_runs(paths: Sequence[str], tag: str = "final") -> tuple[list[tuple[str,
         rec = _read_json(os.path.join(sub, "sweep_run.json")) or {}
         notes.append(f"{d}: no metrics_{tag}.json (sweep status: {rec.get('status', 'not run')})")
     if not found:
-      raise ReportError(f"{arg}: neither a workdir with {results_path('', tag)} nor a sweep "
-                        f"directory holding any")
+      raise ReportError(
+          f"{arg}: neither a workdir with {results_path('', tag)} nor a sweep "
+          f"directory holding any"
+      )
   names = [n for n, _ in runs]
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:
@@ -111,9 +112,14 @@ def load_run(name: str, workdir: str, tag: str = "final") -> dict:
   table = dict(res["metrics"])
   if MEAN not in table:
     table = metrics_lib.summarise(table)
-  return {"name": name, "workdir": workdir, "metrics": table,
-          "protocol": res.get("protocol") or "unknown", "results": res,
-          "record": _read_json(os.path.join(workdir, "sweep_run.json"))}
+  return {
+      "name": name,
+      "workdir": workdir,
+      "metrics": table,
+      "protocol": res.get("protocol") or "unknown",
+      "results": res,
+      "record": _read_json(os.path.join(workdir, "sweep_run.json")),
+  }
 
 
 def protocol_kind(protocol: str) -> str:
@@ -128,12 +134,15 @@ def check_protocols(runs: Sequence[dict], allow_mixed: bool = False) -> str | No
     return None
   listing = "; ".join(f"{r['name']}: {r['protocol']}" for r in runs)
   if not allow_mixed:
-    raise ReportError(f"the runs were reported under different protocols ({listing}); "
-                      f"compare like with like, or pass --allow_mixed_protocols to mark them")
+    raise ReportError(
+        f"the runs were reported under different protocols ({listing}); "
+        f"compare like with like, or pass --allow_mixed_protocols to mark them"
+    )
   return f"**Mixed protocols**: the rows are not comparable as they stand ({listing})."
 
 
 # ----------------------------------------------------------------------------- tables
+
 
 def _value(row: Mapping[str, Any] | None, key: str) -> float:
   v = None if row is None else row.get(key)
@@ -146,12 +155,23 @@ def _pct(v: float, digits: int) -> str:
 
 def summary_rows(runs: Sequence[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
   """One dict per run: run, protocol, then the mean of each metric (fractions)."""
-  return [{"run": r["name"], "protocol": r["protocol"],
-           **{m: _value(r["metrics"].get(MEAN), m) for m in metrics}} for r in runs]
+  return [
+      {
+          "run": r["name"],
+          "protocol": r["protocol"],
+          **{m: _value(r["metrics"].get(MEAN), m) for m in metrics},
+      }
+      for r in runs
+  ]
 
 
-def summary_markdown(runs: Sequence[dict], metrics: Sequence[str] = METRICS, digits: int = 1,
-                     warning: str | None = None, tag: str = "final") -> str:
+def summary_markdown(
+    runs: Sequence[dict],
+    metrics: Sequence[str] = METRICS,
+    digits: int = 1,
+    warning: str | None = None,
+    tag: str = "final",
+) -> str:
   rows = summary_rows(runs, metrics)
   protocols = sorted({r["protocol"] for r in rows})
   lines = [f"Mean over classes, % (metrics_{tag}.json); protocol: {' / '.join(protocols)}", ""]
@@ -160,8 +180,11 @@ def summary_markdown(runs: Sequence[dict], metrics: Sequence[str] = METRICS, dig
   lines.append("| run | protocol | " + " | ".join(NAMES.get(m, m) for m in metrics) + " |")
   lines.append("|---|---|" + "---:|" * len(metrics))
   for row in rows:
-    lines.append(f"| {row['run']} | {row['protocol']} | "
-                 + " | ".join(_pct(row[m], digits) for m in metrics) + " |")
+    lines.append(
+        f"| {row['run']} | {row['protocol']} | "
+        + " | ".join(_pct(row[m], digits) for m in metrics)
+        + " |"
+    )
   return "\n".join(lines) + "\n"
 
 
@@ -181,32 +204,53 @@ def class_names(runs: Sequence[dict]) -> list[str]:
   return names + [MEAN]
 
 
-def per_class_markdown(runs: Sequence[dict], metrics: Sequence[str] = ("i_auroc", "p_auroc"),
-                       digits: int = 1, warning: str | None = None, tag: str = "final") -> str:
+def per_class_markdown(
+    runs: Sequence[dict],
+    metrics: Sequence[str] = ("i_auroc", "p_auroc"),
+    digits: int = 1,
+    warning: str | None = None,
+    tag: str = "final",
+) -> str:
   """Classes as rows, runs as columns; a cell is the metrics joined by '/' (Table 1 style)."""
   what = "/".join(NAMES.get(m, m) for m in metrics)
-  lines = [f"{what} per class, % (metrics_{tag}.json); protocol: "
-           f"{' / '.join(sorted({r['protocol'] for r in runs}))}", ""]
+  lines = [
+      f"{what} per class, % (metrics_{tag}.json); protocol: "
+      f"{' / '.join(sorted({r['protocol'] for r in runs}))}",
+      "",
+  ]
   if warning:
     lines += [warning, ""]
   lines.append("| class | " + " | ".join(r["name"] for r in runs) + " |")
   lines.append("|---|" + "---:|" * len(runs))
   for c in class_names(runs):
-    cells = ["/".join(_pct(_value(r["metrics"].get(c), m), digits) for m in metrics)
-             if c in r["metrics"] else "" for r in runs]
+    cells = [
+        "/".join(_pct(_value(r["metrics"].get(c), m), digits) for m in metrics)
+        if c in r["metrics"]
+        else ""
+        for r in runs
+    ]
     lines.append(f"| {c} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def write_per_class_csv(runs: Sequence[dict], path: str,
-                        metrics: Sequence[str] = ("i_auroc", "p_auroc")) -> None:
+def write_per_class_csv(
+    runs: Sequence[dict], path: str, metrics: Sequence[str] = ("i_auroc", "p_auroc")
+) -> None:
   """class, then one column per (run, metric) named 'run:metric'; fractions; empty = absent."""
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["class", *(f"{r['name']}:{m}" for r in runs for m in metrics)])
     for c in class_names(runs):
-      w.writerow([c, *(repr(_value(r["metrics"].get(c), m)) if c in r["metrics"] else ""
-                       for r in runs for m in metrics)])
+      w.writerow(
+          [
+              c,
+              *(
+                  repr(_value(r["metrics"].get(c), m)) if c in r["metrics"] else ""
+                  for r in runs
+                  for m in metrics
+              ),
+          ]
+      )
 
 
 # ----------------------------------------------------------------------------- curves
@@ -239,26 +283,18 @@ def _checkpoint_config(workdir: str) -> dict | None:
 def param_value(run: dict, field: str):
   """The run's value of a config field: results config, checkpoint, sweep record, overrides."""
   from_results = run["results"].get("config")
-  for source in (from_results, _checkpoint_config(run["workdir"]),
-                 (run["record"] or {}).get("config")):
+  for source in (
+      from_results,
+      _checkpoint_config(run["workdir"]),
+      (run["record"] or {}).get("config"),
+  ):
     v = _lookup(source, field)
     if v is not _MISSING:
       return v
-  sweep = _load_sweep_tool()
   for o in reversed((run["record"] or {}).get("overrides", [])):
     if sweep.override_key(o) == field:
       return sweep.override_value(o)
   return _MISSING
-
-
-@functools.lru_cache(maxsize=None)
-def _load_sweep_tool():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cras_sweep_tool", Path(__file__).with_name(
-      "sweep.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _only_sets(run: dict, field: str) -> bool:
@@ -266,7 +302,6 @@ def _only_sets(run: dict, field: str) -> bool:
   rec = run["record"]
   if not rec or "run_overrides" not in rec:
     return True
-  sweep = _load_sweep_tool()
   return all(sweep.override_key(o) == field for o in rec["run_overrides"])
 
 
@@ -276,8 +311,9 @@ def _label(v) -> str:
   return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def curve_data(runs: Sequence[dict], field: str,
-               metrics: Sequence[str] = ("i_auroc", "p_auroc")) -> dict:
+def curve_data(
+    runs: Sequence[dict], field: str, metrics: Sequence[str] = ("i_auroc", "p_auroc")
+) -> dict:
   """The points of a metric-against-parameter curve.
 
   -> {field, metrics, numeric, runs, x (values), labels, y: {metric: [percent]}, skipped}.
@@ -298,23 +334,31 @@ def curve_data(runs: Sequence[dict], field: str,
       continue
     seen.add(key)
     points.append((v, r))
-  numeric = bool(points) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                 for v, _ in points)
+  numeric = bool(points) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points
+  )
   if numeric:
     points.sort(key=lambda p: p[0])
-  return {"field": field, "metrics": list(metrics), "numeric": numeric,
-          "runs": [r["name"] for _, r in points], "x": [v for v, _ in points],
-          "labels": [_label(v) for v, _ in points],
-          "y": {m: [100.0 * _value(r["metrics"].get(MEAN), m) for _, r in points]
-                for m in metrics},
-          "protocols": sorted({r["protocol"] for _, r in points}), "skipped": skipped}
+  return {
+      "field": field,
+      "metrics": list(metrics),
+      "numeric": numeric,
+      "runs": [r["name"] for _, r in points],
+      "x": [v for v, _ in points],
+      "labels": [_label(v) for v, _ in points],
+      "y": {m: [100.0 * _value(r["metrics"].get(MEAN), m) for _, r in points] for m in metrics},
+      "protocols": sorted({r["protocol"] for _, r in points}),
+      "skipped": skipped,
+  }
 
 
 def plot_curve(data: dict, path: str) -> str:
   """Fig. 8-style PNG of curve_data: one line per metric, mean over classes in %."""
-  import matplotlib
+  import matplotlib  # here only: tables need no plotting library
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(4.8, 3.4))
   xs = data["x"] if data["numeric"] else list(range(len(data["x"])))
   for m in data["metrics"]:
@@ -338,25 +382,36 @@ def write_curve_csv(data: dict, path: str) -> None:
     w = csv.writer(f)
     w.writerow(["run", data["field"], *data["metrics"]])
     for i, run in enumerate(data["runs"]):
-      w.writerow([run, data["labels"][i], *(repr(data["y"][m][i] / 100.0)
-                                            for m in data["metrics"])])
+      w.writerow(
+          [run, data["labels"][i], *(repr(data["y"][m][i] / 100.0) for m in data["metrics"])]
+      )
 
 
 # ----------------------------------------------------------------------------- command line
+
 
 def _metric_list(text: str) -> list[str]:
   out = [m.strip() for m in text.split(",") if m.strip()]
   bad = [m for m in out if m not in NAMES]
   if bad or not out:
-    raise ReportError(f"unknown metric(s) {', '.join(bad) or text!r}: choose from "
-                      f"{', '.join(NAMES)}")
+    raise ReportError(
+        f"unknown metric(s) {', '.join(bad) or text!r}: choose from " f"{', '.join(NAMES)}"
+    )
   return out
 
 
-def report(paths: Sequence[str], output_dir: str | None = None, tag: str = "final",
-           class_metrics: str = "i_auroc,p_auroc", curves: Sequence[str] = (),
-           curve_metrics: str = "i_auroc,p_auroc", allow_mixed_protocols: bool = False,
-           digits: int = 1, metrics: str = ",".join(METRICS), out=None) -> dict:
+def report(
+    paths: Sequence[str],
+    output_dir: str | None = None,
+    tag: str = "final",
+    class_metrics: str = "i_auroc,p_auroc",
+    curves: Sequence[str] = (),
+    curve_metrics: str = "i_auroc,p_auroc",
+    allow_mixed_protocols: bool = False,
+    digits: int = 1,
+    metrics: str = ",".join(METRICS),
+    out=None,
+) -> dict:
   """Writes the tables (and curves); -> {runs, summary_md, per_class_md, curves: [data],
   files: [paths], notes}."""
   out = sys.stdout if out is None else out
@@ -401,32 +456,69 @@ def report(paths: Sequence[str], output_dir: str | None = None, tag: str = "fina
   for n in notes:
     print(f"note: {n}", file=out)
   print("written: " + ", ".join(files), file=out)
-  return {"runs": runs, "summary_md": summary, "per_class_md": per_class, "curves": curve_out,
-          "files": files, "notes": notes}
+  return {
+      "runs": runs,
+      "summary_md": summary,
+      "per_class_md": per_class,
+      "curves": curve_out,
+      "files": files,
+      "notes": notes,
+  }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-  p.add_argument("paths", nargs="+", help="workdirs, NAME=workdir, or sweep directories")
-  p.add_argument("--output_dir", default=None,
-                 help="where the tables go (default: <sweep dir>/report for one sweep dir)")
-  p.add_argument("--tag", default="final", help="read results/metrics_<tag>.json (final, eval, "
-                 "epoch_NNN)")
-  p.add_argument("--metrics", default=",".join(METRICS), help="summary columns")
-  p.add_argument("--class_metrics", default="i_auroc,p_auroc",
-                 help="metric(s) of the per-class table, joined by '/' in a cell")
-  p.add_argument("--curve", action="append", default=[], metavar="FIELD",
-                 help="draw the metrics against this config field (e.g. model.noise_sigma)")
-  p.add_argument("--curve_metrics", default="i_auroc,p_auroc")
-  p.add_argument("--digits", type=int, default=1)
-  p.add_argument("--allow_mixed_protocols", action="store_true",
-                 help="tabulate rows of different protocols anyway (marked)")
-  args = p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined when it runs as a command); the inputs are its arguments:
+  workdirs, NAME=workdir, or sweep directories."""
+  fv = flag_values
+  flags.DEFINE_string(
+      "output_dir",
+      None,
+      "Where the tables go (default: <sweep dir>/report " "for one sweep dir).",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "tag", "final", "Read results/metrics_<tag>.json (final, eval, " "epoch_NNN).", flag_values=fv
+  )
+  flags.DEFINE_string("metrics", ",".join(METRICS), "Summary columns.", flag_values=fv)
+  flags.DEFINE_string(
+      "class_metrics",
+      "i_auroc,p_auroc",
+      "Metric(s) of the per-class table, " "joined by '/' in a cell.",
+      flag_values=fv,
+  )
+  flags.DEFINE_multi_string(
+      "curve",
+      [],
+      "Draw the metrics against this config field (e.g. " "model.noise_sigma; repeatable).",
+      flag_values=fv,
+  )
+  flags.DEFINE_string("curve_metrics", "i_auroc,p_auroc", "Metrics of the curves.", flag_values=fv)
+  flags.DEFINE_integer("digits", 1, "Decimals of the markdown tables.", flag_values=fv)
+  flags.DEFINE_bool(
+      "allow_mixed_protocols",
+      False,
+      "Tabulate rows of different protocols " "anyway (marked).",
+      flag_values=fv,
+  )
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  fv = flag_values
+  paths = list(argv[1:])
+  if not paths:
+    raise app.UsageError("give workdirs, NAME=workdir, or sweep directories")
   try:
-    report(args.paths, args.output_dir, args.tag, args.class_metrics, args.curve,
-           args.curve_metrics, args.allow_mixed_protocols, args.digits, args.metrics)
+    report(
+        paths,
+        fv.output_dir,
+        fv.tag,
+        fv.class_metrics,
+        fv.curve,
+        fv.curve_metrics,
+        fv.allow_mixed_protocols,
+        fv.digits,
+        fv.metrics,
+    )
   except ReportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -434,4 +526,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

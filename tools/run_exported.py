@@ -12,6 +12,7 @@ file. Prints one line per image and, with --output, saves every output of the fu
 
 From Python: `model = load("model.npz"); out = score(model, crops, batch_size=16)`.
 """
+
 import argparse
 import json
 import sys
@@ -41,8 +42,9 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
   images = np.asarray(images)
   crop = model["meta"]["input"]["crop"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (crop, crop, 3):
-    raise ValueError(f"expected uint8 images [N, {crop}, {crop}, 3], got {images.dtype} "
-                     f"{images.shape}")
+    raise ValueError(
+        f"expected uint8 images [N, {crop}, {crop}, 3], got {images.dtype} " f"{images.shape}"
+    )
   stored = model["meta"]["thresholds"]
   ithr = _threshold(image_threshold, stored["image"])
   pthr = _threshold(pixel_threshold, stored["pixel"])
@@ -50,7 +52,7 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
   bs = batch_size or n
   parts = []
   for start in range(0, n, bs):
-    chunk = images[start:start + bs]
+    chunk = images[start : start + bs]
     m = len(chunk)
     if m < bs:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, axis=0)])
@@ -64,24 +66,33 @@ def main(argv=None):
   p.add_argument("model", help="the .npz file written by python -m cras_jax.export")
   p.add_argument("images", help=".npy file of uint8 [N, crop, crop, 3] preprocessed RGB crops")
   p.add_argument("--batch_size", type=int, default=0, help="images per call (default: all)")
-  p.add_argument("--image_threshold", type=float, default=None,
-                 help="normalised image threshold (default: the one stored in the file)")
-  p.add_argument("--pixel_threshold", type=float, default=None,
-                 help="normalised pixel threshold (default: the one stored in the file)")
+  p.add_argument(
+      "--image_threshold",
+      type=float,
+      default=None,
+      help="normalised image threshold (default: the one stored in the file)",
+  )
+  p.add_argument(
+      "--pixel_threshold",
+      type=float,
+      default=None,
+      help="normalised pixel threshold (default: the one stored in the file)",
+  )
   p.add_argument("--output", default=None, help="save all outputs to this .npz file")
   p.add_argument("--quiet", action="store_true", help="no per-image lines")
   args = p.parse_args(argv)
   model = load(args.model)
   images = np.load(args.images, allow_pickle=False)
-  out = score(model, images, args.batch_size or None, args.image_threshold,
-              args.pixel_threshold)
+  out = score(model, images, args.batch_size or None, args.image_threshold, args.pixel_threshold)
   names = model["meta"]["class_names"]
   if not args.quiet:
     print("index\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
     for i in range(len(images)):
-      print(f"{i}\t{names[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
-            f"{out['normalised_scores'][i]:.4f}\t{int(out['is_anomaly'][i])}\t"
-            f"{out['masks'][i].mean():.4f}")
+      print(
+          f"{i}\t{names[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
+          f"{out['normalised_scores'][i]:.4f}\t{int(out['is_anomaly'][i])}\t"
+          f"{out['masks'][i].mean():.4f}"
+      )
   if args.output:
     np.savez(args.output, **out)
   return out

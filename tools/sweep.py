@@ -20,16 +20,17 @@ sweep goes on with the next; the exit status is 1 if any run failed. Ctrl-C (or 
 passed to the running child, which checkpoints and exits; the sweep then stops (exit status
 130 / 143) and the same command resumes it.
 
-Examples:
-  python tools/sweep.py --sweep=configs/sweeps/ablations.py --sweep_dir=runs/ablations
+Examples (from the repository root):
+  python -m tools.sweep --sweep=configs/sweeps/ablations.py --sweep_dir=runs/ablations
   # shrink the demo, add a run, print the commands only
-  python tools/sweep.py --sweep=configs/sweeps/ablations.py --sweep_dir=runs/abl_small \\
+  python -m tools.sweep --sweep=configs/sweeps/ablations.py --sweep_dir=runs/abl_small \\
       --config.train.epochs=5 --run=sigma_0.4:model.noise_sigma=0.4 --dry_run
-  python tools/report.py runs/ablations          # the table of the results
+  python -m tools.report runs/ablations          # the table of the results
 """
+
 from __future__ import annotations
 
-import argparse
+import ast
 import codecs
 import datetime
 import importlib.util
@@ -41,17 +42,18 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
-
 DEFAULT_CONFIG = "configs/demo.py"
-RECORD = "sweep_run.json"       # per run: command, overrides, resolved config, status
-SWEEP_RECORD = "sweep.json"     # per sweep: run order, base config, common overrides
+RECORD = "sweep_run.json"  # per run: command, overrides, resolved config, status
+SWEEP_RECORD = "sweep.json"  # per sweep: run order, base config, common overrides
 RESULT = os.path.join("results", "metrics_final.json")
 _OVERRIDE = re.compile(r"^--(?:no)?config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
 # A comma in --run starts a new override only when what follows looks like `field=`.
@@ -60,6 +62,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][\w.+=-]*$")
 
 
 # ----------------------------------------------------------------------------- overrides
+
 
 def normalise(override: str) -> str:
   """'model.hpi=False' / 'config.model.hpi=False' / '--config.model.hpi=False' ->
@@ -84,7 +87,6 @@ def override_key(override: str) -> str:
 
 def override_value(override: str):
   """The value an override sets, parsed as a Python literal where possible."""
-  import ast
   m = _OVERRIDE.match(override)
   if not m:
     return None
@@ -109,13 +111,11 @@ def resolve_config(config_path: str, overrides: Sequence[str]) -> dict:
   """The config cras_jax.main will build from the file and the overrides (as a dict).
 
   Raises on an unknown field or a bad value, like the trainer would."""
-  from absl import flags
-  from ml_collections import config_flags
-  argv = ["sweep", f"--config={config_path}",
-          *[o for o in overrides if _OVERRIDE.match(o)]]
+  argv = ["sweep", f"--config={config_path}", *[o for o in overrides if _OVERRIDE.match(o)]]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+      "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   fv(argv)
   return json.loads(json.dumps(fv.config.to_dict(), default=str))
 
@@ -154,6 +154,7 @@ def _find_config(path: str) -> str:
 
 # ----------------------------------------------------------------------------- one run
 
+
 class _Stop:
   """SIGINT/SIGTERM: remembered and passed on to the running child (once per signal)."""
 
@@ -164,13 +165,15 @@ class _Stop:
 
   def _handle(self, signum, frame):
     self.signum = signum
-    print(f"\n[sweep] {signal.Signals(signum).name}: passing it to the running job and "
-          f"stopping the sweep after it", flush=True)
+    print(
+        f"\n[sweep] {signal.Signals(signum).name}: passing it to the running job and "
+        f"stopping the sweep after it",
+        flush=True,
+    )
     if self.child is not None and self.child.poll() is None:
       self.child.send_signal(signum)
 
   def __enter__(self):
-    import threading
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGINT, signal.SIGTERM):
         self._old[sig] = signal.signal(sig, self._handle)
@@ -229,16 +232,24 @@ def _tail(path, n: int = 15) -> str:
 
 # ----------------------------------------------------------------------------- the sweep
 
-def plan(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: str,
-         common: Sequence[str], launcher: Sequence[str]) -> list[dict]:
+
+def plan(
+    runs: Mapping[str, Sequence[str]],
+    sweep_dir: str,
+    base_config: str,
+    common: Sequence[str],
+    launcher: Sequence[str],
+) -> list[dict]:
   """One entry per run: name, workdir, command, the overrides (user's) and the resolved config."""
   sweep_dir = os.path.abspath(sweep_dir)
   config_path = _find_config(base_config)
   entries = []
   for name, run_overrides in runs.items():
     if not _NAME.match(name) or name in ("data", "data_cache", "report"):
-      raise ValueError(f"run name {name!r}: use letters, digits and _.+=- (it names a directory; "
-                       f"'data', 'data_cache' and 'report' are taken)")
+      raise ValueError(
+          f"run name {name!r}: use letters, digits and _.+=- (it names a directory; "
+          f"'data', 'data_cache' and 'report' are taken)"
+      )
     overrides = [*common, *run_overrides]
     keys = {override_key(o) for o in overrides}
     auto = []
@@ -255,10 +266,20 @@ def plan(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: str,
       config = resolve_config(str(REPO_ROOT / config_path), [*auto, *overrides])
     workdir = os.path.join(sweep_dir, name)
     command = [*launcher, f"--config={config_path}", f"--workdir={workdir}", *auto, *overrides]
-    entries.append({"name": name, "workdir": workdir, "command": command,
-                    "base_config": config_path, "overrides": overrides,
-                    "run_overrides": list(run_overrides), "common_overrides": list(common),
-                    "auto_overrides": auto, "config": config, "config_error": error})
+    entries.append(
+        {
+            "name": name,
+            "workdir": workdir,
+            "command": command,
+            "base_config": config_path,
+            "overrides": overrides,
+            "run_overrides": list(run_overrides),
+            "common_overrides": list(common),
+            "auto_overrides": auto,
+            "config": config,
+            "config_error": error,
+        }
+    )
   return entries
 
 
@@ -273,14 +294,24 @@ def is_done(entry: dict) -> tuple[bool, str]:
   if rec is None:
     return False, f"has results but no {RECORD}: rerunning (the trainer resumes)"
   if (rec.get("base_config"), rec.get("overrides")) != (entry["base_config"], entry["overrides"]):
-    return False, (f"overrides changed (recorded {rec.get('base_config')} "
-                   f"{' '.join(rec.get('overrides', []))}): rerunning")
+    return False, (
+        f"overrides changed (recorded {rec.get('base_config')} "
+        f"{' '.join(rec.get('overrides', []))}): rerunning"
+    )
   return True, "done"
 
 
-def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: str = DEFAULT_CONFIG,
-              common: Sequence[str] = (), *, launcher: Sequence[str] | None = None,
-              dry_run: bool = False, out=None, env: Mapping[str, str] | None = None) -> dict:
+def run_sweep(
+    runs: Mapping[str, Sequence[str]],
+    sweep_dir: str,
+    base_config: str = DEFAULT_CONFIG,
+    common: Sequence[str] = (),
+    *,
+    launcher: Sequence[str] | None = None,
+    dry_run: bool = False,
+    out=None,
+    env: Mapping[str, str] | None = None,
+) -> dict:
   """Runs the sweep; -> {"status": {name: done|skipped|failed|interrupted|not run},
   "returncode": 0 | 1 (failures) | 128 + signal (stopped), "failed": [names]}."""
   out = sys.stdout if out is None else out
@@ -291,8 +322,11 @@ def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: st
   if dry_run:
     for e in entries:
       skip, why = is_done(e)
-      print(f"# {e['name']}: {'skip (done)' if skip else why}"
-            + (f"; config error: {e['config_error']}" if e["config_error"] else ""), file=out)
+      print(
+          f"# {e['name']}: {'skip (done)' if skip else why}"
+          + (f"; config error: {e['config_error']}" if e["config_error"] else ""),
+          file=out,
+      )
       print(shlex.join(e["command"]), file=out)
       status[e["name"]] = "skipped" if skip else "not run"
     return {"status": status, "returncode": 0, "failed": []}
@@ -300,12 +334,16 @@ def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: st
   os.makedirs(sweep_dir, exist_ok=True)
   old = _read_json(os.path.join(sweep_dir, SWEEP_RECORD)) or {}
   order = list(runs) + [n for n in old.get("runs", []) if n not in runs]
-  _write_json(os.path.join(sweep_dir, SWEEP_RECORD),
-              {"runs": order, "base_config": entries[0]["base_config"] if entries else base_config,
-               "common_overrides": list(common), "updated": _now()})
+  _write_json(
+      os.path.join(sweep_dir, SWEEP_RECORD),
+      {
+          "runs": order,
+          "base_config": entries[0]["base_config"] if entries else base_config,
+          "common_overrides": list(common),
+          "updated": _now(),
+      },
+  )
   child_env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-  child_env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO_ROOT)] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
   seconds: dict[str, float] = {}
   stopped = None
   with _Stop() as stop:
@@ -316,28 +354,54 @@ def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: st
         break
       skip, why = is_done(e)
       if skip:
-        print(f"[sweep] {name} ({i + 1}/{len(entries)}): done already, skipped", file=out,
-              flush=True)
+        print(
+            f"[sweep] {name} ({i + 1}/{len(entries)}): done already, skipped", file=out, flush=True
+        )
         status[name] = "skipped"
         continue
-      print(f"\n[sweep] {name} ({i + 1}/{len(entries)}): {why}\n[sweep] {shlex.join(e['command'])}",
-            file=out, flush=True)
+      print(
+          f"\n[sweep] {name} ({i + 1}/{len(entries)}): {why}\n[sweep] {shlex.join(e['command'])}",
+          file=out,
+          flush=True,
+      )
       os.makedirs(e["workdir"], exist_ok=True)
       record_path = os.path.join(e["workdir"], RECORD)
       prev = _read_json(record_path) or {}
-      record = {k: e[k] for k in ("name", "command", "base_config", "overrides", "run_overrides",
-                                  "common_overrides", "auto_overrides", "config", "config_error")}
-      record.update(command_line=shlex.join(e["command"]), cwd=str(REPO_ROOT), status="running",
-                    started=_now(), attempts=prev.get("attempts", 0) + 1)
+      record = {
+          k: e[k]
+          for k in (
+              "name",
+              "command",
+              "base_config",
+              "overrides",
+              "run_overrides",
+              "common_overrides",
+              "auto_overrides",
+              "config",
+              "config_error",
+          )
+      }
+      record.update(
+          command_line=shlex.join(e["command"]),
+          cwd=str(REPO_ROOT),
+          status="running",
+          started=_now(),
+          attempts=prev.get("attempts", 0) + 1,
+      )
       _write_json(record_path, record)
       t0 = time.time()
       log_path = os.path.join(e["workdir"], "sweep_log.txt")
       with open(log_path, "ab") as log:
         log.write(f"\n=== {_now()} {shlex.join(e['command'])}\n".encode())
         try:
-          child = subprocess.Popen(e["command"], cwd=REPO_ROOT, env=child_env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # Ctrl-C reaches it through us, once
+          child = subprocess.Popen(
+              e["command"],
+              cwd=REPO_ROOT,
+              env=child_env,
+              stdout=subprocess.PIPE,
+              stderr=subprocess.STDOUT,
+              start_new_session=True,
+          )  # Ctrl-C reaches it through us, once
         except OSError as err:
           child, rc = None, None
           log.write(f"could not start: {err}\n".encode())
@@ -355,12 +419,17 @@ def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: st
         status[name] = "interrupted"
       else:
         status[name] = "failed"
-      record.update(status=status[name], returncode=rc, finished=_now(),
-                    seconds=round(seconds[name], 1))
+      record.update(
+          status=status[name], returncode=rc, finished=_now(), seconds=round(seconds[name], 1)
+      )
       _write_json(record_path, record)
       if status[name] == "failed":
-        print(f"\n[sweep] {name} FAILED (exit status {rc}); log: {log_path}\n"
-              f"{_tail(log_path)}\n[sweep] going on with the next run", file=out, flush=True)
+        print(
+            f"\n[sweep] {name} FAILED (exit status {rc}); log: {log_path}\n"
+            f"{_tail(log_path)}\n[sweep] going on with the next run",
+            file=out,
+            flush=True,
+        )
       if stop.signum is not None:
         stopped = stop.signum
         break
@@ -373,15 +442,21 @@ def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: st
     t = f" ({seconds[n]:.0f}s)" if n in seconds else ""
     print(f"  {n:<24} {status[n]}{t}", file=out)
   if stopped is not None:
-    print(f"[sweep] stopped by {signal.Signals(stopped).name}; run the same command again to "
-          f"resume", file=out)
+    print(
+        f"[sweep] stopped by {signal.Signals(stopped).name}; run the same command again to "
+        f"resume",
+        file=out,
+    )
     rc = 128 + stopped
   elif failed:
-    print(f"[sweep] {len(failed)} failed: {', '.join(failed)} (logs: <run>/sweep_log.txt); "
-          f"run the same command again to retry them", file=out)
+    print(
+        f"[sweep] {len(failed)} failed: {', '.join(failed)} (logs: <run>/sweep_log.txt); "
+        f"run the same command again to retry them",
+        file=out,
+    )
     rc = 1
   else:
-    print(f"[sweep] all done. Table: python tools/report.py {shlex.quote(sweep_dir)}", file=out)
+    print(f"[sweep] all done. Table: python -m tools.report {shlex.quote(sweep_dir)}", file=out)
     rc = 0
   out.flush()
   return {"status": status, "returncode": rc, "failed": failed}
@@ -389,40 +464,71 @@ def run_sweep(runs: Mapping[str, Sequence[str]], sweep_dir: str, base_config: st
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_args(argv: Sequence[str] | None):
-  argv = list(sys.argv[1:] if argv is None else argv)
-  # --config.x=y given to this tool: common overrides. (--config=FILE is the base config.)
-  direct = [a for a in argv if _OVERRIDE.match(a)]
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined when it runs as a command)."""
+  fv = flag_values
+  flags.DEFINE_string(
+      "sweep_dir", None, "Directory of the runs (one sub-directory each).", flag_values=fv
+  )
+  flags.DEFINE_multi_string(
+      "sweep", [], "Sweep file(s) with get_sweep() -> {name: [overrides]}.", flag_values=fv
+  )
+  flags.DEFINE_multi_string(
+      "run",
+      [],
+      "A run NAME:OVERRIDE,OVERRIDE, e.g. "
+      "wo_hpi:model.hpi=False (repeatable; after the sweep file's).",
+      flag_values=fv,
+  )
+  flags.DEFINE_multi_string(
+      "override",
+      [],
+      "Common override FIELD=VALUE for every run " "(repeatable); --config.x=y also works.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      "config",
+      None,
+      "Base config file (default: the sweep file's " f"BASE_CONFIG, else {DEFAULT_CONFIG}).",
+      flag_values=fv,
+  )
+  flags.DEFINE_list("only", [], "Run only these runs (comma-separated names).", flag_values=fv)
+  flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.", flag_values=fv)
+  flags.DEFINE_string(
+      "main_module",
+      "cras_jax.main",
+      "Module run for each run (python -m MODULE); for tests.",
+      flag_values=fv,
+  )
+  flags.mark_flag_as_required("sweep_dir", flag_values=fv)
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's parsing of the tool's flags, but `--config.x=y` (common overrides of every run,
+  which name fields of the base config) are left in the returned argv, after the rest."""
+  overrides = [a for a in argv[1:] if _OVERRIDE.match(a)]
   rest = [a for a in argv if not _OVERRIDE.match(a)]
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-  p.add_argument("--sweep_dir", required=True, help="directory of the runs (one sub-directory each)")
-  p.add_argument("--sweep", action="append", default=[],
-                 help="sweep file(s) with get_sweep() -> {name: [overrides]}")
-  p.add_argument("--run", action="append", default=[], metavar="NAME:OVERRIDE,OVERRIDE",
-                 help="a run, e.g. wo_hpi:model.hpi=False (repeatable; after the sweep file's)")
-  p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                 help="common override for every run (repeatable); --config.x=y also works")
-  p.add_argument("--config", default=None,
-                 help=f"base config file (default: the sweep file's BASE_CONFIG, else {DEFAULT_CONFIG})")
-  p.add_argument("--only", default="", help="comma-separated run names: run only these")
-  p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-  p.add_argument("--main_module", default="cras_jax.main",
-                 help="module run for each run (python -m MODULE); for tests")
-  args = p.parse_args(rest)
-  args.common = [normalise(o) for o in args.override] + direct
-  return args
+  if flag_values is flags.FLAGS:  # as a command: absl's usage message on a bad flag
+    return [*app.parse_flags_with_usage(rest), *overrides]
+  return [*flag_values(rest), *overrides]
 
 
-def main(argv: Sequence[str] | None = None, launcher: Sequence[str] | None = None,
-         out=None) -> int:
-  args = parse_args(argv)
-  common = list(args.common)
-  base = args.config
+def main(
+    argv: Sequence[str],
+    flag_values: flags.FlagValues = flags.FLAGS,
+    launcher: Sequence[str] | None = None,
+    out=None,
+) -> int:
+  fv = flag_values
+  direct = [a for a in argv[1:] if _OVERRIDE.match(a)]
+  unexpected = [a for a in argv[1:] if not _OVERRIDE.match(a)]
+  if unexpected:
+    raise app.UsageError(f"Unexpected arguments: {unexpected}")
+  common = [normalise(o) for o in fv.override] + direct
+  base = fv.config
   runs: dict[str, list[str]] = {}
-  modules = [load_sweep_module(path) for path in args.sweep]
+  modules = [load_sweep_module(path) for path in fv.sweep]
   for module in modules:
     if base is None and getattr(module, "BASE_CONFIG", None):
       base = module.BASE_CONFIG
@@ -437,24 +543,26 @@ def main(argv: Sequence[str] | None = None, launcher: Sequence[str] | None = Non
       if name in runs:
         raise SystemExit(f"run {name!r} is defined twice")
       runs[name] = ov
-  for spec in args.run:
+  for spec in fv.run:
     name, ov = parse_run_flag(spec)
     if name in runs:
       raise SystemExit(f"run {name!r} is defined twice")
     runs[name] = ov
-  if args.only:
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
+  if fv.only:
+    only = [n.strip() for n in fv.only if n.strip()]
     missing = [n for n in only if n not in runs]
     if missing:
       raise SystemExit(f"--only: no run named {', '.join(missing)} (runs: {', '.join(runs)})")
     runs = {n: runs[n] for n in runs if n in only}
   if not runs:
     raise SystemExit("no runs: give --sweep=FILE and/or --run=name:overrides")
-  launcher = launcher or [sys.executable, "-m", args.main_module]
-  result = run_sweep(runs, args.sweep_dir, base, common, launcher=launcher,
-                     dry_run=args.dry_run, out=out)
+  launcher = launcher or [sys.executable, "-m", fv.main_module]
+  result = run_sweep(
+      runs, fv.sweep_dir, base, common, launcher=launcher, dry_run=fv.dry_run, out=out
+  )
   return result["returncode"]
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

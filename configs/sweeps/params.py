@@ -1,13 +1,14 @@
 """Parameter sensitivity (Fig. 8): noise sigma, DAFS beta, patch size and backbone levels,
 one at a time, around the base config's values (a `default` run holds them all at default).
 
-python tools/sweep.py --sweep=configs/sweeps/params.py --sweep_dir=runs/params
-python tools/report.py runs/params --curve=model.noise_sigma --curve=model.dafs_beta \\
+python -m tools.sweep --sweep=configs/sweeps/params.py --sweep_dir=runs/params
+python -m tools.report runs/params --curve=model.noise_sigma --curve=model.dafs_beta \\
     --curve=model.patch_size --curve=model.levels
 
 The sigma values are multiples of the base config's (1/3 ... 5/3: 0.005 ... 0.025 for the
 paper's 0.015), so they suit both absolute (mvtec) and relative (demo) noise.
 """
+
 import collections
 
 SIGMA_FACTORS = (1 / 3, 2 / 3, 4 / 3, 5 / 3)
@@ -28,5 +29,6 @@ def get_sweep(config=None):
     runs[f"patch_{p}"] = [f"model.patch_size={p}"]
   for levels in LEVELS:
     runs["levels_" + "_".join(map(str, levels))] = [
-        "model.levels=(" + ",".join(map(str, levels)) + ("," if len(levels) == 1 else "") + ")"]
+        "model.levels=(" + ",".join(map(str, levels)) + ("," if len(levels) == 1 else "") + ")"
+    ]
   return runs

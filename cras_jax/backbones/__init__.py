@@ -8,13 +8,20 @@ Weights come from one config field, `model.weights`:
 - a path    a torchvision/PyTorch state dict (.pth/.pt, read without torch) or
             a converted Flax file (.msgpack from tools/convert_torchvision.py).
 """
+
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from cras_jax.backbones import efficientnet_lite, resnet
+from cras_jax.backbones.torch_pickle import load_torch_state_dict
 
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
 EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
@@ -31,20 +38,20 @@ def _dtype(name: str):
 
 def build_module(name: str, dtype: str = "float32"):
   if name in RESNETS:
-    from cras_jax.backbones.resnet import ResNet
-    return ResNet(name, compute_dtype=_dtype(dtype))
+    return resnet.ResNet(name, compute_dtype=_dtype(dtype))
   if name in EFFICIENTNETS:
-    from cras_jax.backbones.efficientnet_lite import EfficientNetLite
-    return EfficientNetLite(name.split("_")[-1], compute_dtype=_dtype(dtype))
+    return efficientnet_lite.EfficientNetLite(name.split("_")[-1], compute_dtype=_dtype(dtype))
   raise ValueError(f"config.model.backbone={name!r} is not known; choose one of {NAMES}")
 
 
 def convert_command(name: str) -> str:
-  return (f"pip install -r requirements-tools.txt && python tools/convert_torchvision.py "
-          f"--arch={name} --output=<weights_dir>/{name}.msgpack  (downloads torchvision's "
-          f"IMAGENET1K_V1 weights, as the reference's pretrained=True; offline, without torch: "
-          f"add --input=<torchvision {name} .pth file>, or pass that .pth file itself as "
-          f"config.model.weights)")
+  return (
+      f"pip install -r requirements-tools.txt && python -m tools.convert_torchvision "
+      f"--arch={name} --output=<weights_dir>/{name}.msgpack  (downloads torchvision's "
+      f"IMAGENET1K_V1 weights, as the reference's pretrained=True; offline, without torch: "
+      f"add --input=<torchvision {name} .pth file>, or pass that .pth file itself as "
+      f"config.model.weights)"
+  )
 
 
 def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> Any:
@@ -54,54 +61,67 @@ def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> A
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda r: module.init(r, x))(jax.random.PRNGKey(seed))
   if weights == "" and name in EFFICIENTNETS:
-    from cras_jax.backbones.efficientnet_lite import load_efficientnet_lite
-    return load_efficientnet_lite(name.split("_")[-1])
+    return efficientnet_lite.load_efficientnet_lite(name.split("_")[-1])
   if weights == "":
     raise WeightsError(
         f"config.model.weights is empty and backbone {name!r} has no offline default weights. "
         f"Create them with: {convert_command(name)} and set --config.model.weights=<that file>, "
-        f"or set --config.model.weights=random for an untrained backbone.")
+        f"or set --config.model.weights=random for an untrained backbone."
+    )
   path = os.path.expanduser(weights)
   if not os.path.exists(path):
-    raise WeightsError(f"config.model.weights={weights!r}: no such file. Create it with: "
-                       f"{convert_command(name)}")
+    raise WeightsError(
+        f"config.model.weights={weights!r}: no such file. Create it with: "
+        f"{convert_command(name)}"
+    )
   if path.endswith(".msgpack"):
     # written by tools/convert_torchvision.py: {'params','batch_stats'} in Flax layout,
     # with a JSON sidecar <path>.json naming the arch it was converted for.
-    import json
-    import flax.serialization
-    import numpy as np
     sidecar = path + ".json"
     if os.path.exists(sidecar):
       with open(sidecar) as f:
         arch = json.load(f).get("arch")
       if arch is not None and arch != name:
-        raise ValueError(f"config.model.weights={weights!r} holds {arch!r} weights "
-                         f"(per {os.path.basename(sidecar)}) but config.model.backbone={name!r}")
+        raise ValueError(
+            f"config.model.weights={weights!r} holds {arch!r} weights "
+            f"(per {os.path.basename(sidecar)}) but config.model.backbone={name!r}"
+        )
     with open(path, "rb") as f:
       variables = flax.serialization.msgpack_restore(f.read())
     # the file must hold exactly the module's variables (incl. the classifier), same shapes
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     want = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, with_logits=True))
-    want = {jax.tree_util.keystr(k): tuple(v.shape)
-            for k, v in jax.tree_util.tree_leaves_with_path(want)}
-    got = {jax.tree_util.keystr(k): tuple(np.shape(v))
-           for k, v in jax.tree_util.tree_leaves_with_path(
-               variables if isinstance(variables, dict) else {})}
+    want = {
+        jax.tree_util.keystr(k): tuple(v.shape)
+        for k, v in jax.tree_util.tree_leaves_with_path(want)
+    }
+    got = {
+        jax.tree_util.keystr(k): tuple(np.shape(v))
+        for k, v in jax.tree_util.tree_leaves_with_path(
+            variables if isinstance(variables, dict) else {}
+        )
+    }
     missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-    shapes = [f"{k}: {got[k]} != {want[k]}" for k in sorted(want.keys() & got.keys())
-              if got[k] != want[k]]
-    problems = [f"{len(v)} {what} (e.g. {v[:4]})" for what, v in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
-                if v]
+    shapes = [
+        f"{k}: {got[k]} != {want[k]}" for k in sorted(want.keys() & got.keys()) if got[k] != want[k]
+    ]
+    problems = [
+        f"{len(v)} {what} (e.g. {v[:4]})"
+        for what, v in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if v
+    ]
     if problems:
-      raise ValueError(f"config.model.weights={weights!r} does not match backbone {name!r}: "
-                       + "; ".join(problems) + f". Re-create it with: {convert_command(name)}")
+      raise ValueError(
+          f"config.model.weights={weights!r} does not match backbone {name!r}: "
+          + "; ".join(problems)
+          + f". Re-create it with: {convert_command(name)}"
+      )
     return jax.tree.map(jnp.asarray, variables)
-  from cras_jax.backbones.torch_pickle import load_torch_state_dict
   state_dict = load_torch_state_dict(path)
   if name in RESNETS:
-    from cras_jax.backbones.resnet import from_torch_state_dict
-    return from_torch_state_dict(state_dict, name)
-  from cras_jax.backbones.efficientnet_lite import from_torch_state_dict as eff_from_torch
-  return eff_from_torch(state_dict, name.split("_")[-1])
+    return resnet.from_torch_state_dict(state_dict, name)
+  return efficientnet_lite.from_torch_state_dict(state_dict, name.split("_")[-1])

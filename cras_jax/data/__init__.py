@@ -1,23 +1,36 @@
 """Data: datasets in the MVTec layout through TFDS, and the synthetic demo set."""
+
 from __future__ import annotations
 
+import fcntl
 import os
 
 import numpy as np
 
+from cras_jax.data import datasets, mvtec, synthetic
 
-def data_root(config, workdir: str) -> str:
-  """The dataset directory: config.data.root, or the generated demo set in the workdir."""
+
+def prepare_data_root(config, workdir: str) -> str:
+  """The dataset directory, ready to read: config.data.root, or the synthetic demo set,
+  generated into <workdir>/synthetic_data first (once: `synthetic.generate` reuses a
+  complete tree)."""
   if config.data.name == "synthetic":
-    from cras_jax.data import synthetic
     root = config.data.root or os.path.join(workdir, "synthetic_data")
     s = config.data.synthetic
-    synthetic.generate(root, seed=s.seed, image_size=s.image_size, n_train=s.n_train,
-                       n_test_good=s.n_test_good, n_test_defect_per_type=s.n_test_defect_per_type)
+    synthetic.generate(
+        root,
+        seed=s.seed,
+        image_size=s.image_size,
+        n_train=s.n_train,
+        n_test_good=s.n_test_good,
+        n_test_defect_per_type=s.n_test_defect_per_type,
+    )
     return root
   if not config.data.root:
-    raise ValueError(f"config.data.root is empty: set --config.data.root=<directory of the "
-                     f"{config.data.name} dataset in the MVTec layout>")
+    raise ValueError(
+        f"config.data.root is empty: set --config.data.root=<directory of the "
+        f"{config.data.name} dataset in the MVTec layout>"
+    )
   return os.path.expanduser(config.data.root)
 
 
@@ -25,23 +38,26 @@ def load_for_config(config, workdir: str):
   """The dataset of a config. Generation and TFDS preparation run under an exclusive
   file lock in the cache directory: the processes of a multi-process run (or two
   runs sharing a cache) prepare it once, one after another, instead of racing."""
-  import fcntl
-  from cras_jax.data import datasets, mvtec
   cache = config.data.cache_dir or os.path.join(workdir, "data_cache")
   os.makedirs(cache, exist_ok=True)
   with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      root = data_root(config, workdir)
+      root = prepare_data_root(config, workdir)
       classes = datasets.resolve_classes(config.data.name, config.data.classes)
-      return mvtec.load_dataset(root, classes, config.data.resize, config.data.crop, cache,
-                                allow_image_level_only=config.data.allow_image_level_only)
+      return mvtec.load_dataset(
+          root,
+          classes,
+          config.data.resize,
+          config.data.crop,
+          cache,
+          allow_image_level_only=config.data.allow_image_level_only,
+      )
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def get_batch(source, indices, keys=None) -> dict:
-  from cras_jax.data import mvtec
   batch = mvtec.get_batch(source, np.asarray(indices))
   if keys is not None:
     batch = {k: batch[k] for k in keys}
@@ -49,13 +65,11 @@ def get_batch(source, indices, keys=None) -> dict:
 
 
 def class_indices(source) -> np.ndarray:
-  from cras_jax.data import mvtec
   return mvtec.class_indices(source)
 
 
 def has_mask(source) -> np.ndarray:
   """1 where an example's mask is known (normal images, or defective with a mask)."""
-  from cras_jax.data import mvtec
   return mvtec.has_mask(source)
 
 

@@ -1,14 +1,6 @@
 """MVTec-layout datasets (MVTec AD, VisA converted, MPDD, ITDD, BTAD) as a cached TFDS dataset.
 
-Layout (SPEC section 11)::
-
-    <root>/<class>/train/good/<name>.<ext>
-    <root>/<class>/test/good/<name>.<ext>
-    <root>/<class>/test/<defect_type>/<name>.<ext>
-    <root>/<class>/ground_truth/<defect_type>/<name>_mask.png
-
-BTAD's folders are read as they are: ``train/ok`` and ``test/ok`` hold the normal images,
-``test/ko`` the defective ones, ``ground_truth/ko/<name>.png|.bmp`` their masks.
+The layout (docs/method.md §11) and its scanning are in ``layout``.
 
 Before anything is computed or written, ``load_dataset`` validates the dataset
 (``validate.validate``) and raises one ``DatasetError`` listing every problem. With
@@ -34,238 +26,54 @@ import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from etils import epath
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from cras_jax.data import preprocess
+from cras_jax.data import layout, preprocess, validate
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
 BUILDER_VERSION = "1.2.0"
 
-EXPECTED_LAYOUT = """\
-Expected layout (MVTec AD style; image extensions png/jpg/jpeg/bmp/tif/tiff):
-  <root>/<class>/train/good/<name>.<ext>                    normal training images
-  <root>/<class>/test/good/<name>.<ext>                     normal test images
-  <root>/<class>/test/<defect_type>/<name>.<ext>            defective test images
-  <root>/<class>/ground_truth/<defect_type>/<name>_mask.png one mask per defective image
-  (masks may also be named <name>.<ext> or <name>_mask.<ext>; BTAD's ok/ko folders are
-  accepted: train/ok and test/ok are the normal images, ground_truth/ko/<name>.png|bmp)"""
-
-
-class DatasetError(ValueError):
-    """The dataset folder does not have the expected layout (lists every problem found)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    class_name: str
-    split: str  # 'train' | 'test'
-    defect_type: str  # 'good' or the defect type
-    image_path: str
-    mask_path: str | None = None
-
-    @property
-    def is_anomaly(self) -> bool:
-        return self.defect_type != "good"
-
-    @property
-    def has_mask(self) -> bool:
-        """Pixel ground truth known: a normal image (all zeros) or a defect with its mask."""
-        return not self.is_anomaly or self.mask_path is not None
-
-
-# --------------------------------------------------------------------------------------------
-# Scanning
-
-
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(
-        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-        key=lambda p: p.name,
-    )
-
-
-def _find_mask(gt_files: dict[str, Path], stem: str) -> Path | None:
-    """``<stem>_mask.png``; also accepts ``<stem>_mask.<ext>`` and ``<stem>.<ext>`` (VisA
-    conversions). ``gt_files`` is keyed by lower-case file name."""
-    stem = stem.lower()
-    for key in (f"{stem}_mask.png", *(f"{stem}_mask{e}" for e in IMAGE_EXTENSIONS),
-                *(f"{stem}{e}" for e in IMAGE_EXTENSIONS)):
-        if key in gt_files:
-            return gt_files[key]
-    return None
-
-
-def discover_classes(root: str | os.PathLike) -> list[str]:
-    """Sub-folders of ``root`` that contain a ``train`` or ``test`` folder, sorted."""
-    return [
-        d.name for d in _subdirs(Path(root)) if (d / "train").is_dir() or (d / "test").is_dir()
-    ]
-
-
-# BTAD names its normal folders ``ok`` (``train/ok``, ``test/ok``) and its defect folder ``ko``.
-NORMAL_DIR_NAMES = ("good", "ok")
-
-
-def _train_dir(cdir: Path) -> Path:
-    """``train/good``, or ``train/ok`` (BTAD) when only that one exists."""
-    for name in NORMAL_DIR_NAMES:
-        if (cdir / "train" / name).is_dir():
-            return cdir / "train" / name
-    return cdir / "train" / "good"
-
-
-def _format_names(names: Sequence[str], limit: int = 5) -> str:
-    names = list(names)
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit
-                                       else "")
-
-
-def orphan_masks(records: Sequence[Record], root: str | os.PathLike,
-                 class_names: Sequence[str]) -> list[str]:
-    """Problems for files in ``<class>/ground_truth/<type>/`` that belong to no test image."""
-    used = {os.path.normcase(os.path.abspath(r.mask_path)) for r in records if r.mask_path}
-    problems = []
-    for cls in class_names:
-        for gdir in _subdirs(Path(root) / cls / "ground_truth"):
-            orphans = [p.name for p in _list_images(gdir)
-                       if os.path.normcase(os.path.abspath(p)) not in used]
-            if orphans:
-                problems.append(
-                    f"class {cls!r}: masks without a matching test image in "
-                    f"{os.fspath(gdir)!r} (expected test/{gdir.name}/<name>.<ext>): "
-                    f"{_format_names(orphans)}")
-    return problems
-
-
-def collect(root: str | os.PathLike, classes: Sequence[str] | None = None, *,
-            check_masks: bool = True) -> tuple[list[Record], list[str], list[str]]:
-    """Scan without raising: ``(records, problems, class_names)``.
-
-    Defective test images without a mask get ``mask_path=None``; with ``check_masks`` they,
-    and masks that belong to no test image, are listed among the problems. A missing root is
-    the only problem that stops the scan (reported alone).
-    """
-    root_p = Path(root)
-    if not root_p.is_dir():
-        return [], [f"dataset root {os.fspath(root)!r} does not exist or is not a folder"], []
-    problems: list[str] = []
-    if classes is None:
-        classes = discover_classes(root_p)
-        if not classes:
-            problems.append(
-                f"no class folders (sub-folders with train/ or test/) found in {os.fspath(root)!r}"
-            )
-    else:
-        classes = list(classes)
-        dup = sorted({c for c in classes if classes.count(c) > 1})
-        if dup:
-            problems.append(f"classes listed more than once: {', '.join(dup)}")
-    records: list[Record] = []
-    for cls in classes:
-        cdir = root_p / cls
-        if not cdir.is_dir():
-            problems.append(f"class {cls!r}: folder {os.fspath(cdir)!r} is missing")
-            continue
-        tr_dir = _train_dir(cdir)
-        train = _list_images(tr_dir)
-        if not train:
-            problems.append(f"class {cls!r}: no training images in {os.fspath(tr_dir)!r}")
-        records += [Record(cls, "train", "good", os.fspath(p)) for p in train]
-        n_test = 0
-        for tdir in _subdirs(cdir / "test"):
-            images = _list_images(tdir)
-            n_test += len(images)
-            if tdir.name in NORMAL_DIR_NAMES:
-                records += [Record(cls, "test", "good", os.fspath(p)) for p in images]
-                continue
-            dtype = tdir.name
-            gdir = cdir / "ground_truth" / dtype
-            gt_files = {p.name.lower(): p for p in _list_images(gdir)}
-            missing = []
-            for p in images:
-                m = _find_mask(gt_files, p.stem)
-                if m is None:
-                    missing.append(p.name)
-                records.append(Record(cls, "test", dtype, os.fspath(p),
-                                      None if m is None else os.fspath(m)))
-            if missing and check_masks:
-                problems.append(
-                    f"class {cls!r}: defective test images without a mask in "
-                    f"{os.fspath(gdir)!r} (expected <name>_mask.png): {_format_names(missing)}"
-                )
-        if n_test == 0:
-            problems.append(f"class {cls!r}: no test images in {os.fspath(cdir / 'test')!r}")
-    if check_masks:
-        problems += orphan_masks(records, root_p, [c for c in classes if (root_p / c).is_dir()])
-    return records, problems, list(classes)
-
-
-def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
-    return (f"Dataset at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
-            + "\n".join(f"  - {p}" for p in problems) + "\n" + EXPECTED_LAYOUT)
-
-
-def scan_mvtec(root: str | os.PathLike, classes: Sequence[str] | None = None) -> list[Record]:
-    """List the images of an MVTec-layout dataset (no image is read).
-
-    Records come class by class (in ``classes`` order, or sorted when discovered), the train
-    split before the test split, defect types and files sorted by name. Raises one
-    ``DatasetError`` listing every layout problem found (missing root / class, no training or
-    test images, defective images without a mask, masks without an image).
-    """
-    if not Path(root).is_dir():
-        raise DatasetError(
-            f"Dataset root {os.fspath(root)!r} does not exist or is not a folder.\n"
-            + EXPECTED_LAYOUT
-        )
-    records, problems, _ = collect(root, classes, check_masks=True)
-    if problems:
-        raise DatasetError(format_problems(root, problems))
-    return records
-
 
 def _relname(rec_path: str, root: str) -> str:
-    return Path(os.path.relpath(rec_path, root)).as_posix()
+  return Path(os.path.relpath(rec_path, root)).as_posix()
 
 
-def content_fingerprint(records: Iterable[Record], root: str | os.PathLike) -> str:
-    """sha256 over every image/mask relative path, size and mtime (hex)."""
-    h = hashlib.sha256()
-    root = os.fspath(root)
-    for r in records:
-        for p in (r.image_path, r.mask_path):
-            if p is None:
-                h.update(b"-\n")
-                continue
-            st = os.stat(p)
-            h.update(f"{r.class_name}|{r.split}|{r.defect_type}|{_relname(p, root)}|"
-                     f"{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+def content_fingerprint(records: Iterable[layout.Record], root: str | os.PathLike) -> str:
+  """sha256 over every image/mask relative path, size and mtime (hex)."""
+  h = hashlib.sha256()
+  root = os.fspath(root)
+  for r in records:
+    for p in (r.image_path, r.mask_path):
+      if p is None:
+        h.update(b"-\n")
+        continue
+      st = os.stat(p)
+      h.update(
+          f"{r.class_name}|{r.split}|{r.defect_type}|{_relname(p, root)}|"
+          f"{st.st_size}|{st.st_mtime_ns}\n".encode()
+      )
+  return h.hexdigest()
 
 
 def params_hash(root: str | os.PathLike, classes: Sequence[str], resize: int, crop: int) -> str:
-    key = json.dumps([os.path.abspath(os.fspath(root)), list(classes), int(resize), int(crop),
-                      preprocess.PREPROCESS_VERSION, BUILDER_VERSION])
-    return hashlib.sha256(key.encode()).hexdigest()
+  key = json.dumps(
+      [
+          os.path.abspath(os.fspath(root)),
+          list(classes),
+          int(resize),
+          int(crop),
+          preprocess.PREPROCESS_VERSION,
+          BUILDER_VERSION,
+      ]
+  )
+  return hashlib.sha256(key.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,86 +82,99 @@ def params_hash(root: str | os.PathLike, classes: Sequence[str], resize: int, cr
 
 @dataclasses.dataclass(eq=False)
 class MVTecFolderConfig(tfds.core.BuilderConfig):
-    root: str = ""
-    class_names: tuple[str, ...] = ()
-    resize: int = 329
-    crop: int = 288
-    fingerprint: str = ""
+  root: str = ""
+  class_names: tuple[str, ...] = ()
+  resize: int = 329
+  crop: int = 288
+  fingerprint: str = ""
 
 
-def make_config(root, class_names: Sequence[str], resize: int, crop: int,
-                records: Sequence[Record]) -> MVTecFolderConfig:
-    phash = params_hash(root, class_names, resize, crop)[:10]
-    fp = content_fingerprint(records, root)[:12]
-    return MVTecFolderConfig(
-        name=f"r{int(resize)}_c{int(crop)}_k{len(class_names)}_{phash}_{fp}",
-        description=f"{len(class_names)} classes, resize {resize}, crop {crop}",
-        root=os.path.abspath(os.fspath(root)),
-        class_names=tuple(class_names),
-        resize=int(resize),
-        crop=int(crop),
-        fingerprint=fp,
-    )
+def make_config(
+    root, class_names: Sequence[str], resize: int, crop: int, records: Sequence[layout.Record]
+) -> MVTecFolderConfig:
+  phash = params_hash(root, class_names, resize, crop)[:10]
+  fp = content_fingerprint(records, root)[:12]
+  return MVTecFolderConfig(
+      name=f"r{int(resize)}_c{int(crop)}_k{len(class_names)}_{phash}_{fp}",
+      description=f"{len(class_names)} classes, resize {resize}, crop {crop}",
+      root=os.path.abspath(os.fspath(root)),
+      class_names=tuple(class_names),
+      resize=int(resize),
+      crop=int(crop),
+      fingerprint=fp,
+  )
 
 
-def _split_metadata(records: Sequence[Record], class_names: Sequence[str], root: str) -> dict:
-    index = {c: i for i, c in enumerate(class_names)}
-    return {
-        "label": [index[r.class_name] for r in records],
-        "is_anomaly": [int(r.is_anomaly) for r in records],
-        "defect_type": [r.defect_type for r in records],
-        "name": [_relname(r.image_path, root) for r in records],
-        # 0 for a defective image stored without a mask (allow_image_level_only=True): its
-        # stored mask is all zeros and means "unknown", not "no defect".
-        "has_mask": [int(r.has_mask) for r in records],
-    }
+def _split_metadata(
+    records: Sequence[layout.Record], class_names: Sequence[str], root: str
+) -> dict:
+  index = {c: i for i, c in enumerate(class_names)}
+  return {
+      "label": [index[r.class_name] for r in records],
+      "is_anomaly": [int(r.is_anomaly) for r in records],
+      "defect_type": [r.defect_type for r in records],
+      "name": [_relname(r.image_path, root) for r in records],
+      # 0 for a defective image stored without a mask (allow_image_level_only=True): its
+      # stored mask is all zeros and means "unknown", not "no defect".
+      "has_mask": [int(r.has_mask) for r in records],
+  }
 
 
 class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Preprocessed MVTec-layout images; one config per (root, classes, resize, crop, content)."""
+  """Preprocessed MVTec-layout images; one config per (root, classes, resize, crop, content)."""
 
-    name = "mvtec_folder"
-    VERSION = tfds.core.Version(BUILDER_VERSION)
-    RELEASE_NOTES = {
-        "1.0.0": "Preprocessed uint8 images and {0,1} masks (zlib).",
-        "1.1.0": "Masks stored as raw bytes (faster reads, same file size).",
-        "1.2.0": "Split metadata 'has_mask' (0: defective image without a pixel mask).",
-    }
+  name = "mvtec_folder"
+  VERSION = tfds.core.Version(BUILDER_VERSION)
+  RELEASE_NOTES = {
+      "1.0.0": "Preprocessed uint8 images and {0,1} masks (zlib).",
+      "1.1.0": "Masks stored as raw bytes (faster reads, same file size).",
+      "1.2.0": "Split metadata 'has_mask' (0: defective image without a pixel mask).",
+  }
 
-    def __init__(self, *, config: MVTecFolderConfig, records: Sequence[Record] | None = None,
-                 num_workers: int | None = None, **kwargs):
-        if records is None:
-            records = scan_mvtec(config.root, config.class_names)
-        self._records = list(records)
-        self._num_workers = num_workers or max(1, os.cpu_count() or 1)
-        kwargs.setdefault("file_format", tfds.core.file_adapters.FileFormat.ARRAY_RECORD)
-        super().__init__(config=config, **kwargs)
+  def __init__(
+      self,
+      *,
+      config: MVTecFolderConfig,
+      records: Sequence[layout.Record] | None = None,
+      num_workers: int | None = None,
+      **kwargs,
+  ):
+    if records is None:
+      records = layout.scan_mvtec(config.root, config.class_names)
+    self._records = list(records)
+    self._num_workers = num_workers or max(1, os.cpu_count() or 1)
+    kwargs.setdefault("file_format", tfds.core.file_adapters.FileFormat.ARRAY_RECORD)
+    super().__init__(config=config, **kwargs)
 
-    # tfds locates the builder's source file through `importlib_resources` (a backport package
-    # that is not installed) for builders inside a package; the path is only used to look for
-    # a checksums file, which this builder does not have.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):
-        return epath.Path(__file__)
+  # tfds locates the builder's source file through `importlib_resources` (a backport package
+  # that is not installed) for builders inside a package; the path is only used to look for
+  # a checksums file, which this builder does not have.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    return epath.Path(__file__)
 
-    def _split_records(self, split: str) -> list[Record]:
-        return [r for r in self._records if r.split == split]
+  def _split_records(self, split: str) -> list[layout.Record]:
+    return [r for r in self._records if r.split == split]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        cfg: MVTecFolderConfig = self.builder_config
-        c = cfg.crop
-        meta = tfds.core.MetadataDict(
-            class_names=list(cfg.class_names), resize=cfg.resize, crop=cfg.crop,
-            fingerprint=cfg.fingerprint,
-            splits={s: _split_metadata(self._split_records(s), cfg.class_names, cfg.root)
-                    for s in SPLITS},
-        )
-        Tensor, Enc = tfds.features.Tensor, tfds.features.Encoding
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="MVTec-layout anomaly detection images, resized and centre-cropped.",
-            features=tfds.features.FeaturesDict({
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg: MVTecFolderConfig = self.builder_config
+    c = cfg.crop
+    meta = tfds.core.MetadataDict(
+        class_names=list(cfg.class_names),
+        resize=cfg.resize,
+        crop=cfg.crop,
+        fingerprint=cfg.fingerprint,
+        splits={
+            s: _split_metadata(self._split_records(s), cfg.class_names, cfg.root) for s in SPLITS
+        },
+    )
+    Tensor, Enc = tfds.features.Tensor, tfds.features.Encoding
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="MVTec-layout anomaly detection images, resized and centre-cropped.",
+        features=tfds.features.FeaturesDict(
+            {
                 # Raw bytes: no int64 up-casting, decoded with np.frombuffer.
                 "image": Tensor(shape=(c, c, 3), dtype=np.uint8, encoding=Enc.BYTES),
                 # Raw bytes too: array_record's own (brotli) compression already shrinks the
@@ -363,46 +184,47 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "is_anomaly": Tensor(shape=(), dtype=np.int32),
                 "defect_type": tfds.features.Text(),
                 "name": tfds.features.Text(),
-            }),
-            metadata=meta,
-            disable_shuffling=True,  # keep scan order; index i == metadata entry i
-        )
+            }
+        ),
+        metadata=meta,
+        disable_shuffling=True,  # keep scan order; index i == metadata entry i
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        return {s: self._generate_examples(split=s) for s in SPLITS}
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {s: self._generate_examples(split=s) for s in SPLITS}
 
-    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        cfg: MVTecFolderConfig = self.builder_config
-        recs = self._split_records(split)
-        index = {c: i for i, c in enumerate(cfg.class_names)}
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+    cfg: MVTecFolderConfig = self.builder_config
+    recs = self._split_records(split)
+    index = {c: i for i, c in enumerate(cfg.class_names)}
 
-        def work(r: Record):
-            return preprocess.load_example(r.image_path, r.mask_path, cfg.resize, cfg.crop)
+    def work(r: layout.Record):
+      return preprocess.load_example(r.image_path, r.mask_path, cfg.resize, cfg.crop)
 
-        # Decoding (PNG/JPEG) and PIL resizing release the GIL, so threads run in parallel;
-        # a sliding window of futures keeps every worker busy while examples are yielded in
-        # order (tfds serialises them in this thread).
-        window = 4 * self._num_workers
-        with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
-            pending: collections.deque = collections.deque()
-            todo = iter(enumerate(recs))
-            for i, r in itertools.islice(todo, window):
-                pending.append((i, r, pool.submit(work, r)))
-            while pending:
-                i, r, future = pending.popleft()
-                image, mask = future.result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((nxt[0], nxt[1], pool.submit(work, nxt[1])))
-                yield i, {
-                    "image": image,
-                    "mask": mask,
-                    "label": index[r.class_name],
-                    "is_anomaly": int(r.is_anomaly),
-                    "defect_type": r.defect_type,
-                    "name": _relname(r.image_path, cfg.root),
-                }
+    # Decoding (PNG/JPEG) and PIL resizing release the GIL, so threads run in parallel;
+    # a sliding window of futures keeps every worker busy while examples are yielded in
+    # order (tfds serialises them in this thread).
+    window = 4 * self._num_workers
+    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
+      pending: collections.deque = collections.deque()
+      todo = iter(enumerate(recs))
+      for i, r in itertools.islice(todo, window):
+        pending.append((i, r, pool.submit(work, r)))
+      while pending:
+        i, r, future = pending.popleft()
+        image, mask = future.result()
+        nxt = next(todo, None)
+        if nxt is not None:
+          pending.append((nxt[0], nxt[1], pool.submit(work, nxt[1])))
+        yield i, {
+            "image": image,
+            "mask": mask,
+            "label": index[r.class_name],
+            "is_anomaly": int(r.is_anomaly),
+            "defect_type": r.defect_type,
+            "name": _relname(r.image_path, cfg.root),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,166 +233,184 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 @dataclasses.dataclass
 class Dataset:
-    class_names: list[str]
-    train: object  # tfds ArrayRecordDataSource: len(), [i], __getitems__
-    test: object
-    builder: MVTecFolder
-    records: list[Record]
+  class_names: list[str]
+  train: object  # tfds ArrayRecordDataSource: len(), [i], __getitems__
+  test: object
+  builder: MVTecFolder
+  records: list[layout.Record]
 
-    @property
-    def data_dir(self) -> str:
-        return os.fspath(self.builder.data_dir)
+  @property
+  def data_dir(self) -> str:
+    return os.fspath(self.builder.data_dir)
 
-    def summary_lines(self) -> list[str]:
-        lines = []
-        for k, cls in enumerate(self.class_names):
-            rs = [r for r in self.records if r.class_name == cls]
-            n_train = sum(r.split == "train" for r in rs)
-            n_good = sum(r.split == "test" and not r.is_anomaly for r in rs)
-            n_bad = sum(r.split == "test" and r.is_anomaly for r in rs)
-            n_nomask = sum(not r.has_mask for r in rs)
-            types = sorted({r.defect_type for r in rs if r.is_anomaly})
-            lines.append(f"[{k}] {cls}: train {n_train} | test good {n_good}, defective {n_bad}"
-                         + (f" ({n_nomask} without a mask)" if n_nomask else "")
-                         + f" | defect types: {', '.join(types) or '-'}")
-        return lines
+  def summary_lines(self) -> list[str]:
+    lines = []
+    for k, cls in enumerate(self.class_names):
+      rs = [r for r in self.records if r.class_name == cls]
+      n_train = sum(r.split == "train" for r in rs)
+      n_good = sum(r.split == "test" and not r.is_anomaly for r in rs)
+      n_bad = sum(r.split == "test" and r.is_anomaly for r in rs)
+      n_nomask = sum(not r.has_mask for r in rs)
+      types = sorted({r.defect_type for r in rs if r.is_anomaly})
+      lines.append(
+          f"[{k}] {cls}: train {n_train} | test good {n_good}, defective {n_bad}"
+          + (f" ({n_nomask} without a mask)" if n_nomask else "")
+          + f" | defect types: {', '.join(types) or '-'}"
+      )
+    return lines
 
 
 @contextlib.contextmanager
 def _in_memory_shuffler(n_bytes: int):
-    """Keep tfds' example shuffler in memory for a split of ``n_bytes``.
+  """Keep tfds' example shuffler in memory for a split of ``n_bytes``.
 
-    tfds collects a split's serialized examples in memory (sorted by key, as
-    ``disable_shuffling`` asks) but spills them to temporary bucket files once they pass
-    ``shuffle.MAX_MEM_BUFFER_SIZE`` (1 GB), and that spill path uses ``tf.io.gfile``: it needs
-    TensorFlow. Raising the threshold for the duration of the build keeps it TF-free; the cost
-    is RAM of about the largest split's size (MVTec AD train at 288: ~1.2 GB).
-    """
-    from tensorflow_datasets.core import shuffle as tfds_shuffle
-
-    old = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(old, int(n_bytes))
-    try:
-        yield
-    finally:
-        tfds_shuffle.MAX_MEM_BUFFER_SIZE = old
+  tfds collects a split's serialized examples in memory (sorted by key, as
+  ``disable_shuffling`` asks) but spills them to temporary bucket files once they pass
+  ``shuffle.MAX_MEM_BUFFER_SIZE`` (1 GB), and that spill path uses ``tf.io.gfile``: it needs
+  TensorFlow. Raising the threshold for the duration of the build keeps it TF-free; the cost
+  is RAM of about the largest split's size (MVTec AD train at 288: ~1.2 GB).
+  """
+  old = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(old, int(n_bytes))
+  try:
+    yield
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = old
 
 
 def _prune_stale(builder: MVTecFolder, keep_name: str, phash: str) -> None:
-    """Delete other configs of the same (root, classes, resize, crop): older file contents."""
-    parent = Path(builder.data_dir).parent.parent  # <cache>/mvtec_folder
-    if not parent.is_dir():
-        return
-    for d in parent.iterdir():
-        parts = d.name.split("_")
-        if d.is_dir() and d.name != keep_name and len(parts) == 5 and parts[3] == phash:
-            shutil.rmtree(d, ignore_errors=True)
+  """Delete other configs of the same (root, classes, resize, crop): older file contents."""
+  parent = Path(builder.data_dir).parent.parent  # <cache>/mvtec_folder
+  if not parent.is_dir():
+    return
+  for d in parent.iterdir():
+    parts = d.name.split("_")
+    if d.is_dir() and d.name != keep_name and len(parts) == 5 and parts[3] == phash:
+      shutil.rmtree(d, ignore_errors=True)
 
 
-def load_dataset(root: str | os.PathLike, classes: Sequence[str] | None, resize: int, crop: int,
-                 cache_dir: str | os.PathLike, *, num_workers: int | None = None,
-                 prune_stale: bool = True, verbose: bool = True,
-                 allow_image_level_only: bool = False) -> Dataset:
-    """Scan and validate ``root``, build (or reuse) the preprocessed cache in ``cache_dir`` and
-    open it.
+def load_dataset(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None,
+    resize: int,
+    crop: int,
+    cache_dir: str | os.PathLike,
+    *,
+    num_workers: int | None = None,
+    prune_stale: bool = True,
+    verbose: bool = True,
+    allow_image_level_only: bool = False,
+) -> Dataset:
+  """Scan and validate ``root``, build (or reuse) the preprocessed cache in ``cache_dir`` and
+  open it.
 
-    Nothing is written to ``cache_dir`` unless validation passes (``validate.validate``: every
-    image and mask is opened and decoded once; all problems are raised in one ``DatasetError``).
-    With ``allow_image_level_only`` defective test images without a mask are accepted: their
-    mask is all zeros and the split metadata's ``has_mask`` entry is 0.
-    """
-    from cras_jax.data import validate as validate_lib
-
-    records, problems, class_names = collect(root, classes, check_masks=False)
-    if problems and not records:  # e.g. no root: nothing more to check
-        validate_lib.validate(records, root, problems=problems, class_names=class_names)
-    config = make_config(root, class_names, resize, crop, records)
-    # tfds logs a warning with the whole config for every custom config: silence that one.
-    # (Constructing the builder writes nothing to cache_dir.)
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        builder = MVTecFolder(config=config, records=records, num_workers=num_workers,
-                              data_dir=os.fspath(cache_dir))
-        prepared = builder.is_prepared()
-    finally:
-        absl_logging.set_verbosity(verbosity)
-    # A prepared cache of this config was built from these very files (the config name holds
-    # their paths, sizes and mtimes) after they passed validation: decoding them again is
-    # skipped, the layout checks (masks present, no orphan masks) are always run.
-    validate_lib.validate(records, root, allow_image_level_only=allow_image_level_only,
-                          problems=problems, class_names=class_names,
-                          read_images=not prepared, num_workers=num_workers)
-    if not prepared:
-        largest = max(sum(r.split == s for r in records) for s in SPLITS)
-        with _in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    compute_stats=tfds.download.ComputeStatsMode.SKIP,
-                    try_download_gcs=False,
-                )
-            )
-    if prune_stale:
-        _prune_stale(builder, config.name, config.name.split("_")[3])
-    sources = builder.as_data_source()
-    ds = Dataset(class_names=class_names, train=sources["train"], test=sources["test"],
-                 builder=builder, records=records)
-    if verbose:
-        for line in ds.summary_lines():
-            print(line)
-    return ds
+  Nothing is written to ``cache_dir`` unless validation passes (``validate.validate``: every
+  image and mask is opened and decoded once; all problems are raised in one ``DatasetError``).
+  With ``allow_image_level_only`` defective test images without a mask are accepted: their
+  mask is all zeros and the split metadata's ``has_mask`` entry is 0.
+  """
+  records, problems, class_names = layout.collect(root, classes, check_masks=False)
+  if problems and not records:  # e.g. no root: nothing more to check
+    validate.validate(records, root, problems=problems, class_names=class_names)
+  config = make_config(root, class_names, resize, crop, records)
+  # tfds logs a warning with the whole config for every custom config: silence that one.
+  # (Constructing the builder writes nothing to cache_dir.)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    builder = MVTecFolder(
+        config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
+    )
+    prepared = builder.is_prepared()
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  # A prepared cache of this config was built from these very files (the config name holds
+  # their paths, sizes and mtimes) after they passed validation: decoding them again is
+  # skipped, the layout checks (masks present, no orphan masks) are always run.
+  validate.validate(
+      records,
+      root,
+      allow_image_level_only=allow_image_level_only,
+      problems=problems,
+      class_names=class_names,
+      read_images=not prepared,
+      num_workers=num_workers,
+  )
+  if not prepared:
+    largest = max(sum(r.split == s for r in records) for s in SPLITS)
+    with _in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP,
+              try_download_gcs=False,
+          )
+      )
+  if prune_stale:
+    _prune_stale(builder, config.name, config.name.split("_")[3])
+  sources = builder.as_data_source()
+  ds = Dataset(
+      class_names=class_names,
+      train=sources["train"],
+      test=sources["test"],
+      builder=builder,
+      records=records,
+  )
+  if verbose:
+    for line in ds.summary_lines():
+      print(line)
+  return ds
 
 
 def _split_name(source) -> str:
-    return str(getattr(source, "split", ""))
+  return str(getattr(source, "split", ""))
 
 
 def split_metadata(source) -> dict | None:
-    """The stored per-example metadata (label, is_anomaly, defect_type, name) of a split."""
-    info = getattr(source, "dataset_info", None)
-    meta = getattr(info, "metadata", None) if info is not None else None
-    if not meta or "splits" not in meta:
-        return None
-    m = meta["splits"].get(_split_name(source))
-    if m is None or len(m["label"]) != len(source):
-        return None
-    return m
+  """The stored per-example metadata (label, is_anomaly, defect_type, name) of a split."""
+  info = getattr(source, "dataset_info", None)
+  meta = getattr(info, "metadata", None) if info is not None else None
+  if not meta or "splits" not in meta:
+    return None
+  m = meta["splits"].get(_split_name(source))
+  if m is None or len(m["label"]) != len(source):
+    return None
+  return m
 
 
 def has_mask(source) -> np.ndarray:
-    """Per example of the split: 1 where the pixel ground truth is known, 0 for a defective
-    image loaded without a mask (``allow_image_level_only``). All ones when the metadata has
-    no ``has_mask`` entry."""
-    m = split_metadata(source)
-    if m is not None and "has_mask" in m:
-        return np.asarray(m["has_mask"], dtype=np.int32)
-    return np.ones(len(source), dtype=np.int32)
+  """Per example of the split: 1 where the pixel ground truth is known, 0 for a defective
+  image loaded without a mask (``allow_image_level_only``). All ones when the metadata has
+  no ``has_mask`` entry."""
+  m = split_metadata(source)
+  if m is not None and "has_mask" in m:
+    return np.asarray(m["has_mask"], dtype=np.int32)
+  return np.ones(len(source), dtype=np.int32)
 
 
 def class_indices(source) -> np.ndarray:
-    """Class index of every example of the split, from metadata (no image decoding)."""
-    m = split_metadata(source)
-    if m is not None:
-        return np.asarray(m["label"], dtype=np.int32)
-    return np.asarray([int(source[i]["label"]) for i in range(len(source))], dtype=np.int32)
+  """Class index of every example of the split, from metadata (no image decoding)."""
+  m = split_metadata(source)
+  if m is not None:
+    return np.asarray(m["label"], dtype=np.int32)
+  return np.asarray([int(source[i]["label"]) for i in range(len(source))], dtype=np.int32)
 
 
 def _to_str(x) -> str:
-    return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
+  return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
 def get_batch(source, indices: Sequence[int] | np.ndarray) -> dict:
-    """Read examples ``indices`` and stack them: image [B,c,c,3] uint8, mask [B,c,c] uint8,
-    label [B] int32, is_anomaly [B] int32, defect_type / name lists of str."""
-    idx = [int(i) for i in np.asarray(indices).reshape(-1)]
-    exs = source.__getitems__(idx) if idx else []
-    if not exs:
-        raise ValueError("get_batch needs at least one index")
-    return {
-        "image": np.stack([e["image"] for e in exs]),
-        "mask": np.stack([e["mask"] for e in exs]),
-        "label": np.asarray([e["label"] for e in exs], dtype=np.int32),
-        "is_anomaly": np.asarray([e["is_anomaly"] for e in exs], dtype=np.int32),
-        "defect_type": [_to_str(e["defect_type"]) for e in exs],
-        "name": [_to_str(e["name"]) for e in exs],
-    }
+  """Read examples ``indices`` and stack them: image [B,c,c,3] uint8, mask [B,c,c] uint8,
+  label [B] int32, is_anomaly [B] int32, defect_type / name lists of str."""
+  idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+  exs = source.__getitems__(idx) if idx else []
+  if not exs:
+    raise ValueError("get_batch needs at least one index")
+  return {
+      "image": np.stack([e["image"] for e in exs]),
+      "mask": np.stack([e["mask"] for e in exs]),
+      "label": np.asarray([e["label"] for e in exs], dtype=np.int32),
+      "is_anomaly": np.asarray([e["is_anomaly"] for e in exs], dtype=np.int32),
+      "defect_type": [_to_str(e["defect_type"]) for e in exs],
+      "name": [_to_str(e["name"]) for e in exs],
+  }

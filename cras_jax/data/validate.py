@@ -2,13 +2,13 @@
 
 ``validate(records, root)`` opens and fully decodes every image and mask once (PIL ``open`` +
 ``load``, which catches truncated files; in a thread pool, as decoding releases the GIL) and
-raises ONE ``DatasetError`` listing every problem found, followed by the expected layout:
+raises ONE ``layout.DatasetError`` listing every problem found, followed by the expected layout:
 
   * an unreadable or truncated image or mask (the file is named);
   * a mask whose size differs from its image's (both sizes named);
   * a defective test image without a mask (unless ``allow_image_level_only``);
   * a mask without an image (a file in ``ground_truth/<type>/`` matching no test image);
-  * the layout problems of ``mvtec.collect`` passed in ``problems`` (missing root or class,
+  * the layout problems of ``layout.collect`` passed in ``problems`` (missing root or class,
     class without training or test images).
 
 16-bit TIFFs that Pillow cannot decode are checked with tifffile (as ``preprocess`` reads them).
@@ -18,90 +18,96 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from cras_jax.data.mvtec import DatasetError, Record, format_problems, orphan_masks
+from cras_jax.data import layout
 
 _TIFF_EXTS = (".tif", ".tiff")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file after decoding it fully; ``ValueError`` naming the file
-    when it is missing, corrupt, truncated or in an unsupported format."""
-    path = os.fspath(path)
+  """(width, height) of an image file after decoding it fully; ``ValueError`` naming the file
+  when it is missing, corrupt, truncated or in an unsupported format."""
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im.size
+  except FileNotFoundError:
+    raise ValueError(f"file not found: {path}") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    err = e
+  if os.path.splitext(path)[1].lower() in _TIFF_EXTS:  # e.g. 16-bit RGB TIFF: tifffile
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size
-    except FileNotFoundError:
-        raise ValueError(f"file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        err = e
-    if os.path.splitext(path)[1].lower() in _TIFF_EXTS:  # e.g. 16-bit RGB TIFF: tifffile
+      import tifffile  # only for the 16-bit TIFFs Pillow cannot decode
+
+      shape = tifffile.imread(path).shape
+      while len(shape) > 3 or (len(shape) == 3 and shape[-1] not in (1, 2, 3, 4)):
+        shape = shape[1:]
+      return int(shape[1]), int(shape[0])
+    except Exception:  # noqa: BLE001 - report Pillow's error below
+      pass
+  raise ValueError(f"unreadable or truncated file {path} ({type(err).__name__}: {err})")
+
+
+def validate(
+    records: Sequence[layout.Record],
+    root: str | os.PathLike,
+    allow_image_level_only: bool = False,
+    *,
+    problems: Sequence[str] = (),
+    class_names: Sequence[str] | None = None,
+    read_images: bool = True,
+    num_workers: int | None = None,
+) -> None:
+  """Raise one ``layout.DatasetError`` listing every problem of the dataset (module docstring).
+
+  ``records`` come from ``layout.collect(..., check_masks=False)`` (defective images without a
+  mask have ``mask_path=None``); ``problems`` are the scan's own problems, listed first.
+  ``class_names`` (default: the records' classes) are searched for masks without an image.
+  ``read_images=False`` checks only the layout.
+  """
+  problems = list(problems)
+  if class_names is None:
+    class_names = list(dict.fromkeys(r.class_name for r in records))
+  root_p = Path(root)
+
+  if not allow_image_level_only:
+    missing: dict[tuple[str, str], list[str]] = {}
+    for r in records:
+      if r.is_anomaly and r.mask_path is None:
+        missing.setdefault((r.class_name, r.defect_type), []).append(Path(r.image_path).name)
+    for (cls, dtype), names in missing.items():
+      shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+      gdir = root_p / cls / "ground_truth" / dtype
+      problems.append(
+          f"class {cls!r}: defective test images without a mask in {os.fspath(gdir)!r} "
+          f"(expected <name>_mask.png; or pass allow_image_level_only=True): {shown}"
+      )
+  problems += layout.orphan_masks(
+      records, root_p, [c for c in class_names if (root_p / c).is_dir()]
+  )
+
+  if read_images and records:
+    paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
+    workers = num_workers or min(32, max(1, os.cpu_count() or 1))
+    sizes: dict[str, tuple[int, int]] = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      futures = {p: pool.submit(image_size, p) for p in paths}
+      for p in paths:  # sorted: a stable message
         try:
-            import tifffile
-
-            shape = tifffile.imread(path).shape
-            while len(shape) > 3 or (len(shape) == 3 and shape[-1] not in (1, 2, 3, 4)):
-                shape = shape[1:]
-            return int(shape[1]), int(shape[0])
-        except Exception:  # noqa: BLE001 - report Pillow's error below
-            pass
-    raise ValueError(f"unreadable or truncated file {path} ({type(err).__name__}: {err})")
-
-
-def validate(records: Sequence[Record], root: str | os.PathLike,
-             allow_image_level_only: bool = False, *, problems: Sequence[str] = (),
-             class_names: Sequence[str] | None = None, read_images: bool = True,
-             num_workers: int | None = None) -> None:
-    """Raise one ``DatasetError`` listing every problem of the dataset (see module docstring).
-
-    ``records`` come from ``mvtec.collect(..., check_masks=False)`` (defective images without a
-    mask have ``mask_path=None``); ``problems`` are the scan's own problems, listed first.
-    ``class_names`` (default: the records' classes) are searched for masks without an image.
-    ``read_images=False`` checks only the layout.
-    """
-    problems = list(problems)
-    if class_names is None:
-        class_names = list(dict.fromkeys(r.class_name for r in records))
-    root_p = Path(root)
-
-    if not allow_image_level_only:
-        missing: dict[tuple[str, str], list[str]] = {}
-        for r in records:
-            if r.is_anomaly and r.mask_path is None:
-                missing.setdefault((r.class_name, r.defect_type), []).append(
-                    Path(r.image_path).name)
-        for (cls, dtype), names in missing.items():
-            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5
-                                            else "")
-            gdir = root_p / cls / "ground_truth" / dtype
-            problems.append(
-                f"class {cls!r}: defective test images without a mask in {os.fspath(gdir)!r} "
-                f"(expected <name>_mask.png; or pass allow_image_level_only=True): {shown}")
-    problems += orphan_masks(records, root_p,
-                             [c for c in class_names if (root_p / c).is_dir()])
-
-    if read_images and records:
-        paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
-        workers = num_workers or min(32, max(1, os.cpu_count() or 1))
-        sizes: dict[str, tuple[int, int]] = {}
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {p: pool.submit(image_size, p) for p in paths}
-            for p in paths:  # sorted: a stable message
-                try:
-                    sizes[p] = futures[p].result()
-                except ValueError as e:
-                    problems.append(str(e))
-        for r in records:
-            if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
-                (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
-                if (iw, ih) != (mw, mh):
-                    problems.append(
-                        f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} "
-                        f"is {iw}x{ih}")
-    if problems:
-        raise DatasetError(format_problems(root, problems))
+          sizes[p] = futures[p].result()
+        except ValueError as e:
+          problems.append(str(e))
+    for r in records:
+      if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
+        (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
+        if (iw, ih) != (mw, mh):
+          problems.append(
+              f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} " f"is {iw}x{ih}"
+          )
+  if problems:
+    raise layout.DatasetError(layout.format_problems(root, problems))

@@ -1,39 +1,54 @@
-"""Progress display, result tables and heatmap figures."""
+"""What a run reports: per-class metric tables, the results files, test scores and heatmaps;
+the training progress line and the versions every results file records."""
+
 from __future__ import annotations
 
 import csv
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
+import flax
+import jax
 import numpy as np
+import optax
+import orbax.checkpoint
+from tqdm.auto import tqdm
 
+import cras_jax
 from cras_jax import metrics as metrics_lib
 
 
 def versions() -> dict:
-  import flax
-  import jax
-  import optax
-  import orbax.checkpoint
-  import cras_jax
-  return {"cras_jax": cras_jax.__version__, "jax": jax.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
-          "python": platform.python_version(), "git_commit": git_commit(),
-          "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}"}
+  return {
+      "cras_jax": cras_jax.__version__,
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "orbax": orbax.checkpoint.__version__,
+      "python": platform.python_version(),
+      "git_commit": git_commit(),
+      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
+  }
 
 
 def git_commit() -> str | None:
   """The commit of the cras_jax checkout in use, if it is a git checkout."""
-  import subprocess
   here = os.path.dirname(os.path.abspath(__file__))
   try:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                         timeout=10)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+    out = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
   if out.returncode != 0:
@@ -42,14 +57,19 @@ def git_commit() -> str | None:
 
 
 def progress(total: int, desc: str, initial: int = 0, unit: str = "step"):
-  from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
-              mininterval=1.0, file=sys.stdout)
+  return tqdm(
+      total=total,
+      initial=initial,
+      desc=desc,
+      unit=unit,
+      dynamic_ncols=True,
+      mininterval=1.0,
+      file=sys.stdout,
+  )
 
 
 def summarise_window(window) -> dict:
   """Mean metrics over a window of (metrics, batch size, start time) and images/s."""
-  import jax
   host = jax.device_get([m for m, _, _ in window])
   images = sum(n for _, n, _ in window)
   seconds = max(time.time() - window[0][2], 1e-9)
@@ -59,12 +79,14 @@ def summarise_window(window) -> dict:
 
 
 def format_train_metrics(m: dict) -> str:
-  return (f"{m['images_per_s']:.1f} img/s loss {m['loss']:.4f} "
-          f"normal ok {100 * m['p_true']:.1f}% anomaly ok {100 * m['p_fake']:.1f}%")
+  return (
+      f"{m['images_per_s']:.1f} img/s loss {m['loss']:.4f} "
+      f"normal ok {100 * m['p_true']:.1f}% anomaly ok {100 * m['p_fake']:.1f}%"
+  )
 
 
 def class_metrics(res: dict, class_names, fpr_limit: float = 0.3) -> dict:
-  """Per-class metrics of SPEC 10 plus the share of images matched to their own centre."""
+  """Per-class metrics of docs/method.md §10 plus the share of images matched to their own centre."""
   table = {}
   for k, name in enumerate(class_names):
     sel = res["label"] == k
@@ -74,9 +96,12 @@ def class_metrics(res: dict, class_names, fpr_limit: float = 0.3) -> dict:
     # (config.data.allow_image_level_only).
     has_masks = bool(np.all(res.get("has_mask", np.ones_like(sel))[sel]))
     m = metrics_lib.compute_class_metrics(
-        res["is_anomaly"][sel], res["scores"][sel],
-        res["mask"][sel] if has_masks else None, res["maps"][sel] if has_masks else None,
-        fpr_limit=fpr_limit)
+        res["is_anomaly"][sel],
+        res["scores"][sel],
+        res["mask"][sel] if has_masks else None,
+        res["maps"][sel] if has_masks else None,
+        fpr_limit=fpr_limit,
+    )
     m["match_acc"] = float(np.mean(res["cls"][sel] == k))
     table[name] = m
   return metrics_lib.summarise(table)
@@ -89,8 +114,15 @@ def write_scores(res: dict, class_names, path: str) -> None:
     w = csv.writer(f)
     w.writerow(["name", "class", "matched_class", "is_anomaly", "score"])
     for i, name in enumerate(res["name"]):
-      w.writerow([name, class_names[res["label"][i]], class_names[res["cls"][i]],
-                  int(res["is_anomaly"][i]), f"{float(res['scores'][i]):.6f}"])
+      w.writerow(
+          [
+              name,
+              class_names[res["label"][i]],
+              class_names[res["cls"][i]],
+              int(res["is_anomaly"][i]),
+              f"{float(res['scores'][i]):.6f}",
+          ]
+      )
 
 
 def markdown(table: dict) -> str:
@@ -111,9 +143,11 @@ def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> l
   """image | ground truth | anomaly-map overlay PNGs, for defective images first."""
   if per_class <= 0:
     return []
-  import matplotlib
+  import matplotlib  # here only: plotting is needed for heatmaps alone
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for k, name in enumerate(class_names):
@@ -123,7 +157,7 @@ def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> l
     maps = res["maps"][idx]
     lo, hi = float(maps.min()), float(maps.max())
     order = sorted(idx, key=lambda i: (-res["is_anomaly"][i], i))
-    chosen = order[:max(per_class - 1, 1)] + [i for i in order if not res["is_anomaly"][i]][:1]
+    chosen = order[: max(per_class - 1, 1)] + [i for i in order if not res["is_anomaly"][i]][:1]
     for i in dict.fromkeys(chosen):
       fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.7))
       img = res["image"][i]
@@ -132,8 +166,9 @@ def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> l
       axes[1].imshow(res["mask"][i], cmap="gray", vmin=0, vmax=1)
       axes[1].set_title("ground truth", fontsize=8)
       axes[2].imshow(img)
-      axes[2].imshow((res["maps"][i] - lo) / max(hi - lo, 1e-12), cmap="jet", alpha=0.5,
-                     vmin=0, vmax=1)
+      axes[2].imshow(
+          (res["maps"][i] - lo) / max(hi - lo, 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1
+      )
       axes[2].set_title(f"score {res['scores'][i]:.3f}", fontsize=8)
       for a in axes:
         a.axis("off")

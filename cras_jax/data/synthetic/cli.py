@@ -1,0 +1,45 @@
+"""Command line of the synthetic dataset generator.
+
+python -m cras_jax.data.synthetic --root=DIR [--seed=0] [--image_size=160]
+    [--n_train=40] [--n_test_good=12] [--n_test_defect_per_type=6] [--contact_sheet=PNG]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from cras_jax.data.synthetic import writing
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The generator's flags (defined when it runs as a command)."""
+  fv = flag_values
+  flags.DEFINE_string("root", None, "Output directory (MVTec AD layout).", flag_values=fv)
+  flags.DEFINE_integer(
+      "seed", 0, "Dataset seed (every image has its own generator).", flag_values=fv
+  )
+  flags.DEFINE_integer("image_size", 160, "Image side in pixels.", flag_values=fv)
+  flags.DEFINE_integer("n_train", 40, "Normal training images per class.", flag_values=fv)
+  flags.DEFINE_integer("n_test_good", 12, "Normal test images per class.", flag_values=fv)
+  flags.DEFINE_integer("n_test_defect_per_type", 6, "Test images per defect kind.", flag_values=fv)
+  flags.DEFINE_string(
+      "contact_sheet", None, "Also write a PNG overview to this path.", flag_values=fv
+  )
+  flags.mark_flag_as_required("root", flag_values=fv)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  fv = flag_values
+  t0 = time.time()
+  classes = writing.generate(
+      fv.root, fv.seed, fv.image_size, fv.n_train, fv.n_test_good, fv.n_test_defect_per_type
+  )
+  print(f"synthetic dataset at {fv.root}: classes={classes} ({time.time() - t0:.1f}s)")
+  if fv.contact_sheet:
+    print("contact sheet:", writing.make_contact_sheet(fv.root, fv.contact_sheet))
+  return 0
