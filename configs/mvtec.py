@@ -43,6 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.allow_image_level_only = False
   config.data.resize = 329
   config.data.crop = 288
+  config.data.allow_crop_padding = False  # True: a crop larger than the resize is zero-padded
+  # Masks are scaled to [0, 1] and a pixel is a defect where > 0.5 after resizing;
+  # "reference_int_cast": the reference code's rule (only pixels that stay exactly 1.0).
+  config.data.mask_rule = "binarise"
+  # Files larger than this (decoded pixels) or more elongated are reported, not decoded.
+  config.data.max_image_pixels = 50_000_000
+  config.data.max_aspect_ratio = 10.0
   config.data.synthetic = ml_collections.ConfigDict(
       dict(seed=0, image_size=160, n_train=40, n_test_good=12, n_test_defect_per_type=6)
   )
@@ -93,4 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.protocol = "final"
   config.eval.fpr_limit = 0.3
   config.eval.num_heatmaps = 4
+
+  config.log = ml_collections.ConfigDict()
+  config.log.progress = True  # False: no progress bars (readable CI logs)
+  config.log.tensorboard = True  # <workdir>/tensorboard/ event files (no TensorFlow needed)
   return config

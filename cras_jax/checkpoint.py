@@ -14,22 +14,37 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from cras_jax import errors
 
 
-def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  # Saves are synchronous and atomic (written to a temporary directory, then
-  # renamed); temporary directories of an interrupted save are removed on start.
+def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoints. For training (the workdir locked): saves are synchronous and
+  atomic (written to a temporary directory, then renamed) and temporary directories of an
+  interrupted save are removed on start. `read_only` (scoring, export, any reader of a run,
+  which may run while a training saves): nothing is created, removed or deleted."""
+  if max_to_keep < 1:
+    raise ValueError(f"max_to_keep={max_to_keep}: at least the latest checkpoint is kept")
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
+      max_to_keep=None if read_only else max_to_keep,
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only,
       enable_async_checkpointing=False,
-      cleanup_tmp_directories=True,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
   )
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=options,
-      item_names=("state", "meta"),
-  )
+  verbosity = logging.get_verbosity()
+  if read_only:  # orbax warns "Given directory is read only" on every reader
+    logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=options,
+        item_names=("state", "meta"),
+    )
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state_tree: Any, meta: dict) -> None:
@@ -44,10 +59,18 @@ def save(mngr: ocp.CheckpointManager, step: int, state_tree: Any, meta: dict) ->
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
-  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  """The meta item of `step`, or (step None) of the newest checkpoint whose meta is readable
+  (a step with a missing or damaged meta item is passed over, as `restore_good` does)."""
+  if step is not None:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  for s in sorted(mngr.all_steps(), reverse=True):
+    try:
+      meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - a damaged step: the previous one
+      continue
+    if isinstance(meta, dict) and "config" in meta and "class_names" in meta:
+      return meta
+  return None
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None):
@@ -60,6 +83,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
       ),
   )
+  if not isinstance(out["meta"], dict) or "class_names" not in out["meta"]:
+    raise ValueError("the meta item is missing or incomplete")
   return out["state"], out["meta"]
 
 
@@ -71,11 +96,12 @@ def _finite(tree) -> bool:
   )
 
 
-def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any):
+def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: bool = True):
   """Restores the newest readable checkpoint, falling back over corrupted ones.
 
   Returns (state_tree, meta, step, skipped) where skipped lists
-  (step, reason) for every newer checkpoint that could not be read.
+  (step, reason) for every newer checkpoint that could not be read. `quarantine` (training
+  only, the workdir locked): those are moved to corrupted_checkpoints/; readers move nothing.
   """
   skipped = []
   mngr.reload()  # the steps on disk now (another process may have saved)
@@ -84,7 +110,9 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any):
       tree, meta = restore(mngr, abstract_state, step)
       if not _finite(tree):
         raise ValueError("non-finite values in the saved state")
-      if skipped:  # keep the unreadable steps for inspection, out of the manager's way
+      if (
+          skipped and quarantine
+      ):  # keep the unreadable steps for inspection, out of the manager's way
         quarantine = os.path.join(os.path.dirname(str(mngr.directory)), "corrupted_checkpoints")
         os.makedirs(quarantine, exist_ok=True)
         for bad, _ in skipped:
@@ -97,7 +125,7 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any):
     except Exception as e:  # a truncated/corrupted step: try the previous one
       skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
   steps = ", ".join(f"{s} ({r})" for s, r in skipped)
-  raise RuntimeError(
+  raise errors.UserValueError(
       f"{mngr.directory}: no readable checkpoint; tried {steps}. "
       f"Remove the directory to start afresh."
   )

@@ -19,8 +19,8 @@ import time
 
 import jax
 
+from cras_jax import config_check, progress, results, runs, scoring, single_class, summaries
 from cras_jax import metrics as metrics_lib
-from cras_jax import results, runs, scoring, single_class
 
 PROTOCOLS = ("final", "best_epoch")
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
@@ -78,6 +78,9 @@ def evaluate(
     results.save_heatmaps(
         res, dataset.class_names, os.path.join(out_dir, "heatmaps"), config.eval.num_heatmaps
     )
+  summaries.for_workdir(workdir, config).evaluation(
+      step, table, res if heatmaps else None, dataset.class_names
+  )
   if with_thresholds:  # per image: the evaluation's scores serve when it matched per image
     per_image = scorer.per_image()
     scoring.write_thresholds(
@@ -139,7 +142,10 @@ def checkpoint_protocol(run: runs.Run, dataset) -> dict:
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Scores the workdir's latest checkpoint without training (`--mode=eval`)."""
+  """Scores the workdir's latest checkpoint without training (`--mode=eval`); the config must
+  agree with the run's in the fields that change scoring (`runs.check_eval_config`)."""
+  config_check.check(config)
+  progress.configure(config)
   if config.setting == "single_class":
     return single_class.run(config, workdir, evaluate_checkpoint, "eval")
   run = runs.load_run(workdir, config)

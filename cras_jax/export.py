@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from jax import export as jax_export
 
 import cras_jax
-from cras_jax import runs, scoring
+from cras_jax import errors, runs, scoring
 
 FORMAT = "cras_jax.exported_scoring"
 FORMAT_VERSION = 1
@@ -128,6 +128,11 @@ def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> di
   for x in leaves:
     if x.dtype.kind not in "fiub":  # e.g. bfloat16 (kind 'V') has no portable .npy form
       raise TypeError(f"cannot store a weight of dtype {x.dtype} in a portable file")
+  check_finite_weights(
+      [p for p, _ in jax.tree_util.tree_leaves_with_path(tree)],
+      leaves,
+      f"the run's weights (step {int(run.state.step)})",
+  )
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
   crop = int(cfg.data.crop)
   platforms = tuple(platforms)
@@ -185,9 +190,7 @@ def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> di
   }
   arrays.update({f"w{i:06d}": x for i, x in enumerate(kept)})
   os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
-  tmp = output + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, output)
+  write_npz(output, arrays)
   size = os.path.getsize(output)
   print(
       f"exported {len(kept)} weight arrays ({meta['weights_bytes'] / 2**20:.1f} MiB; "
@@ -197,6 +200,34 @@ def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> di
       flush=True,
   )
   return meta
+
+
+def write_npz(output: str, arrays: dict) -> None:
+  """`np.savez` to a temporary name renamed into place: `output` is complete or untouched,
+  and a failed write (a full disk) leaves no temporary behind."""
+  tmp = output + ".tmp.npz"
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def check_finite_weights(names, leaves, what: str) -> None:
+  """A `UserValueError` naming the weights with NaN or inf: such a model scores every image
+  -inf (all "normal") instead of failing."""
+  bad = [
+      jax.tree_util.keystr(n) if not isinstance(n, str) else n
+      for n, x in zip(names, leaves)
+      if np.asarray(x).dtype.kind == "f" and not np.isfinite(np.asarray(x)).all()
+  ]
+  if bad:
+    raise errors.UserValueError(
+        f"{what}: {len(bad)} weight array(s) hold NaN or inf ({', '.join(bad[:3])}"
+        f"{', ...' if len(bad) > 3 else ''}); the model would score every image wrongly. "
+        f"Retrain, or export an earlier checkpoint."
+    )
 
 
 def _finite(x):
@@ -252,4 +283,5 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

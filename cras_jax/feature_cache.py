@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
 from cras_jax.backbones import efficientnet_lite
 
 FORMAT_VERSION = 1
+_TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
 
 
 def _weights_identity(weights: str, backbone: str) -> dict:
@@ -58,9 +60,68 @@ def path(config, workdir: str, cache_key: str) -> str:
   return os.path.join(root, f"train_{cache_key}.npy")
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+  """Deletes the `<cache>.tmp-<pid>.npy` files of writers that no longer run (killed during
+  their write) -> the removed paths."""
+  removed = []
+  if not os.path.isdir(folder):
+    return removed
+  for name in os.listdir(folder):
+    m = _TMP.fullmatch(name)
+    if m and not _pid_alive(int(m.group(1))):
+      path = os.path.join(folder, name)
+      try:
+        os.remove(path)
+      except OSError:
+        continue
+      removed.append(path)
+  return removed
+
+
+def _damage(file: str, shape: tuple) -> str | None:
+  """Why the committed cache file cannot be used (truncated, unreadable header), or None."""
+  try:
+    with open(file, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (
+          np.lib.format.read_array_header_1_0
+          if version == (1, 0)
+          else np.lib.format.read_array_header_2_0
+      )
+      header = read_header(f)  # (shape, fortran, dtype)
+      offset = f.tell()
+  except (OSError, ValueError, SyntaxError) as e:
+    return f"unreadable header ({type(e).__name__}: {e})"
+  got_shape, _, dtype = header
+  want = offset + int(np.prod(got_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  size = os.path.getsize(file)
+  if size != want:
+    return f"{size} bytes where its header needs {want} (truncated or overwritten)"
+  return None
+
+
 def load(file: str, shape: tuple) -> np.ndarray | None:
-  """The cached features (memory-mapped), or None when absent or of another shape."""
+  """The cached features (memory-mapped), or None when absent, of another shape or damaged.
+  Stale temporaries of killed writers are removed first; a damaged (e.g. truncated) file is
+  reported, deleted and so recomputed."""
+  for path in remove_stale_temporaries(os.path.dirname(file)):
+    print(f"feature cache: removed {path} (left by an interrupted write)", flush=True)
   if not os.path.exists(file):
+    return None
+  why = _damage(file, shape)
+  if why is not None:
+    print(f"feature cache: {file} is damaged ({why}); recomputing it", flush=True)
+    os.remove(file)
     return None
   arr = np.load(file, mmap_mode="r")
   return arr if arr.shape == tuple(shape) else None

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax import evaluate, plots, runs, scoring, steps
+from cras_jax import errors, evaluate, plots, runs, scoring, steps
 
 # ----------------------------------------------------------------------------- features
 
@@ -306,4 +306,5 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

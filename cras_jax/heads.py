@@ -164,28 +164,33 @@ def _dot(x, w, dtype):
 def discriminator_split(
     params,
     batch_stats,
-    u_rows,
-    p_rows,
-    n_layers: int,
-    crd_input: str,
-    train: bool,
+    u,
+    p,
+    offsets=(),
+    n_layers: int = 3,
+    crd_input: str = "raw_residual",
+    train: bool = True,
     dtype=jnp.float32,
 ):
-  """The Discriminator on crd_inputs([u_0; ...; u_{m-1}], p), sharing p @ B.
+  """The Discriminator on the rows crd_inputs([u; u + o_1; ...], p), sharing products.
 
-  u_rows: a list of m arrays [N, D] that all pair with p_rows [N, D] (training:
-  the normal and the synthetic features). Returns (logits [m * N], new
-  batch_stats or None) exactly as Discriminator.apply on the concatenated rows.
+  u, p [N, D]; offsets: arrays [N, D] without gradient (training: the DAFS noise
+  alpha * g, so that u + o is the synthetic feature v). The first layer is
+  `u @ A + p @ B + b` (`crd_first_layer`): p @ B is computed once for all rows, and
+  (u + o) @ A as u @ A + o @ A, so the backward pass takes the gradient of u through A
+  once for all rows instead of once per row. Returns (logits [(1 + len(offsets)) * N],
+  new batch_stats or None), as Discriminator.apply on the concatenated rows up to
+  float32 rounding.
   """
-  d = u_rows[0].shape[-1]
+  d = u.shape[-1]
   first = params[_first_name(n_layers)]
   a, b = crd_first_layer(first["kernel"], crd_input, d)
-  hs = [_dot(x, a, dtype) for x in u_rows]
+  hu = _dot(u, a, dtype)
   if b is not None:
-    pb = _dot(p_rows, b, dtype)
-    # Added to each part before concatenating: the transpose is then one elementwise
-    # sum of the parts' cotangents (a tile's transpose became a slow reduction on CPU).
-    hs = [x + pb for x in hs]
+    hu = hu + _dot(p, b, dtype)
+  # Each part is formed before concatenating: the transpose is then an elementwise sum of
+  # the parts' cotangents (a tiled term's transpose became a slow reduction on CPU).
+  hs = [hu] + [hu + _dot(o, a, dtype) for o in offsets]
   h = jnp.concatenate(hs, axis=0) if len(hs) > 1 else hs[0]
   if "bias" in first:
     h = h + first["bias"].astype(h.dtype)

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cras_jax import evaluate, train
+from cras_jax import errors, evaluate, train
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -72,4 +72,5 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

@@ -364,7 +364,10 @@ def summarise(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, dict[st
   if MEAN_ROW in per_class:
     raise ValueError(f"a class may not be named {MEAN_ROW!r}")
   cols = _columns(per_class.values())
-  table = {name: {k: float(v) for k, v in row.items()} for name, row in per_class.items()}
+  table = {
+      name: {k: _NAN if v is None else float(v) for k, v in row.items()}
+      for name, row in per_class.items()
+  }  # None: a metric read back from JSON (null) where it was undefined
   table[MEAN_ROW] = {k: _nanmean([row.get(k, _NAN) for row in per_class.values()]) for k in cols}
   return table
 
@@ -440,7 +443,7 @@ def select_epoch(
   best, best_val = 0, -math.inf
   for i, table in enumerate(history):
     row = table[MEAN_ROW]
-    val = float(row.get("i_auroc", _NAN)) + float(row.get("p_auroc", _NAN))
+    val = sum(_NAN if row.get(k) is None else float(row[k]) for k in ("i_auroc", "p_auroc"))
     if math.isnan(val):
       val = -math.inf
     if val > best_val:

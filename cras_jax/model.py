@@ -108,14 +108,17 @@ def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig)
   with jax.named_scope("matching"):
     _, p = matching.match_known(u, centres, labels, cfg.hpi)
   with jax.named_scope("synthesis"):
-    v = synthesis.dafs(u, p, noise, cfg.dafs_beta, cfg.dafs_variant)
+    # v = u + offset (DAFS); the discriminator takes u and the offset apart, so that the
+    # products shared by the normal and the synthetic rows are computed once.
+    offset = synthesis.dafs_offset(u, p, noise, cfg.dafs_beta, cfg.dafs_variant)
   d = u.shape[-1]
   with jax.named_scope("discriminator"):
     logits, new_stats = heads_lib.discriminator_split(
         params["disc"],
         batch_stats["disc"],
-        [u.reshape(-1, d), v.reshape(-1, d)],
+        u.reshape(-1, d),
         p.reshape(-1, d),
+        [offset.reshape(-1, d)],
         cfg.disc_layers,
         cfg.crd_input,
         train=True,

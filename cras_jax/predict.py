@@ -24,100 +24,29 @@ per-image matching, and a note says so.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import csv
-import itertools
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
+from cras_jax import errors as errors_lib
 from cras_jax import results, runs, scoring
 from cras_jax import thresholds as thr_lib
-from cras_jax.data import layout, preprocess
+from cras_jax.data import preprocess
+from cras_jax.predict_inputs import find_images, output_stems, read_images
 
 OVERLAY_ALPHA = 0.45
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def find_images(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-  """-> ([(path, name)], [(path, error)]). Folders are searched recursively (sorted, hidden
-  entries skipped); `name` is the path relative to the common parent of all inputs (a folder
-  argument keeps its own name), so names are unique and, for a dataset's class folders, equal
-  the evaluation's names. Paths that do not exist are returned as errors."""
-  files, missing = [], []
-  for p in inputs:
-    if os.path.isdir(p):
-      found = []
-      for dirpath, dirnames, filenames in os.walk(p):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if not f.startswith(".") and f.lower().endswith(layout.IMAGE_EXTENSIONS)
-        ]
-      files += [(f, os.path.dirname(os.path.abspath(os.path.normpath(p)))) for f in found]
-    elif os.path.exists(p):
-      files.append((p, os.path.dirname(os.path.abspath(p))))
-    else:
-      missing.append((p, f"file not found: {p}"))
-  if not files:
-    return [], missing
-  base = os.path.commonpath([b for _, b in files])
-  out, seen = [], set()
-  for f, _ in files:
-    a = os.path.abspath(f)
-    if a in seen:
-      continue
-    seen.add(a)
-    out.append((f, os.path.relpath(a, base).replace(os.sep, "/")))
-  return out, missing
-
-
-def output_stems(names: Sequence[str]) -> list[str]:
-  """File-name stems for the per-image outputs: the name with '/' -> '__', without extension
-  (the extension is kept where two names would otherwise collide)."""
-  plain = [os.path.splitext(n)[0].replace("/", "__") for n in names]
-  count = collections.Counter(plain)
-  return [
-      p if count[p] == 1 else n.replace("/", "__").replace(".", "_") for p, n in zip(plain, names)
-  ]
-
-
-def read_images(
-    paths: Sequence[str], resize: int, crop: int, workers: int
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-  """(index, preprocessed uint8 crop or None, error or None) in input order; decoding runs in
-  `workers` threads, a window ahead."""
-
-  def work(p):
-    try:
-      return preprocess.load_example(p, None, resize, crop)[0], None
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported by name
-      msg = str(e) or type(e).__name__
-      return None, msg if os.fspath(p) in msg else f"{p}: {msg}"
-
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    pending = collections.deque()
-    todo = iter(enumerate(paths))
-    for i, p in itertools.islice(todo, 4 * workers):
-      pending.append((i, pool.submit(work, p)))
-    while pending:
-      i, fut = pending.popleft()
-      nxt = next(todo, None)
-      if nxt is not None:
-        pending.append((nxt[0], pool.submit(work, nxt[1])))
-      image, err = fut.result()
-      yield i, image, err
+# Rows are appended here (flushed per batch) while scoring; results.csv and results.json are
+# written at the end and renamed into place, so a run that fails late keeps its rows.
+PARTIAL_CSV = "results.csv.partial"
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -226,8 +155,31 @@ def predict_paths(
   bar = results.progress(total=len(items), desc="predict", unit="img") if progress else None
   t_start = time.time()
 
+  partial_path = os.path.join(output_dir, PARTIAL_CSV)
+  partial = open(partial_path, "w", newline="")
+  partial_csv = csv.writer(partial)
+  partial_csv.writerow(CSV_FIELDS)
+
+  def record(new_rows):  # every row on disk as soon as it is known (results.csv.partial)
+    for r in new_rows:
+      partial_csv.writerow([_fmt(r.get(k)) for k in CSV_FIELDS])
+    partial.flush()
+
+  record([{"path": p, "name": p, "error": e} for p, e in missing])
+
   def flush(batch_idx, batch_images):
     out = scorer(np.stack(batch_images))
+    bad = [
+        paths[i]
+        for j, i in enumerate(batch_idx)
+        if not (np.isfinite(out["scores"][j]) and np.isfinite(out["maps"][j]).all())
+    ]
+    if bad:
+      raise errors_lib.UserValueError(
+          f"the model gives non-finite scores or maps for {len(bad)} image(s) "
+          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): its weights are damaged "
+          f"(non-finite values); retrain or restore an earlier checkpoint"
+      )
     norm = scoring.normalise(out, thr)
     z, zmaps = norm["normalised_scores"], norm["normalised_maps"]
     for j, i in enumerate(batch_idx):
@@ -263,6 +215,7 @@ def predict_paths(
             )
         )
       rows[i] = row
+      record([row])
       if save_maps:
         kept_maps[i] = (out["maps"][j], int(out["cls"][j]))
       if save_crops:
@@ -273,25 +226,41 @@ def predict_paths(
     if bar is not None:
       bar.update(len(batch_idx))
 
-  batch_idx, batch_images = [], []
-  for i, image, err in read_images(paths, cfg.data.resize, cfg.data.crop, workers):
-    if err is not None:
-      print(f"\nerror: {err} (skipped)", file=sys.stderr, flush=True)
-      errors.append({"path": paths[i], "error": err})
-      rows[i] = {"name": names[i], "path": paths[i], "error": err}
-      if bar is not None:
-        bar.update(1)
-      continue
-    batch_idx.append(i)
-    batch_images.append(image)
-    if len(batch_idx) == batch_size:
+  def _score_all(items_read):
+    batch_idx, batch_images = [], []
+    for i, image, err in items_read:
+      if err is not None:
+        print(f"\nerror: {err} (skipped)", file=sys.stderr, flush=True)
+        errors.append({"path": paths[i], "error": err})
+        rows[i] = {"name": names[i], "path": paths[i], "error": err}
+        record([rows[i]])
+        if bar is not None:
+          bar.update(1)
+        continue
+      batch_idx.append(i)
+      batch_images.append(image)
+      if len(batch_idx) == batch_size:
+        flush(batch_idx, batch_images)
+        batch_idx, batch_images = [], []
+    if batch_idx:
       flush(batch_idx, batch_images)
-      batch_idx, batch_images = [], []
-  if batch_idx:
-    flush(batch_idx, batch_images)
-  for w in writes:
-    w.result()
-  writer.shutdown()
+
+  limits = preprocess.Limits.of_config(cfg)
+  try:
+    _score_all(read_images(paths, cfg.data.resize, cfg.data.crop, workers, limits))
+    for w in writes:
+      w.result()
+  except BaseException:
+    partial.close()
+    print(
+        f"\nscoring stopped; the rows scored so far are in {partial_path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise
+  finally:
+    writer.shutdown()
+  partial.close()
   if bar is not None:
     bar.close()
   total_s = time.time() - t_start
@@ -307,7 +276,8 @@ def predict_paths(
       batch_size=batch_size,
   )
   all_rows = [{"path": p, "name": p, "error": e} for p, e in missing] + [r for r in rows if r]
-  with open(os.path.join(output_dir, "results.csv"), "w", newline="") as f:
+  csv_path = os.path.join(output_dir, "results.csv")
+  with open(csv_path + ".tmp", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(CSV_FIELDS)
     for r in all_rows:
@@ -332,8 +302,13 @@ def predict_paths(
       "timing": timing,
       "images": all_rows,
   }
-  with open(os.path.join(output_dir, "results.json"), "w") as f:
+  json_path = os.path.join(output_dir, "results.json")
+  with open(json_path + ".tmp", "w") as f:
     json.dump(thr_lib.json_safe(summary), f, indent=2)
+  # Both complete: published by renames (atomic), then the partial rows are dropped.
+  os.replace(csv_path + ".tmp", csv_path)
+  os.replace(json_path + ".tmp", json_path)
+  os.remove(partial_path)
   order = sorted(kept_maps)
   if save_maps and order:
     np.savez(
@@ -466,4 +441,5 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors_lib.define_verbose_flag()
+  app.run(errors_lib.exit_on_user_error(main))

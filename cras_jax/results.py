@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import subprocess
-import sys
 import time
+from collections.abc import Mapping
 
 import flax
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint
-from tqdm.auto import tqdm
 
 import cras_jax
 from cras_jax import metrics as metrics_lib
+from cras_jax import progress as progress_lib
 
 
 def versions() -> dict:
@@ -57,15 +58,8 @@ def git_commit() -> str | None:
 
 
 def progress(total: int, desc: str, initial: int = 0, unit: str = "step"):
-  return tqdm(
-      total=total,
-      initial=initial,
-      desc=desc,
-      unit=unit,
-      dynamic_ncols=True,
-      mininterval=1.0,
-      file=sys.stdout,
-  )
+  """A progress bar (`cras_jax.progress.bar`: hidden with `config.log.progress=false`)."""
+  return progress_lib.bar(total, desc, initial, unit)
 
 
 def summarise_window(window) -> dict:
@@ -125,18 +119,59 @@ def write_scores(res: dict, class_names, path: str) -> None:
       )
 
 
-def markdown(table: dict) -> str:
-  return metrics_lib.to_markdown(table)
+def markdown(table: dict, title: str | None = None) -> str:
+  """The table as markdown, with a note naming metrics whose mean leaves classes out."""
+  text = metrics_lib.to_markdown(table, title=title)
+  note = coverage_note(table) if metrics_lib.MEAN_ROW in table else None
+  return text + (f"\n{note}\n" if note else "")
+
+
+def mean_coverage(table: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
+  """Per metric of the mean row, the classes its mean covers (those where it is defined)."""
+  names = [n for n in table if n != metrics_lib.MEAN_ROW]
+  cols = list(dict.fromkeys(k for n in names for k in table[n]))
+  return {
+      c: [n for n in names if table[n].get(c) is not None and not math.isnan(table[n][c])]
+      for c in cols
+  }
+
+
+def json_safe(x):
+  """`x` with every non-finite float as None (JSON null): strict JSON parsers reject NaN."""
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  return x
+
+
+def coverage_note(table: Mapping[str, Mapping[str, float]]) -> str | None:
+  """A line naming the metrics whose mean leaves classes out, or None when all are covered."""
+  names = [n for n in table if n != metrics_lib.MEAN_ROW]
+  parts = []
+  for c, covered in mean_coverage(table).items():
+    if len(covered) < len(names):
+      left = [n for n in names if n not in covered]
+      parts.append(
+          f"{metrics_lib.METRIC_NAMES.get(c, c)} over {len(covered)} of {len(names)} classes "
+          f"(undefined for {', '.join(left)})"
+      )
+  return "mean: " + "; ".join(parts) if parts else None
 
 
 def write_results(table: dict, out_dir: str, tag: str, extra: dict) -> None:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f"metrics_{tag}.json"), "w") as f:
-    json.dump({"metrics": table, **extra, "versions": versions()}, f, indent=2)
+    record = {"metrics": table, **extra, "versions": versions()}
+    if metrics_lib.MEAN_ROW in table:  # the mean row of each metric names what it averages
+      record["mean_covers"] = mean_coverage(table)
+    json.dump(json_safe(record), f, indent=2, allow_nan=False)
   metrics_lib.to_csv(table, os.path.join(out_dir, f"metrics_{tag}.csv"))
   title = f"protocol: {extra['protocol']}" if "protocol" in extra else None
   with open(os.path.join(out_dir, f"metrics_{tag}.md"), "w") as f:
-    f.write(metrics_lib.to_markdown(table, title=title) + "\n")
+    f.write(markdown(table, title=title) + "\n")
 
 
 def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> list[str]:

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax import evaluate, results, runs, scoring
+from cras_jax import errors, evaluate, results, runs, scoring
 from cras_jax import metrics as metrics_lib
 from cras_jax.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 
@@ -227,4 +227,5 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

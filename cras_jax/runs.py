@@ -18,8 +18,25 @@ import jax
 import ml_collections
 
 import cras_jax
-from cras_jax import backbones, checkpoint, results, sharding, steps
+from cras_jax import backbones, checkpoint, config_check, errors, results, sharding, steps
 from cras_jax import data as data_lib
+
+# Config fields that change the shapes of the saved state: a run cannot continue with other
+# values, even with --allow_config_change.
+SHAPE_FIELDS = (
+    "model.backbone",
+    "model.levels",
+    "model.patch_size",
+    "model.pre_embed_dim",
+    "model.embed_dim",
+    "model.adapter_layers",
+    "model.disc_layers",
+    "model.crd_input",
+    "data.crop",
+)
+# Fields that do not change how a trained checkpoint scores: `--mode=eval` may differ in
+# them (and in NON_RESULT_FIELDS) from the run's saved config.
+TRAINING_ONLY_FIELDS = ("train.",)
 
 # Config fields that do not change results: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = (
@@ -31,7 +48,10 @@ NON_RESULT_FIELDS = (
     "train.keep_checkpoints",
     "train.cache_features",
     "train.feature_cache_dir",
+    "data.max_image_pixels",
+    "data.max_aspect_ratio",
     "eval.",
+    "log.",
 )
 
 
@@ -77,12 +97,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Result-changing fields that differ between a saved and a new config."""
+def _matches(key: str, fields) -> bool:
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
+
+
+def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+  """Result-changing fields that differ between a saved and a new config (fields added
+  later count as their default where a config lacks them)."""
   a, b = _flatten(saved), _flatten(current)
+  for d in (a, b):
+    for key, value in config_check.LATER_DEFAULTS.items():
+      d.setdefault(key, value)
   diffs = []
   for key in sorted(a.keys() | b.keys()):
-    if any(key == f or (f.endswith(".") and key.startswith(f)) for f in NON_RESULT_FIELDS):
+    if _matches(key, NON_RESULT_FIELDS + tuple(ignore)):
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: saved {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
@@ -111,7 +139,7 @@ class WorkdirLock:
       self._f.seek(0)
       owner = self._f.read().strip() or "another process"
       self._f.close()
-      raise RuntimeError(
+      raise errors.UserError(
           f"{os.path.dirname(self.path)} is in use by a running job ({owner}); "
           f"wait for it to finish or use another --workdir"
       ) from None
@@ -147,13 +175,14 @@ def open_for_training(config, workdir: str):
   return (dataset, *_initial(config, len(dataset.class_names)))
 
 
-def restore_latest(mngr, state: steps.TrainState):
-  """The newest readable checkpoint; corrupted newer ones are reported and skipped."""
-  tree, meta, step, skipped = checkpoint.restore_good(mngr, state.checkpointable())
+def restore_latest(mngr, state: steps.TrainState, quarantine: bool = True):
+  """The newest readable checkpoint; corrupted newer ones are reported and skipped (and with
+  `quarantine`, for training only, moved to corrupted_checkpoints/)."""
+  tree, meta, step, skipped = checkpoint.restore_good(mngr, state.checkpointable(), quarantine)
   for bad, reason in skipped:
     print(
-        f"checkpoint {bad} is unreadable ({reason}); falling back to an earlier one "
-        f"(moved to corrupted_checkpoints/)",
+        f"checkpoint {bad} is unreadable ({reason}); falling back to an earlier one"
+        + (" (moved to corrupted_checkpoints/)" if quarantine else ""),
         flush=True,
     )
   if skipped:
@@ -171,9 +200,21 @@ def resume(
   if mngr.latest_step() is None:
     return None
   saved_meta = checkpoint.restore_meta(mngr)
+  if saved_meta is None:
+    raise errors.UserValueError(
+        f"{mngr.directory}: no checkpoint with a readable meta item; use a new --workdir"
+    )
   diffs = config_differences(saved_meta["config"], meta["config"])
+  shape_diffs = [d for d in diffs if _matches(d.split(":")[0], SHAPE_FIELDS)]
+  if shape_diffs and allow_config_change:
+    raise errors.UserValueError(
+        f"{workdir} holds a run whose parameter shapes differ from this config's:\n  "
+        + "\n  ".join(shape_diffs)
+        + "\nthese fields change the shapes of the saved state, so the run cannot continue "
+        "with them (not even with --allow_config_change): use a new --workdir."
+    )
   if diffs and not allow_config_change:
-    raise ValueError(
+    raise errors.UserValueError(
         f"{workdir} holds a run with a different configuration:\n  "
         + "\n  ".join(diffs)
         + "\nUse a new --workdir, or pass "
@@ -186,7 +227,7 @@ def resume(
     )
   state, saved_meta = restore_latest(mngr, state)
   if saved_meta["class_names"] != meta["class_names"]:
-    raise ValueError(
+    raise errors.UserValueError(
         f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
         f"data's {meta['class_names']}; use a new --workdir"
     )
@@ -194,30 +235,60 @@ def resume(
   return state
 
 
+def check_eval_config(saved_meta: dict, config, workdir: str) -> None:
+  """`--mode=eval` with a config: refused where it differs from the run's saved config in a
+  field that changes how the checkpoint scores (preprocessing, model, scoring); fields that
+  only change reporting or training may differ."""
+  current = json.loads(config.to_json_best_effort())
+  diffs = config_differences(saved_meta["config"], current, TRAINING_ONLY_FIELDS)
+  if diffs:
+    raise errors.UserValueError(
+        f"{workdir} was trained with a different configuration than the one given:\n  "
+        + "\n  ".join(diffs)
+        + "\nEvaluate with the run's own settings (drop these overrides), or train a new "
+        "run with them in a new --workdir."
+    )
+
+
 def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> Run:
-  """Restores the workdir's newest readable checkpoint with its frozen backbone.
+  """Restores the workdir's newest readable checkpoint with its frozen backbone, read-only:
+  nothing in the workdir is created, changed or locked (a training may be saving into it).
 
   config: defaults to the one the run was trained with (from the checkpoint), so a
-  trained workdir alone is enough to score new images.
+  trained workdir alone is enough to score new images; a given one must agree with it in
+  the fields that change scoring (`check_eval_config`).
   """
   classes_dir = os.path.join(workdir, "classes")
-  if os.path.isdir(classes_dir) and not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise FileNotFoundError(
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(classes_dir) and not os.path.isdir(ckpt_dir):
+    raise errors.UserFileNotFoundError(
         f"{workdir} holds one model per class (setting=single_class): pass one of them, "
         f"--workdir={os.path.join(classes_dir, '<class>')} "
         f"({', '.join(sorted(os.listdir(classes_dir)))})"
     )
-  mngr = checkpoint.manager(workdir)
+  no_checkpoint = errors.UserFileNotFoundError(
+      f"{workdir}: no checkpoint to evaluate; train first "
+      f"(python -m cras_jax.main --config=... --workdir={workdir})"
+  )
+  if not os.path.isdir(ckpt_dir):
+    raise no_checkpoint
+  mngr = checkpoint.manager(workdir, read_only=True)
   if mngr.latest_step() is None:
-    raise FileNotFoundError(
-        f"{workdir}: no checkpoint to evaluate; train first "
-        f"(python -m cras_jax.main --config=... --workdir={workdir})"
-    )
+    raise no_checkpoint
   meta = checkpoint.restore_meta(mngr)
+  if meta is None:
+    raise errors.UserValueError(
+        f"{ckpt_dir}: no checkpoint with a readable meta item; the run cannot be read"
+    )
+  bad = [why for why in map(config_check.plain_name_problem, meta["class_names"]) if why]
+  if bad:
+    raise errors.UserValueError(f"{ckpt_dir}: the run's class names are unusable: {bad[0]}")
   if config is None:
     config = config_from_meta(meta)
+  else:
+    check_eval_config(meta, config, workdir)
   spec, devices, state = _initial(config, len(meta["class_names"]))
-  state, meta = restore_latest(mngr, state)
+  state, meta = restore_latest(mngr, state, quarantine=False)
   return Run(config, spec, devices, state, meta)
 
 
@@ -230,7 +301,7 @@ def load_run_dataset(run: Run, workdir: str, data_root: str | None = None):
     config.data.root = data_root
   dataset = data_lib.load_for_config(config, workdir)
   if run.class_names != list(dataset.class_names):
-    raise ValueError(
+    raise errors.UserValueError(
         f"checkpoint classes {run.class_names} differ from the data's "
         f"{list(dataset.class_names)}"
     )

@@ -42,9 +42,16 @@ def dafs_alpha(
   return beta * (s - 1.0) + 1.0
 
 
+def dafs_offset(
+    u: jax.Array, p: jax.Array, g: jax.Array, beta: float, variant: str = "default"
+) -> jax.Array:
+  """alpha * g, the step from u to the synthetic anomaly; it carries no gradient."""
+  alpha = jax.lax.stop_gradient(dafs_alpha(u, p, g, beta, variant))
+  return alpha[..., None] * jax.lax.stop_gradient(g)
+
+
 def dafs(
     u: jax.Array, p: jax.Array, g: jax.Array, beta: float, variant: str = "default"
 ) -> jax.Array:
   """Synthetic anomaly v = u + alpha * g; alpha and g carry no gradient."""
-  alpha = jax.lax.stop_gradient(dafs_alpha(u, p, g, beta, variant))
-  return u + alpha[..., None] * jax.lax.stop_gradient(g)
+  return u + dafs_offset(u, p, g, beta, variant)

@@ -26,14 +26,17 @@ import numpy as np
 from cras_jax import centres as centres_lib
 from cras_jax import (
     checkpoint,
+    config_check,
     evaluate,
     feature_cache,
+    progress,
     results,
     runs,
     scoring,
     sharding,
     single_class,
     steps,
+    summaries,
 )
 from cras_jax import data as data_lib
 
@@ -152,6 +155,7 @@ def feature_pass(
           flush=True,
       )
       writer = feature_cache.Writer(file, (n, hw, d), dtype)
+  bar = progress.bar(n, desc="features" if writer is not None else "centres", unit="img")
   for start in range(0, n, bs):
     idx = np.arange(start, min(start + bs, n))
     pad, weight = data_lib.padded_indices(idx, bs, devices.count)
@@ -171,6 +175,8 @@ def feature_pass(
         }
     )
     acc = centre_step(acc, state, t, lw["label"], lw["weight"], lw["centre_weight"])
+    bar.update(len(idx))
+  bar.close()
   if writer is not None:
     feats = writer.commit()
   return acc, feats
@@ -220,8 +226,8 @@ def train_and_evaluate(
   SIGINT/SIGTERM stop training after the current step with a checkpoint (exit
   status 128 + signal); rerunning the same command resumes exactly.
   """
-  single_class.check_setting(config)
-  evaluate.check_protocol(config)  # before any data is prepared or trained on
+  progress.configure(config)
+  config_check.check(config)  # every field, weights and data root: before any data work
   os.makedirs(workdir, exist_ok=True)
   if config.setting == "single_class":
     with runs.WorkdirLock(workdir):
@@ -281,6 +287,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
       os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
   )
   bar = results.progress(total=total, initial=step, desc="train")
+  board = summaries.for_workdir(workdir, config)
   window, last_metrics = [], {}
   for s, batch in prefetch(batches(step)):
     t0 = time.time()
@@ -301,6 +308,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
       bar.set_postfix_str(results.format_train_metrics(last_metrics))
       with open(history_path, "a") as f:
         f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
+      board.train(done, last_metrics, config)
     bar.update(1)
     if save_now:
       checkpoint.save(mngr, done, state.checkpointable(), meta)
@@ -327,8 +335,17 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
     print("final training window: " + results.format_train_metrics(last_metrics), flush=True)
   scorer.set_state(state)
   if protocol == "final":
-    return evaluate.evaluate(scorer, dataset, config, workdir, tag="final", with_thresholds=True)
-  evaluate.evaluate(
-      scorer, dataset, config, workdir, tag=f"epoch_{config.train.epochs:03d}", with_thresholds=True
-  )
-  return evaluate.report_best_epoch(workdir)
+    table = evaluate.evaluate(scorer, dataset, config, workdir, tag="final", with_thresholds=True)
+  else:
+    evaluate.evaluate(
+        scorer,
+        dataset,
+        config,
+        workdir,
+        tag=f"epoch_{config.train.epochs:03d}",
+        with_thresholds=True,
+    )
+    table = evaluate.report_best_epoch(workdir)
+  board.close()
+  summaries.write_curves(workdir)
+  return table

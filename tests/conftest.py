@@ -34,7 +34,9 @@ TINY = [
     "--config.train.batch_size=8",
     "--config.eval.batch_size=8",
     "--config.train.log_every=1",
-    "--config.eval.num_heatmaps=1",
+    # Heatmap PNGs take about 0.3 s each with matplotlib: only the tests that check them
+    # ask for them.
+    "--config.eval.num_heatmaps=0",
 ]
 
 

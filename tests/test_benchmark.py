@@ -69,6 +69,7 @@ def check_rows(result, expect):
     assert shares["adapter_matching"] > 0 and shares["discriminator"] > 0
     # The frozen backbone is in every step but the one on stored features.
     assert (shares["backbone"] > 0) == (r["mode"] != "train_cached"), (r["mode"], shares)
+    assert 0 < r["matmul_time_share"] < 1
   for p in result["matmul_peaks"]:
     assert p["flops_per_s"] > 0 and p["dtype"] == "float32"
 
@@ -95,7 +96,7 @@ def test_one_device_in_process(tmp_path):
   md = (out / "benchmark.md").read_text()
   assert md.count("\n| train |") == 1 and md.count("\n| score |") == 1
   assert md.count("\n| train_cached |") == 1
-  assert "| backbone % | adapter+matching % | discriminator % | other % |" in md
+  assert "| backbone % | adapter+matching % | discriminator % | other % | matmul ops % |" in md
   assert (out / "benchmark.png").stat().st_size > 10_000
   assert str(tmp_path) not in json.dumps(result)  # no machine paths in the record
 

@@ -176,9 +176,9 @@ def test_truncated_and_garbage_images_name_the_file(tmp_path):
 def test_read_mask_formats(tmp_path):
   m = np.zeros((10, 12), np.uint8)
   m[2:5, 3:7] = 255
-  m[8, 1] = 1  # any value > 0 is a defect
+  m[8, 1] = 1  # noise of a three-valued mask: scaled to 1/255, no defect (issue 13, case 10)
   Image.fromarray(m).save(tmp_path / "l.png")
-  want = (m > 0).astype(np.float32)
+  want = m.astype(np.float32) / 255
   out = preprocess.read_mask(tmp_path / "l.png")
   assert out.dtype == np.float32
   np.testing.assert_array_equal(out, want)
@@ -187,8 +187,8 @@ def test_read_mask_formats(tmp_path):
   rgba[..., 0] = m
   Image.fromarray(rgba).save(tmp_path / "rgba.png")
   np.testing.assert_array_equal(preprocess.read_mask(tmp_path / "rgba.png"), want)
-  Image.fromarray(m > 0).save(tmp_path / "bits.png")  # mode '1'
-  np.testing.assert_array_equal(preprocess.read_mask(tmp_path / "bits.png"), want)
+  Image.fromarray(m > 0).save(tmp_path / "bits.png")  # mode '1': two-valued, exactly {0, 1}
+  np.testing.assert_array_equal(preprocess.read_mask(tmp_path / "bits.png"), m > 0)
 
 
 def test_mask_binarised_at_half():

@@ -37,19 +37,34 @@ def test_discriminator_split_equals_module(mode, n_layers):
   d, n = 12, 40
   width = d * (1 if mode in ("raw", "residual") else 2)
   disc, params, stats = _disc_vars(n_layers, width)
-  u, v, p = (jnp.asarray(RNG.normal(size=(n, d)), jnp.float32) for _ in range(3))
-  x = jnp.concatenate([loss_lib.crd_inputs(u, p, mode), loss_lib.crd_inputs(v, p, mode)])
-  for train in (True, False):
-    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
-    if train:
-      ref, upd = disc.apply(variables, x, train=True, mutable=["batch_stats"])
-    else:
-      ref = disc.apply(variables, x, train=False)
-    got, new_stats = heads.discriminator_split(params, stats, [u, v], p, n_layers, mode, train)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    if train and n_layers > 1:
-      for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(upd["batch_stats"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  u, o, p = (jnp.asarray(RNG.normal(size=(n, d)), jnp.float32) for _ in range(3))
+  variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+
+  def plain(params, u):
+    x = jnp.concatenate([loss_lib.crd_inputs(u, p, mode), loss_lib.crd_inputs(u + o, p, mode)])
+    return disc.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+
+  def split(params, u):
+    return heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, True)
+
+  ref, upd = plain(params, u)
+  got, new_stats = split(params, u)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  if n_layers > 1:
+    for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(upd["batch_stats"])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The backward pass too: gradients of a loss of the logits for the weights and for u.
+  w = jnp.asarray(RNG.normal(size=(2 * n,)), jnp.float32)
+  g_ref = jax.grad(lambda q, x: jnp.sum(w * jnp.tanh(plain(q, x)[0])), argnums=(0, 1))(params, u)
+  g_got = jax.grad(lambda q, x: jnp.sum(w * jnp.tanh(split(q, x)[0])), argnums=(0, 1))(params, u)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Inference mode: the running statistics.
+  x = jnp.concatenate([loss_lib.crd_inputs(u, p, mode), loss_lib.crd_inputs(u + o, p, mode)])
+  ref = disc.apply(variables, x, train=False)
+  got, none = heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, False)
+  assert none is None
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -128,8 +128,8 @@ def test_whole_run_on_two_processes_equals_one_process(tiny_run, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, o in zip(procs, outs):
     assert p.returncode == 0, o[-3000:]
-  assert "downloaded and prepared" in outs[0] + outs[1]  # by one process only
-  assert (outs[0] + outs[1]).count("downloaded and prepared") == 1
+  assert "preparing the dataset" in outs[0] + outs[1]  # by one process only
+  assert (outs[0] + outs[1]).count("preparing the dataset") == 1
   single = json.load(open(tiny_run["workdir"] / "results" / "metrics_final.json"))
   multi = json.load(open(work / "results" / "metrics_final.json"))
   assert multi["step"] == single["step"] == 9

@@ -58,7 +58,9 @@ def final_params(workdir):
 def shared(tmp_path_factory):
   base = tmp_path_factory.mktemp("e2e")
   ref = base / "uninterrupted"
-  out = run_main(ref, base / "data", base / "cache", "--config.train.epochs=3")
+  out = run_main(
+      ref, base / "data", base / "cache", "--config.train.epochs=3", "--config.eval.num_heatmaps=1"
+  )
   return base, ref, out
 
 

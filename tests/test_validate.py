@@ -104,7 +104,7 @@ def test_prepared_cache_is_not_decoded_again(tmp_path, monkeypatch):
   root = make_dataset(tmp_path / "ds", classes=("a",))
   ds = _load(root, tmp_path / "cache")
 
-  def fail(path):
+  def fail(path, *limits):
     raise AssertionError(f"{path} decoded again")
 
   monkeypatch.setattr(validate, "image_size", fail)

@@ -295,7 +295,9 @@ def bench_row(
   cache_hit = counter.cache_hits > hits0
   flops_per_device = probes.cost_flops(compiled)
   xla_mem = probes.memory_bytes(compiled)
-  stages = probes.op_stages(compiled.as_text()) if args.breakdown else {}
+  hlo = compiled.as_text() if args.breakdown else ""
+  stages = probes.op_stages(hlo) if args.breakdown else {}
+  matmuls = probes.matmul_ops(hlo) if args.breakdown else set()
   del lowered, compiled
 
   # The state is donated in training: thread it through every call.
@@ -343,12 +345,14 @@ def bench_row(
         with jax.profiler.StepTraceAnnotation(mode, step_num=i):
           run(1, i)
 
-  shares = None
+  shares = matmul_share = None
   if args.breakdown:
     with tempfile.TemporaryDirectory() as tmp:
       with jax.profiler.trace(tmp, create_perfetto_trace=True):
         run(args.breakdown_steps)
-      shares = probes.stage_shares(tmp, stages, "train_step" if mode != "score" else "predict_step")
+      shares, matmul_share = probes.stage_shares(
+          tmp, stages, "train_step" if mode != "score" else "predict_step", matmuls
+      )
 
   s = probes.stats(step_times)
   flops_total = flops_per_device * devices.count if flops_per_device else None
@@ -386,6 +390,9 @@ def bench_row(
       "loadavg_1min": probes.loadavg(),
       "trace_dir": os.path.relpath(trace_dir, args.out) if trace_dir else None,
       "stage_shares": shares,
+      # Share of the op time in matrix products and convolutions (where XLA's FLOPs are);
+      # the rest is elementwise and data-movement work.
+      "matmul_time_share": matmul_share,
   }
   return row
 
@@ -420,9 +427,10 @@ def markdown(result: dict) -> str:
       "",
       "| mode | backbone | image | D | dtype | dev | batch | compile s | step ms median [min–max]"
       " | images/s | GFLOP/step | achieved GFLOP/s | f32 matmul GFLOP/s | % of peak | XLA mem MiB"
-      " | peak mem MiB | CPU s/s | backbone % | adapter+matching % | discriminator % | other % |",
+      " | peak mem MiB | CPU s/s | backbone % | adapter+matching % | discriminator % | other %"
+      " | matmul ops % |",
       "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-      "---:|---:|---:|---:|",
+      "---:|---:|---:|---:|---:|",
   ]
   for r in result["rows"]:
     step = f"{r['median_s'] * 1e3:.1f} [{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f}]"
@@ -440,7 +448,7 @@ def markdown(result: dict) -> str:
             _fmt(sh.get(k) if (sh := r.get("stage_shares")) else None, 0.01, 0)
             for k in probes.STAGE_NAMES
         )
-        + " |"
+        + f" | {_fmt(r.get('matmul_time_share'), 0.01, 0)} |"
     )
   peaks = result["matmul_peaks"]
   if peaks:
@@ -459,7 +467,9 @@ def markdown(result: dict) -> str:
         "at once on several threads all count): backbone = frozen backbone and patch "
         "aggregation; adapter+matching = adapter, global and local matching; "
         "discriminator = discriminator and loss; other = noise, DAFS, optimiser, "
-        "anomaly map.",
+        "anomaly map. matmul ops: the share of that time in matrix products and "
+        "convolutions, where nearly all of XLA's FLOPs are; the rest is elementwise and "
+        "data-movement work (BatchNorm, activations, unfolding, pooling, argmax, noise).",
     ]
   for sk in result.get("skipped", []):
     lines += ["", f"skipped {sk['row']}: {sk['why']}"]

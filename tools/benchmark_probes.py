@@ -202,27 +202,57 @@ def op_stages(hlo_text: str) -> dict[str, str]:
   return out
 
 
-def stage_shares(trace_dir: str, stages: dict[str, str], module_hint: str) -> dict | None:
-  """Shares of the summed op time of one jitted module per stage, from a profiler trace.
+def matmul_ops(hlo_text: str) -> set[str]:
+  """Names of the instructions of a compiled module that are matrix products or
+  convolutions: a dot / convolution itself, or a fusion whose computation holds one."""
+  computations: dict[str, bool] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(", line)
+    if head and line.rstrip().endswith("{"):
+      current = head.group(1)
+      computations[current] = False
+    elif current and re.search(r"= \S+ (dot|convolution)\(", line):
+      computations[current] = True
+  out = set()
+  for line in hlo_text.splitlines():
+    m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w+)\(", line)
+    if not m:
+      continue
+    name, op = m.groups()
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    if op in ("dot", "convolution") or (called and computations.get(called.group(1))):
+      out.add(name)
+  return out
+
+
+def stage_shares(
+    trace_dir: str, stages: dict[str, str], module_hint: str, matmuls: set[str] = frozenset()
+) -> tuple[dict | None, float | None]:
+  """Shares of the summed op time of one jitted module per stage, from a profiler trace,
+  and the share of that time spent in matrix products and convolutions (`matmuls`).
 
   Ops that run at the same time on several threads all count, so these are shares of the
   work, not of the wall time."""
   files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
   if not files:
-    return None
+    return None, None
   with gzip.open(files[-1]) as f:
     events = json.load(f).get("traceEvents", [])
   totals = dict.fromkeys(STAGE_NAMES, 0.0)
+  in_matmuls = 0.0
   for e in events:
     a = e.get("args") or {}
     op = a.get("hlo_op")
     if e.get("ph") != "X" or not op or module_hint not in str(a.get("hlo_module", "")):
       continue
-    totals[stages.get(op, "other")] += float(e.get("dur", 0.0))
+    dur = float(e.get("dur", 0.0))
+    totals[stages.get(op, "other")] += dur
+    in_matmuls += dur if op in matmuls else 0.0
   total = sum(totals.values())
   if total <= 0:
-    return None
-  return {k: v / total for k, v in totals.items()}
+    return None, None
+  return {k: v / total for k, v in totals.items()}, in_matmuls / total
 
 
 def environment() -> dict:

@@ -43,6 +43,7 @@ import flax.serialization
 import numpy as np
 from absl import app, flags
 
+from cras_jax import errors
 from cras_jax.backbones import efficientnet_lite, resnet, torch_pickle
 
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
@@ -275,4 +276,5 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

@@ -33,6 +33,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from cras_jax import errors
+
 SPLIT_CSV = os.path.join("split_csv", "1cls.csv")
 COLUMNS = ("object", "split", "label", "image", "mask")
 
@@ -179,4 +181,5 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

@@ -39,6 +39,7 @@ from typing import Any
 
 from absl import app, flags
 
+from cras_jax import errors
 from cras_jax import metrics as metrics_lib
 from tools import sweep
 
@@ -527,4 +528,5 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main))

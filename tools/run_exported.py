@@ -22,12 +22,26 @@ import numpy as np
 from jax import export
 
 
+class ExportError(ValueError):
+  """The exported file or its inputs cannot be used (the message names the file)."""
+
+
 def load(path):
-  """-> dict(meta, weights: list of device arrays, fn: the jitted exported function)."""
+  """-> dict(meta, weights: list of device arrays, fn: the jitted exported function).
+  Weights with NaN or inf (which would make every image "normal") are refused."""
   with np.load(path, allow_pickle=False) as f:
     meta = json.loads(f["meta"].tobytes().decode("utf-8"))
+    host = [f[f"w{i:06d}"] for i in range(meta["num_weights"])]
+    bad = [
+        f"w{i:06d}" for i, w in enumerate(host) if w.dtype.kind == "f" and not np.isfinite(w).all()
+    ]
+    if bad:
+      raise ExportError(
+          f"{path}: {len(bad)} weight array(s) hold NaN or inf ({', '.join(bad[:3])}): the "
+          f"file is damaged or was exported from a diverged run; export it again"
+      )
     exported = export.deserialize(bytearray(f["exported"].tobytes()))
-    weights = [jax.device_put(f[f"w{i:06d}"]) for i in range(meta["num_weights"])]
+    weights = [jax.device_put(w) for w in host]
   return {"meta": meta, "weights": weights, "fn": jax.jit(exported.call)}
 
 
@@ -57,7 +71,13 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
     if m < bs:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, axis=0)])
     out = model["fn"](model["weights"], chunk, ithr, pthr)
-    parts.append({k: np.asarray(v)[:m] for k, v in out.items()})
+    part = {k: np.asarray(v)[:m] for k, v in out.items()}
+    if not (np.isfinite(part["scores"]).all() and np.isfinite(part["maps"]).all()):
+      raise ExportError(
+          f"non-finite scores or maps for images {start}..{start + m - 1}: the model's "
+          f"weights or the inputs are damaged"
+      )
+    parts.append(part)
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -81,9 +101,13 @@ def main(argv=None):
   p.add_argument("--output", default=None, help="save all outputs to this .npz file")
   p.add_argument("--quiet", action="store_true", help="no per-image lines")
   args = p.parse_args(argv)
-  model = load(args.model)
-  images = np.load(args.images, allow_pickle=False)
-  out = score(model, images, args.batch_size or None, args.image_threshold, args.pixel_threshold)
+  try:
+    model = load(args.model)
+    images = np.load(args.images, allow_pickle=False)
+    out = score(model, images, args.batch_size or None, args.image_threshold, args.pixel_threshold)
+  except (ValueError, OSError, KeyError) as e:  # the user's files: one message, status 2
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   names = model["meta"]["class_names"]
   if not args.quiet:
     print("index\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")

@@ -50,6 +50,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from cras_jax import errors
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/demo.py"
 RECORD = "sweep_run.json"  # per run: command, overrides, resolved config, status
@@ -219,6 +221,21 @@ def _stream(child: subprocess.Popen, log, out) -> None:
   out.write(decoder.decode(b"", final=True))
 
 
+def _eta(seconds: dict[str, float], remaining: Sequence[dict]) -> str:
+  """How long the sweep has run and, after a first run, about how long the rest will take
+  (the mean time of this sweep's runs so far, times the runs left, the done ones excluded)."""
+  if not seconds:
+    return ""
+  left = sum(not is_done(e)[0] for e in remaining)
+  mean = sum(seconds.values()) / len(seconds)
+  return f" [{_clock(sum(seconds.values()))} so far, about {_clock(mean * left)} left]"
+
+
+def _clock(s: float) -> str:
+  m, s = divmod(int(round(s)), 60)
+  return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
 def _tail(path, n: int = 15) -> str:
   try:
     with open(path, "rb") as f:
@@ -360,7 +377,8 @@ def run_sweep(
         status[name] = "skipped"
         continue
       print(
-          f"\n[sweep] {name} ({i + 1}/{len(entries)}): {why}\n[sweep] {shlex.join(e['command'])}",
+          f"\n[sweep] {name} ({i + 1}/{len(entries)}): {why}{_eta(seconds, entries[i:])}\n"
+          f"[sweep] {shlex.join(e['command'])}",
           file=out,
           flush=True,
       )
@@ -565,4 +583,5 @@ def main(
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  errors.define_verbose_flag()
+  app.run(errors.exit_on_user_error(main), flags_parser=parse_flags)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cras_jax import errors
 from cras_jax.backbones import efficientnet_lite, resnet
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
 
@@ -28,7 +29,7 @@ EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
 NAMES = RESNETS + EFFICIENTNETS
 
 
-class WeightsError(FileNotFoundError):
+class WeightsError(errors.UserFileNotFoundError):
   pass
 
 

@@ -39,95 +39,23 @@ from typing import Any
 
 import numpy as np
 
+from cras_jax import errors
+from cras_jax.backbones.torch_types import (
+    _STORAGE_DTYPES,
+    _TORCH_DTYPES,
+    _StorageType,
+    _TorchDType,
+)
+
 __all__ = ["TorchPickleError", "load_torch_state_dict", "ALLOWED_GLOBALS"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+MAX_PICKLE_BYTES = 64 * 2**20  # data.pkl of a state dict: names and geometry, kilobytes
 
 
-class TorchPickleError(pickle.UnpicklingError):
+class TorchPickleError(pickle.UnpicklingError, errors.UserError):
   """The file is not a readable, plain PyTorch tensor state dict."""
-
-
-def _bfloat16():
-  try:
-    import ml_dtypes  # shipped with jax
-  except ImportError as e:  # pragma: no cover - jax always brings it
-    raise TorchPickleError("bfloat16 tensors need the 'ml_dtypes' package") from e
-  return np.dtype(ml_dtypes.bfloat16)
-
-
-# torch storage class name -> numpy dtype (a callable for lazily imported dtypes)
-_STORAGE_DTYPES: dict[str, Any] = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": _bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-    "ComplexFloatStorage": np.complex64,
-    "ComplexDoubleStorage": np.complex128,
-}
-
-# torch dtype objects pickle as GLOBAL 'torch <name>'
-_TORCH_DTYPES: dict[str, Any] = {
-    "float64": np.float64,
-    "double": np.float64,
-    "float32": np.float32,
-    "float": np.float32,
-    "float16": np.float16,
-    "half": np.float16,
-    "bfloat16": _bfloat16,
-    "int64": np.int64,
-    "long": np.int64,
-    "int32": np.int32,
-    "int": np.int32,
-    "int16": np.int16,
-    "short": np.int16,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "bool": np.bool_,
-    "complex64": np.complex64,
-    "complex128": np.complex128,
-}
-
-
-def _resolve_dtype(d) -> np.dtype:
-  return d() if callable(d) and not isinstance(d, type) else np.dtype(d)
-
-
-class _StorageType:
-  """Stand-in for a ``torch.<X>Storage`` class: only carries the dtype."""
-
-  __slots__ = ("name", "_dtype")
-
-  def __init__(self, name: str, dtype):
-    self.name = name
-    self._dtype = dtype
-
-  @property
-  def dtype(self) -> np.dtype:
-    return _resolve_dtype(self._dtype)
-
-  def __repr__(self):
-    return f"torch.{self.name}"
-
-
-class _TorchDType:
-  """Stand-in for a ``torch.<dtype>`` object."""
-
-  __slots__ = ("name", "_dtype")
-
-  def __init__(self, name: str, dtype):
-    self.name = name
-    self._dtype = dtype
-
-  def __repr__(self):
-    return f"torch.{self.name}"
 
 
 class _StorageRef:
@@ -192,13 +120,31 @@ def _make_allowed() -> dict[tuple[str, str], Any]:
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = _make_allowed()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only :data:`ALLOWED_GLOBALS` (to local stand-ins)."""
+class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 - the Python one: BUILD hook
+  """Unpickler that resolves only :data:`ALLOWED_GLOBALS` (to local stand-ins).
+
+  The pure-Python unpickler, so that the ``BUILD`` opcode (set an object's state) can be
+  checked: it is allowed only on the fresh ``OrderedDict`` a state dict is (torch sets its
+  ``_metadata`` that way), never on the shared stand-ins, functions or tensor records, which
+  it would change for every later load in the process."""
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
 
   def __init__(self, file, source: str, persistent=None):
     super().__init__(file)
     self._source = source
     self._persistent = persistent
+
+  def load_build(self):
+    target = self.stack[-2] if len(self.stack) >= 2 else None
+    if type(target) is not collections.OrderedDict:
+      raise TorchPickleError(
+          f"{self._source}: the pickle sets the state of a {type(target).__name__} (BUILD); "
+          "only a state dict's OrderedDict may carry state"
+      )
+    super().load_build()
+
+  dispatch[pickle.BUILD[0]] = load_build
 
   def find_class(self, module, name):
     try:
@@ -256,9 +202,17 @@ def _materialise(
   size, stride, off = t.size, t.stride, t.offset
   if any(s < 0 for s in size) or any(s < 0 for s in stride) or off < 0:
     raise TorchPickleError(f"{source}: negative size/stride/offset in '{name}'")
-  n = int(np.prod(size, dtype=np.int64)) if size else 1
+  n = 1
+  for s in size:  # Python ints: no overflow
+    n *= s
   if n == 0:
     return np.zeros(size, dtype=dtype.newbyteorder("="))
+  if n > flat.size or any(st == 0 and s > 1 for s, st in zip(size, stride)):
+    # e.g. stride 0: a 549-byte file declaring a 1 GiB tensor over one element
+    raise TorchPickleError(
+        f"{source}: tensor '{name}' (size {size}, stride {stride}) has more elements than "
+        f"its storage of {flat.size} (repeated by zero strides); not a saved parameter"
+    )
   last = off + sum((s - 1) * st for s, st in zip(size, stride))
   if last >= flat.size:
     raise TorchPickleError(
@@ -355,6 +309,7 @@ def _load_legacy(f: io.BufferedIOBase, source: str) -> dict[str, np.ndarray]:
 
 
 def _load_zip(path: str, source: str) -> dict[str, np.ndarray]:
+  archive_size = os.path.getsize(path)
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, OSError) as e:
@@ -384,10 +339,23 @@ def _load_zip(path: str, source: str) -> dict[str, np.ndarray]:
       if key not in storages:
         entry = f"{prefix}data/{key}"
         try:
-          data = zf.read(entry)
+          info = zf.getinfo(entry)
         except KeyError:
           raise TorchPickleError(f"{source}: missing storage entry '{entry}'") from None
         nbytes = numel * dtype.itemsize
+        # torch.save stores storages uncompressed: a declared size is bounded by the bytes
+        # really in the archive (a deflate bomb declares gigabytes in a few kilobytes).
+        if info.compress_type != zipfile.ZIP_STORED:
+          raise TorchPickleError(
+              f"{source}: storage entry '{entry}' is compressed; torch.save stores them "
+              "uncompressed"
+          )
+        if info.file_size < nbytes or nbytes > archive_size:
+          raise TorchPickleError(
+              f"{source}: storage '{key}' has {info.file_size} bytes, " f"expected {nbytes}"
+          )
+        with zf.open(info) as fh:
+          data = fh.read(nbytes)
         if len(data) < nbytes:
           raise TorchPickleError(
               f"{source}: storage '{key}' has {len(data)} bytes, " f"expected {nbytes}"
@@ -398,7 +366,16 @@ def _load_zip(path: str, source: str) -> dict[str, np.ndarray]:
       return _StorageRef(key, storages[key].dtype, numel)
 
     try:
-      data_pkl = zf.read(pkl[0])
+      info = zf.getinfo(pkl[0])
+      limit = max(MAX_PICKLE_BYTES, 100 * archive_size)
+      if info.file_size > limit:
+        raise TorchPickleError(
+            f"{source}: {pkl[0]} declares {info.file_size} bytes ({archive_size} in the file)"
+        )
+      with zf.open(info) as fh:
+        data_pkl = fh.read(limit + 1)
+      if len(data_pkl) > limit:
+        raise TorchPickleError(f"{source}: {pkl[0]} decompresses to more than {limit} bytes")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
       raise TorchPickleError(f"{source}: corrupt zip entry {pkl[0]} ({e})") from None
     try:

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from cras_jax.data import datasets, mvtec, synthetic
+from cras_jax.data import datasets, mvtec, preprocess, synthetic
 
 
 def prepare_data_root(config, workdir: str) -> str:
@@ -52,6 +52,8 @@ def load_for_config(config, workdir: str):
           config.data.crop,
           cache,
           allow_image_level_only=config.data.allow_image_level_only,
+          mask_rule=config.data.get("mask_rule", "binarise"),
+          limits=preprocess.Limits.of_config(config),
       )
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)

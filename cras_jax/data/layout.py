@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from cras_jax import errors
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -34,7 +37,22 @@ Expected layout (MVTec AD style; image extensions png/jpg/jpeg/bmp/tif/tiff):
   accepted: train/ok and test/ok are the normal images, ground_truth/ko/<name>.png|bmp)"""
 
 
-class DatasetError(ValueError):
+# A class name becomes a folder and file name (results, heatmaps): one path component, no
+# leading dot or space, no '..', no separators or control characters.
+_NOT_PLAIN = re.compile(r"[/\\:\x00-\x1f]|\.\.|^[. ]|\s$")
+
+
+def plain_name_problem(name) -> str | None:
+  """Why `name` cannot be a class name, or None."""
+  if not isinstance(name, str) or not name or _NOT_PLAIN.search(name):
+    return (
+        f"{name!r} is not a plain name (one folder name: no '/', '\\', ':', '..', control "
+        f"characters or leading '.')"
+    )
+  return None
+
+
+class DatasetError(errors.UserValueError):
   """The dataset folder does not have the expected layout (lists every problem found)."""
 
 
@@ -160,6 +178,9 @@ def collect(
     if dup:
       problems.append(f"classes listed more than once: {', '.join(dup)}")
   records: list[Record] = []
+  bad = [why for why in map(plain_name_problem, classes) if why]
+  if bad:  # a class name is a path: '../x' would write outside the workdir
+    return [], [f"class names must be plain folder names: {why}" for why in bad], list(classes)
   for cls in classes:
     cdir = root_p / cls
     if not cdir.is_dir():

@@ -35,6 +35,7 @@ from absl import logging as absl_logging
 from etils import epath
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from cras_jax import progress
 from cras_jax.data import layout, preprocess, validate
 
 SPLITS = ("train", "test")
@@ -62,7 +63,13 @@ def content_fingerprint(records: Iterable[layout.Record], root: str | os.PathLik
   return h.hexdigest()
 
 
-def params_hash(root: str | os.PathLike, classes: Sequence[str], resize: int, crop: int) -> str:
+def params_hash(
+    root: str | os.PathLike,
+    classes: Sequence[str],
+    resize: int,
+    crop: int,
+    mask_rule: str = "binarise",
+) -> str:
   key = json.dumps(
       [
           os.path.abspath(os.fspath(root)),
@@ -72,6 +79,7 @@ def params_hash(root: str | os.PathLike, classes: Sequence[str], resize: int, cr
           preprocess.PREPROCESS_VERSION,
           BUILDER_VERSION,
       ]
+      + ([] if mask_rule == "binarise" else [mask_rule])
   )
   return hashlib.sha256(key.encode()).hexdigest()
 
@@ -87,12 +95,18 @@ class MVTecFolderConfig(tfds.core.BuilderConfig):
   resize: int = 329
   crop: int = 288
   fingerprint: str = ""
+  mask_rule: str = "binarise"  # preprocess.MASK_RULES
 
 
 def make_config(
-    root, class_names: Sequence[str], resize: int, crop: int, records: Sequence[layout.Record]
+    root,
+    class_names: Sequence[str],
+    resize: int,
+    crop: int,
+    records: Sequence[layout.Record],
+    mask_rule: str = "binarise",
 ) -> MVTecFolderConfig:
-  phash = params_hash(root, class_names, resize, crop)[:10]
+  phash = params_hash(root, class_names, resize, crop, mask_rule)[:10]
   fp = content_fingerprint(records, root)[:12]
   return MVTecFolderConfig(
       name=f"r{int(resize)}_c{int(crop)}_k{len(class_names)}_{phash}_{fp}",
@@ -102,6 +116,7 @@ def make_config(
       resize=int(resize),
       crop=int(crop),
       fingerprint=fp,
+      mask_rule=mask_rule,
   )
 
 
@@ -143,6 +158,7 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       records = layout.scan_mvtec(config.root, config.class_names)
     self._records = list(records)
     self._num_workers = num_workers or max(1, os.cpu_count() or 1)
+    self._limits: preprocess.Limits | None = None  # set by load_dataset
     kwargs.setdefault("file_format", tfds.core.file_adapters.FileFormat.ARRAY_RECORD)
     super().__init__(config=config, **kwargs)
 
@@ -153,6 +169,20 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   @classmethod
   def code_path(cls):
     return epath.Path(__file__)
+
+  # tfds' own messages and bars name its temporary directories ("Shuffling
+  # .../incomplete.XXXX/..."): they are replaced by one line and one bar per split.
+  def _log_download_bytes(self) -> None:
+    n = {s: len(self._split_records(s)) for s in SPLITS}
+    cfg = self.builder_config
+    print(
+        f"preparing the dataset ({n['train']} train, {n['test']} test images; resize "
+        f"{cfg.resize}, crop {cfg.crop}; once, reused by later runs)",
+        flush=True,
+    )
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _split_records(self, split: str) -> list[layout.Record]:
     return [r for r in self._records if r.split == split]
@@ -200,13 +230,16 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     index = {c: i for i, c in enumerate(cfg.class_names)}
 
     def work(r: layout.Record):
-      return preprocess.load_example(r.image_path, r.mask_path, cfg.resize, cfg.crop)
+      return preprocess.load_example(
+          r.image_path, r.mask_path, cfg.resize, cfg.crop, cfg.mask_rule, self._limits
+      )
 
     # Decoding (PNG/JPEG) and PIL resizing release the GIL, so threads run in parallel;
     # a sliding window of futures keeps every worker busy while examples are yielded in
     # order (tfds serialises them in this thread).
     window = 4 * self._num_workers
-    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
+    bar = progress.bar(len(recs), desc=f"prepare {split}", unit="img")
+    with bar, concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
       pending: collections.deque = collections.deque()
       todo = iter(enumerate(recs))
       for i, r in itertools.islice(todo, window):
@@ -217,6 +250,7 @@ class MVTecFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         nxt = next(todo, None)
         if nxt is not None:
           pending.append((nxt[0], nxt[1], pool.submit(work, nxt[1])))
+        bar.update(1)
         yield i, {
             "image": image,
             "mask": mask,
@@ -300,6 +334,8 @@ def load_dataset(
     prune_stale: bool = True,
     verbose: bool = True,
     allow_image_level_only: bool = False,
+    mask_rule: str = "binarise",
+    limits: preprocess.Limits | None = None,
 ) -> Dataset:
   """Scan and validate ``root``, build (or reuse) the preprocessed cache in ``cache_dir`` and
   open it.
@@ -312,7 +348,7 @@ def load_dataset(
   records, problems, class_names = layout.collect(root, classes, check_masks=False)
   if problems and not records:  # e.g. no root: nothing more to check
     validate.validate(records, root, problems=problems, class_names=class_names)
-  config = make_config(root, class_names, resize, crop, records)
+  config = make_config(root, class_names, resize, crop, records, mask_rule)
   # tfds logs a warning with the whole config for every custom config: silence that one.
   # (Constructing the builder writes nothing to cache_dir.)
   verbosity = absl_logging.get_verbosity()
@@ -335,16 +371,23 @@ def load_dataset(
       class_names=class_names,
       read_images=not prepared,
       num_workers=num_workers,
+      limits=limits,
   )
+  builder._limits = limits
   if not prepared:
     largest = max(sum(r.split == s for r in records) for s in SPLITS)
+    tfds_bars = tfds.core.utils.tqdm_utils._active  # restored after the build
+    tfds.display_progress_bar(False)
     with _in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(
-              compute_stats=tfds.download.ComputeStatsMode.SKIP,
-              try_download_gcs=False,
-          )
-      )
+      try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                try_download_gcs=False,
+            )
+        )
+      finally:
+        tfds.display_progress_bar(tfds_bars)
   if prune_stale:
     _prune_stale(builder, config.name, config.name.split("_")[3])
   sources = builder.as_data_source()

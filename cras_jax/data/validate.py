@@ -18,28 +18,39 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cras_jax.data import layout
+from cras_jax.data import layout, preprocess
 
 _TIFF_EXTS = (".tif", ".tiff")
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
+def image_size(path: str | os.PathLike, limits: preprocess.Limits | None = None) -> tuple[int, int]:
   """(width, height) of an image file after decoding it fully; ``ValueError`` naming the file
-  when it is missing, corrupt, truncated or in an unsupported format."""
+  when it is missing, corrupt, truncated, in an unsupported format or over ``limits``
+  (declared pixels, aspect ratio: checked before decoding)."""
   path = os.fspath(path)
+  limits = preprocess.Limits() if limits is None else limits
+  refused = None
   try:
     with Image.open(path) as im:
-      im.load()
-      return im.size
+      refused = limits.problem(*im.size)
+      if refused is None:
+        im.load()
+        return im.size
   except FileNotFoundError:
     raise ValueError(f"file not found: {path}") from None
+  except Image.DecompressionBombError as e:
+    refused = f"too large to decode ({e}); raise data.max_image_pixels for such images"
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     err = e
+  if refused is not None:
+    raise ValueError(f"image file {path} is refused: {refused}")
   if os.path.splitext(path)[1].lower() in _TIFF_EXTS:  # e.g. 16-bit RGB TIFF: tifffile
     try:
       import tifffile  # only for the 16-bit TIFFs Pillow cannot decode
@@ -53,6 +64,20 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
   raise ValueError(f"unreadable or truncated file {path} ({type(err).__name__}: {err})")
 
 
+def mask_value_count(path: str, limits: preprocess.Limits | None = None) -> int:
+  """How many distinct values a mask file's samples take (2 for a proper binary mask)."""
+  try:
+    arr, _ = preprocess.mask_samples(path, limits)
+  except preprocess.ImageReadError as e:
+    raise ValueError(str(e)) from None
+  return len(np.unique(arr))
+
+
+def layout_names(items: Sequence[str], limit: int = 5) -> str:
+  items = list(items)
+  return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def validate(
     records: Sequence[layout.Record],
     root: str | os.PathLike,
@@ -62,6 +87,7 @@ def validate(
     class_names: Sequence[str] | None = None,
     read_images: bool = True,
     num_workers: int | None = None,
+    limits: preprocess.Limits | None = None,
 ) -> None:
   """Raise one ``layout.DatasetError`` listing every problem of the dataset (module docstring).
 
@@ -93,15 +119,34 @@ def validate(
 
   if read_images and records:
     paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
+    masks = {r.mask_path for r in records if r.mask_path}
     workers = num_workers or min(32, max(1, os.cpu_count() or 1))
     sizes: dict[str, tuple[int, int]] = {}
+    not_binary = []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      futures = {p: pool.submit(image_size, p) for p in paths}
+      futures = {p: pool.submit(image_size, p, limits) for p in paths}
+      values = {p: pool.submit(mask_value_count, p, limits) for p in sorted(masks)}
       for p in paths:  # sorted: a stable message
         try:
           sizes[p] = futures[p].result()
         except ValueError as e:
           problems.append(str(e))
+          continue
+        if p in values:
+          try:
+            n = values[p].result()
+          except ValueError:
+            continue
+          if n > 2:
+            not_binary.append(f"{p} ({n} values)")
+    if not_binary:
+      print(
+          f"warning: {len(not_binary)} mask(s) are not two-valued (e.g. JPEG noise or "
+          f"anti-aliasing): they are scaled to [0, 1] and a pixel is a defect where > 0.5 "
+          f"after resizing (data.mask_rule): {layout_names(not_binary)}",
+          file=sys.stderr,
+          flush=True,
+      )
     for r in records:
       if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
         (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
