@@ -40,23 +40,16 @@ def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
   """1-D adaptive average pooling over the last axis (`F.adaptive_avg_pool1d`).
 
   Output j averages input indices [floor(j L / out), ceil((j + 1) L / out)).
-  Divisible lengths use a reshape-mean; others gather the (padded) windows,
-  so the cost is O(out * window) rather than a dense L x out matrix product.
+  Divisible lengths use a reshape-mean; others a product with `adaptive_pool_matrix`
+  (`aggregate_patches` folds such poolings into one matrix per level).
   """
   length = x.shape[-1]
   if length == out:
     return x
   if length % out == 0:
     return x.reshape(*x.shape[:-1], out, length // out).mean(-1)
-  start, end = adaptive_pool_windows(length, out)
-  width = int((end - start).max())
-  idx = start[:, None] + np.arange(width)[None, :]  # [out, width]
-  valid = idx < end[:, None]
-  idx = np.where(valid, idx, 0)
-  gathered = jnp.take(x, jnp.asarray(idx.reshape(-1)), axis=-1)
-  gathered = gathered.reshape(*x.shape[:-1], out, width)
-  weights = jnp.asarray(valid / (end - start)[:, None], dtype=x.dtype)
-  return (gathered * weights).sum(-1)
+  m = jnp.asarray(adaptive_pool_matrix(length, out), x.dtype)
+  return jnp.dot(x, m, precision=jax.lax.Precision.HIGHEST)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:

@@ -12,7 +12,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cras_jax import loss as loss_lib
+
 xavier_normal = nn.initializers.xavier_normal()
+
+
+def matmul(x, w, dtype):
+  """x @ w in `dtype` (float32 accumulation for float32), as TorchLinear computes it."""
+  pref = jnp.float32 if dtype == jnp.float32 else None
+  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=pref)
 
 
 def torch_bias_init(fan_in: int):
@@ -36,11 +44,7 @@ class TorchLinear(nn.Module):
   def __call__(self, x):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", xavier_normal, (fan_in, self.features), jnp.float32)
-    y = jnp.dot(
-        x.astype(self.dtype),
-        kernel.astype(self.dtype),
-        preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None,
-    )
+    y = matmul(x, kernel, self.dtype)
     if self.use_bias:
       y = y + self.param("bias", torch_bias_init(fan_in), (self.features,), jnp.float32).astype(
           y.dtype
@@ -135,30 +139,21 @@ class Discriminator(nn.Module):
 
 
 def crd_first_layer(kernel: jax.Array, crd_input: str, embed_dim: int):
-  """(A, B) with crd_inputs(u, p, mode) @ kernel == u @ A + p @ B (B None: no p term)."""
-  d = embed_dim
-  if crd_input == "raw_residual":
-    w1, w2 = kernel[:d], kernel[d:]
-    return w1 + w2, -w2
-  if crd_input == "raw":
-    return kernel, None
-  if crd_input == "residual":
-    return kernel, -kernel
-  if crd_input == "raw_raw":
-    return kernel[:d] + kernel[d:], None
-  if crd_input == "residual_residual":
-    a = kernel[:d] + kernel[d:]
-    return a, -a
-  raise ValueError(f"unknown CRD input mode {crd_input!r}")
+  """(A, B) with crd_inputs(u, p, mode) @ kernel == u @ A + p @ B (B None: no p term).
+
+  The kernel's rows are one block of embed_dim per part of the input: every part
+  contributes its block to A, and a residual part (u - p) its negated block to B."""
+  a = b = None
+  for i, part in enumerate(loss_lib.crd_parts(crd_input)):
+    block = kernel[i * embed_dim : (i + 1) * embed_dim]
+    a = block if a is None else a + block
+    if part == "residual":
+      b = -block if b is None else b - block
+  return a, b
 
 
 def _first_name(n_layers: int) -> str:
   return "block1_fc" if n_layers > 1 else "tail"
-
-
-def _dot(x, w, dtype):
-  pref = jnp.float32 if dtype == jnp.float32 else None
-  return jnp.dot(x.astype(dtype), w.astype(dtype), preferred_element_type=pref)
 
 
 def discriminator_split(
@@ -185,12 +180,12 @@ def discriminator_split(
   d = u.shape[-1]
   first = params[_first_name(n_layers)]
   a, b = crd_first_layer(first["kernel"], crd_input, d)
-  hu = _dot(u, a, dtype)
+  hu = matmul(u, a, dtype)
   if b is not None:
-    hu = hu + _dot(p, b, dtype)
+    hu = hu + matmul(p, b, dtype)
   # Each part is formed before concatenating: the transpose is then an elementwise sum of
   # the parts' cotangents (a tiled term's transpose became a slow reduction on CPU).
-  hs = [hu] + [hu + _dot(o, a, dtype) for o in offsets]
+  hs = [hu] + [hu + matmul(o, a, dtype) for o in offsets]
   h = jnp.concatenate(hs, axis=0) if len(hs) > 1 else hs[0]
   if "bias" in first:
     h = h + first["bias"].astype(h.dtype)
@@ -201,7 +196,7 @@ def discriminator_split(
     name = f"block{i + 1}"
     if i > 0:
       fc = params[f"{name}_fc"]
-      h = _dot(h, fc["kernel"], dtype) + fc["bias"].astype(h.dtype)
+      h = matmul(h, fc["kernel"], dtype) + fc["bias"].astype(h.dtype)
     bn_vars = {"params": params[f"{name}_bn"], "batch_stats": batch_stats[f"{name}_bn"]}
     if train:
       h, upd = TorchBatchNorm().apply(bn_vars, h, True, mutable=["batch_stats"])
@@ -209,7 +204,7 @@ def discriminator_split(
     else:
       h = TorchBatchNorm().apply(bn_vars, h, False)
     h = nn.leaky_relu(h, 0.2)
-  logits = _dot(h, params["tail"]["kernel"], dtype)[..., 0].astype(jnp.float32)
+  logits = matmul(h, params["tail"]["kernel"], dtype)[..., 0].astype(jnp.float32)
   return logits, (new_stats if train else None)
 
 
@@ -251,7 +246,7 @@ def apply_folded_discriminator(
     folded: dict, u: jax.Array, pb: jax.Array | None, dtype=jnp.float32
 ) -> jax.Array:
   """Logits of the folded discriminator. u [..., D]; pb [..., H1] = (matched p) @ B' or None."""
-  h = _dot(u, folded["a"], dtype)
+  h = matmul(u, folded["a"], dtype)
   if pb is not None:
     h = h + pb.astype(h.dtype)
   h = h + folded["bias"].astype(h.dtype)
@@ -259,5 +254,5 @@ def apply_folded_discriminator(
     return h[..., 0].astype(jnp.float32)
   h = nn.leaky_relu(h, 0.2)
   for kernel, bias in folded["hidden"]:
-    h = nn.leaky_relu(_dot(h, kernel, dtype) + bias.astype(h.dtype), 0.2)
-  return _dot(h, folded["tail"], dtype)[..., 0].astype(jnp.float32)
+    h = nn.leaky_relu(matmul(h, kernel, dtype) + bias.astype(h.dtype), 0.2)
+  return matmul(h, folded["tail"], dtype)[..., 0].astype(jnp.float32)

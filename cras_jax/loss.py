@@ -5,6 +5,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The discriminator's input per CRD mode (paper Table 6): the parts concatenated, each
+# "raw" (u) or "residual" (u - p). heads.crd_first_layer and HeadsConfig read it too.
+CRD_MODES = {
+    "raw_residual": ("raw", "residual"),
+    "raw": ("raw",),
+    "residual": ("residual",),
+    "raw_raw": ("raw", "raw"),
+    "residual_residual": ("residual", "residual"),
+}
+
+
+def crd_parts(mode: str) -> tuple[str, ...]:
+  if mode not in CRD_MODES:
+    raise ValueError(f"unknown CRD input mode {mode!r}; choose one of {sorted(CRD_MODES)}")
+  return CRD_MODES[mode]
+
 
 def crd_inputs(u: jax.Array, p: jax.Array, mode: str = "raw_residual") -> jax.Array:
   """The discriminator's input from features and matched centres.
@@ -12,17 +28,8 @@ def crd_inputs(u: jax.Array, p: jax.Array, mode: str = "raw_residual") -> jax.Ar
   Modes (paper Table 6): raw_residual [u | u - p] (default), raw [u],
   residual [u - p], raw_raw [u | u], residual_residual [u - p | u - p].
   """
-  res = u - p
-  parts = {
-      "raw_residual": (u, res),
-      "raw": (u,),
-      "residual": (res,),
-      "raw_raw": (u, u),
-      "residual_residual": (res, res),
-  }
-  if mode not in parts:
-    raise ValueError(f"unknown CRD input mode {mode!r}; choose one of {sorted(parts)}")
-  return jnp.concatenate(parts[mode], axis=-1)
+  values = {"raw": u, "residual": u - p}
+  return jnp.concatenate([values[part] for part in crd_parts(mode)], axis=-1)
 
 
 def bce_losses(logits_true: jax.Array, logits_fake: jax.Array):

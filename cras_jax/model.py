@@ -66,7 +66,7 @@ class HeadsConfig:
 
   @property
   def disc_input_dim(self) -> int:
-    return self.embed_dim * (1 if self.crd_input in ("raw", "residual") else 2)
+    return self.embed_dim * len(loss_lib.crd_parts(self.crd_input))
 
 
 def init_heads(cfg: HeadsConfig, rng: jax.Array):
@@ -184,7 +184,7 @@ def prepare_scoring(params, batch_stats, centres, cfg: HeadsConfig) -> dict:
       params["disc"], batch_stats["disc"], cfg.disc_layers, cfg.crd_input, cfg.embed_dim
   )
   b = folded.pop("b")
-  centre_pb = None if b is None else heads_lib._dot(centres, b, cfg.dtype).astype(jnp.float32)
+  centre_pb = None if b is None else heads_lib.matmul(centres, b, cfg.dtype).astype(jnp.float32)
   return {
       "adapter": params["adapter"],
       "disc": folded,

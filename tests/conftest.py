@@ -40,12 +40,13 @@ TINY = [
 ]
 
 
-def run_module(module: str, *args, timeout: int = 600) -> str:
-  """Runs `python -m module args` from the repository root; asserts success, returns output."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_module(module: str, *args, timeout: int = 600, cwd=ROOT) -> str:
+  """Runs `python -m module args` (from the repository root, or from `cwd` with the
+  repository on the path); asserts success, returns output."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
   out = subprocess.run(
       [sys.executable, "-m", module, *map(str, args)],
-      cwd=ROOT,
+      cwd=cwd,
       env=env,
       capture_output=True,
       text=True,

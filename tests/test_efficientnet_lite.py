@@ -79,10 +79,10 @@ def test_block_layout_matches_spec():
 
 def test_same_padding_is_tf_style():
   # total = max((ceil(i/s)-1)*s + k - i, 0); extra pixel after (bottom/right)
-  assert eff._same_pads((224, 7), 3, 2) == ((0, 1), (1, 1))
-  assert eff._same_pads((224, 225), 5, 2) == ((1, 2), (2, 2))
-  assert eff._same_pads((10, 11), 5, 1) == ((2, 2), (2, 2))
-  assert eff._same_pads((10, 11), 1, 1) == ((0, 0), (0, 0))
+  assert eff.same_pads((224, 7), 3, 2) == ((0, 1), (1, 1))
+  assert eff.same_pads((224, 225), 5, 2) == ((1, 2), (2, 2))
+  assert eff.same_pads((10, 11), 5, 1) == ((2, 2), (2, 2))
+  assert eff.same_pads((10, 11), 1, 1) == ((0, 0), (0, 0))
 
 
 @pytest.mark.parametrize("variant", ["lite0", "lite2"])

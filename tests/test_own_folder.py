@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from cras_jax import progress, summaries
 from cras_jax.data.synthetic import writing
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_module
 
 # Shrinks configs/folder.py for test speed only (sizes, epochs, logging).
 SHRINK = [
@@ -40,21 +40,6 @@ def _read_board(logdir: str):
   return acc
 
 
-def _run_elsewhere(cwd, *args, timeout=600) -> str:
-  """`python -m cras_jax.main args` from a directory outside the repository."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
-  out = subprocess.run(
-      [sys.executable, "-m", "cras_jax.main", *map(str, args)],
-      cwd=cwd,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-  )
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  return out.stdout + out.stderr
-
-
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
   """A plain MVTec-layout folder (no synthetic-dataset config involved) trained with
@@ -63,12 +48,13 @@ def folder_run(tmp_path_factory):
   root, workdir, elsewhere = base / "my_images", base / "run", base / "elsewhere"
   writing.generate(str(root), 0, 64, 6, 2, 1)
   elsewhere.mkdir()
-  out = _run_elsewhere(
-      elsewhere,
+  out = run_module(
+      "cras_jax.main",
       f"--config={os.path.join(ROOT, 'configs', 'folder.py')}",
       f"--workdir={workdir}",
       f"--config.data.root={root}",
       *SHRINK,
+      cwd=elsewhere,
   )
   return workdir, root, out
 
@@ -145,14 +131,15 @@ def test_curves_picture(folder_run):
 def test_quiet_mode_and_eval_events(folder_run):
   workdir, root, _ = folder_run
   before = len(_read_board(str(workdir / "tensorboard")).Scalars("eval/mean/i_auroc"))
-  out = _run_elsewhere(
-      workdir.parent,
+  out = run_module(
+      "cras_jax.main",
       f"--config={os.path.join(ROOT, 'configs', 'folder.py')}",
       f"--workdir={workdir}",
       f"--config.data.root={root}",
       "--mode=eval",
       "--config.log.progress=false",
       *SHRINK,
+      cwd=workdir.parent,
   )
   assert "%|" not in out and not re.search(r"score: +\d+%", out)  # no bars
   assert "[eval] step 6" in out

@@ -193,9 +193,6 @@ def level_channels(variant: str = "lite0") -> dict[int, int]:
 LEVEL_CHANNELS: dict[str, dict[int, int]] = _level_channels_table()
 
 
-_same_pads = same_pads  # the TF padding rule (tests call it by this name)
-
-
 def _relu6(x):
   return jnp.clip(x, 0, 6)
 
@@ -213,7 +210,7 @@ class _Ops:
         features,
         (kernel, kernel),
         strides=(stride, stride),
-        padding=_same_pads(x.shape[1:3], kernel, stride),
+        padding=same_pads(x.shape[1:3], kernel, stride),
         feature_group_count=groups,
         use_bias=False,
         dtype=mod.compute_dtype,
