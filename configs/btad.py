@@ -1,13 +1,6 @@
 """BTAD (beanTech, 3 products), multi-class, read in its own layout (train/ok, test/ok,
-test/ko, ground_truth/ko/<name>.png|bmp; ok is read as good)."""
 
-from configs import mvtec
+Defined in cras_jax/configs/btad.py; `--config=configs/btad.py` and `--config=btad` name the same config.
+"""
 
-BTAD_CLASSES = ("01", "02", "03")
-
-
-def get_config():
-  config = mvtec.get_config()
-  config.data.name = "btad"
-  config.data.classes = BTAD_CLASSES
-  return config
+from cras_jax.configs.btad import get_config  # noqa: F401

@@ -1,12 +1,6 @@
-"""ITDD (4 classes of industrial textiles), multi-class."""
+"""ITDD (4 classes of industrial textiles), multi-class.
 
-from configs import mvtec
+Defined in cras_jax/configs/itdd.py; `--config=configs/itdd.py` and `--config=itdd` name the same config.
+"""
 
-ITDD_CLASSES = ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric")
-
-
-def get_config():
-  config = mvtec.get_config()
-  config.data.name = "itdd"
-  config.data.classes = ITDD_CLASSES
-  return config
+from cras_jax.configs.itdd import get_config  # noqa: F401

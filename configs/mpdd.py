@@ -1,19 +1,6 @@
-"""MPDD (6 classes of metal parts), multi-class."""
+"""MPDD (6 classes of metal parts), multi-class.
 
-from configs import mvtec
+Defined in cras_jax/configs/mpdd.py; `--config=configs/mpdd.py` and `--config=mpdd` name the same config.
+"""
 
-MPDD_CLASSES = (
-    "bracket_black",
-    "bracket_brown",
-    "bracket_white",
-    "connector",
-    "metal_plate",
-    "tubes",
-)
-
-
-def get_config():
-  config = mvtec.get_config()
-  config.data.name = "mpdd"
-  config.data.classes = MPDD_CLASSES
-  return config
+from cras_jax.configs.mpdd import get_config  # noqa: F401

@@ -1,25 +1,6 @@
-"""VisA (12 classes, converted to the MVTec layout), multi-class."""
+"""VisA (12 classes, converted to the MVTec layout), multi-class.
 
-from configs import mvtec
+Defined in cras_jax/configs/visa.py; `--config=configs/visa.py` and `--config=visa` name the same config.
+"""
 
-VISA_CLASSES = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
-)
-
-
-def get_config():
-  config = mvtec.get_config()
-  config.data.name = "visa"
-  config.data.classes = VISA_CLASSES
-  return config
+from cras_jax.configs.visa import get_config  # noqa: F401

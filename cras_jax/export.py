@@ -1,7 +1,7 @@
 """A portable export of the whole scoring function: one .npz file, run with jax and numpy only.
 
     python -m cras_jax.export --workdir=<trained run> --output=model.npz
-    python -m tools.run_exported model.npz crops.npy
+    python -m cras_jax.run_exported model.npz crops.npy
 
 The function `score(weights, images, image_threshold, pixel_threshold)` (backbone, adapter,
 matching, discriminator, anomaly map, per-class normalisation and the two decisions) is
@@ -40,7 +40,9 @@ from absl import app, flags, logging
 from jax import export as jax_export
 
 import cras_jax
-from cras_jax import errors, runs, scoring
+from cras_jax.base import errors
+from cras_jax.runs import scoring
+from cras_jax.runs import workdir as runs
 
 FORMAT = "cras_jax.exported_scoring"
 FORMAT_VERSION = 1

@@ -33,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax import errors, evaluate, plots, runs, scoring, steps
+from cras_jax.base import errors
+from cras_jax.engine import steps
+from cras_jax.runs import evaluate, plots, scoring
+from cras_jax.runs import workdir as runs
 
 # ----------------------------------------------------------------------------- features
 

@@ -11,7 +11,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cras_jax import errors, evaluate, train
+from cras_jax.base import errors
+from cras_jax.runs import evaluate
+from cras_jax.training import train
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -37,11 +37,12 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from cras_jax import errors as errors_lib
-from cras_jax import results, runs, scoring
-from cras_jax import thresholds as thr_lib
+from cras_jax.base import errors as errors_lib
 from cras_jax.data import preprocess
-from cras_jax.predict_inputs import find_images, output_stems, read_images
+from cras_jax.runs import results, scoring
+from cras_jax.runs import thresholds as thr_lib
+from cras_jax.runs import workdir as runs
+from cras_jax.runs.predict_inputs import find_images, output_stems, read_images
 
 OVERLAY_ALPHA = 0.45
 # Rows are appended here (flushed per batch) while scoring; results.csv and results.json are
@@ -390,7 +391,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       None,
       "Also write the preprocessed uint8 crops "
       "[N, crop, crop, 3] of the scored images to this .npy file (the input "
-      "of tools/run_exported.py).",
+      "of cras_jax/run_exported.py).",
       flag_values=fv,
   )
   flags.DEFINE_integer(

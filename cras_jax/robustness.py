@@ -37,9 +37,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax import errors, evaluate, results, runs, scoring
-from cras_jax import metrics as metrics_lib
-from cras_jax.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
+from cras_jax.base import errors
+from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
+from cras_jax.method import metrics as metrics_lib
+from cras_jax.runs import evaluate, results, scoring
+from cras_jax.runs import workdir as runs
 
 METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap", "aupro", "match_acc")
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-PATH = os.path.join(os.path.dirname(__file__), "data", "cras_reference_small.npz")
+PATH = os.path.join(os.path.dirname(__file__), "fixtures", "cras_reference_small.npz")
 
 
 def load():

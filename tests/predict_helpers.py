@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 
-from cras_jax import runs, scoring
 from cras_jax.data import preprocess
+from cras_jax.runs import scoring
+from cras_jax.runs import workdir as runs
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-"""tools.benchmark at a tiny setting: the JSON has its fields with positive numbers, the
+"""cras_jax.benchmark at a tiny setting: the JSON has its fields with positive numbers, the
 markdown table and the plot are written, and `--devices=1,2` gives a row per device count."""
 
 import json
@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cras_jax import benchmark as bench
+from cras_jax.perf import probes as benchmark_probes
 from tests.conftest import parse_command_flags
-from tools import benchmark as bench
-from tools import benchmark_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_two_devices_subprocess(tmp_path):
       [
           sys.executable,
           "-m",
-          "tools.benchmark",
+          "cras_jax.benchmark",
           *TINY,
           "--batch_sizes=4",
           "--devices=1,2",

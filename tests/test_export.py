@@ -1,4 +1,4 @@
-"""The portable export: jax.export with a symbolic batch, reloaded by tools/run_exported.py in a
+"""The portable export: jax.export with a symbolic batch, reloaded by cras_jax/run_exported.py in a
 fresh process that imports only jax and numpy."""
 
 import json
@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from cras_jax import export, scoring, thresholds
+from cras_jax import export
+from cras_jax.runs import scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
 
@@ -34,7 +35,7 @@ FORBIDDEN = (
 RUNNER = """
 import json, runpy, sys
 model, crops, out = sys.argv[1:4]
-runner = runpy.run_path("tools/run_exported.py")
+runner = runpy.run_path("cras_jax/run_exported.py")
 for bs in (3, 8):
   runner["main"]([model, crops, f"--batch_size={bs}", f"--output={out}_{bs}.npz", "--quiet"])
 print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in sys.modules})))

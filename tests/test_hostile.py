@@ -19,23 +19,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo
-from cras_jax import (
-    checkpoint,
-    config_check,
-    errors,
-    export,
-    feature_cache,
-    predict,
-    results,
-    runs,
-    train,
-)
-from cras_jax import metrics as metrics_lib
+from cras_jax import export, predict, run_exported
 from cras_jax.backbones import torch_pickle
+from cras_jax.base import errors
+from cras_jax.configs import demo
 from cras_jax.data import layout, preprocess, validate
+from cras_jax.method import metrics as metrics_lib
+from cras_jax.runs import checkpoint, config_check, feature_cache, results
+from cras_jax.runs import workdir as runs
+from cras_jax.training import train
 from tests.conftest import ROOT, TINY
-from tools import run_exported
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -250,7 +243,7 @@ def test_predict_that_fails_late_keeps_every_scored_row(tiny_run, tmp_path, monk
 
   run = predict_helpers.loaded_run(str(tiny_run["workdir"]))
   paths = predict_helpers.image_paths(tiny_run["data_root"])[:3]
-  from cras_jax import scoring
+  from cras_jax.runs import scoring
 
   thr = scoring.load_thresholds(run, str(tiny_run["workdir"]))
 
@@ -446,7 +439,7 @@ def test_non_finite_weights_are_refused_when_exporting_and_loading(tiny_run, tmp
   leaf.flat[0] = np.nan
   broken = jax.tree.unflatten(jax.tree.structure(params), [leaf, *jax.tree.leaves(params)[1:]])
   bad_run = run._replace(state=run.state.replace(params=broken))
-  from cras_jax import scoring
+  from cras_jax.runs import scoring
 
   thr = scoring.load_thresholds(run, str(tiny_run["workdir"]))
   with pytest.raises(errors.UserValueError, match="NaN or inf"):

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from cras_jax import progress, summaries
+from cras_jax.base import progress
 from cras_jax.data.synthetic import writing
+from cras_jax.runs import summaries
 from tests.conftest import ROOT, run_module
 
 # Shrinks configs/folder.py for test speed only (sizes, epochs, logging).
@@ -60,7 +61,7 @@ def folder_run(tmp_path_factory):
 
 
 def test_folder_config_defaults_are_offline_lite0():
-  from configs import folder, mvtec
+  from cras_jax.configs import folder, mvtec
 
   c = folder.get_config()
   assert c.data.name == "folder" and tuple(c.data.classes) == ()
@@ -192,7 +193,7 @@ def test_cuda_requirements_pin_the_cpu_jax():
 
 
 def test_sweep_eta(tmp_path):
-  from tools import sweep
+  from cras_jax import sweep
 
   pending = [{"workdir": str(tmp_path / n)} for n in ("c", "d", "e")]
   assert sweep._eta({}, pending) == ""
@@ -218,7 +219,7 @@ def test_two_processes_write_one_event_file(tmp_path, monkeypatch):
 
 def test_training_loads_no_tensorboard_tensorflow_or_torch():
   code = (
-      "import sys, cras_jax.main, cras_jax.train, cras_jax.summaries; "
+      "import sys, cras_jax.main, cras_jax.training.train, cras_jax.runs.summaries; "
       "print(sorted(m for m in ('torch', 'tensorflow', 'tensorboard', 'tensorboardX') "
       "if m in sys.modules))"
   )

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax import predict, scoring, thresholds
+from cras_jax import predict
+from cras_jax.runs import scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT, run_module
 

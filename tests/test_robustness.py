@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from cras_jax import perturbations as R
+from cras_jax.data import perturbations as R
 from tests.conftest import run_module
 
 torch = pytest.importorskip("torch")

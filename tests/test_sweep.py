@@ -1,4 +1,4 @@
-"""tools.sweep and tools.report: tables of hand-written results (exact values, order,
+"""cras_jax.sweep and cras_jax.report: tables of hand-written results (exact values, order,
 protocols, CSV), curves, sweep resumption / failures / Ctrl-C with a fake trainer, the sweep
 files, and one real two-run sweep at the tiny size."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cras_jax import report, sweep
 from tests.conftest import ROOT, TINY, run_command, run_module
-from tools import report, sweep
 
 FINAL = "final epoch"
 BEST = "best epoch (reference protocol: selected on the test set)"
@@ -411,7 +411,7 @@ def test_ctrl_c_stops_the_sweep(tmp_path, fake):
       [
           sys.executable,
           "-m",
-          "tools.sweep",
+          "cras_jax.sweep",
           f"--sweep_dir={d}",
           "--run=x:",
           "--run=y:",
@@ -466,12 +466,12 @@ def test_real_sweep_two_runs(tmp_path):
       *TINY,
       "--config.train.epochs=1",
   ]
-  out = run_module("tools.sweep", *args)
+  out = run_module("cras_jax.sweep", *args)
   assert "all done" in out
   assert len(list((d / "data_cache" / "features").glob("train_*.npy"))) == 1  # shared
-  out = run_module("tools.sweep", *args)
+  out = run_module("cras_jax.sweep", *args)
   assert out.count("done already, skipped") == 2
-  run_module("tools.report", str(d))
+  run_module("cras_jax.report", str(d))
   md = (d / "report" / "summary_final.md").read_text().splitlines()
   assert [l.split(" | ")[0] for l in md[4:]] == ["| full", "| wo_hpi"]
   assert all(l.split(" | ")[1] == FINAL for l in md[4:])

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import demo
-from cras_jax import backbones, sharding, steps
+from cras_jax import backbones
+from cras_jax.configs import demo
+from cras_jax.engine import sharding, steps
 
 
 def setup():

@@ -1,16 +1,3 @@
-"""CRD input combinations (Table 6): what the discriminator sees of a patch.
+"""Sweep file, defined in cras_jax/configs/sweeps/crd_inputs.py (see there)."""
 
-python -m tools.sweep --sweep=configs/sweeps/crd_inputs.py --sweep_dir=runs/crd
-python -m tools.report runs/crd
-"""
-
-import collections
-
-
-def get_sweep():
-  return collections.OrderedDict(
-      [
-          (name, [f"model.crd_input={name}"])
-          for name in ("raw", "residual", "raw_raw", "residual_residual", "raw_residual")
-      ]
-  )
+from cras_jax.configs.sweeps.crd_inputs import *  # noqa: F403

@@ -1,19 +1,3 @@
-"""DAFS variants (Table 6): how the noise is scaled by the distance to the class centre.
+"""Sweep file, defined in cras_jax/configs/sweeps/dafs_variants.py (see there)."""
 
-python -m tools.sweep --sweep=configs/sweeps/dafs_variants.py --sweep_dir=runs/dafs
-python -m tools.report runs/dafs
-"""
-
-import collections
-
-
-def get_sweep():
-  return collections.OrderedDict(
-      [
-          ("beta_0", ["model.dafs_beta=0.0"]),
-          ("no_scaling", ["model.dafs_variant=no_scaling"]),
-          ("inv_r", ["model.dafs_variant=inv_r"]),
-          ("inv_g_r", ["model.dafs_variant=inv_g_r"]),
-          ("default", []),  # the paper's DAFS, beta = 0.3
-      ]
-  )
+from cras_jax.configs.sweeps.dafs_variants import *  # noqa: F403

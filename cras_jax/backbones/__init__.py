@@ -6,7 +6,7 @@ Weights come from one config field, `model.weights`:
             a missing file is an error naming the command that creates it.
 - "random"  random initialisation, only when asked for by name (tests, timing).
 - a path    a torchvision/PyTorch state dict (.pth/.pt, read without torch) or
-            a converted Flax file (.msgpack from tools/convert_torchvision.py).
+            a converted Flax file (.msgpack from cras_jax/convert_torchvision.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cras_jax import errors
 from cras_jax.backbones import efficientnet_lite, resnet
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
+from cras_jax.base import errors
 
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
 EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
@@ -47,7 +47,7 @@ def build_module(name: str, dtype: str = "float32"):
 
 def convert_command(name: str) -> str:
   return (
-      f"pip install -r requirements-tools.txt && python -m tools.convert_torchvision "
+      f"pip install -r requirements-tools.txt && python -m cras_jax.convert_torchvision "
       f"--arch={name} --output=<weights_dir>/{name}.msgpack  (downloads torchvision's "
       f"IMAGENET1K_V1 weights, as the reference's pretrained=True; offline, without torch: "
       f"add --input=<torchvision {name} .pth file>, or pass that .pth file itself as "
@@ -76,7 +76,7 @@ def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> A
         f"{convert_command(name)}"
     )
   if path.endswith(".msgpack"):
-    # written by tools/convert_torchvision.py: {'params','batch_stats'} in Flax layout,
+    # written by cras_jax/convert_torchvision.py: {'params','batch_stats'} in Flax layout,
     # with a JSON sidecar <path>.json naming the arch it was converted for.
     sidecar = path + ".json"
     if os.path.exists(sidecar):

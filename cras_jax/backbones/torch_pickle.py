@@ -39,13 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from cras_jax import errors
 from cras_jax.backbones.torch_types import (
     _STORAGE_DTYPES,
     _TORCH_DTYPES,
     _StorageType,
     _TorchDType,
 )
+from cras_jax.base import errors
 
 __all__ = ["TorchPickleError", "load_torch_state_dict", "ALLOWED_GLOBALS"]
 

@@ -3,7 +3,7 @@
 Every dataset is read in the MVTec layout (``layout.EXPECTED_LAYOUT``) by
 ``cras_jax.data.mvtec``. BTAD's own layout (``train/ok``, ``test/ok``, ``test/ko``,
 ``ground_truth/ko/<name>.png`` or ``.bmp``) is read as it is (``ok`` is "good"); VisA's original
-release is converted first with ``python -m tools.convert_visa``. ``folder`` discovers its
+release is converted first with ``python -m cras_jax.convert_visa``. ``folder`` discovers its
 classes from the sub-folders of the root (those holding ``train/`` or ``test/``).
 """
 
@@ -77,7 +77,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             VISA_CLASSES,
             "https://github.com/amazon-science/spot-diff",
             "VisA, 12 classes; convert the original release first: "
-            "python -m tools.convert_visa <VisA> <output>.",
+            "python -m cras_jax.convert_visa <VisA> <output>.",
         ),
         DatasetSpec(
             "mpdd",

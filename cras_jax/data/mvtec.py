@@ -35,7 +35,7 @@ from absl import logging as absl_logging
 from etils import epath
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
-from cras_jax import progress
+from cras_jax.base import progress
 from cras_jax.data import layout, preprocess, validate
 
 SPLITS = ("train", "test")

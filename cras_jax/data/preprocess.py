@@ -49,7 +49,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cras_jax import errors
+from cras_jax.base import errors
 
 PathLike = str | os.PathLike[str]
 

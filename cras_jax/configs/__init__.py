@@ -1,0 +1,1 @@
+"""The shipped configs: get_config() functions returning ml_collections.ConfigDict."""

@@ -1,0 +1,238 @@
+"""CRAS composed from its pure pieces: features -> adapter -> matching ->
+DAFS -> discriminator -> loss (training) and -> anomaly map (scoring).
+
+Nothing here knows about data loading, devices or checkpoints; `train.py`
+jits and shards these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cras_jax.method import anomaly_map as amap
+from cras_jax.method import features, matching, synthesis
+from cras_jax.method import heads as heads_lib
+from cras_jax.method import loss as loss_lib
+from cras_jax.method.heads import Adapter, Discriminator
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig:
+  """The static settings the heads need (a hashable view of config.model)."""
+
+  embed_dim: int = 1536
+  adapter_layers: int = 1
+  disc_layers: int = 3
+  noise_sigma: float = 0.015
+  dafs_beta: float = 0.3
+  dafs_variant: str = "default"
+  crd_input: str = "raw_residual"
+  hpi: bool = True
+  per_image_matching: bool = True
+  score_mode: str = "reference"
+  map_sigma: float = 4.0
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def from_config(cls, model_cfg) -> HeadsConfig:
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.dtype]
+    return cls(
+        embed_dim=model_cfg.embed_dim,
+        adapter_layers=model_cfg.adapter_layers,
+        disc_layers=model_cfg.disc_layers,
+        noise_sigma=model_cfg.noise_sigma,
+        dafs_beta=model_cfg.dafs_beta,
+        dafs_variant=model_cfg.dafs_variant,
+        crd_input=model_cfg.crd_input,
+        hpi=model_cfg.hpi,
+        per_image_matching=model_cfg.matching == "per_image",
+        score_mode=model_cfg.score_mode,
+        map_sigma=model_cfg.map_sigma,
+        dtype=dtype,
+    )
+
+  @property
+  def adapter(self) -> Adapter:
+    return Adapter(self.embed_dim, self.adapter_layers, dtype=self.dtype)
+
+  @property
+  def discriminator(self) -> Discriminator:
+    return Discriminator(self.disc_layers, dtype=self.dtype)
+
+  @property
+  def disc_input_dim(self) -> int:
+    return self.embed_dim * len(loss_lib.crd_parts(self.crd_input))
+
+
+def init_heads(cfg: HeadsConfig, rng: jax.Array):
+  """Fresh adapter and discriminator variables -> (params, batch_stats)."""
+  ra, rd = jax.random.split(rng)
+  a = cfg.adapter.init(ra, jnp.zeros((1, cfg.embed_dim), jnp.float32))
+  d = cfg.discriminator.init(rd, jnp.zeros((2, cfg.disc_input_dim), jnp.float32), train=False)
+  return {"adapter": a["params"], "disc": d["params"]}, {"disc": d["batch_stats"]}
+
+
+def make_embed_fn(
+    backbone: Any, levels: tuple[int, ...], pre_embed_dim: int, embed_dim: int, patch_size: int = 3
+) -> Callable:
+  """Returns embed(backbone_vars, images_normalised) -> t [B, HW, D], (h, w)."""
+  max_level = max(levels)
+
+  def embed(backbone_vars, x):
+    with jax.named_scope("backbone"):
+      feats = backbone.apply(backbone_vars, x, max_level=max_level)
+      maps = [feats[f"level{l}"].astype(jnp.float32) for l in levels]
+    with jax.named_scope("aggregate"):
+      t = features.aggregate_patches(maps, pre_embed_dim, embed_dim, patch_size)
+    return t, maps[0].shape[1:3]
+
+  return embed
+
+
+def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig):
+  """One training forward pass on patch features t [B, HW, D].
+
+  noise: g [B, HW, D], already scaled by sigma. Returns (loss, aux) where aux
+  holds the new BatchNorm statistics and the step's metrics. The normal and the
+  synthetic rows share their matched centre p, so the discriminator's p term is
+  computed once for both (`heads.discriminator_split`, an exact rewrite).
+  """
+  # Named scopes label the stages in profiles (cras_jax/benchmark.py --breakdown).
+  with jax.named_scope("adapter"):
+    u = cfg.adapter.apply({"params": params["adapter"]}, t)
+  with jax.named_scope("matching"):
+    _, p = matching.match_known(u, centres, labels, cfg.hpi)
+  with jax.named_scope("synthesis"):
+    # v = u + offset (DAFS); the discriminator takes u and the offset apart, so that the
+    # products shared by the normal and the synthetic rows are computed once.
+    offset = synthesis.dafs_offset(u, p, noise, cfg.dafs_beta, cfg.dafs_variant)
+  d = u.shape[-1]
+  with jax.named_scope("discriminator"):
+    logits, new_stats = heads_lib.discriminator_split(
+        params["disc"],
+        batch_stats["disc"],
+        u.reshape(-1, d),
+        p.reshape(-1, d),
+        [offset.reshape(-1, d)],
+        cfg.disc_layers,
+        cfg.crd_input,
+        train=True,
+        dtype=cfg.dtype,
+    )
+  n = u.shape[0] * u.shape[1]
+  lt, lf = logits[:n], logits[n:]
+  with jax.named_scope("loss"):
+    loss_true, loss_fake = loss_lib.bce_losses(lt, lf)
+  aux = {
+      "batch_stats": {"disc": new_stats},
+      "metrics": {
+          "loss": loss_true + loss_fake,
+          "loss_true": loss_true,
+          "loss_fake": loss_fake,
+          # Shares of patches classified right (p < 0.5 normal, >= 0.5 synthetic).
+          "p_true": jnp.mean((lt < 0).astype(jnp.float32)),
+          "p_fake": jnp.mean((lf >= 0).astype(jnp.float32)),
+      },
+  }
+  return loss_true + loss_fake, aux
+
+
+def adapt(params, t, cfg: HeadsConfig):
+  return cfg.adapter.apply({"params": params["adapter"]}, t)
+
+
+def score_features(
+    params,
+    batch_stats,
+    t,
+    centres,
+    grid: tuple[int, int],
+    out_size: tuple[int, int],
+    cfg: HeadsConfig,
+):
+  """Inference on patch features: -> dict(scores [B], maps [B, H, W], patch [B, h, w], cls [B])."""
+  u = adapt(params, t, cfg)
+  k, _, p = matching.match_infer(u, centres, cfg.hpi, cfg.per_image_matching)
+  y = loss_lib.crd_inputs(u, p, cfg.crd_input)
+  logits = cfg.discriminator.apply(
+      {"params": params["disc"], "batch_stats": batch_stats["disc"]}, y, train=False
+  )
+  patch = jax.nn.sigmoid(logits).reshape(u.shape[0], *grid)
+  maps = amap.anomaly_map(patch, out_size, cfg.map_sigma)
+  return {
+      "scores": amap.image_score(patch, maps, cfg.score_mode),
+      "maps": maps,
+      "patch": patch,
+      "cls": k,
+  }
+
+
+def prepare_scoring(params, batch_stats, centres, cfg: HeadsConfig) -> dict:
+  """What scoring needs, computed once per trained model (a pytree of arrays).
+
+  The discriminator's inference BatchNorm is folded into its Linear layers and
+  the p term of its first layer is applied to every centre vector once:
+  centre_pb [K, HW, H1], gathered at the matched index when scoring. Equal to
+  `score_features` up to float32 rounding.
+  """
+  folded = heads_lib.fold_discriminator(
+      params["disc"], batch_stats["disc"], cfg.disc_layers, cfg.crd_input, cfg.embed_dim
+  )
+  b = folded.pop("b")
+  centre_pb = None if b is None else heads_lib.matmul(centres, b, cfg.dtype).astype(jnp.float32)
+  return {
+      "adapter": params["adapter"],
+      "disc": folded,
+      "centres": centres,
+      "centres_unit": matching.unit_centres(centres),
+      "centre_pb": centre_pb,
+  }
+
+
+def score_prepared(
+    prep: dict,
+    t,
+    grid: tuple[int, int],
+    out_size: tuple[int, int],
+    cfg: HeadsConfig,
+    with_u: bool = False,
+):
+  """`score_features` from `prepare_scoring`'s variables (the fast inference path).
+
+  -> dict(scores [B], maps [B, H, W], patch [B, h, w], cls [B]) and, with `with_u`,
+  the adapted features "u" [B, HW, D].
+  """
+  with jax.named_scope("adapter"):
+    u = cfg.adapter.apply({"params": prep["adapter"]}, t)
+  centres = prep["centres"]
+  pb = None
+  with jax.named_scope("matching"):
+    k = matching.global_match(u, centres)
+    if not cfg.per_image_matching:
+      k = matching.batch_mode_class(k, centres.shape[0])
+    if prep["centre_pb"] is not None:
+      n_cls, hw, width = prep["centre_pb"].shape
+      if cfg.hpi:
+        idx, _ = matching.match_known(u, centres, k, True, prep["centres_unit"])
+      else:
+        idx = jnp.broadcast_to(jnp.arange(hw), (u.shape[0], hw))
+      pb = prep["centre_pb"].reshape(n_cls * hw, width)[k[:, None] * hw + idx]
+  with jax.named_scope("discriminator"):
+    logits = heads_lib.apply_folded_discriminator(prep["disc"], u, pb, cfg.dtype)
+  with jax.named_scope("anomaly_map"):
+    patch = jax.nn.sigmoid(logits).reshape(u.shape[0], *grid)
+    maps = amap.anomaly_map(patch, out_size, cfg.map_sigma)
+  out = {
+      "scores": amap.image_score(patch, maps, cfg.score_mode),
+      "maps": maps,
+      "patch": patch,
+      "cls": k,
+  }
+  if with_u:
+    out["u"] = u
+  return out

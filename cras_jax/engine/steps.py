@@ -1,0 +1,212 @@
+"""The model's steps and their state: what every run compiles.
+
+`TrainState` is the whole training state (one pytree); `ModelSpec` the static model the steps
+close over; the step builders return pure functions (train, prepare, predict, embed, centre)
+that `sharding.Devices` jits and shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cras_jax import backbones
+from cras_jax.data import preprocess
+from cras_jax.engine import model
+from cras_jax.method import centres as centres_lib
+
+# ----------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The whole training state, one pytree.
+
+  `backbone` holds the frozen feature extractor's variables: they are inputs of
+  every step but not in `params`, so the optimiser never sees them.
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  centres: jax.Array  # [K, HW, D], fixed after initialisation
+  noise_std: jax.Array  # scalar: feature std used by relative noise (1.0 otherwise)
+  rng: jax.Array
+  backbone: Any = None
+
+  def checkpointable(self) -> dict:
+    return {
+        "step": self.step,
+        "params": self.params,
+        "batch_stats": self.batch_stats,
+        "opt_state": self.opt_state,
+        "centres": self.centres,
+        "noise_std": self.noise_std,
+        "rng": self.rng,
+    }
+
+
+def make_optimizer(lr_adapter: float, wd_adapter: float, lr_disc: float, wd_disc: float):
+  """docs/method.md §8: AdamW for the adapter; Adam with coupled L2 decay for the discriminator."""
+  adapter_tx = optax.adamw(lr_adapter, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd_adapter)
+  disc_tx = optax.chain(
+      optax.add_decayed_weights(wd_disc),
+      optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+      optax.scale(-lr_disc),
+  )
+  labels = lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
+  return optax.multi_transform({"adapter": adapter_tx, "disc": disc_tx}, labels)
+
+
+def optimizer_from_config(cfg) -> optax.GradientTransformation:
+  t = cfg.train
+  return make_optimizer(t.lr_adapter, t.wd_adapter, t.lr_disc, t.wd_disc)
+
+
+# ----------------------------------------------------------------------------- model spec
+
+
+class ModelSpec:
+  """The static model a run's steps close over: its modules and settings, no arrays.
+
+  Built from a config and the number of classes; `grid` and `num_patches` (the first
+  level's patch grid) come from shapes alone.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+    m = config.model
+    self.config = config
+    self.num_classes = num_classes
+    self.heads = model.HeadsConfig.from_config(m)
+    self.backbone = backbones.build_module(m.backbone, m.dtype)
+    self.embed = model.make_embed_fn(
+        self.backbone, tuple(m.levels), m.pre_embed_dim, m.embed_dim, m.patch_size
+    )
+    self.tx = optimizer_from_config(config)
+    self.image_size = config.data.crop
+    self.grid, self.num_patches = self._grid()
+
+  def _grid(self):
+    """Patch grid (h, w) of the first level and HW, from shapes alone."""
+    levels = tuple(self.config.model.levels)
+    x = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
+    variables = jax.eval_shape(self.backbone.init, jax.random.PRNGKey(0), x)
+    feats = jax.eval_shape(
+        lambda v, x: self.backbone.apply(v, x, max_level=max(levels)), variables, x
+    )
+    grid = tuple(feats[f"level{levels[0]}"].shape[1:3])
+    return grid, grid[0] * grid[1]
+
+  def features(self, backbone_vars, images_uint8):
+    return self.embed(backbone_vars, preprocess.normalize(images_uint8))[0]
+
+
+def _initial_state(spec: ModelSpec, seed) -> TrainState:
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  params, batch_stats = model.init_heads(spec.heads, init_rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=spec.tx.init(params),
+      centres=jnp.zeros((spec.num_classes, spec.num_patches, spec.heads.embed_dim), jnp.float32),
+      noise_std=jnp.ones((), jnp.float32),
+      rng=state_rng,
+  )
+
+
+def create_state(spec: ModelSpec, backbone_vars, seed: int) -> TrainState:
+  """A fresh training state, with the frozen backbone's variables beside it.
+
+  Built by one jitted function: run op by op, the initialisers compiled about a hundred
+  tiny programs at every start (about 3 s of a run's start-up on a CPU)."""
+  state = jax.jit(_initial_state, static_argnums=0)(spec, seed)
+  return state.replace(backbone=backbone_vars)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(spec: ModelSpec) -> Callable:
+  cfg = spec.heads
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    if "features" in batch:  # cached frozen-backbone features
+      t = batch["features"].astype(jnp.float32)
+    else:
+      t = spec.features(state.backbone, batch["image"])
+    sigma = cfg.noise_sigma * state.noise_std
+    noise = sigma * jax.random.normal(rng, t.shape[:2] + (cfg.embed_dim,), jnp.float32)
+    grad_fn = jax.value_and_grad(model.heads_loss, has_aux=True)
+    (_, aux), grads = grad_fn(
+        state.params, state.batch_stats, t, batch["label"], state.centres, noise, cfg
+    )
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(aux["metrics"])
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=aux["batch_stats"], opt_state=opt_state
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def make_prepare_step(spec: ModelSpec) -> Callable:
+  """state -> the scoring variables of a trained model, computed once per model:
+  the frozen backbone and `model.prepare_scoring`'s heads (folded BatchNorm,
+  per-centre first-layer terms). Feed them to `make_predict_step`'s step."""
+
+  def prepare_step(state: TrainState):
+    return {
+        "backbone": state.backbone,
+        "heads": model.prepare_scoring(state.params, state.batch_stats, state.centres, spec.heads),
+    }
+
+  return prepare_step
+
+
+def make_predict_step(spec: ModelSpec, with_u: bool = False) -> Callable:
+  """(scoring variables, uint8 images) -> dict(scores, maps, patch, cls[, u])."""
+
+  def predict_step(svars, images):
+    t = spec.features(svars["backbone"], images)
+    return model.score_prepared(
+        svars["heads"], t, spec.grid, (spec.image_size, spec.image_size), spec.heads, with_u
+    )
+
+  return predict_step
+
+
+def make_embed_step(spec: ModelSpec) -> Callable:
+  """Patch features t of a batch of images (frozen backbone + aggregation)."""
+
+  def embed_step(state: TrainState, images):
+    return spec.features(state.backbone, images)
+
+  return embed_step
+
+
+def make_centre_step(spec: ModelSpec) -> Callable:
+  """Accumulates class sums of u = A(t) (images weighted by centre_weights) and the
+  moments of u (images weighted by weights: 0 marks padding)."""
+
+  def centre_step(acc, state: TrainState, t, labels, weights, centre_weights):
+    sums, counts, s1, s2 = acc
+    u = model.adapt(state.params, t.astype(jnp.float32), spec.heads)
+    sums, counts = centres_lib.accumulate(sums, counts, u, labels, weights * centre_weights)
+    s1 = s1 + jnp.sum(u.mean(axis=(1, 2)) * weights)
+    s2 = s2 + jnp.sum(jnp.square(u).mean(axis=(1, 2)) * weights)
+    return sums, counts, s1, s2
+
+  return centre_step

@@ -1,0 +1,1 @@
+"""Performance probes for the benchmark (matmul peak, profiles)."""

@@ -1,0 +1,127 @@
+"""Scores images with a model exported by `python -m cras_jax.export`, using only jax and numpy.
+
+    python cras_jax/run_exported.py model.npz crops.npy [--batch_size=16] [--output=scores.npz]
+        [--image_threshold=Z] [--pixel_threshold=Z]
+
+crops.npy: uint8 [N, crop, crop, 3] RGB images already preprocessed as the model's input
+(`meta["input"]` of the file: resize the shorter side with bilinear interpolation, centre crop).
+Decoding and resizing image files needs an image library, which this script does not import;
+`python -m cras_jax.predict --workdir=<run> --save_crops=crops.npy <images>` writes such a
+file. Prints one line per image and, with --output, saves every output of the function
+(scores, maps, patch, cls, normalised_scores, is_anomaly, masks) as arrays of N rows.
+
+From Python: `model = load("model.npz"); out = score(model, crops, batch_size=16)`.
+"""
+
+import argparse
+import json
+import sys
+
+import jax
+import numpy as np
+from jax import export
+
+
+class ExportError(ValueError):
+  """The exported file or its inputs cannot be used (the message names the file)."""
+
+
+def load(path):
+  """-> dict(meta, weights: list of device arrays, fn: the jitted exported function).
+  Weights with NaN or inf (which would make every image "normal") are refused."""
+  with np.load(path, allow_pickle=False) as f:
+    meta = json.loads(f["meta"].tobytes().decode("utf-8"))
+    host = [f[f"w{i:06d}"] for i in range(meta["num_weights"])]
+    bad = [
+        f"w{i:06d}" for i, w in enumerate(host) if w.dtype.kind == "f" and not np.isfinite(w).all()
+    ]
+    if bad:
+      raise ExportError(
+          f"{path}: {len(bad)} weight array(s) hold NaN or inf ({', '.join(bad[:3])}): the "
+          f"file is damaged or was exported from a diverged run; export it again"
+      )
+    exported = export.deserialize(bytearray(f["exported"].tobytes()))
+    weights = [jax.device_put(w) for w in host]
+  return {"meta": meta, "weights": weights, "fn": jax.jit(exported.call)}
+
+
+def _threshold(value, stored):
+  value = stored if value is None else value
+  return np.float32(np.nan if value is None else value)
+
+
+def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=None):
+  """uint8 [N, crop, crop, 3] -> dict of numpy arrays [N, ...]. Batches of `batch_size`
+  (default: all at once); a short last batch is padded, so each size compiles once."""
+  images = np.asarray(images)
+  crop = model["meta"]["input"]["crop"]
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (crop, crop, 3):
+    raise ValueError(
+        f"expected uint8 images [N, {crop}, {crop}, 3], got {images.dtype} " f"{images.shape}"
+    )
+  stored = model["meta"]["thresholds"]
+  ithr = _threshold(image_threshold, stored["image"])
+  pthr = _threshold(pixel_threshold, stored["pixel"])
+  n = len(images)
+  bs = batch_size or n
+  parts = []
+  for start in range(0, n, bs):
+    chunk = images[start : start + bs]
+    m = len(chunk)
+    if m < bs:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, axis=0)])
+    out = model["fn"](model["weights"], chunk, ithr, pthr)
+    part = {k: np.asarray(v)[:m] for k, v in out.items()}
+    if not (np.isfinite(part["scores"]).all() and np.isfinite(part["maps"]).all()):
+      raise ExportError(
+          f"non-finite scores or maps for images {start}..{start + m - 1}: the model's "
+          f"weights or the inputs are damaged"
+      )
+    parts.append(part)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("model", help="the .npz file written by python -m cras_jax.export")
+  p.add_argument("images", help=".npy file of uint8 [N, crop, crop, 3] preprocessed RGB crops")
+  p.add_argument("--batch_size", type=int, default=0, help="images per call (default: all)")
+  p.add_argument(
+      "--image_threshold",
+      type=float,
+      default=None,
+      help="normalised image threshold (default: the one stored in the file)",
+  )
+  p.add_argument(
+      "--pixel_threshold",
+      type=float,
+      default=None,
+      help="normalised pixel threshold (default: the one stored in the file)",
+  )
+  p.add_argument("--output", default=None, help="save all outputs to this .npz file")
+  p.add_argument("--quiet", action="store_true", help="no per-image lines")
+  args = p.parse_args(argv)
+  try:
+    model = load(args.model)
+    images = np.load(args.images, allow_pickle=False)
+    out = score(model, images, args.batch_size or None, args.image_threshold, args.pixel_threshold)
+  except (ValueError, OSError, KeyError) as e:  # the user's files: one message, status 2
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  names = model["meta"]["class_names"]
+  if not args.quiet:
+    print("index\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
+    for i in range(len(images)):
+      print(
+          f"{i}\t{names[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
+          f"{out['normalised_scores'][i]:.4f}\t{int(out['is_anomaly'][i])}\t"
+          f"{out['masks'][i].mean():.4f}"
+      )
+  if args.output:
+    np.savez(args.output, **out)
+  return out
+
+
+if __name__ == "__main__":
+  main()
+  sys.exit(0)

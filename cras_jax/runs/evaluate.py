@@ -1,0 +1,154 @@
+"""Evaluation on the test split, and the protocols that say which model is reported.
+
+`evaluate` scores a model's test split with a `scoring.Scorer` and writes its per-class
+metrics (I-AUROC, I-AP, P-AUROC, P-AP, AUPRO, match_acc) to <workdir>/results. Protocols
+(`config.eval.protocol`): `final` reports the last epoch; `best_epoch` (the reference code's)
+evaluates every epoch and reports the one with the best mean I-AUROC + P-AUROC on the test
+set, labelled as selected on it (`report_best_epoch`). `evaluate_checkpoint` scores a
+workdir's latest checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import time
+
+import jax
+
+from cras_jax.runs import config_check, results, workdir as runs, scoring, single_class, summaries
+from cras_jax.base import progress
+from cras_jax.method import metrics as metrics_lib
+
+PROTOCOLS = ("final", "best_epoch")
+BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
+
+
+def check_protocol(config) -> None:
+  if config.eval.protocol not in PROTOCOLS:
+    raise ValueError(
+        f"config.eval.protocol={config.eval.protocol!r}: choose 'final' (the last "
+        f"epoch) or 'best_epoch' (the reference code's selection on the test set)"
+    )
+
+
+def evaluate(
+    scorer: scoring.Scorer,
+    dataset,
+    config,
+    workdir: str,
+    tag: str = "final",
+    heatmaps: bool = True,
+    with_thresholds: bool = False,
+) -> dict:
+  """Per-class metrics of docs/method.md §10 on the test split, written to workdir/results.
+
+  scorer: the model to evaluate (its state set); tag: final, eval or epoch_NNN.
+  with_thresholds: also write workdir/thresholds.json (per-class normalisation, image and
+  pixel thresholds; `scoring.write_thresholds`) from these scores; the metrics are unchanged.
+  """
+  t0 = time.time()
+  res = scorer.predict_dataset(dataset.test)
+  seconds = time.time() - t0
+  table = results.class_metrics(res, dataset.class_names, config.eval.fpr_limit)
+  out_dir = os.path.join(workdir, "results")
+  step = scorer.model_step
+  protocol = {"final": "final epoch", "eval": f"checkpoint of step {step}"}.get(
+      tag, f"per-epoch evaluation ({tag})"
+  )
+  extra = {
+      "step": step,
+      "protocol": protocol,
+      "score_mode": config.model.score_mode,
+      "matching": config.model.matching,
+      "test_images": len(res["scores"]),
+      "score_seconds": seconds,
+  }
+  if jax.process_index() == 0:
+    results.write_results(table, out_dir, tag, extra)
+    results.write_scores(res, dataset.class_names, os.path.join(out_dir, f"scores_{tag}.csv"))
+  print(
+      f"\n[{tag}] step {step}, {len(res['scores'])} test images scored in "
+      f"{seconds:.1f}s (protocol: {extra['protocol']}; image score: {config.model.score_mode})"
+  )
+  print(results.markdown(table), flush=True)
+  if heatmaps and jax.process_index() == 0:
+    results.save_heatmaps(
+        res, dataset.class_names, os.path.join(out_dir, "heatmaps"), config.eval.num_heatmaps
+    )
+  summaries.for_workdir(workdir, config).evaluation(
+      step, table, res if heatmaps else None, dataset.class_names
+  )
+  if with_thresholds:  # per image: the evaluation's scores serve when it matched per image
+    per_image = scorer.per_image()
+    scoring.write_thresholds(
+        per_image, dataset.test, dataset.class_names, workdir, res if per_image is scorer else None
+    )
+  return table
+
+
+def report_best_epoch(workdir: str) -> dict:
+  """The reference protocol: of the per-epoch results in workdir/results, the epoch
+  with the best mean I-AUROC + P-AUROC is written as the run's reported result
+  (metrics_final.*, labelled as selected on the test set)."""
+  out_dir = os.path.join(workdir, "results")
+  files = sorted(glob.glob(os.path.join(out_dir, "metrics_epoch_*.json")))
+  if not files:
+    raise FileNotFoundError(f"{out_dir}: no per-epoch results to select from")
+  epochs = [json.load(open(f)) for f in files]
+  best = metrics_lib.select_epoch([r["metrics"] for r in epochs], "best_epoch")
+  chosen = epochs[best]
+  tag = os.path.basename(files[best])[len("metrics_") : -len(".json")]
+  extra = {k: v for k, v in chosen.items() if k not in ("metrics", "versions")}
+  extra.update(
+      protocol=BEST_EPOCH_LABEL,
+      selected=tag,
+      selected_step=chosen["step"],
+      candidates=[os.path.basename(f)[len("metrics_") : -len(".json")] for f in files],
+  )
+  if jax.process_index() == 0:
+    results.write_results(chosen["metrics"], out_dir, "final", extra)
+    scores = os.path.join(out_dir, f"scores_{tag}.csv")
+    if os.path.exists(scores):
+      shutil.copyfile(scores, os.path.join(out_dir, "scores_final.csv"))
+  print(
+      f"\n[final] protocol: {BEST_EPOCH_LABEL}: {tag} (step {chosen['step']}) of "
+      f"{len(files)} evaluated epochs"
+  )
+  print(results.markdown(chosen["metrics"]), flush=True)
+  return chosen["metrics"]
+
+
+def checkpoint_protocol(run: runs.Run, dataset) -> dict:
+  """The checkpoint a scoring command reports on: its step and whether it ends training
+  (the final epoch), with the run's image score and matching modes."""
+  t = run.config.train
+  total = t.epochs * math.ceil(len(dataset.train) / t.batch_size)
+  step = int(run.state.step)
+  text = (
+      f"checkpoint step {step} (final epoch)"
+      if step == total
+      else f"checkpoint step {step} of {total} (training not finished)"
+  )
+  return {
+      "step": step,
+      "total_steps": total,
+      "protocol": text,
+      "score_mode": run.config.model.score_mode,
+      "matching": run.config.model.matching,
+  }
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """Scores the workdir's latest checkpoint without training (`--mode=eval`); the config must
+  agree with the run's in the fields that change scoring (`runs.check_eval_config`)."""
+  config_check.check(config)
+  progress.configure(config)
+  if config.setting == "single_class":
+    return single_class.run(config, workdir, evaluate_checkpoint, "eval")
+  run = runs.load_run(workdir, config)
+  dataset = runs.load_run_dataset(run, workdir)
+  return evaluate(scoring.Scorer.for_run(run), dataset, config, workdir, tag="eval")

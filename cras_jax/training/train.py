@@ -1,0 +1,350 @@
+"""Training: the loop around the jitted, sharded train step.
+
+`train_and_evaluate` trains CRAS in a workdir (resuming from its latest checkpoint) and
+evaluates it under the configured protocol. Before the first step, one pass of the frozen
+backbone over the training set (`feature_pass`) gives the class centres and the feature
+scale (`compute_centres`) and, with `train.cache_features`, the stored features the steps then
+train on. The data order is a pure function of (seed, epoch) (`batch_indices`), so a resumed
+run repeats an uninterrupted one exactly; SIGINT/SIGTERM stop between steps (`StopRequest`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cras_jax import data as data_lib
+from cras_jax.base import progress
+from cras_jax.engine import sharding, steps
+from cras_jax.method import centres as centres_lib
+from cras_jax.runs import (
+    checkpoint,
+    config_check,
+    evaluate,
+    feature_cache,
+    results,
+    scoring,
+    single_class,
+    summaries,
+)
+from cras_jax.runs import workdir as runs
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """Shuffled indices of one epoch, a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(
+    seed: int, step: int, n: int, batch_size: int, multiple: int = 1
+) -> tuple[int, np.ndarray]:
+  """(epoch, indices) of global step `step`; the last batch of an epoch is kept
+  (trimmed to a multiple of the device count)."""
+  steps_per_epoch = math.ceil(n / batch_size)
+  epoch, i = divmod(step, steps_per_epoch)
+  idx = epoch_order(seed, epoch, n)[i * batch_size : (i + 1) * batch_size]
+  keep = (len(idx) // multiple) * multiple
+  return epoch, idx[: max(keep, multiple)] if keep else idx[:0]
+
+
+class StopRequest:
+  """Turns SIGINT/SIGTERM into a request to stop after the current step.
+
+  A KeyboardInterrupt raised inside a blocking JAX call can leave the pending
+  computation cancelled and the process hung; instead the handler records the
+  signal and the loop checkpoints and exits between steps. A second Ctrl-C
+  interrupts at once.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(
+        f"\nsignal {signal.Signals(signum).name}: stopping after this step "
+        f"(again to abort at once)",
+        flush=True,
+    )
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    return False
+
+
+def prefetch(iterator, size: int = 2):
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for item in iterator:
+        q.put(item)
+    except BaseException as e:  # surfaced in the consumer
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+# ----------------------------------------------------------------------------- centres
+
+
+def feature_pass(
+    state: steps.TrainState,
+    spec: steps.ModelSpec,
+    devices: sharding.Devices,
+    dataset,
+    config,
+    workdir: str,
+):
+  """One pass over the training set with the frozen backbone and the current adapter:
+  class sums of u (for the centres) and the moments of u. With
+  `train.cache_features`, also returns t of every training image (train order) as a
+  memory-mapped array, read from the disk cache when present, else computed and stored.
+  """
+  n = len(dataset.train)
+  bs = config.eval.batch_size
+  k, hw, d = state.centres.shape
+  acc = (jnp.zeros((k, hw, d)), jnp.zeros((k,)), jnp.zeros(()), jnp.zeros(()))
+  centre_step = jax.jit(steps.make_centre_step(spec))
+  embed_step = jax.jit(steps.make_embed_step(spec))
+  labels = data_lib.class_indices(dataset.train)
+  centre_w = centres_lib.centre_weights(labels, config.model.centre)
+  feats = writer = None
+  if config.train.cache_features:
+    file = feature_cache.path(config, workdir, feature_cache.key(config, dataset))
+    feats = feature_cache.load(file, (n, hw, d))
+    if feats is not None:
+      print(f"feature cache: reusing {file}", flush=True)
+    else:
+      dtype = config.train.feature_cache_dtype
+      print(
+          f"feature cache: writing {feature_cache.describe_size((n, hw, d), dtype)} to " f"{file}",
+          flush=True,
+      )
+      writer = feature_cache.Writer(file, (n, hw, d), dtype)
+  bar = progress.bar(n, desc="features" if writer is not None else "centres", unit="img")
+  for start in range(0, n, bs):
+    idx = np.arange(start, min(start + bs, n))
+    pad, weight = data_lib.padded_indices(idx, bs, devices.count)
+    local = devices.local_slice(len(pad))
+    if feats is not None:  # from the cache, as training will see it
+      t = devices.put_batch({"t": np.asarray(feats[pad[local]])})["t"]
+    else:
+      images = data_lib.get_batch(dataset.train, pad[local], ("image",))["image"]
+      t = embed_step(state, devices.put_batch({"image": images})["image"])
+      if writer is not None:
+        writer.array[idx] = devices.gather(t)[: len(idx)].astype(writer.array.dtype)
+    lw = devices.put_batch(
+        {
+            "label": labels[pad[local]],
+            "weight": weight[local],
+            "centre_weight": centre_w[pad[local]],
+        }
+    )
+    acc = centre_step(acc, state, t, lw["label"], lw["weight"], lw["centre_weight"])
+    bar.update(len(idx))
+  bar.close()
+  if writer is not None:
+    feats = writer.commit()
+  return acc, feats
+
+
+def compute_centres(state: steps.TrainState, acc, dataset, config) -> steps.TrainState:
+  """MCMC centres and the feature std, with the untrained adapter (docs/method.md §4)."""
+  sums, counts, s1, s2 = acc
+  n = len(dataset.train)
+  k = sums.shape[0]
+  missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts) == 0)]
+  if missing:
+    raise ValueError(f"no training images for classes {missing}")
+  mean, meansq = s1 / n, s2 / n
+  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
+  noise_std = std if config.model.noise_relative else jnp.ones((), jnp.float32)
+  how = "means of" if config.model.centre == "mean" else "one image each (w/o MCMC) of"
+  print(
+      f"centres: {k} classes, {how} {n} images; adapted-feature std {float(std):.4f}; "
+      f"noise sigma {config.model.noise_sigma * float(noise_std):.4f}",
+      flush=True,
+  )
+  return state.replace(centres=centres_lib.finalise(sums, counts), noise_std=noise_std)
+
+
+def check_finite(window, done: int) -> None:
+  """Stops training at the first non-finite loss or gradient of the window."""
+  host = jax.device_get([m for m, _, _ in window])
+  first = done - len(window) + 1
+  for i, m in enumerate(host):
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+    if bad:
+      raise FloatingPointError(
+          f"non-finite {' and '.join(bad)} at step {first + i}: training stopped; the last "
+          f"checkpoint (before that step) is kept. Lower the learning rates or check the data."
+      )
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> dict:
+  """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it.
+
+  SIGINT/SIGTERM stop training after the current step with a checkpoint (exit
+  status 128 + signal); rerunning the same command resumes exactly.
+  """
+  progress.configure(config)
+  config_check.check(config)  # every field, weights and data root: before any data work
+  os.makedirs(workdir, exist_ok=True)
+  if config.setting == "single_class":
+    with runs.WorkdirLock(workdir):
+      return single_class.run(
+          config, workdir, lambda c, w: train_and_evaluate(c, w, allow_config_change), "final"
+      )
+  with runs.WorkdirLock(workdir), StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_change: bool) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  dataset, spec, devices, state = runs.open_for_training(config, workdir)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  meta = runs.run_meta(config, dataset.class_names, spec)
+  resumed = runs.resume(mngr, state, meta, workdir, allow_config_change)
+  if resumed is not None:
+    state = resumed
+    cache = (
+        feature_pass(state, spec, devices, dataset, config, workdir)[1]
+        if config.train.cache_features
+        else None
+    )
+  else:
+    t0 = time.time()
+    acc, cache = feature_pass(state, spec, devices, dataset, config, workdir)
+    state = compute_centres(state, acc, dataset, config)
+    print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
+    checkpoint.save(mngr, 0, state.checkpointable(), meta)
+  train_labels = data_lib.class_indices(dataset.train)
+
+  n = len(dataset.train)
+  bs = config.train.batch_size
+  steps_per_epoch = math.ceil(n / bs)
+  total = config.train.epochs * steps_per_epoch
+  train_step = devices.jit_train(steps.make_train_step(spec))
+  scorer = scoring.Scorer(spec, devices, config.eval.batch_size)  # compiled once, when used
+  ckpt_every = config.train.checkpoint_every_steps
+  protocol = config.eval.protocol
+  eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
+
+  def batches(start):
+    for s in range(start, total):
+      _, idx = batch_indices(config.seed, s, n, bs, devices.count)
+      idx = idx[devices.local_slice(len(idx))]
+      if cache is not None:
+        batch = {
+            "features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
+            "label": train_labels[idx],
+        }
+      else:
+        batch = data_lib.get_batch(dataset.train, idx, ("image", "label"))
+      yield s, devices.put_batch(batch)
+
+  step = int(state.step)
+  history_path = (
+      os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
+  )
+  bar = results.progress(total=total, initial=step, desc="train")
+  board = summaries.for_workdir(workdir, config)
+  window, last_metrics = [], {}
+  for s, batch in prefetch(batches(step)):
+    t0 = time.time()
+    state, metrics = train_step(state, batch)
+    window.append((metrics, batch["label"].shape[0], t0))
+    done = s + 1
+    end_of_epoch = done % steps_per_epoch == 0
+    save_now = (
+        end_of_epoch
+        or done == total
+        or (ckpt_every and done % ckpt_every == 0)
+        or stop.signum is not None
+    )
+    if save_now or len(window) >= config.train.log_every:
+      check_finite(window, done)  # before any save: never checkpoint a diverged state
+      last_metrics = results.summarise_window(window)
+      window = []
+      bar.set_postfix_str(results.format_train_metrics(last_metrics))
+      with open(history_path, "a") as f:
+        f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
+      board.train(done, last_metrics, config)
+    bar.update(1)
+    if save_now:
+      checkpoint.save(mngr, done, state.checkpointable(), meta)
+    if stop.signum is not None:
+      bar.close()
+      print(
+          f"stopped at step {done}/{total}; checkpoint saved. "
+          f"Rerun the same command to resume.",
+          flush=True,
+      )
+      raise SystemExit(128 + stop.signum)
+    epoch = done // steps_per_epoch
+    if end_of_epoch and eval_every and epoch % eval_every == 0 and done != total:
+      evaluate.evaluate(
+          scorer.set_state(state),
+          dataset,
+          config,
+          workdir,
+          tag=f"epoch_{epoch:03d}",
+          heatmaps=False,
+      )
+  bar.close()
+  if last_metrics:
+    print("final training window: " + results.format_train_metrics(last_metrics), flush=True)
+  scorer.set_state(state)
+  if protocol == "final":
+    table = evaluate.evaluate(scorer, dataset, config, workdir, tag="final", with_thresholds=True)
+  else:
+    evaluate.evaluate(
+        scorer,
+        dataset,
+        config,
+        workdir,
+        tag=f"epoch_{config.train.epochs:03d}",
+        with_thresholds=True,
+    )
+    table = evaluate.report_best_epoch(workdir)
+  board.close()
+  summaries.write_curves(workdir)
+  return table

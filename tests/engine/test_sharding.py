@@ -1,0 +1,62 @@
+"""Data parallelism: one jitted, sharded step on 4 simulated CPU devices equals the
+same step on 1 device (parameters, BatchNorm statistics, loss, scores)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from cras_jax.configs import demo
+from tests import golden
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCRIPT = r"""
+import sys
+import jax, numpy as np
+from cras_jax import scoring, steps
+from tests import tiny_step
+
+spec, devices, state, batch = tiny_step.setup()
+dev_batch = devices.put_batch(batch)
+assert len(dev_batch["image"].sharding.device_set) == devices.count
+assert len(dev_batch["image"].addressable_shards) == devices.count
+assert dev_batch["image"].addressable_shards[0].data.shape[0] == 8 // devices.count
+# Scoring first (on the initial state), then one training step.
+scorer = scoring.Scorer(spec, devices, 8, state=state)
+out = scorer.predict_step(scorer.svars, devices.put_batch({"image": batch["image"]})["image"])
+assert len(out["maps"].sharding.device_set) == devices.count
+out = jax.tree.map(np.asarray, out)
+step = devices.jit_train(steps.make_train_step(spec))
+state, metrics = step(state, dev_batch)
+flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+    {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics,
+     "scores": out["scores"], "maps": out["maps"]})}
+np.savez(sys.argv[1], **flat)
+print("devices", devices.count)
+"""
+
+
+def run(n, path):
+  env = dict(
+      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", SCRIPT, str(path)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"devices {n}" in out.stdout
+  return dict(np.load(path))
+
+
+def test_four_devices_equal_one(tmp_path):
+  one = run(1, tmp_path / "one.npz")
+  four = run(4, tmp_path / "four.npz")
+  t = demo.get_config().train  # the rates the step used
+  golden.assert_one_step_equal(four, one, t.lr_adapter, t.lr_disc)

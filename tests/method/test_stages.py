@@ -1,0 +1,201 @@
+"""Each pure function against an independent NumPy/SciPy computation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from cras_jax.method import anomaly_map, features, matching, synthesis
+from cras_jax.method import loss as loss_lib
+
+RNG = np.random.default_rng(0)
+
+
+def np_adaptive_pool(x, out):
+  length = x.shape[-1]
+  res = np.zeros(x.shape[:-1] + (out,), np.float64)
+  for j in range(out):
+    s = (j * length) // out
+    e = int(np.ceil((j + 1) * length / out))
+    res[..., j] = x[..., s:e].mean(-1)
+  return res
+
+
+def np_unfold(x, k=3):
+  """Direct loop: [B,H,W,C] -> [B,H,W,C*k*k], channel-major then kernel row, column."""
+  b, h, w, c = x.shape
+  pad = k // 2
+  out = np.zeros((b, h, w, c * k * k), np.float64)
+  for i in range(h):
+    for j in range(w):
+      for ch in range(c):
+        for ki in range(k):
+          for kj in range(k):
+            y, xx = i + ki - pad, j + kj - pad
+            v = x[:, y, xx, ch] if 0 <= y < h and 0 <= xx < w else 0.0
+            out[:, i, j, ch * k * k + ki * k + kj] = v
+  return out
+
+
+def np_bilinear_up(x, out_h, out_w):
+  """PyTorch align_corners=False bilinear on [B,H,W,C] by an explicit loop."""
+  b, h, w, c = x.shape
+  res = np.zeros((b, out_h, out_w, c))
+  for oy in range(out_h):
+    sy = max((oy + 0.5) * h / out_h - 0.5, 0)
+    y0 = min(int(np.floor(sy)), h - 1)
+    y1 = min(y0 + 1, h - 1)
+    ly = sy - y0
+    for ox in range(out_w):
+      sx = max((ox + 0.5) * w / out_w - 0.5, 0)
+      x0 = min(int(np.floor(sx)), w - 1)
+      x1 = min(x0 + 1, w - 1)
+      lx = sx - x0
+      res[:, oy, ox] = (1 - ly) * ((1 - lx) * x[:, y0, x0] + lx * x[:, y0, x1]) + ly * (
+          (1 - lx) * x[:, y1, x0] + lx * x[:, y1, x1]
+      )
+  return res
+
+
+def test_unfold_matches_loop():
+  x = RNG.normal(size=(2, 5, 6, 4)).astype(np.float32)
+  np.testing.assert_allclose(features.unfold3x3(jnp.asarray(x)), np_unfold(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("length,out", [(36, 12), (40, 24), (80, 24), (7, 3), (10, 10), (5, 8)])
+def test_adaptive_pool_matches_loop(length, out):
+  x = RNG.normal(size=(3, length)).astype(np.float32)
+  np.testing.assert_allclose(
+      features.adaptive_avg_pool_last(jnp.asarray(x), out), np_adaptive_pool(x, out), atol=1e-6
+  )
+
+
+def test_aggregate_matches_reference_order():
+  """The reference order (unfold, upsample all C*9 components, pool, stack, pool)
+  written as loops, against the pooled-first implementation."""
+  l2 = RNG.normal(size=(2, 6, 6, 5)).astype(np.float32)
+  l3 = RNG.normal(size=(2, 3, 3, 7)).astype(np.float32)
+  pre, d = 11, 9
+  u2 = np_unfold(l2)
+  u3 = np_bilinear_up(np_unfold(l3), 6, 6)
+  x = np.concatenate([np_adaptive_pool(u2, pre), np_adaptive_pool(u3, pre)], -1)
+  ref = np_adaptive_pool(x, d).reshape(2, 36, d)
+  got = features.aggregate_patches([jnp.asarray(l2), jnp.asarray(l3)], pre, d)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_resize_bilinear_matches_loop():
+  x = RNG.normal(size=(1, 4, 5, 2)).astype(np.float32)
+  np.testing.assert_allclose(
+      features.resize_bilinear(jnp.asarray(x), (8, 10)), np_bilinear_up(x, 8, 10), atol=1e-5
+  )
+  m = anomaly_map.bilinear_matrix(10, 5)
+  np.testing.assert_allclose(np.einsum("oi,bhic->bhoc", m, x), np_bilinear_up(x, 4, 10), atol=1e-6)
+
+
+def brute_force_match(u, c):
+  idx = np.zeros(len(u), np.int64)
+  for i, a in enumerate(u):
+    best, arg = -np.inf, -1
+    for j, b in enumerate(c):
+      cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+      if cos > best:
+        best, arg = cos, j
+    idx[i] = arg
+  return idx
+
+
+def test_local_and_known_matching_brute_force():
+  u = RNG.normal(size=(3, 10, 6)).astype(np.float32)
+  c = RNG.normal(size=(2, 10, 6)).astype(np.float32)
+  labels = np.array([1, 0, 1])
+  idx, p = matching.match_known(jnp.asarray(u), jnp.asarray(c), jnp.asarray(labels))
+  for b in range(3):
+    ref = brute_force_match(u[b], c[labels[b]])
+    np.testing.assert_array_equal(idx[b], ref)
+    np.testing.assert_allclose(p[b], c[labels[b]][ref])
+
+
+def test_without_hpi_takes_same_position():
+  u = RNG.normal(size=(2, 10, 6)).astype(np.float32)
+  c = RNG.normal(size=(2, 10, 6)).astype(np.float32)
+  idx, p = matching.match_known(jnp.asarray(u), jnp.asarray(c), jnp.array([0, 1]), hpi=False)
+  np.testing.assert_array_equal(idx, np.tile(np.arange(10), (2, 1)))
+  np.testing.assert_allclose(p, c[[0, 1]])
+
+
+def test_global_matching_brute_force_and_batch_mode():
+  c = RNG.normal(size=(3, 10, 6)).astype(np.float32)
+  u = c[[2, 0, 2, 1]] + 0.3 * RNG.normal(size=(4, 10, 6)).astype(np.float32)
+  k, _, _ = matching.match_infer(jnp.asarray(u), jnp.asarray(c))
+  ref = [
+      int(
+          np.argmax([ui.ravel() @ ck.ravel() / np.linalg.norm(ui) / np.linalg.norm(ck) for ck in c])
+      )
+      for ui in u
+  ]
+  np.testing.assert_array_equal(k, ref)
+  kb, _, _ = matching.match_infer(jnp.asarray(u), jnp.asarray(c), per_image=False)
+  np.testing.assert_array_equal(kb, [2, 2, 2, 2])
+
+
+def test_dafs_invariants():
+  u = RNG.normal(size=(2, 5, 4)).astype(np.float32)
+  p = RNG.normal(size=(2, 5, 4)).astype(np.float32)
+  g = 0.1 * RNG.normal(size=(2, 5, 4)).astype(np.float32)
+  r = np.linalg.norm(u - p, axis=-1)
+  n = np.linalg.norm(g, axis=-1)
+  s = (n / r) / (n / r).mean()
+  alpha = synthesis.dafs_alpha(jnp.asarray(u), jnp.asarray(p), jnp.asarray(g), 0.3)
+  np.testing.assert_allclose(alpha, 0.3 * (s - 1) + 1, rtol=1e-5)
+  np.testing.assert_allclose(jnp.mean(alpha), 1.0, rtol=1e-6)  # mean(s) = 1 => mean(alpha) = 1
+  np.testing.assert_allclose(synthesis.dafs_alpha(u, p, g, 0.0), np.ones((2, 5)), rtol=1e-6)
+  np.testing.assert_allclose(synthesis.dafs_alpha(u, p, g, 0.3, "no_scaling"), s, rtol=1e-5)
+  v = synthesis.dafs(jnp.asarray(u), jnp.asarray(p), jnp.asarray(g), 0.3)
+  np.testing.assert_allclose(v, u + np.asarray(alpha)[..., None] * g, rtol=1e-5, atol=1e-6)
+  # A patch equal to its centre gets a finite alpha.
+  p0 = p.copy()
+  p0[0, 0] = u[0, 0]
+  assert np.isfinite(np.asarray(synthesis.dafs_alpha(u, p0, g, 0.3))).all()
+  # No gradient flows through alpha or g: dv/du is the identity.
+  jac = jax.jacobian(lambda x: synthesis.dafs(x, p, g, 0.3).sum())(jnp.asarray(u))
+  np.testing.assert_allclose(jac, np.ones_like(u))
+
+
+def test_bce_matches_numpy():
+  lt = RNG.normal(size=50).astype(np.float32)
+  lf = RNG.normal(size=50).astype(np.float32)
+  sig = lambda x: 1 / (1 + np.exp(-x.astype(np.float64)))
+  a, b = loss_lib.bce_losses(jnp.asarray(lt), jnp.asarray(lf))
+  np.testing.assert_allclose(a, -np.mean(np.log(1 - sig(lt))), rtol=1e-5)
+  np.testing.assert_allclose(b, -np.mean(np.log(sig(lf))), rtol=1e-5)
+
+
+def test_crd_input_modes():
+  u = jnp.ones((1, 2, 3))
+  p = jnp.zeros((1, 2, 3)) + 0.25
+  assert loss_lib.crd_inputs(u, p).shape[-1] == 6
+  np.testing.assert_allclose(loss_lib.crd_inputs(u, p, "residual"), np.full((1, 2, 3), 0.75))
+  with pytest.raises(ValueError, match="raw_residual"):
+    loss_lib.crd_inputs(u, p, "bogus")
+
+
+@pytest.mark.parametrize(
+    "h,out,sigma",
+    [(8, 64, 4.0), (6, 48, 4.0), (36, 288, 4.0), (5, 20, 4.0), (3, 10, 4.0), (7, 50, 1.5)],
+)
+def test_anomaly_map_matches_scipy(h, out, sigma):
+  """Upsampling then scipy.ndimage.gaussian_filter(mode='reflect', truncate 4)."""
+  s = RNG.random(size=(2, h, h)).astype(np.float32)
+  up = np_bilinear_up(s[..., None], out, out)[..., 0]
+  ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=sigma) for m in up])
+  got = anomaly_map.anomaly_map(jnp.asarray(s), (out, out), sigma)
+  np.testing.assert_allclose(got, ref, atol=2e-6)
+
+
+def test_image_score_modes():
+  patch = jnp.asarray(RNG.random(size=(2, 4, 4)).astype(np.float32))
+  maps = anomaly_map.anomaly_map(patch, (16, 16), 4.0)
+  np.testing.assert_allclose(anomaly_map.image_score(patch, maps, "reference"), patch.max((1, 2)))
+  np.testing.assert_allclose(anomaly_map.image_score(patch, maps, "paper"), maps.max((1, 2)))
