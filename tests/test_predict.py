@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax import predict
-from cras_jax.runs import scoring, thresholds
+from cras_jax.runs import predicting, scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT, run_module
 
@@ -219,7 +218,7 @@ def test_calibrate_an_existing_run_reproduces_the_training_thresholds(tiny_run, 
   run = predict_helpers.loaded_run(str(tiny_run["workdir"]))
   copy = tmp_path / "old_run"
   copy.mkdir()
-  d = predict.calibrate_run(run, str(copy))
+  d = predicting.calibrate_run(run, str(copy))
   assert os.path.exists(copy / "thresholds.json")
   ref = thresholds.load_dict(os.path.join(tiny_run["workdir"], "thresholds.json"))
   for key in ("image_threshold", "pixel_threshold"):

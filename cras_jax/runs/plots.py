@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from cras_jax.runs import render
+
 CELL_PX = 160  # one image cell of the grid
 LEFT_PX = 40  # row labels
 TOP_PX = 50  # column titles
@@ -35,10 +37,7 @@ def qualitative_grid(res: dict, class_names, indices, path: str, dpi: int = 100)
     raise ValueError("no defective test images to show")
   w, h = grid_size(len(indices))
   fig = plt.figure(figsize=(w / dpi, h / dpi), dpi=dpi)
-  ranges = {}
-  for k in {int(res["label"][i]) for i in indices}:
-    maps = res["maps"][res["label"] == k]
-    ranges[k] = (float(maps.min()), float(maps.max()))
+  ranges = {k: render.class_range(res, k) for k in {int(res["label"][i]) for i in indices}}
   pad = 3 / CELL_PX
   for col, i in enumerate(indices):
     k = int(res["label"][i])
@@ -59,12 +58,9 @@ def qualitative_grid(res: dict, class_names, indices, path: str, dpi: int = 100)
         ax.imshow(res["image"][i])
         ax.set_title(f"{class_names[k]}\n{defect_type(res['name'][i])}", fontsize=8, pad=3)
       elif row == 1:
-        ax.imshow(res["mask"][i], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        render.draw_mask(ax, res["mask"][i], interpolation="nearest")
       else:
-        ax.imshow(res["image"][i])
-        ax.imshow(
-            (res["maps"][i] - lo) / max(hi - lo, 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1
-        )
+        render.draw_overlay(ax, res["image"][i], res["maps"][i], lo, hi)
         ax.text(
             0.03,
             0.04,

@@ -19,8 +19,9 @@ import optax
 import orbax.checkpoint
 
 import cras_jax
-from cras_jax.method import metrics as metrics_lib
 from cras_jax.base import progress as progress_lib
+from cras_jax.method import metrics as metrics_lib
+from cras_jax.runs import render
 
 
 def versions() -> dict:
@@ -185,25 +186,15 @@ def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> l
 
   os.makedirs(out_dir, exist_ok=True)
   written = []
-  for k, name in enumerate(class_names):
-    idx = np.flatnonzero(res["label"] == k)
-    if idx.size == 0:
-      continue
-    maps = res["maps"][idx]
-    lo, hi = float(maps.min()), float(maps.max())
-    order = sorted(idx, key=lambda i: (-res["is_anomaly"][i], i))
-    chosen = order[: max(per_class - 1, 1)] + [i for i in order if not res["is_anomaly"][i]][:1]
-    for i in dict.fromkeys(chosen):
+  for k, chosen, lo, hi in render.heatmap_choice(res, class_names, per_class):
+    name = class_names[k]
+    for i in chosen:
       fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.7))
-      img = res["image"][i]
-      axes[0].imshow(img)
+      axes[0].imshow(res["image"][i])
       axes[0].set_title(f"{name}: {res['name'][i]}", fontsize=7)
-      axes[1].imshow(res["mask"][i], cmap="gray", vmin=0, vmax=1)
+      render.draw_mask(axes[1], res["mask"][i])
       axes[1].set_title("ground truth", fontsize=8)
-      axes[2].imshow(img)
-      axes[2].imshow(
-          (res["maps"][i] - lo) / max(hi - lo, 1e-12), cmap="jet", alpha=0.5, vmin=0, vmax=1
-      )
+      render.draw_overlay(axes[2], res["image"][i], res["maps"][i], lo, hi)
       axes[2].set_title(f"score {res['scores'][i]:.3f}", fontsize=8)
       for a in axes:
         a.axis("off")

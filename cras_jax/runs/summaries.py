@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from cras_jax.runs import render
+
 # ----------------------------------------------------------------------------- event files
 
 
@@ -139,30 +141,6 @@ class EventWriter:
 # ----------------------------------------------------------------------------- a run's summaries
 
 
-def heatmap_panel(image, mask, amap, lo: float, hi: float) -> np.ndarray:
-  """image | ground truth | anomaly map (jet, normalised to [lo, hi], over the image), uint8."""
-  import matplotlib  # here only: its colour maps are needed for heatmaps alone
-
-  image = np.asarray(image)
-  if image.dtype != np.uint8:
-    image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, -1)
-  h, w = image.shape[:2]
-
-  def fit(a):  # to the image's size (nearest), as [h, w] float
-    a = np.asarray(a, np.float32).squeeze()
-    if a.shape != (h, w):
-      a = np.asarray(Image.fromarray(a).resize((w, h), Image.NEAREST))
-    return a
-
-  m = (fit(amap) - lo) / max(hi - lo, 1e-12)
-  jet = matplotlib.colormaps["jet"](np.clip(m, 0, 1))[..., :3] * 255
-  overlay = (0.5 * image + 0.5 * jet).astype(np.uint8)
-  gt = np.repeat((np.clip(fit(mask), 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
-  return np.concatenate([image, gt, overlay], axis=1)
-
-
 class Summaries:
   """The TensorBoard writer of one run (`for_workdir`); does nothing on processes other than
   0 or with `config.log.tensorboard=false`."""
@@ -194,16 +172,10 @@ class Summaries:
     if res is None or per_class <= 0:
       return
     images = {}
-    for k, name in enumerate(class_names):
-      idx = np.flatnonzero(res["label"] == k)
-      if idx.size == 0:
-        continue
-      maps = res["maps"][idx]
-      lo, hi = float(maps.min()), float(maps.max())
-      order = sorted(idx, key=lambda i: (-res["is_anomaly"][i], i))[:per_class]
-      for j, i in enumerate(order):
-        panel = heatmap_panel(res["image"][i], res["mask"][i], res["maps"][i], lo, hi)
-        images[f"heatmaps/{name}" + (f"_{j}" if j else "")] = panel
+    for k, chosen, lo, hi in render.heatmap_choice(res, class_names, per_class, False):
+      for j, i in enumerate(chosen):
+        panel = render.panel(res["image"][i], res["mask"][i], res["maps"][i], lo, hi)
+        images[f"heatmaps/{class_names[k]}" + (f"_{j}" if j else "")] = panel
     self.writer.images(step, images)
 
   def close(self) -> None:

@@ -1,0 +1,163 @@
+"""The files of a prediction (`runs.predicting`), all written here, under one output folder:
+results.csv and results.json (one row per input image), masks/<stem>.png (0/255),
+overlays/<stem>.png (`render.overlay`), and on request maps.npz (raw maps and matched
+classes) and a .npy file of the preprocessed crops.
+
+Rows are appended to results.csv.partial (flushed per row) while scoring; results.csv and
+results.json are written at the end and renamed into place, so a run that fails late keeps its
+rows. PNGs are written by two threads beside the scoring.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from cras_jax.runs import render
+from cras_jax.runs import thresholds as thr_lib
+
+OVERLAY_ALPHA = 0.45
+PARTIAL_CSV = "results.csv.partial"
+CSV_FIELDS = (
+    "name",
+    "path",
+    "score",
+    "normalised_score",
+    "matched_class",
+    "is_anomaly",
+    "defect_fraction",
+    "mask",
+    "overlay",
+    "error",
+)
+
+
+def csv_cell(v):
+  """A CSV cell: floats with 6 decimals (empty when not finite), None empty."""
+  if isinstance(v, float):
+    return "" if not math.isfinite(v) else f"{v:.6f}"
+  return "" if v is None else v
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+  Image.fromarray(array).save(path)
+
+
+def write_overlay(path: str, image, zmap, mask, lo: float, hi: float) -> None:
+  write_png(path, render.overlay(image, zmap, lo, hi, OVERLAY_ALPHA, mask))
+
+
+class PredictionWriter:
+  """Writes one prediction's files into `output_dir` as its records arrive (`add`), and the
+  results at the end (`finish`). colour_range: the overlays' [lo, hi]."""
+
+  def __init__(
+      self,
+      output_dir: str,
+      colour_range: tuple[float, float],
+      masks: bool = True,
+      overlays: bool = True,
+      save_maps: bool = False,
+      save_crops: str | None = None,
+  ):
+    self.output_dir, self.colour_range = output_dir, colour_range
+    self.masks, self.overlays, self.save_maps, self.save_crops = (
+        masks,
+        overlays,
+        save_maps,
+        save_crops,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    for sub, on in (("masks", masks), ("overlays", overlays)):
+      if on:
+        os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+    self.kept_maps, self.kept_crops = {}, {}
+    self._pool = concurrent.futures.ThreadPoolExecutor(2)
+    self._writes = []
+    self.partial_path = os.path.join(output_dir, PARTIAL_CSV)
+    self._partial = open(self.partial_path, "w", newline="")
+    self._partial_csv = csv.writer(self._partial)
+    self._partial_csv.writerow(CSV_FIELDS)
+
+  def _path(self, *parts: str) -> str:
+    return os.path.join(self.output_dir, *parts)
+
+  def row(self, row: dict) -> None:
+    """A row on disk as soon as it is known (results.csv.partial)."""
+    self._partial_csv.writerow([csv_cell(row.get(k)) for k in CSV_FIELDS])
+    self._partial.flush()
+
+  def add(self, record, stem: str) -> None:
+    """A scored image (`predicting.Record`): its mask and overlay PNGs (named `stem`, paths
+    set in its row), its row, and its map and crop when kept."""
+    row = record.row
+    if self.masks and record.mask is not None:
+      row["mask"] = os.path.join("masks", stem + ".png")
+      mask_png = record.mask.astype(np.uint8) * 255
+      self._writes.append(self._pool.submit(write_png, self._path(row["mask"]), mask_png))
+    if self.overlays:
+      row["overlay"] = os.path.join("overlays", stem + ".png")
+      self._writes.append(
+          self._pool.submit(
+              write_overlay,
+              self._path(row["overlay"]),
+              record.image,
+              record.zmap,
+              record.mask,
+              *self.colour_range,
+          )
+      )
+    self.row(row)
+    if self.save_maps:
+      self.kept_maps[record.index] = (record.raw_map, record.cls)
+    if self.save_crops:
+      self.kept_crops[record.index] = record.image
+
+  def wait(self) -> None:
+    """Until every PNG is written (raises the first write's error)."""
+    for w in self._writes:
+      w.result()
+
+  def close(self, failed: bool = False) -> None:
+    """Stops the PNG threads and closes the partial rows; failed: says where they are."""
+    self._pool.shutdown()
+    self._partial.close()
+    if failed:
+      print(
+          f"\nscoring stopped; the rows scored so far are in {self.partial_path}",
+          file=sys.stderr,
+          flush=True,
+      )
+
+  def finish(self, rows: Sequence[dict], summary: dict, names: Sequence[str]) -> None:
+    """results.csv and results.json (both complete, then renamed into place, then the
+    partial rows dropped), maps.npz and the crops."""
+    csv_path, json_path = self._path("results.csv"), self._path("results.json")
+    with open(csv_path + ".tmp", "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(CSV_FIELDS)
+      for r in rows:
+        w.writerow([csv_cell(r.get(k)) for k in CSV_FIELDS])
+    with open(json_path + ".tmp", "w") as f:
+      json.dump(thr_lib.json_safe(summary), f, indent=2)
+    os.replace(csv_path + ".tmp", csv_path)
+    os.replace(json_path + ".tmp", json_path)
+    os.remove(self.partial_path)
+    order = sorted(self.kept_maps)
+    if self.save_maps and order:
+      np.savez(
+          self._path("maps.npz"),
+          names=np.asarray([names[i] for i in order]),
+          maps=np.stack([self.kept_maps[i][0] for i in order]),
+          cls=np.asarray([self.kept_maps[i][1] for i in order], np.int32),
+      )
+    if self.save_crops and self.kept_crops:
+      np.save(self.save_crops, np.stack([self.kept_crops[i] for i in sorted(self.kept_crops)]))
