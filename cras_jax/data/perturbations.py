@@ -35,7 +35,7 @@ class Settings:
   def __post_init__(self):
     if self.rotation_fill not in FILL_MODES:
       raise ValueError(
-          f"rotation_fill must be one of {sorted(FILL_MODES)}, " f"not {self.rotation_fill!r}"
+          f"rotation_fill must be one of {sorted(FILL_MODES)}, not {self.rotation_fill!r}"
       )
     if not 0 <= self.hue <= 0.5:
       raise ValueError(f"hue must be in [0, 0.5], not {self.hue}")

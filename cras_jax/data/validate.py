@@ -152,7 +152,7 @@ def validate(
         (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
         if (iw, ih) != (mw, mh):
           problems.append(
-              f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} " f"is {iw}x{ih}"
+              f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} is {iw}x{ih}"
           )
   if problems:
     raise layout.DatasetError(layout.format_problems(root, problems))

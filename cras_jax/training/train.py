@@ -150,7 +150,7 @@ def feature_pass(
     else:
       dtype = config.train.feature_cache_dtype
       print(
-          f"feature cache: writing {feature_cache.describe_size((n, hw, d), dtype)} to " f"{file}",
+          f"feature cache: writing {feature_cache.describe_size((n, hw, d), dtype)} to {file}",
           flush=True,
       )
       writer = feature_cache.Writer(file, (n, hw, d), dtype)

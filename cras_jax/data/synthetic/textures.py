@@ -26,6 +26,8 @@ def _weave(rng, yy, xx, s):
 
 
 def render_fabric(rng, size, defect):
+  # One drawing recipe, read top to bottom (so longer than ~80 lines): the order of its random
+  # draws fixes the generated images, so splitting it must keep that order exactly.
   s = size / 160.0
   yy, xx = draw.grid(size)
   u, v, period, theta = _weave(rng, yy, xx, s)
