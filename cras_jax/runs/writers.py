@@ -69,12 +69,8 @@ class PredictionWriter:
       save_crops: str | None = None,
   ):
     self.output_dir, self.colour_range = output_dir, colour_range
-    self.masks, self.overlays, self.save_maps, self.save_crops = (
-        masks,
-        overlays,
-        save_maps,
-        save_crops,
-    )
+    self.masks, self.overlays = masks, overlays
+    self.save_maps, self.save_crops = save_maps, save_crops
     os.makedirs(output_dir, exist_ok=True)
     for sub, on in (("masks", masks), ("overlays", overlays)):
       if on:
