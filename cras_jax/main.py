@@ -1,6 +1,7 @@
 """Entry point: python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/x
 
-Trains (resuming from the workdir) and evaluates (`train.train_and_evaluate`), or with
+Trains (resuming from the workdir) and evaluates (`train.train_and_evaluate`; with
+`train.population`, every member: `training.population`), or with
 `--mode=eval` scores the workdir's latest checkpoint (`evaluate.evaluate_checkpoint`). Any
 config field can be overridden: `--config.train.epochs=3`.
 """
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 
 from cras_jax.base import errors
 from cras_jax.runs import evaluate
-from cras_jax.training import train
+from cras_jax.training import population, train
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -67,7 +68,14 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
         process_id=fv.process_id,
     )
   if fv.mode == "eval":
+    if fv.config.train.get("population"):
+      raise errors.UserValueError(
+          "--mode=eval with train.population: a population's members are evaluated when it "
+          "trains (results/<member>/); drop --config.train.population to score a single run"
+      )
     evaluate.evaluate_checkpoint(fv.config, fv.workdir)
+  elif fv.config.train.get("population"):
+    population.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
   else:
     train.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
 

@@ -11,6 +11,10 @@ Writes into `--output_dir` (default `<sweep dir>/report` for one sweep directory
   markdown; fractions at full precision in the CSV) and each row's protocol;
 - `per_class_<tag>.md` / `.csv`: classes as rows (and the mean), runs as columns, for
   `--class_metrics` (default `i_auroc,p_auroc`: "I-AUROC/P-AUROC" cells, like Table 1);
+- `spread_<tag>.md` / `.csv` when a setting has several seeds (a population run, or a sweep
+  with `--seeds`): per setting the mean ± std over seeds and the 95 % interval of the mean, each
+  setting against the first by a Wilcoxon signed-rank test paired over (seed, class)
+  (`runs.spread`), and per class the mean ± std;
 - with `--curve=FIELD` (e.g. `model.noise_sigma`, repeatable): `curve_<FIELD>_<tag>.png` and
   `.csv`, `--curve_metrics` against the field's value. A run's value comes from the config in
   its results, else its latest checkpoint, else its `sweep_run.json`. In a sweep, only the runs
@@ -28,8 +32,6 @@ Examples (from the repository root):
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import math
 import os
 import re
@@ -39,107 +41,28 @@ from typing import Any
 
 from absl import app, flags
 
-from cras_jax import sweep
 from cras_jax.base import errors
 from cras_jax.method import metrics as metrics_lib
+from cras_jax.runs import report_inputs, spread
+from cras_jax.runs.report_curves import (  # noqa: F401 - the tool's names, as before the split
+    _lookup,
+    curve_data,
+    param_value,
+    plot_curve,
+    write_curve_csv,
+)
+from cras_jax.runs.report_inputs import (  # noqa: F401 - the tool's names, as before the split
+    ReportError,
+    check_protocols,
+    find_runs,
+    load_run,
+    results_path,
+)
 
 METRICS = metrics_lib.METRIC_KEYS  # i_auroc, i_ap, p_auroc, p_ap, aupro
 NAMES = {**metrics_lib.METRIC_NAMES, "match_acc": "match_acc"}
 MEAN = "mean"
 _NAN = float("nan")
-
-
-class ReportError(ValueError):
-  pass
-
-
-# ----------------------------------------------------------------------------- gathering
-
-
-def _read_json(path) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def results_path(workdir, tag: str = "final") -> str:
-  return os.path.join(workdir, "results", f"metrics_{tag}.json")
-
-
-def find_runs(paths: Sequence[str], tag: str = "final") -> tuple[list[tuple[str, str]], list[str]]:
-  """-> ([(name, workdir)] in order, notes about directories without results)."""
-  runs, notes = [], []
-  for arg in paths:
-    name = None
-    if not os.path.exists(arg) and "=" in arg:
-      name, arg = arg.split("=", 1)
-    if not os.path.isdir(arg):
-      raise ReportError(f"{arg}: no such directory")
-    if os.path.exists(results_path(arg, tag)):
-      runs.append((name or os.path.basename(os.path.normpath(arg)), arg))
-      continue
-    # A sweep directory: its sub-directories, in the sweep's order, then the rest by name.
-    subdirs = sorted(d for d in os.listdir(arg) if os.path.isdir(os.path.join(arg, d)))
-    order = (_read_json(os.path.join(arg, "sweep.json")) or {}).get("runs", [])
-    ordered = [d for d in order if d in subdirs] + [d for d in subdirs if d not in order]
-    found = False
-    for d in ordered:
-      sub = os.path.join(arg, d)
-      if os.path.exists(results_path(sub, tag)):
-        runs.append((d, sub))
-        found = True
-      elif d in order or os.path.exists(os.path.join(sub, "sweep_run.json")):
-        rec = _read_json(os.path.join(sub, "sweep_run.json")) or {}
-        notes.append(f"{d}: no metrics_{tag}.json (sweep status: {rec.get('status', 'not run')})")
-    if not found:
-      raise ReportError(
-          f"{arg}: neither a workdir with {results_path('', tag)} nor a sweep "
-          f"directory holding any"
-      )
-  names = [n for n, _ in runs]
-  dup = sorted({n for n in names if names.count(n) > 1})
-  if dup:
-    raise ReportError(f"several runs named {', '.join(dup)}: name them, NAME=DIR")
-  return runs, notes
-
-
-def load_run(name: str, workdir: str, tag: str = "final") -> dict:
-  """A run's results: name, workdir, metrics (with a mean row), protocol, record."""
-  res = _read_json(results_path(workdir, tag))
-  if res is None or "metrics" not in res:
-    raise ReportError(f"{results_path(workdir, tag)}: unreadable or without 'metrics'")
-  table = dict(res["metrics"])
-  if MEAN not in table:
-    table = metrics_lib.summarise(table)
-  return {
-      "name": name,
-      "workdir": workdir,
-      "metrics": table,
-      "protocol": res.get("protocol") or "unknown",
-      "results": res,
-      "record": _read_json(os.path.join(workdir, "sweep_run.json")),
-  }
-
-
-def protocol_kind(protocol: str) -> str:
-  """Protocols compared for mixing: step/epoch numbers aside ("checkpoint of step N")."""
-  return re.sub(r"\d+", "N", protocol)
-
-
-def check_protocols(runs: Sequence[dict], allow_mixed: bool = False) -> str | None:
-  """None if every row has the same protocol; else a warning (allow_mixed) or ReportError."""
-  kinds = {protocol_kind(r["protocol"]) for r in runs}
-  if len(kinds) <= 1:
-    return None
-  listing = "; ".join(f"{r['name']}: {r['protocol']}" for r in runs)
-  if not allow_mixed:
-    raise ReportError(
-        f"the runs were reported under different protocols ({listing}); "
-        f"compare like with like, or pass --allow_mixed_protocols to mark them"
-    )
-  return f"**Mixed protocols**: the rows are not comparable as they stand ({listing})."
 
 
 # ----------------------------------------------------------------------------- tables
@@ -254,138 +177,70 @@ def write_per_class_csv(
       )
 
 
-# ----------------------------------------------------------------------------- curves
-
-_MISSING = object()
+# ----------------------------------------------------------------------------- spread
 
 
-def _lookup(config: Mapping | None, field: str):
-  node: Any = config
-  for part in field.split("."):
-    if not isinstance(node, Mapping) or part not in node:
-      return _MISSING
-    node = node[part]
-  return node
+def _cell(d: Mapping, digits: int) -> str:
+  ci = spread.interval(d, digits)
+  return spread.pct(d, digits) + ("" if ci == "-" else f" {ci}")
 
 
-def _checkpoint_config(workdir: str) -> dict | None:
-  """The config in the workdir's latest checkpoint (orbax JsonSave: plain JSON)."""
-  steps = []
-  for d in glob.glob(os.path.join(workdir, "checkpoints", "*")):
-    if os.path.basename(d).isdigit():
-      steps.append(int(os.path.basename(d)))
-  for step in sorted(steps, reverse=True):
-    meta = _read_json(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata"))
-    if meta and isinstance(meta.get("config"), dict):
-      return meta["config"]
-  return None
+def spread_markdown(
+    groups: Sequence[tuple[str, list[dict]]],
+    metrics: Sequence[str],
+    class_metrics: Sequence[str],
+    digits: int = 1,
+    tag: str = "final",
+) -> str:
+  """Settings over their seeds: mean ± std [95 % interval] of the mean row; each setting
+  against the first (`spread.compare`: the difference in points, its p, * where it exceeds
+  the seed spread at 5 %); per class, mean ± std."""
+  sps = [(name, len(t), spread.spread(t, list({*metrics, *class_metrics}))) for name, t in groups]
+  lines = [
+      f"Over seeds (metrics_{tag}.json): mean ± std [95 % interval of the mean, t], %",
+      "",
+      "| setting | seeds | " + " | ".join(NAMES.get(m, m) for m in metrics) + " |",
+      "|---|---:|" + "---:|" * len(metrics),
+  ]
+  for name, n, sp in sps:
+    row = sp[MEAN]
+    lines.append(f"| {name} | {n} | " + " | ".join(_cell(row[m], digits) for m in metrics) + " |")
+  if len(groups) > 1:
+    ref_name, ref = groups[0]
+    lines += [
+        "",
+        f"Against {ref_name}: difference of the mean in points, p of the {spread.TEST} test;"
+        f" * the difference exceeds the seed spread (p < {spread.ALPHA})",
+        "",
+        "| setting | " + " | ".join(NAMES.get(m, m) for m in metrics) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
+    for name, tables in groups[1:]:
+      cells = []
+      for m in metrics:
+        c = spread.compare(ref, tables, m)
+        star = "*" if c["significant"] else ""
+        cells.append(f"{100 * c['diff']:+.{digits}f} (p={c['p']:.3f}){star}")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  lines += ["", "| class | " + " | ".join(n for n, _, _ in sps) + " |"]
+  lines.append("|---|" + "---:|" * len(sps))
+  for c in sps[0][2]:
+    cells = [
+        "/".join(spread.pct(sp[c][m], digits) for m in class_metrics) if c in sp else ""
+        for _, _, sp in sps
+    ]
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
-def param_value(run: dict, field: str):
-  """The run's value of a config field: results config, checkpoint, sweep record, overrides."""
-  from_results = run["results"].get("config")
-  for source in (
-      from_results,
-      _checkpoint_config(run["workdir"]),
-      (run["record"] or {}).get("config"),
-  ):
-    v = _lookup(source, field)
-    if v is not _MISSING:
-      return v
-  for o in reversed((run["record"] or {}).get("overrides", [])):
-    if sweep.override_key(o) == field:
-      return sweep.override_value(o)
-  return _MISSING
-
-
-def _only_sets(run: dict, field: str) -> bool:
-  """In a sweep, whether the run's own overrides set nothing but `field`."""
-  rec = run["record"]
-  if not rec or "run_overrides" not in rec:
-    return True
-  return all(sweep.override_key(o) == field for o in rec["run_overrides"])
-
-
-def _label(v) -> str:
-  if isinstance(v, (list, tuple)):
-    return "(" + ",".join(_label(x) for x in v) + ")"
-  return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def curve_data(
-    runs: Sequence[dict], field: str, metrics: Sequence[str] = ("i_auroc", "p_auroc")
-) -> dict:
-  """The points of a metric-against-parameter curve.
-
-  -> {field, metrics, numeric, runs, x (values), labels, y: {metric: [percent]}, skipped}.
-  Numeric values are sorted ascending; others (tuples, strings) keep the run order. Of runs
-  with the same value, the first is kept."""
-  points, skipped, seen = [], [], set()
-  for r in runs:
-    if not _only_sets(r, field):
-      skipped.append(f"{r['name']} (sets other fields)")
-      continue
-    v = param_value(r, field)
-    if v is _MISSING:
-      skipped.append(f"{r['name']} (no value of {field})")
-      continue
-    key = json.dumps(v)
-    if key in seen:
-      skipped.append(f"{r['name']} (same {field} as an earlier run)")
-      continue
-    seen.add(key)
-    points.append((v, r))
-  numeric = bool(points) and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) for v, _ in points
-  )
-  if numeric:
-    points.sort(key=lambda p: p[0])
-  return {
-      "field": field,
-      "metrics": list(metrics),
-      "numeric": numeric,
-      "runs": [r["name"] for _, r in points],
-      "x": [v for v, _ in points],
-      "labels": [_label(v) for v, _ in points],
-      "y": {m: [100.0 * _value(r["metrics"].get(MEAN), m) for _, r in points] for m in metrics},
-      "protocols": sorted({r["protocol"] for _, r in points}),
-      "skipped": skipped,
-  }
-
-
-def plot_curve(data: dict, path: str) -> str:
-  """Fig. 8-style PNG of curve_data: one line per metric, mean over classes in %."""
-  import matplotlib  # here only: tables need no plotting library
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(4.8, 3.4))
-  xs = data["x"] if data["numeric"] else list(range(len(data["x"])))
-  for m in data["metrics"]:
-    ax.plot(xs, data["y"][m], marker="o", label=NAMES.get(m, m))
-  if not data["numeric"]:
-    ax.set_xticks(xs)
-    ax.set_xticklabels(data["labels"])
-  ax.set_xlabel(data["field"])
-  ax.set_ylabel("mean over classes, %")
-  ax.set_title(f"protocol: {' / '.join(data['protocols'])}", fontsize=8)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
-def write_curve_csv(data: dict, path: str) -> None:
+def write_spread_csv(groups, path: str, metrics: Sequence[str]) -> None:
+  """setting, class, metric, mean, std, lo95, hi95, n (fractions)."""
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["run", data["field"], *data["metrics"]])
-    for i, run in enumerate(data["runs"]):
-      w.writerow(
-          [run, data["labels"][i], *(repr(data["y"][m][i] / 100.0) for m in data["metrics"])]
-      )
+    w.writerow(["setting", "class", "metric", "mean", "std", "lo95", "hi95", "n"])
+    for name, tables in groups:
+      for row in spread.rows(spread.spread(tables, metrics), metrics):
+        w.writerow([name, *row])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -438,6 +293,15 @@ def report(
   write_summary_csv(runs, files[-1], mlist)
   files.append(os.path.join(output_dir, f"per_class_{tag}.csv"))
   write_per_class_csv(runs, files[-1], cmetrics)
+  groups = report_inputs.settings(runs)
+  spread_md = None
+  if any(len(t) > 1 for _, t in groups):
+    spread_md = spread_markdown(groups, mlist, cmetrics, digits, tag)
+    files.append(os.path.join(output_dir, f"spread_{tag}.md"))
+    with open(files[-1], "w") as f:
+      f.write(spread_md)
+    files.append(os.path.join(output_dir, f"spread_{tag}.csv"))
+    write_spread_csv(groups, files[-1], mlist)
   curve_out = []
   for field in curves:
     field = field.split("=", 1)[1] if field.startswith("param=") else field
@@ -454,6 +318,8 @@ def report(
     curve_out.append(data)
   print(summary, file=out)
   print(per_class, file=out)
+  if spread_md:
+    print(spread_md, file=out)
   for n in notes:
     print(f"note: {n}", file=out)
   print("written: " + ", ".join(files), file=out)
@@ -461,6 +327,7 @@ def report(
       "runs": runs,
       "summary_md": summary,
       "per_class_md": per_class,
+      "spread_md": spread_md,
       "curves": curve_out,
       "files": files,
       "notes": notes,

@@ -20,6 +20,10 @@ sweep goes on with the next; the exit status is 1 if any run failed. Ctrl-C (or 
 passed to the running child, which checkpoints and exits; the sweep then stops (exit status
 130 / 143) and the same command resumes it.
 
+Seeds: `--seeds=N` repeats every run over N seeds (`runs.sweep_plan.with_seeds`): as one
+population run (`train.population=seed=...`: one process, one compile, the backbone once)
+where the run allows it, else as N runs `<name>_seed<k>`; the report shows mean ± std.
+
 Examples (from the repository root):
   python -m cras_jax.sweep --sweep=configs/sweeps/ablations.py --sweep_dir=runs/ablations
   # shrink the demo, add a run, print the commands only
@@ -30,14 +34,11 @@ Examples (from the repository root):
 
 from __future__ import annotations
 
-import ast
 import codecs
 import datetime
-import importlib.util
 import inspect
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -45,113 +46,31 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from cras_jax.base import errors
+from cras_jax.runs import sweep_plan
+from cras_jax.runs.sweep_plan import (  # noqa: F401 - the tool's names, as before the split
+    _OVERRIDE,
+    DEFAULT_CONFIG,
+    RECORD,
+    REPO_ROOT,
+    RESULT,
+    SWEEP_RECORD,
+    find_config,
+    is_done,
+    load_sweep_module,
+    normalise,
+    override_key,
+    override_value,
+    parse_run_flag,
+    plan,
+    resolve_config,
+    sweep_runs,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = "configs/demo.py"
-RECORD = "sweep_run.json"  # per run: command, overrides, resolved config, status
-SWEEP_RECORD = "sweep.json"  # per sweep: run order, base config, common overrides
-RESULT = os.path.join("results", "metrics_final.json")
-_OVERRIDE = re.compile(r"^--(?:no)?config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
-# A comma in --run starts a new override only when what follows looks like `field=`.
-_SPLIT = re.compile(r",(?=\s*(?:--)?(?:config\.)?[A-Za-z_][\w.]*=)")
-_NAME = re.compile(r"^[A-Za-z0-9][\w.+=-]*$")
-
-
-# ----------------------------------------------------------------------------- overrides
-
-
-def normalise(override: str) -> str:
-  """'model.hpi=False' / 'config.model.hpi=False' / '--config.model.hpi=False' ->
-  '--config.model.hpi=False'. Other flags of cras_jax.main ('--allow_config_change') pass."""
-  o = override.strip()
-  if o.startswith("--"):
-    return o
-  if o.startswith("config."):
-    return "--" + o
-  if "=" in o:
-    return "--config." + o
-  raise ValueError(f"override {override!r}: write it as field=value, e.g. model.hpi=False")
-
-
-def override_key(override: str) -> str:
-  """The config field an override sets ('model.hpi'), or the flag's name for other flags."""
-  m = _OVERRIDE.match(override)
-  if m:
-    return m.group(1)
-  return override[2:].split("=", 1)[0]
-
-
-def override_value(override: str):
-  """The value an override sets, parsed as a Python literal where possible."""
-  m = _OVERRIDE.match(override)
-  if not m:
-    return None
-  if m.group(2) is None:
-    return not override.startswith("--noconfig.")
-  try:
-    return ast.literal_eval(m.group(2))
-  except (ValueError, SyntaxError):
-    return m.group(2)
-
-
-def parse_run_flag(spec: str) -> tuple[str, list[str]]:
-  """'name:model.hpi=False,model.levels=(2,3)' -> ('name', [...])."""
-  name, sep, rest = spec.partition(":")
-  if not sep:
-    raise ValueError(f"--run={spec!r}: write it as name:override,override (or name: for none)")
-  rest = rest.strip()
-  return name.strip(), [normalise(o) for o in _SPLIT.split(rest) if o.strip()] if rest else []
-
-
-def resolve_config(config_path: str, overrides: Sequence[str]) -> dict:
-  """The config cras_jax.main will build from the file and the overrides (as a dict).
-
-  Raises on an unknown field or a bad value, like the trainer would."""
-  argv = ["sweep", f"--config={config_path}", *[o for o in overrides if _OVERRIDE.match(o)]]
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
-  )
-  fv(argv)
-  return json.loads(json.dumps(fv.config.to_dict(), default=str))
-
-
-def load_sweep_module(path: str):
-  """The sweep file as a module: get_sweep() (or get_sweep(config)), optional BASE_CONFIG and
-  COMMON_OVERRIDES."""
-  spec = importlib.util.spec_from_file_location(f"cras_sweep_{Path(path).stem}", path)
-  if spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"sweep file {path} not found")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if getattr(module, "get_sweep", None) is None:
-    raise ValueError(f"{path}: defines no get_sweep()")
-  return module
-
-
-def sweep_runs(module, base_config: dict | None = None) -> dict[str, list[str]]:
-  """get_sweep() of a sweep module, given the resolved base config if it takes an argument."""
-  get = module.get_sweep
-  runs = get(base_config) if inspect.signature(get).parameters else get()
-  return {str(k): [normalise(o) for o in v] for k, v in runs.items()}
-
-
-def _find_config(path: str) -> str:
-  """A config path as given, relative to the current directory or the repository."""
-  for p in (Path(path), REPO_ROOT / path):
-    if p.is_file():
-      p = p.resolve()
-      try:
-        return str(p.relative_to(REPO_ROOT))
-      except ValueError:
-        return str(p)
-  raise FileNotFoundError(f"config file {path} not found (here or in {REPO_ROOT})")
+_read_json = sweep_plan.read_json
 
 
 # ----------------------------------------------------------------------------- one run
@@ -189,14 +108,6 @@ class _Stop:
 
 def _now() -> str:
   return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-def _read_json(path) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
 
 
 def _write_json(path, obj) -> None:
@@ -250,74 +161,6 @@ def _tail(path, n: int = 15) -> str:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def plan(
-    runs: Mapping[str, Sequence[str]],
-    sweep_dir: str,
-    base_config: str,
-    common: Sequence[str],
-    launcher: Sequence[str],
-) -> list[dict]:
-  """One entry per run: name, workdir, command, the overrides (user's) and the resolved config."""
-  sweep_dir = os.path.abspath(sweep_dir)
-  config_path = _find_config(base_config)
-  entries = []
-  for name, run_overrides in runs.items():
-    if not _NAME.match(name) or name in ("data", "data_cache", "report"):
-      raise ValueError(
-          f"run name {name!r}: use letters, digits and _.+=- (it names a directory; "
-          f"'data', 'data_cache' and 'report' are taken)"
-      )
-    overrides = [*common, *run_overrides]
-    keys = {override_key(o) for o in overrides}
-    auto = []
-    if "data.cache_dir" not in keys:
-      auto.append(f"--config.data.cache_dir={os.path.join(sweep_dir, 'data_cache')}")
-    config, error = None, None
-    try:
-      config = resolve_config(str(REPO_ROOT / config_path), overrides)
-    except Exception as e:  # the trainer will report it too; the run then fails
-      error = f"{type(e).__name__}: {e}"
-    if config is not None and config["data"]["name"] == "synthetic" and "data.root" not in keys:
-      auto.append(f"--config.data.root={os.path.join(sweep_dir, 'data')}")
-    if config is not None and auto:
-      config = resolve_config(str(REPO_ROOT / config_path), [*auto, *overrides])
-    workdir = os.path.join(sweep_dir, name)
-    command = [*launcher, f"--config={config_path}", f"--workdir={workdir}", *auto, *overrides]
-    entries.append(
-        {
-            "name": name,
-            "workdir": workdir,
-            "command": command,
-            "base_config": config_path,
-            "overrides": overrides,
-            "run_overrides": list(run_overrides),
-            "common_overrides": list(common),
-            "auto_overrides": auto,
-            "config": config,
-            "config_error": error,
-        }
-    )
-  return entries
-
-
-def is_done(entry: dict) -> tuple[bool, str]:
-  """(skip?, why) for a planned run."""
-  workdir = entry["workdir"]
-  if not os.path.exists(os.path.join(workdir, RESULT)):
-    if os.path.exists(os.path.join(workdir, RECORD)):
-      return False, "not finished: resuming"
-    return False, "new"
-  rec = _read_json(os.path.join(workdir, RECORD))
-  if rec is None:
-    return False, f"has results but no {RECORD}: rerunning (the trainer resumes)"
-  if (rec.get("base_config"), rec.get("overrides")) != (entry["base_config"], entry["overrides"]):
-    return False, (
-        f"overrides changed (recorded {rec.get('base_config')} "
-        f"{' '.join(rec.get('overrides', []))}): rerunning"
-    )
-  return True, "done"
-
-
 def run_sweep(
     runs: Mapping[str, Sequence[str]],
     sweep_dir: str,
@@ -328,12 +171,13 @@ def run_sweep(
     dry_run: bool = False,
     out=None,
     env: Mapping[str, str] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> dict:
   """Runs the sweep; -> {"status": {name: done|skipped|failed|interrupted|not run},
   "returncode": 0 | 1 (failures) | 128 + signal (stopped), "failed": [names]}."""
   out = sys.stdout if out is None else out
   launcher = list(launcher or [sys.executable, "-m", "cras_jax.main"])
-  entries = plan(runs, sweep_dir, base_config, common, launcher)
+  entries = plan(runs, sweep_dir, base_config, common, launcher, groups)
   sweep_dir = os.path.abspath(sweep_dir)
   status: dict[str, str] = {}
   if dry_run:
@@ -397,6 +241,7 @@ def run_sweep(
               "auto_overrides",
               "config",
               "config_error",
+              "group",
           )
       }
       record.update(
@@ -513,6 +358,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   )
   flags.DEFINE_list("only", [], "Run only these runs (comma-separated names).", flag_values=fv)
   flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.", flag_values=fv)
+  flags.DEFINE_integer(
+      "seeds",
+      1,
+      "Repeat every run over this many seeds (a population per run where the run allows it).",
+      lower_bound=1,
+      flag_values=fv,
+  )
   flags.DEFINE_string(
       "main_module",
       "cras_jax.main",
@@ -556,7 +408,7 @@ def main(
   for module in modules:
     probe = None
     if len(inspect.signature(module.get_sweep).parameters):
-      probe = resolve_config(str(REPO_ROOT / _find_config(base)), common)
+      probe = resolve_config(str(REPO_ROOT / find_config(base)), common)
     for name, ov in sweep_runs(module, probe).items():
       if name in runs:
         raise SystemExit(f"run {name!r} is defined twice")
@@ -575,8 +427,16 @@ def main(
   if not runs:
     raise SystemExit("no runs: give --sweep=FILE and/or --run=name:overrides")
   launcher = launcher or [sys.executable, "-m", fv.main_module]
+  runs, groups = sweep_plan.with_seeds(runs, fv.seeds, base, common)
   result = run_sweep(
-      runs, fv.sweep_dir, base, common, launcher=launcher, dry_run=fv.dry_run, out=out
+      runs,
+      fv.sweep_dir,
+      base,
+      common,
+      launcher=launcher,
+      dry_run=fv.dry_run,
+      out=out,
+      groups=groups,
   )
   return result["returncode"]
 

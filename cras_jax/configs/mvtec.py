@@ -91,6 +91,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.cache_features = False
   config.train.feature_cache_dtype = "float16"  # storage; training computes in float32
   config.train.feature_cache_dir = ""  # default <data cache_dir>/features
+  # A population of heads trained in one compiled step (README "Populations";
+  # cras_jax/runs/population.py): "seed=0,1,2,3", or ";"-separated fields of
+  # runs.population.FIELDS, every combination a member. "": one model.
+  config.train.population = ""
+  config.train.data_seed = -1  # seed of the data order (and a random backbone); -1: seed
+  # Devices along the population's members (the 2-D mesh ("model", "data")); the rest split
+  # the batch. 1: every device splits the batch, members replicated.
+  config.train.population_model_shards = 1
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32

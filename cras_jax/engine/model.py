@@ -94,10 +94,11 @@ def make_embed_fn(
   return embed
 
 
-def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig):
+def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig, dafs_beta=None):
   """One training forward pass on patch features t [B, HW, D].
 
-  noise: g [B, HW, D], already scaled by sigma. Returns (loss, aux) where aux
+  noise: g [B, HW, D], already scaled by sigma; dafs_beta: beta (a traced value in a
+  population), else `cfg.dafs_beta`. Returns (loss, aux) where aux
   holds the new BatchNorm statistics and the step's metrics. The normal and the
   synthetic rows share their matched centre p, so the discriminator's p term is
   computed once for both (`heads.discriminator_split`, an exact rewrite).
@@ -110,7 +111,8 @@ def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig)
   with jax.named_scope("synthesis"):
     # v = u + offset (DAFS); the discriminator takes u and the offset apart, so that the
     # products shared by the normal and the synthetic rows are computed once.
-    offset = synthesis.dafs_offset(u, p, noise, cfg.dafs_beta, cfg.dafs_variant)
+    beta = cfg.dafs_beta if dafs_beta is None else dafs_beta
+    offset = synthesis.dafs_offset(u, p, noise, beta, cfg.dafs_variant)
   d = u.shape[-1]
   with jax.named_scope("discriminator"):
     logits, new_stats = heads_lib.discriminator_split(

@@ -40,6 +40,10 @@ class TrainState:
   noise_std: jax.Array  # scalar: feature std used by relative noise (1.0 otherwise)
   rng: jax.Array
   backbone: Any = None
+  # The settings a population may vary (`HPARAMS`), as float32 arrays the step reads: set from
+  # the config, never checkpointed. A single run reads them like a population member does,
+  # so both compile the same arithmetic (member k of a population equals the run alone).
+  hparams: Any = None
 
   def checkpointable(self) -> dict:
     return {
@@ -68,6 +72,27 @@ def make_optimizer(lr_adapter: float, wd_adapter: float, lr_disc: float, wd_disc
 def optimizer_from_config(cfg) -> optax.GradientTransformation:
   t = cfg.train
   return make_optimizer(t.lr_adapter, t.wd_adapter, t.lr_disc, t.wd_disc)
+
+
+# The settings that change only the heads' training (noise, DAFS, optimiser): the step reads
+# them from `TrainState.hparams`, so a population can give each member its own.
+HPARAMS = {
+    "noise_sigma": "model.noise_sigma",
+    "dafs_beta": "model.dafs_beta",
+    "lr_adapter": "train.lr_adapter",
+    "wd_adapter": "train.wd_adapter",
+    "lr_disc": "train.lr_disc",
+    "wd_disc": "train.wd_disc",
+}
+
+
+def hparams_from_config(config) -> dict:
+  """`HPARAMS` of a config as float32 scalars (the values `TrainState.hparams` holds)."""
+  out = {}
+  for name, field in HPARAMS.items():
+    section, key = field.split(".")
+    out[name] = jnp.asarray(config[section][key], jnp.float32)
+  return out
 
 
 # ----------------------------------------------------------------------------- model spec
@@ -129,28 +154,41 @@ def create_state(spec: ModelSpec, backbone_vars, seed: int) -> TrainState:
   Built by one jitted function: run op by op, the initialisers compiled about a hundred
   tiny programs at every start (about 3 s of a run's start-up on a CPU)."""
   state = jax.jit(_initial_state, static_argnums=0)(spec, seed)
-  return state.replace(backbone=backbone_vars)
+  return state.replace(backbone=backbone_vars, hparams=hparams_from_config(spec.config))
 
 
 # ----------------------------------------------------------------------------- steps
 
 
 def make_train_step(spec: ModelSpec) -> Callable:
+  """(state, batch) -> (state, metrics). The noise, DAFS and optimiser settings come from
+  `state.hparams` (a state without them: from the config), so the step vmaps over a
+  population of states (`engine.population`)."""
   cfg = spec.heads
+  defaults = hparams_from_config(spec.config)
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    hp = defaults if state.hparams is None else state.hparams
     rng = jax.random.fold_in(state.rng, state.step)
     if "features" in batch:  # cached frozen-backbone features
       t = batch["features"].astype(jnp.float32)
     else:
       t = spec.features(state.backbone, batch["image"])
-    sigma = cfg.noise_sigma * state.noise_std
+    sigma = hp["noise_sigma"] * state.noise_std
     noise = sigma * jax.random.normal(rng, t.shape[:2] + (cfg.embed_dim,), jnp.float32)
     grad_fn = jax.value_and_grad(model.heads_loss, has_aux=True)
     (_, aux), grads = grad_fn(
-        state.params, state.batch_stats, t, batch["label"], state.centres, noise, cfg
+        state.params,
+        state.batch_stats,
+        t,
+        batch["label"],
+        state.centres,
+        noise,
+        cfg,
+        hp["dafs_beta"],
     )
-    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    tx = make_optimizer(hp["lr_adapter"], hp["wd_adapter"], hp["lr_disc"], hp["wd_disc"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(aux["metrics"])
     metrics["grad_norm"] = optax.tree.norm(grads)

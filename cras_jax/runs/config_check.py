@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from cras_jax import backbones
 from cras_jax.method import centres, synthesis
 from cras_jax.base import errors
-from cras_jax.runs import single_class
+from cras_jax.runs import population, single_class
 from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.data import layout
 
@@ -30,6 +30,9 @@ LATER_DEFAULTS = {
     "data.max_image_pixels": 50_000_000,
     "data.max_aspect_ratio": 10.0,
     "data.allow_crop_padding": False,
+    "train.population": "",
+    "train.data_seed": -1,
+    "train.population_model_shards": 1,
 }
 
 
@@ -119,6 +122,15 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   for f in ("train.eval_every", "train.checkpoint_every_steps", "eval.num_heatmaps"):
     _int_at_least(p, config, f, 0)
   _int_at_least(p, config, "data.max_image_pixels", 1)
+  _int_at_least(p, config, "train.data_seed", -1)
+  _int_at_least(p, config, "train.population_model_shards", 1)
+  if not isinstance(get(config, "train.population"), str):
+    p.append(
+        f"train.population={get(config, 'train.population')!r}: must be a string such as "
+        f"'seed=0,1,2,3'"
+    )
+  elif get(config, "train.population"):
+    p += population.problems(config, problems_of)
   _number(p, config, "data.max_aspect_ratio", 1.0)
   for f in ("train.lr_adapter", "train.lr_disc", "model.map_sigma"):
     _number(p, config, f, 0.0, strict=f != "model.map_sigma")

@@ -43,18 +43,21 @@ def evaluate(
     tag: str = "final",
     heatmaps: bool = True,
     with_thresholds: bool = False,
+    results_dir: str | None = None,
 ) -> dict:
   """Per-class metrics of docs/method.md §10 on the test split, written to workdir/results.
 
   scorer: the model to evaluate (its state set); tag: final, eval or epoch_NNN.
   with_thresholds: also write workdir/thresholds.json (per-class normalisation, image and
   pixel thresholds; `scoring.write_thresholds`) from these scores; the metrics are unchanged.
+  results_dir: where the results (and thresholds.json) go instead (a population's member:
+  workdir/results/<member>).
   """
   t0 = time.time()
   res = scorer.predict_dataset(dataset.test)
   seconds = time.time() - t0
   table = results.class_metrics(res, dataset.class_names, config.eval.fpr_limit)
-  out_dir = os.path.join(workdir, "results")
+  out_dir = results_dir or os.path.join(workdir, "results")
   step = scorer.model_step
   protocol = {"final": "final epoch", "eval": f"checkpoint of step {step}"}.get(
       tag, f"per-epoch evaluation ({tag})"
@@ -85,16 +88,20 @@ def evaluate(
   if with_thresholds:  # per image: the evaluation's scores serve when it matched per image
     per_image = scorer.per_image()
     scoring.write_thresholds(
-        per_image, dataset.test, dataset.class_names, workdir, res if per_image is scorer else None
+        per_image,
+        dataset.test,
+        dataset.class_names,
+        results_dir or workdir,
+        res if per_image is scorer else None,
     )
   return table
 
 
-def report_best_epoch(workdir: str) -> dict:
-  """The reference protocol: of the per-epoch results in workdir/results, the epoch
-  with the best mean I-AUROC + P-AUROC is written as the run's reported result
+def report_best_epoch(workdir: str, results_dir: str | None = None) -> dict:
+  """The reference protocol: of the per-epoch results in workdir/results (or results_dir),
+  the epoch with the best mean I-AUROC + P-AUROC is written as the run's reported result
   (metrics_final.*, labelled as selected on the test set)."""
-  out_dir = os.path.join(workdir, "results")
+  out_dir = results_dir or os.path.join(workdir, "results")
   files = sorted(glob.glob(os.path.join(out_dir, "metrics_epoch_*.json")))
   if not files:
     raise FileNotFoundError(f"{out_dir}: no per-epoch results to select from")

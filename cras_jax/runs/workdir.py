@@ -19,7 +19,7 @@ import ml_collections
 
 import cras_jax
 from cras_jax import backbones
-from cras_jax.runs import checkpoint, config_check, results
+from cras_jax.runs import checkpoint, config_check, population, results
 from cras_jax.base import errors
 from cras_jax.engine import sharding, steps
 from cras_jax import data as data_lib
@@ -51,6 +51,7 @@ NON_RESULT_FIELDS = (
     "train.keep_checkpoints",
     "train.cache_features",
     "train.feature_cache_dir",
+    "train.population_model_shards",
     "data.max_image_pixels",
     "data.max_aspect_ratio",
     "eval.",
@@ -165,7 +166,7 @@ def _initial(
   spec = steps.ModelSpec(config, num_classes)
   devices = sharding.Devices()
   backbone_vars = backbones.load_variables(
-      config.model.backbone, config.model.weights, config.data.crop, config.seed
+      config.model.backbone, config.model.weights, config.data.crop, population.data_seed(config)
   )
   state = steps.create_state(spec, backbone_vars, config.seed)
   return spec, devices, devices.put_replicated(jax.device_get(state))

@@ -25,7 +25,7 @@ import numpy as np
 
 from cras_jax import data as data_lib
 from cras_jax.base import progress
-from cras_jax.engine import sharding, steps
+from cras_jax.engine import population, sharding, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.runs import (
     checkpoint,
@@ -37,6 +37,7 @@ from cras_jax.runs import (
     single_class,
     summaries,
 )
+from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
 
 # ----------------------------------------------------------------------------- data order
@@ -127,17 +128,22 @@ def feature_pass(
     dataset,
     config,
     workdir: str,
+    members: int = 0,
 ):
   """One pass over the training set with the frozen backbone and the current adapter:
   class sums of u (for the centres) and the moments of u. With
   `train.cache_features`, also returns t of every training image (train order) as a
   memory-mapped array, read from the disk cache when present, else computed and stored.
+  members: a population's size (its state stacked; sums and moments per member).
   """
   n = len(dataset.train)
   bs = config.eval.batch_size
-  k, hw, d = state.centres.shape
-  acc = (jnp.zeros((k, hw, d)), jnp.zeros((k,)), jnp.zeros(()), jnp.zeros(()))
-  centre_step = jax.jit(steps.make_centre_step(spec))
+  k, hw, d = state.centres.shape[-3:]
+  lead = (members,) if members else ()
+  acc = tuple(jnp.zeros(lead + s) for s in ((k, hw, d), (k,), (), ()))
+  make = population.make_centre_step if members else steps.make_centre_step
+  centre_step = jax.jit(make(spec))
+  heads = state.replace(backbone=None) if members else state
   embed_step = jax.jit(steps.make_embed_step(spec))
   labels = data_lib.class_indices(dataset.train)
   centre_w = centres_lib.centre_weights(labels, config.model.centre)
@@ -173,7 +179,7 @@ def feature_pass(
             "centre_weight": centre_w[pad[local]],
         }
     )
-    acc = centre_step(acc, state, t, lw["label"], lw["weight"], lw["centre_weight"])
+    acc = centre_step(acc, heads, t, lw["label"], lw["weight"], lw["centre_weight"])
     bar.update(len(idx))
   bar.close()
   if writer is not None:
@@ -270,7 +276,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
 
   def batches(start):
     for s in range(start, total):
-      _, idx = batch_indices(config.seed, s, n, bs, devices.count)
+      _, idx = batch_indices(population_lib.data_seed(config), s, n, bs, devices.count)
       idx = idx[devices.local_slice(len(idx))]
       if cache is not None:
         batch = {

@@ -1,0 +1,130 @@
+"""Throughput of populations of heads: images x models per second against the population size.
+
+`measure` compiles and times one population train step (`engine.population`) of S members, on
+stored features (the heads alone) or on images (the frozen backbone once per batch, then the
+heads of every member), and the single-run step (`steps.make_train_step`) it replaces S times.
+Random weights, features and images: throughput does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cras_jax import backbones
+from cras_jax.configs import demo, mvtec
+from cras_jax.engine import population, steps
+
+# name -> (config, crop): the demo's Lite0 at 160 px and the paper's WideResNet50 at 288 px.
+SETUPS = {
+    "lite0_160": (demo.get_config, "efficientnet_lite0", 160),
+    "wrn50_288": (mvtec.get_config, "wide_resnet50_2", 288),
+}
+NUM_CLASSES = 4
+
+
+def _config(setup: str, batch_size: int):
+  get, backbone, crop = SETUPS[setup]
+  cfg = get()
+  cfg.model.backbone, cfg.data.crop, cfg.data.resize = backbone, crop, crop
+  cfg.model.weights = "random"
+  cfg.train.batch_size = batch_size
+  return cfg
+
+
+def _time(fn, args, n: int) -> tuple[float, float]:
+  """(compile seconds, seconds per call over n calls after one warm call) of jitted fn; fn
+  returns (state, metrics) and takes the state first (donated), so calls chain."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  state, rest = args[0], args[1:]
+  state, m = compiled(state, *rest)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, m = compiled(state, *rest)
+  jax.block_until_ready((state, m))
+  return compile_s, (time.perf_counter() - t0) / n
+
+
+def measure(setup: str, sizes, mode: str = "features", n: int = 3, batch_size: int = 16):
+  """-> rows {setup, mode, size, compile_s, step_s, images_models_per_s, single_step_s,
+  speedup (size x the single-run step time / the population step time)}."""
+  cfg = _config(setup, batch_size)
+  spec = steps.ModelSpec(cfg, NUM_CLASSES)
+  backbone = backbones.load_variables(cfg.model.backbone, "random", cfg.data.crop, 0)
+  rng = np.random.default_rng(0)
+  d = cfg.model.embed_dim
+  centres = jnp.asarray(rng.normal(size=(NUM_CLASSES, spec.num_patches, d)), jnp.float32)
+  labels = jnp.asarray(np.arange(batch_size) % NUM_CLASSES, jnp.int32)
+  if mode == "features":
+    batch = {
+        "features": jnp.asarray(rng.normal(size=(batch_size, spec.num_patches, d)), jnp.float32)
+    }
+  else:
+    crop = cfg.data.crop
+    batch = {"image": jnp.asarray(rng.integers(0, 255, (batch_size, crop, crop, 3)), jnp.uint8)}
+  batch["label"] = labels
+
+  def state_of(seed):
+    return steps.create_state(spec, backbone, seed).replace(centres=centres)
+
+  single = jax.jit(steps.make_train_step(spec), donate_argnums=0)
+  single_compile, single_step = _time(single, (state_of(0), batch), n)
+  rows = []
+  pstep = jax.jit(population.make_population_step(spec), donate_argnums=0)
+  for size in sizes:
+    state = population.stack([state_of(s) for s in range(size)])
+    compile_s, step_s = _time(pstep, (state, batch), n)
+    rows.append(
+        {
+            "setup": setup,
+            "mode": mode,
+            "size": size,
+            "compile_s": compile_s,
+            "step_s": step_s,
+            "images_models_per_s": size * batch_size / step_s,
+            "single_compile_s": single_compile,
+            "single_step_s": single_step,
+            "speedup": size * single_step / step_s,
+        }
+    )
+    print(markdown_row(rows[-1]), flush=True)
+  return rows
+
+
+HEADER = (
+    "| setup | trains on | S | compile s | step s | images·models/s | "
+    "× vs S single runs (steps) |\n|---|---|---:|---:|---:|---:|---:|"
+)
+
+
+def markdown_row(r: dict) -> str:
+  what = "stored features" if r["mode"] == "features" else "images (backbone)"
+  return (
+      f"| {r['setup']} | {what} | {r['size']} | {r['compile_s']:.1f} | {r['step_s']:.3f} | "
+      f"{r['images_models_per_s']:.0f} | {r['speedup']:.2f} |"
+  )
+
+
+def run_ratio(rows, steps_per_run: int, size: int = 8) -> dict | None:
+  """Whole training of `size` seeds: one population against `size` separate runs (each
+  compiling its step once and taking `steps_per_run` steps); process start-up, data and the
+  feature pass, which a population also pays once, left out."""
+  by = {r["size"]: r for r in rows}
+  if size not in by:
+    return None
+  r = by[size]
+  separate = size * (r["single_compile_s"] + steps_per_run * r["single_step_s"])
+  together = r["compile_s"] + steps_per_run * r["step_s"]
+  return {
+      "size": size,
+      "steps": steps_per_run,
+      "separate_s": separate,
+      "population_s": together,
+      "ratio": separate / together,
+  }

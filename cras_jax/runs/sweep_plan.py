@@ -1,0 +1,237 @@
+"""A sweep's plan: its runs' overrides, commands and workdirs, and which are done (no running).
+
+Overrides are written `--config.model.hpi=False` or just `model.hpi=False`; `plan` turns named
+runs into entries (workdir, command, resolved config) and `is_done` says which to skip.
+`with_seeds` repeats every run over N seeds: one population run
+(`train.population=seed=...`, `runs.population`) where the run allows it, else N separate
+runs `<name>_seed<k>` with the data order of the base seed, grouped for the report.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "configs/demo.py"
+RECORD = "sweep_run.json"  # per run: command, overrides, resolved config, status
+SWEEP_RECORD = "sweep.json"  # per sweep: run order, base config, common overrides
+RESULT = os.path.join("results", "metrics_final.json")
+_OVERRIDE = re.compile(r"^--(?:no)?config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
+# A comma in --run starts a new override only when what follows looks like `field=`.
+_SPLIT = re.compile(r",(?=\s*(?:--)?(?:config\.)?[A-Za-z_][\w.]*=)")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.+=-]*$")
+
+
+def read_json(path) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def normalise(override: str) -> str:
+  """'model.hpi=False' / 'config.model.hpi=False' / '--config.model.hpi=False' ->
+  '--config.model.hpi=False'. Other flags of cras_jax.main ('--allow_config_change') pass."""
+  o = override.strip()
+  if o.startswith("--"):
+    return o
+  if o.startswith("config."):
+    return "--" + o
+  if "=" in o:
+    return "--config." + o
+  raise ValueError(f"override {override!r}: write it as field=value, e.g. model.hpi=False")
+
+
+def override_key(override: str) -> str:
+  """The config field an override sets ('model.hpi'), or the flag's name for other flags."""
+  m = _OVERRIDE.match(override)
+  if m:
+    return m.group(1)
+  return override[2:].split("=", 1)[0]
+
+
+def override_value(override: str):
+  """The value an override sets, parsed as a Python literal where possible."""
+  m = _OVERRIDE.match(override)
+  if not m:
+    return None
+  if m.group(2) is None:
+    return not override.startswith("--noconfig.")
+  try:
+    return ast.literal_eval(m.group(2))
+  except (ValueError, SyntaxError):
+    return m.group(2)
+
+
+def parse_run_flag(spec: str) -> tuple[str, list[str]]:
+  """'name:model.hpi=False,model.levels=(2,3)' -> ('name', [...])."""
+  name, sep, rest = spec.partition(":")
+  if not sep:
+    raise ValueError(f"--run={spec!r}: write it as name:override,override (or name: for none)")
+  rest = rest.strip()
+  return name.strip(), [normalise(o) for o in _SPLIT.split(rest) if o.strip()] if rest else []
+
+
+def resolve_config(config_path: str, overrides: Sequence[str]) -> dict:
+  """The config cras_jax.main will build from the file and the overrides (as a dict).
+
+  Raises on an unknown field or a bad value, like the trainer would."""
+  argv = ["sweep", f"--config={config_path}", *[o for o in overrides if _OVERRIDE.match(o)]]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
+  )
+  fv(argv)
+  return json.loads(json.dumps(fv.config.to_dict(), default=str))
+
+
+def load_sweep_module(path: str):
+  """The sweep file as a module: get_sweep() (or get_sweep(config)), optional BASE_CONFIG and
+  COMMON_OVERRIDES."""
+  spec = importlib.util.spec_from_file_location(f"cras_sweep_{Path(path).stem}", path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"sweep file {path} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if getattr(module, "get_sweep", None) is None:
+    raise ValueError(f"{path}: defines no get_sweep()")
+  return module
+
+
+def sweep_runs(module, base_config: dict | None = None) -> dict[str, list[str]]:
+  """get_sweep() of a sweep module, given the resolved base config if it takes an argument."""
+  get = module.get_sweep
+  runs = get(base_config) if inspect.signature(get).parameters else get()
+  return {str(k): [normalise(o) for o in v] for k, v in runs.items()}
+
+
+def find_config(path: str) -> str:
+  """A config path as given, relative to the current directory or the repository."""
+  for p in (Path(path), REPO_ROOT / path):
+    if p.is_file():
+      p = p.resolve()
+      try:
+        return str(p.relative_to(REPO_ROOT))
+      except ValueError:
+        return str(p)
+  raise FileNotFoundError(f"config file {path} not found (here or in {REPO_ROOT})")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan(
+    runs: Mapping[str, Sequence[str]],
+    sweep_dir: str,
+    base_config: str,
+    common: Sequence[str],
+    launcher: Sequence[str],
+    groups: Mapping[str, str] | None = None,
+) -> list[dict]:
+  """One entry per run: name, workdir, command, the overrides (user's), the resolved config
+  and its seed group (`with_seeds`; the run's name when it has none)."""
+  sweep_dir = os.path.abspath(sweep_dir)
+  config_path = find_config(base_config)
+  entries = []
+  for name, run_overrides in runs.items():
+    if not _NAME.match(name) or name in ("data", "data_cache", "report"):
+      raise ValueError(
+          f"run name {name!r}: use letters, digits and _.+=- (it names a directory; "
+          f"'data', 'data_cache' and 'report' are taken)"
+      )
+    overrides = [*common, *run_overrides]
+    keys = {override_key(o) for o in overrides}
+    auto = []
+    if "data.cache_dir" not in keys:
+      auto.append(f"--config.data.cache_dir={os.path.join(sweep_dir, 'data_cache')}")
+    config, error = None, None
+    try:
+      config = resolve_config(str(REPO_ROOT / config_path), overrides)
+    except Exception as e:  # the trainer will report it too; the run then fails
+      error = f"{type(e).__name__}: {e}"
+    if config is not None and config["data"]["name"] == "synthetic" and "data.root" not in keys:
+      auto.append(f"--config.data.root={os.path.join(sweep_dir, 'data')}")
+    if config is not None and auto:
+      config = resolve_config(str(REPO_ROOT / config_path), [*auto, *overrides])
+    workdir = os.path.join(sweep_dir, name)
+    command = [*launcher, f"--config={config_path}", f"--workdir={workdir}", *auto, *overrides]
+    entries.append(
+        {
+            "name": name,
+            "workdir": workdir,
+            "command": command,
+            "base_config": config_path,
+            "overrides": overrides,
+            "run_overrides": list(run_overrides),
+            "common_overrides": list(common),
+            "auto_overrides": auto,
+            "config": config,
+            "config_error": error,
+            "group": (groups or {}).get(name, name),
+        }
+    )
+  return entries
+
+
+def is_done(entry: dict) -> tuple[bool, str]:
+  """(skip?, why) for a planned run."""
+  workdir = entry["workdir"]
+  if not os.path.exists(os.path.join(workdir, RESULT)):
+    if os.path.exists(os.path.join(workdir, RECORD)):
+      return False, "not finished: resuming"
+    return False, "new"
+  rec = read_json(os.path.join(workdir, RECORD))
+  if rec is None:
+    return False, f"has results but no {RECORD}: rerunning (the trainer resumes)"
+  if (rec.get("base_config"), rec.get("overrides")) != (entry["base_config"], entry["overrides"]):
+    return False, (
+        f"overrides changed (recorded {rec.get('base_config')} "
+        f"{' '.join(rec.get('overrides', []))}): rerunning"
+    )
+  return True, "done"
+
+
+def with_seeds(
+    runs: Mapping[str, Sequence[str]], seeds: int, base_config: str, common: Sequence[str]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+  """Every run over `seeds` seeds (the base seed and the next ones) -> (runs, {run: group}).
+
+  A multi-class run whose population does not vary `seed` already becomes one population
+  (`train.population` gains `seed=...`); any other becomes separate runs `<name>_seed<k>`
+  (`seed=k`, `train.data_seed` = the base seed, as a population's members have)."""
+  if seeds <= 1:
+    return {k: list(v) for k, v in runs.items()}, {}
+  path = str(REPO_ROOT / find_config(base_config))
+  out: dict[str, list[str]] = {}
+  groups: dict[str, str] = {}
+  for name, overrides in runs.items():
+    cfg = resolve_config(path, [*common, *overrides])
+    base = cfg["seed"]
+    values = ",".join(str(base + i) for i in range(seeds))
+    current = cfg["train"].get("population", "") or ""
+    fields = [f.partition("=")[0].strip() for f in current.split(";") if f.strip()]
+    if cfg["setting"] == "multi_class" and "seed" not in fields:
+      spec = f"{current};seed={values}" if current else f"seed={values}"
+      out[name] = [*overrides, f"--config.train.population={spec}"]
+      groups[name] = name
+      continue
+    for i in range(seeds):
+      sub = f"{name}_seed{base + i}"
+      out[sub] = [*overrides, f"--config.seed={base + i}", f"--config.train.data_seed={base}"]
+      groups[sub] = name
+  return out, groups

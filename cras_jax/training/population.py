@@ -1,0 +1,272 @@
+"""Training a population of heads (`train.population`): one compiled step for every member.
+
+The members (`runs.population.member_configs`) share the data, the data order and the frozen
+backbone; their states are stacked on a leading axis and trained by the vmapped single-run
+step (`engine.population`), on a 2-D mesh ("model", "data"). One checkpoint holds the whole
+population and resumes exactly like a single run; the NaN guard stops at the first member
+that diverges, naming it. Each member is evaluated like a single run into
+`<workdir>/results/<member>/` (metrics, scores, thresholds, train log), and the spread over
+the members into `<workdir>/results/population_<tag>.{json,md,csv}`, their mean into
+`<workdir>/results/metrics_<tag>.json` (what a sweep and the report read).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cras_jax import backbones
+from cras_jax import data as data_lib
+from cras_jax.base import errors, progress
+from cras_jax.engine import population as pop
+from cras_jax.engine import sharding, steps
+from cras_jax.method import centres as centres_lib
+from cras_jax.method import metrics as metrics_lib
+from cras_jax.runs import checkpoint, config_check, evaluate, results, scoring, spread
+from cras_jax.runs import population as population_lib
+from cras_jax.runs import workdir as runs
+from cras_jax.training import train
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Trains the population of `config` in `workdir` (resuming) and evaluates every member.
+  -> the mean over the members of their final per-class tables."""
+  progress.configure(config)
+  config_check.check(config)
+  os.makedirs(workdir, exist_ok=True)
+  with runs.WorkdirLock(workdir), train.StopRequest() as stop:
+    return _train_and_evaluate(config, workdir, stop, allow_config_change)
+
+
+def open_population(config, workdir: str):
+  """-> (dataset, spec, devices, stacked initial state, [(member name, member config)])."""
+  members = population_lib.member_configs(config)
+  shards = config.train.population_model_shards
+  if len(members) % shards:
+    raise errors.UserValueError(
+        f"train.population_model_shards={shards}: must divide the population's "
+        f"{len(members)} members"
+    )
+  try:
+    devices = pop.PopulationDevices(shards)
+  except ValueError as e:
+    raise errors.UserValueError(str(e)) from None
+  dataset = data_lib.load_for_config(config, workdir)
+  spec = steps.ModelSpec(config, len(dataset.class_names))
+  backbone = backbones.load_variables(
+      config.model.backbone,
+      config.model.weights,
+      config.data.crop,
+      population_lib.data_seed(config),
+  )
+  states = [
+      steps.create_state(spec, backbone, cfg.seed).replace(hparams=steps.hparams_from_config(cfg))
+      for _, cfg in members
+  ]
+  state = devices.put_population(jax.device_get(pop.stack(states)))
+  return dataset, spec, devices, state, members
+
+
+def compute_centres(state, acc, dataset, config, names) -> steps.TrainState:
+  """`train.compute_centres` of every member (the same element-wise arithmetic)."""
+  sums, counts, s1, s2 = acc
+  n = len(dataset.train)
+  missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts[0]) == 0)]
+  if missing:
+    raise ValueError(f"no training images for classes {missing}")
+  mean, meansq = s1 / n, s2 / n
+  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
+  noise_std = std if config.model.noise_relative else jnp.ones_like(std)
+  centres = jnp.stack([centres_lib.finalise(sums[k], counts[k]) for k in range(len(names))])
+  sigma = np.asarray(state.hparams["noise_sigma"]) * np.asarray(noise_std)
+  print(
+      f"centres: {len(names)} members, adapted-feature std "
+      + ", ".join(f"{m} {float(s):.4f}" for m, s in zip(names, np.asarray(std)))
+      + "; noise sigma "
+      + ", ".join(f"{float(s):.4f}" for s in sigma),
+      flush=True,
+  )
+  return state.replace(centres=centres, noise_std=noise_std)
+
+
+def check_finite(window, done: int, names) -> None:
+  """`train.check_finite` per member: the first non-finite loss or gradient norm stops the
+  population, naming the member."""
+  host = jax.device_get([m for m, _, _ in window])
+  first = done - len(window) + 1
+  for i, m in enumerate(host):
+    for k, name in enumerate(names):
+      bad = [key for key in ("loss", "grad_norm") if not np.isfinite(m[key][k])]
+      if bad:
+        raise FloatingPointError(
+            f"member {name}: non-finite {' and '.join(bad)} at step {first + i}: the "
+            f"population stopped; the last checkpoint (before that step) is kept. Lower that "
+            f"member's learning rates or drop it from train.population."
+        )
+
+
+def _log_window(window, done: int, steps_per_epoch: int, names, workdir: str) -> dict:
+  """Per-member window summaries appended to results/<member>/train_log.jsonl; -> the mean."""
+  per = {}
+  for k, name in enumerate(names):
+    member_window = [(jax.tree.map(lambda x, k=k: x[k], m), b, t) for m, b, t in window]
+    per[name] = results.summarise_window(member_window)
+    if jax.process_index() == 0:
+      d = os.path.join(workdir, "results", name)
+      os.makedirs(d, exist_ok=True)
+      with open(os.path.join(d, "train_log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **per[name]}) + "\n")
+  return {k: float(np.mean([p[k] for p in per.values()])) for k in per[names[0]]}
+
+
+class _Evaluator:
+  """Scores member k of a stacked state like a single run, into results/<member>/."""
+
+  def __init__(self, spec, state, config, members):
+    self.devices = sharding.Devices()
+    self.scorer = scoring.Scorer(spec, self.devices, config.eval.batch_size)
+    self.backbone = self.devices.put_replicated(jax.device_get(state.backbone))
+    self.members = members
+
+  def __call__(self, state, dataset, workdir: str, tag: str, **kw) -> list[dict]:
+    tables = []
+    for k, (name, cfg) in enumerate(self.members):
+      heads = jax.device_get(jax.tree.map(lambda x, k=k: x[k], state.replace(backbone=None)))
+      member = self.devices.put_replicated(heads).replace(backbone=self.backbone)
+      out = os.path.join(workdir, "results", name)
+      cfg.log.tensorboard = False  # the population's members share one workdir
+      tables.append(
+          evaluate.evaluate(
+              self.scorer.set_state(member), dataset, cfg, workdir, tag, results_dir=out, **kw
+          )
+      )
+      if jax.process_index() == 0:
+        with open(os.path.join(out, "member.json"), "w") as f:
+          json.dump({"name": name, "config": json.loads(cfg.to_json_best_effort())}, f, indent=2)
+    return tables
+
+
+def write_summary(tables, names, workdir: str, tag: str, config) -> dict:
+  """results/population_<tag>.{json,md,csv}: mean ± std and 95 % intervals over the members.
+  -> the mean table."""
+  metrics = list(metrics_lib.METRIC_KEYS)
+  sp = spread.spread(tables, metrics)
+  out = os.path.join(workdir, "results")
+  text = spread.markdown(sp, metrics, metrics_lib.METRIC_NAMES, len(tables))
+  text = f"Population {config.train.population!r}: {', '.join(names)}\n\n" + text
+  if jax.process_index() == 0:
+    base = os.path.join(out, f"{population_lib.SUMMARY}_{tag}")
+    with open(base + ".json", "w") as f:
+      record = {"population": config.train.population, "members": names, "spread": sp}
+      json.dump(results.json_safe(record), f, indent=2, allow_nan=False)
+    with open(base + ".md", "w") as f:
+      f.write(text)
+    with open(base + ".csv", "w", newline="") as f:
+      w = csv.writer(f)
+      w.writerow(["class", "metric", "mean", "std", "lo95", "hi95", "n"])
+      w.writerows(spread.rows(sp, metrics))
+  print("\n" + text, flush=True)
+  table = {c: {m: row[m]["mean"] for m in metrics} for c, row in sp.items()}
+  first = _read_json(os.path.join(out, names[0], f"metrics_{tag}.json"))
+  extra = {k: first[k] for k in ("step", "protocol", "score_mode", "matching") if k in first}
+  extra.update(population=config.train.population, members=names)
+  extra["protocol"] = extra.get("protocol", "final epoch")
+  if jax.process_index() == 0:  # the sweep's and the report's view: the mean over the members
+    results.write_results(table, out, tag, extra)
+  return table
+
+
+def _read_json(path) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -> dict:
+  dataset, spec, devices, state, members = open_population(config, workdir)
+  names = [n for n, _ in members]
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  meta = {**runs.run_meta(config, dataset.class_names, spec), "population": names}
+  resumed = runs.resume(mngr, state, meta, workdir, allow_config_change)
+  if resumed is not None:
+    state = resumed
+    cache = None
+    if config.train.cache_features:
+      cache = train.feature_pass(state, spec, devices, dataset, config, workdir, len(names))[1]
+  else:
+    t0 = time.time()
+    acc, cache = train.feature_pass(state, spec, devices, dataset, config, workdir, len(names))
+    state = compute_centres(state, acc, dataset, config, names)
+    state = devices.put_population(jax.device_get(state))
+    print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
+    checkpoint.save(mngr, 0, state.checkpointable(), meta)
+  train_labels = data_lib.class_indices(dataset.train)
+  n, bs = len(dataset.train), config.train.batch_size
+  steps_per_epoch = math.ceil(n / bs)
+  total = config.train.epochs * steps_per_epoch
+  train_step = devices.jit_population(pop.make_population_step(spec), state)
+  evaluator = _Evaluator(spec, state, config, members)
+  ckpt_every = config.train.checkpoint_every_steps
+  protocol = config.eval.protocol
+  eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
+  seed = population_lib.data_seed(config)
+
+  def batches(start):
+    for s in range(start, total):
+      _, idx = train.batch_indices(seed, s, n, bs, devices.count)
+      idx = idx[devices.local_slice(len(idx))]
+      if cache is not None:
+        batch = {
+            "features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
+            "label": train_labels[idx],
+        }
+      else:
+        batch = data_lib.get_batch(dataset.train, idx, ("image", "label"))
+      yield s, devices.put_batch(batch)
+
+  step = int(state.step[0])
+  bar = results.progress(total=total, initial=step, desc=f"train x{len(names)}")
+  window, last = [], {}
+  for s, batch in train.prefetch(batches(step)):
+    t0 = time.time()
+    state, metrics = train_step(state, batch)
+    window.append((metrics, batch["label"].shape[0], t0))
+    done = s + 1
+    end_of_epoch = done % steps_per_epoch == 0
+    save_now = (
+        end_of_epoch
+        or done == total
+        or (ckpt_every and done % ckpt_every == 0)
+        or stop.signum is not None
+    )
+    if save_now or len(window) >= config.train.log_every:
+      check_finite(window, done, names)  # before any save: never checkpoint a diverged state
+      last = _log_window(window, done, steps_per_epoch, names, workdir)
+      window = []
+      bar.set_postfix_str(results.format_train_metrics(last) + " (member mean)")
+    bar.update(1)
+    if save_now:
+      checkpoint.save(mngr, done, state.checkpointable(), meta)
+    if stop.signum is not None:
+      bar.close()
+      print(f"stopped at step {done}/{total}; checkpoint saved. Rerun to resume.", flush=True)
+      raise SystemExit(128 + stop.signum)
+    epoch = done // steps_per_epoch
+    if end_of_epoch and eval_every and epoch % eval_every == 0 and done != total:
+      evaluator(state, dataset, workdir, f"epoch_{epoch:03d}", heatmaps=False)
+  bar.close()
+  if protocol == "final":
+    tables = evaluator(state, dataset, workdir, "final", with_thresholds=True)
+  else:
+    evaluator(state, dataset, workdir, f"epoch_{config.train.epochs:03d}", with_thresholds=True)
+    tables = [
+        evaluate.report_best_epoch(workdir, os.path.join(workdir, "results", name))
+        for name in names
+    ]
+  return write_summary(tables, names, workdir, "final", config)

@@ -1,0 +1,106 @@
+"""A population run end to end on the tiny demo: every member's results, an exact resume after
+SIGKILL, member k against the single run of its config, and the config check's refusals."""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cras_jax.configs import demo
+from cras_jax.runs import config_check
+from tests.engine.test_population import assert_member_matches
+from tests.training.test_train import final_params, run_main
+
+POP = ["--config.train.population=seed=0,1", "--config.train.epochs=2"]
+
+
+def flat(tree) -> dict:
+  return {
+      jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+@pytest.fixture(scope="module")
+def population_run(tmp_path_factory):
+  base = tmp_path_factory.mktemp("population")
+  run_main(base / "pop", base / "data", base / "cache", *POP)
+  return base
+
+
+def test_population_writes_each_members_results(population_run):
+  results = population_run / "pop" / "results"
+  for member in ("seed0", "seed1"):
+    for name in ("metrics_final.json", "metrics_final.csv", "scores_final.csv", "thresholds.json"):
+      assert (results / member / name).exists(), (member, name)
+    log = [json.loads(l) for l in open(results / member / "train_log.jsonl")]
+    assert log[-1]["step"] == 6 and np.isfinite(log[-1]["loss"])
+  summary = json.load(open(results / "population_final.json"))
+  assert summary["members"] == ["seed0", "seed1"]
+  per = [json.load(open(results / m / "metrics_final.json"))["metrics"] for m in ("seed0", "seed1")]
+  for c, row in summary["spread"].items():
+    want = [p[c]["i_auroc"] for p in per]
+    assert row["i_auroc"]["mean"] == pytest.approx(np.mean(want))
+    assert row["i_auroc"]["std"] == pytest.approx(np.std(want, ddof=1))
+  mean = json.load(open(results / "metrics_final.json"))
+  assert mean["members"] == ["seed0", "seed1"] and mean["protocol"] == "final epoch"
+
+
+def test_population_sigkill_then_rerun_ends_bit_identical(population_run):
+  base = population_run
+  work = base / "killed"
+  args = [*POP, "--config.train.checkpoint_every_steps=1"]
+  proc = run_main(work, base / "data", base / "cache", *args, wait=False)
+  ckpt = work / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.exists() and "3" in os.listdir(ckpt):
+      break
+    time.sleep(0.001)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.kill()
+  proc.communicate(timeout=60)
+  assert not (work / "results" / "population_final.json").exists()
+  out = run_main(work, base / "data", base / "cache", *args)
+  assert "resumed from step" in out
+  step_a, a = final_params(base / "pop")
+  step_b, b = final_params(work)
+  assert step_a == step_b == 6
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  for m in ("seed0", "seed1"):
+    got = json.load(open(work / "results" / m / "metrics_final.json"))["metrics"]
+    assert got == json.load(open(base / "pop" / "results" / m / "metrics_final.json"))["metrics"]
+
+
+def test_member_matches_the_single_run_of_its_config(population_run):
+  base = population_run
+  run_main(
+      base / "alone",
+      base / "data",
+      base / "cache",
+      "--config.train.epochs=2",
+      "--config.seed=1",
+      "--config.train.data_seed=0",
+  )
+  _, pop = final_params(base / "pop")
+  _, alone = final_params(base / "alone")
+  member = jax.tree.map(lambda x: np.asarray(x)[1], pop)
+  cfg = demo.get_config()
+  hp = {"lr_adapter": cfg.train.lr_adapter, "lr_disc": cfg.train.lr_disc}
+  assert_member_matches(flat(member), flat(alone), hp, 6, "seed1")
+
+
+def test_config_check_refuses_fields_a_population_cannot_vary():
+  cfg = demo.get_config()
+  cfg.train.population = "seed=0,1;model.hpi=True,False"
+  (problem,) = config_check.problems_of(cfg, check_files=False)
+  assert "'model.hpi' cannot vary within a population" in problem
+  cfg.train.population = "seed=0,1;train.lr_disc=0.001,-1"
+  (problem,) = config_check.problems_of(cfg, check_files=False)
+  assert "member seed0_lr_disc-1" in problem and "train.lr_disc=-1" in problem
+  cfg.train.population = "seed=0,1"
+  cfg.setting = "single_class"
+  assert any("one multi-class model per member" in p for p in config_check.problems_of(cfg, False))
