@@ -28,14 +28,6 @@ class ReportError(ValueError):
 # ----------------------------------------------------------------------------- gathering
 
 
-def _read_json(path) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def results_path(workdir, tag: str = "final") -> str:
   return os.path.join(workdir, "results", f"metrics_{tag}.json")
 
