@@ -56,10 +56,12 @@ def measure(setup: str, sizes, mode: str = "features", n: int = 3, batch_size: i
   speedup (size x the single-run step time / the population step time)}."""
   cfg = _config(setup, batch_size)
   spec = steps.ModelSpec(cfg, NUM_CLASSES)
-  backbone = backbones.load_variables(cfg.model.backbone, "random", cfg.data.crop, 0)
+  backbone = jax.device_get(
+      backbones.load_variables(cfg.model.backbone, "random", cfg.data.crop, 0)
+  )
   rng = np.random.default_rng(0)
   d = cfg.model.embed_dim
-  centres = jnp.asarray(rng.normal(size=(NUM_CLASSES, spec.num_patches, d)), jnp.float32)
+  centres = rng.normal(size=(NUM_CLASSES, spec.num_patches, d)).astype(np.float32)
   labels = jnp.asarray(np.arange(batch_size) % NUM_CLASSES, jnp.int32)
   if mode == "features":
     batch = {
@@ -70,8 +72,9 @@ def measure(setup: str, sizes, mode: str = "features", n: int = 3, batch_size: i
     batch = {"image": jnp.asarray(rng.integers(0, 255, (batch_size, crop, crop, 3)), jnp.uint8)}
   batch["label"] = labels
 
-  def state_of(seed):
-    return steps.create_state(spec, backbone, seed).replace(centres=centres)
+  def state_of(seed):  # fresh device arrays: the steps donate their state
+    state = steps.create_state(spec, jax.tree.map(jnp.array, backbone), seed)
+    return state.replace(centres=jnp.array(centres))
 
   single = jax.jit(steps.make_train_step(spec), donate_argnums=0)
   single_compile, single_step = _time(single, (state_of(0), batch), n)

@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
+from cras_jax.runs import population
 
 FORMAT_VERSION = 1
 _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
@@ -42,7 +43,7 @@ def key(config, dataset) -> str:
       "data": dataset.builder.builder_config.name,  # layout, content fingerprint, resize, crop
       "backbone": m.backbone,
       "weights": _weights_identity(m.weights, m.backbone),
-      "seed": config.seed if m.weights == "random" else None,
+      "seed": population.data_seed(config) if m.weights == "random" else None,
       "levels": list(m.levels),
       "patch_size": m.patch_size,
       "pre_embed_dim": m.pre_embed_dim,

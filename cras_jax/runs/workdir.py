@@ -235,7 +235,7 @@ def resume(
         f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
         f"data's {meta['class_names']}; use a new --workdir"
     )
-  print(f"resumed from step {int(state.step)} ({mngr.directory})", flush=True)
+  print(f"resumed from step {int(state.step.max())} ({mngr.directory})", flush=True)
   return state
 
 

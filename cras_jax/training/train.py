@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from cras_jax import data as data_lib
-from cras_jax.base import progress
+from cras_jax.base import errors, progress
 from cras_jax.engine import population, sharding, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.runs import (
@@ -233,6 +233,11 @@ def train_and_evaluate(
   """
   progress.configure(config)
   config_check.check(config)  # every field, weights and data root: before any data work
+  if config_check.get(config, "train.population"):
+    raise errors.UserValueError(
+        "train.population is set: a population trains with training.population "
+        "(python -m cras_jax.main chooses it)"
+    )
   os.makedirs(workdir, exist_ok=True)
   if config.setting == "single_class":
     with runs.WorkdirLock(workdir):

@@ -99,8 +99,12 @@ def test_config_check_refuses_fields_a_population_cannot_vary():
   (problem,) = config_check.problems_of(cfg, check_files=False)
   assert "'model.hpi' cannot vary within a population" in problem
   cfg.train.population = "seed=0,1;train.lr_disc=0.001,-1"
-  (problem,) = config_check.problems_of(cfg, check_files=False)
-  assert "member seed0_lr_disc-1" in problem and "train.lr_disc=-1" in problem
+  problems = config_check.problems_of(cfg, check_files=False)
+  assert [p.split(":")[0] for p in problems] == [
+      "train.population member seed0_lr_disc-1",
+      "train.population member seed1_lr_disc-1",
+  ]
+  assert all("train.lr_disc=-1" in p for p in problems)
   cfg.train.population = "seed=0,1"
   cfg.setting = "single_class"
   assert any("one multi-class model per member" in p for p in config_check.problems_of(cfg, False))
