@@ -209,7 +209,7 @@ def spread_markdown(
     ref_name, ref = groups[0]
     lines += [
         "",
-        f"Against {ref_name}: difference of the mean in points, p of the {spread.TEST} test;"
+        f"Against {ref_name}: difference of the mean in points, p of a {spread.TEST};"
         f" * the difference exceeds the seed spread (p < {spread.ALPHA})",
         "",
         "| setting | " + " | ".join(NAMES.get(m, m) for m in metrics) + " |",
@@ -220,7 +220,7 @@ def spread_markdown(
       for m in metrics:
         c = spread.compare(ref, tables, m)
         star = "*" if c["significant"] else ""
-        cells.append(f"{100 * c['diff']:+.{digits}f} (p={c['p']:.3f}){star}")
+        cells.append(f"{100 * c['diff']:+.{digits}f} (p={c['p']:.2g}){star}")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines += ["", "| class | " + " | ".join(n for n, _, _ in sps) + " |"]
   lines.append("|---|" + "---:|" * len(sps))

@@ -21,7 +21,7 @@ from scipy import stats
 MEAN = "mean"
 LEVEL = 0.95
 ALPHA = 0.05
-TEST = "Wilcoxon signed-rank, paired over (seed, class)"
+TEST = "Wilcoxon signed-rank test, paired over (seed, class)"
 
 
 def describe(values: Sequence[float]) -> dict:
