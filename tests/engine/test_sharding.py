@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = r"""
 import sys
 import jax, numpy as np
-from cras_jax import scoring, steps
+from cras_jax.engine import steps
+from cras_jax.runs import scoring
 from tests import tiny_step
 
 spec, devices, state, batch = tiny_step.setup()

@@ -26,7 +26,7 @@ import json
 
 import jax
 import numpy as np
-from cras_jax import steps
+from cras_jax.engine import steps
 from tests import tiny_step
 
 spec, devices, state, batch = tiny_step.setup()
