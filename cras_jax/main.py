@@ -2,7 +2,7 @@
 
 Trains (resuming from the workdir) and evaluates (`train.train_and_evaluate`; with
 `train.population`, every member: `training.population`), or with
-`--mode=eval` scores the workdir's latest checkpoint (`evaluate.evaluate_checkpoint`). Any
+`--mode=eval` scores the workdir's latest checkpoint (`train.evaluate_checkpoint`). Any
 config field can be overridden: `--config.train.epochs=3`.
 """
 
@@ -13,7 +13,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cras_jax.base import errors
-from cras_jax.runs import evaluate
 from cras_jax.training import population, train
 
 
@@ -73,7 +72,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
           "--mode=eval with train.population: a population's members are evaluated when it "
           "trains (results/<member>/); drop --config.train.population to score a single run"
       )
-    evaluate.evaluate_checkpoint(fv.config, fv.workdir)
+    train.evaluate_checkpoint(fv.config, fv.workdir)
   elif fv.config.train.get("population"):
     population.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
   else:

@@ -6,6 +6,8 @@ python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec \
 
 import ml_collections
 
+from cras_jax.base import schema
+
 MVTEC_CLASSES = (
     "bottle",
     "cable",
@@ -26,90 +28,8 @@ MVTEC_CLASSES = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  # "multi_class": one model for all classes (the paper's main setting);
-  # "single_class": one model per class, trained one after another in
-  # <workdir>/classes/<class>, results gathered into one table.
-  config.setting = "multi_class"
-
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "mvtec"
-  config.data.root = ""  # required: the dataset directory (MVTec layout)
+  """The schema's defaults (cras_jax/base/schema.py, listed in docs/config.md), the paper's
+  settings, with MVTec AD's 15 classes."""
+  config = schema.default_config()
   config.data.classes = MVTEC_CLASSES
-  config.data.cache_dir = ""  # prepared TFDS data; default <workdir>/data_cache
-  # True: defective test images without masks are allowed; pixel metrics then
-  # cover only the images that have masks.
-  config.data.allow_image_level_only = False
-  config.data.resize = 329
-  config.data.crop = 288
-  config.data.allow_crop_padding = False  # True: a crop larger than the resize is zero-padded
-  # Masks are scaled to [0, 1] and a pixel is a defect where > 0.5 after resizing;
-  # "reference_int_cast": the reference code's rule (only pixels that stay exactly 1.0).
-  config.data.mask_rule = "binarise"
-  # Files larger than this (decoded pixels) or more elongated are reported, not decoded.
-  config.data.max_image_pixels = 50_000_000
-  config.data.max_aspect_ratio = 10.0
-  config.data.synthetic = ml_collections.ConfigDict(
-      dict(seed=0, image_size=160, n_train=40, n_test_good=12, n_test_defect_per_type=6)
-  )
-
-  config.model = ml_collections.ConfigDict()
-  config.model.backbone = "wide_resnet50_2"
-  config.model.weights = ""  # converted/torchvision weights file; "random" by name only
-  config.model.levels = (2, 3)
-  config.model.patch_size = 3
-  config.model.pre_embed_dim = 1536
-  config.model.embed_dim = 1536
-  config.model.adapter_layers = 1
-  config.model.disc_layers = 3
-  config.model.centre = "mean"  # MCMC class means; "single": one training image (w/o MCMC)
-  config.model.noise_sigma = 0.015
-  config.model.noise_relative = False  # True: sigma is a multiple of the adapted-feature std
-  config.model.dafs_beta = 0.3
-  config.model.dafs_variant = "default"  # "none": alpha = 1 (w/o DAFS); Table 6 variants
-  config.model.crd_input = "raw_residual"  # "raw": w/o CRD; Table 6 combinations
-  config.model.hpi = True  # False: same-position centre vector (w/o HPI)
-  config.model.matching = "per_image"  # or "batch" (the reference's batch-mode)
-  config.model.score_mode = "reference"  # max of raw patch scores; "paper": max of the map
-  config.model.map_sigma = 4.0
-  config.model.dtype = "float32"
-
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32
-  config.train.epochs = 100
-  config.train.lr_adapter = 1e-4
-  config.train.wd_adapter = 0.01
-  config.train.lr_disc = 2e-4
-  config.train.wd_disc = 1e-5
-  config.train.eval_every = 0  # evaluate every N epochs (0: only at the end)
-  config.train.checkpoint_every_steps = 0  # 0: at each epoch end only
-  config.train.keep_checkpoints = 3
-  config.train.log_every = 20
-  # The backbone is frozen and training has no augmentation: compute its patch
-  # features once (host memory) and train the heads on them.
-  config.train.cache_features = False
-  config.train.feature_cache_dtype = "float16"  # storage; training computes in float32
-  config.train.feature_cache_dir = ""  # default <data cache_dir>/features
-  # A population of heads trained in one compiled step (README "Populations";
-  # cras_jax/runs/population.py): "seed=0,1,2,3", or ";"-separated fields of
-  # runs.population.FIELDS, every combination a member. "": one model.
-  config.train.population = ""
-  config.train.data_seed = -1  # seed of the data order (and a random backbone); -1: seed
-  # Devices along the population's members (the 2-D mesh ("model", "data")); the rest split
-  # the batch. 1: every device splits the batch, members replicated.
-  config.train.population_model_shards = 1
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 32
-  # "final": the last epoch (default). "best_epoch": the reference code's protocol,
-  # evaluating every train.eval_every (or 1) epochs and reporting the epoch with the
-  # best mean I-AUROC + P-AUROC: it selects on the test set, and reports say so.
-  config.eval.protocol = "final"
-  config.eval.fpr_limit = 0.3
-  config.eval.num_heatmaps = 4
-
-  config.log = ml_collections.ConfigDict()
-  config.log.progress = True  # False: no progress bars (readable CI logs)
-  config.log.tensorboard = True  # <workdir>/tensorboard/ event files (no TensorFlow needed)
   return config

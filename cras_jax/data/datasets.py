@@ -122,12 +122,3 @@ def resolve_classes(name: str, classes: Sequence[str] | None) -> list[str] | Non
     return list(classes)
   spec = get(name)
   return list(spec.classes) if spec is not None and spec.classes else None
-
-
-def describe() -> str:
-  """One line per registered dataset (for help texts)."""
-  return "\n".join(
-      f"{s.name}: {len(s.classes) or 'discovered'} classes; {s.note}"
-      + (f" <{s.url}>" if s.url else "")
-      for s in REGISTRY.values()
-  )

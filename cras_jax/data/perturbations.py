@@ -228,22 +228,6 @@ def perturb(
   raise ValueError(f"unknown perturbation {perturbation!r}; known: {', '.join(PERTURBATIONS)}")
 
 
-def perturb_batch(
-    images: np.ndarray,
-    masks: np.ndarray,
-    indices,
-    perturbation: str,
-    seed: int,
-    settings: Settings = Settings(),
-):
-  """images [B, H, W, 3] uint8, masks [B, H, W], indices [B] (positions in the split)."""
-  pairs = [
-      perturb(i, m, k, perturbation, seed, settings)
-      for i, m, k in zip(images, masks, np.asarray(indices).reshape(-1))
-  ]
-  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
 class PerturbedSource:
   """A data source (len, __getitems__) whose examples' image and mask are perturbed;
   everything else (labels, names, split metadata) is the wrapped source's."""

@@ -49,7 +49,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cras_jax.base import errors
+from cras_jax.base import errors, schema
 
 PathLike = str | os.PathLike[str]
 
@@ -58,15 +58,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Bumped whenever the output of this module changes, so cached preprocessed data is rebuilt.
 PREPROCESS_VERSION = 2
-MASK_RULES = ("binarise", "reference_int_cast")
+MASK_RULES = schema.choices("data.mask_rule")
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """The largest image a file may declare (decoded pixels, long side / short side)."""
 
-  max_pixels: int = 50_000_000
-  max_aspect_ratio: float = 10.0
+  max_pixels: int = schema.default("data.max_image_pixels")
+  max_aspect_ratio: float = schema.default("data.max_aspect_ratio")
 
   @classmethod
   def of_config(cls, config) -> Limits:

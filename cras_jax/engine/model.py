@@ -14,33 +14,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from cras_jax.base import schema
 from cras_jax.method import anomaly_map as amap
 from cras_jax.method import features, matching, synthesis
 from cras_jax.method import heads as heads_lib
 from cras_jax.method import loss as loss_lib
 from cras_jax.method.heads import Adapter, Discriminator
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # schema.choices("model.dtype")
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadsConfig:
   """The static settings the heads need (a hashable view of config.model)."""
 
-  embed_dim: int = 1536
-  adapter_layers: int = 1
-  disc_layers: int = 3
-  noise_sigma: float = 0.015
-  dafs_beta: float = 0.3
-  dafs_variant: str = "default"
-  crd_input: str = "raw_residual"
-  hpi: bool = True
-  per_image_matching: bool = True
-  score_mode: str = "reference"
-  map_sigma: float = 4.0
-  dtype: Any = jnp.float32
+  embed_dim: int = schema.default("model.embed_dim")
+  adapter_layers: int = schema.default("model.adapter_layers")
+  disc_layers: int = schema.default("model.disc_layers")
+  noise_sigma: float = schema.default("model.noise_sigma")
+  dafs_beta: float = schema.default("model.dafs_beta")
+  dafs_variant: str = schema.default("model.dafs_variant")
+  crd_input: str = schema.default("model.crd_input")
+  hpi: bool = schema.default("model.hpi")
+  per_image_matching: bool = schema.default("model.matching") == "per_image"
+  score_mode: str = schema.default("model.score_mode")
+  map_sigma: float = schema.default("model.map_sigma")
+  dtype: Any = DTYPES[schema.default("model.dtype")]
 
   @classmethod
   def from_config(cls, model_cfg) -> HeadsConfig:
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_cfg.dtype]
+    dtype = DTYPES[model_cfg.dtype]
     return cls(
         embed_dim=model_cfg.embed_dim,
         adapter_layers=model_cfg.adapter_layers,

@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CENTRE_MODES = ("mean", "single")
+from cras_jax.base import schema
+
+CENTRE_MODES = schema.choices("model.centre")
 
 
 def centre_weights(labels: np.ndarray, mode: str = "mean") -> np.ndarray:
@@ -24,13 +26,6 @@ def centre_weights(labels: np.ndarray, mode: str = "mean") -> np.ndarray:
     w[np.unique(labels, return_index=True)[1]] = 1.0
     return w
   raise ValueError(f"config.model.centre={mode!r}: choose one of {CENTRE_MODES}")
-
-
-def init_sums(num_classes: int, num_patches: int, dim: int):
-  return (
-      jnp.zeros((num_classes, num_patches, dim), jnp.float32),
-      jnp.zeros((num_classes,), jnp.float32),
-  )
 
 
 def accumulate(sums, counts, u: jax.Array, labels: jax.Array, weights: jax.Array | None = None):

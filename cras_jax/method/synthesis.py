@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ("default", "none", "no_scaling", "inv_r", "inv_g_r")
+from cras_jax.base import schema
+
+VARIANTS = schema.choices("model.dafs_variant")  # paper Table 6
 
 
 def dafs_alpha(

@@ -12,28 +12,14 @@ import os
 from collections.abc import Sequence
 
 from cras_jax import backbones
-from cras_jax.method import centres, synthesis
-from cras_jax.base import errors
-from cras_jax.runs import population, single_class
+from cras_jax.runs import population
 from cras_jax.backbones import efficientnet_lite_weights
+from cras_jax.base import errors, schema
 from cras_jax.data import layout
 
 LEVELS = (1, 2, 3, 4)  # the taps both backbone families have
-PROTOCOLS = (
-    "final",
-    "best_epoch",
-)  # evaluate.PROTOCOLS (evaluate imports runs, which imports this)
-MASK_RULES = ("binarise", "reference_int_cast")
 # Defaults of fields added after the first runs were saved (their configs lack them).
-LATER_DEFAULTS = {
-    "data.mask_rule": "binarise",
-    "data.max_image_pixels": 50_000_000,
-    "data.max_aspect_ratio": 10.0,
-    "data.allow_crop_padding": False,
-    "train.population": "",
-    "train.data_seed": -1,
-    "train.population_model_shards": 1,
-}
+LATER_DEFAULTS = schema.LATER_DEFAULTS
 
 
 class ConfigError(errors.UserValueError):
@@ -70,7 +56,9 @@ def _number(problems, config, field: str, low: float, high: float | None = None,
     problems.append(f"{field}={v!r}: must be a number {rng}")
 
 
-def _choice(problems, config, field: str, choices: Sequence) -> None:
+def _choice(problems, config, field: str, choices: Sequence | None = None) -> None:
+  """`field` is one of `choices` (default: the schema's choice list of the field)."""
+  choices = schema.choices(field) if choices is None else choices
   v = get(config, field)
   if v not in choices:
     problems.append(f"{field}={v!r}: choose one of {', '.join(map(repr, choices))}")
@@ -108,8 +96,8 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   """Every problem of `config` (module docstring); `check_files`: also the weights file and
   the data root."""
   p: list[str] = []
-  _choice(p, config, "setting", single_class.SETTINGS)
-  _choice(p, config, "eval.protocol", PROTOCOLS)
+  _choice(p, config, "setting")
+  _choice(p, config, "eval.protocol")
   d, m = config.data, config.model
   for f in ("data.resize", "data.crop", "model.patch_size", "model.pre_embed_dim"):
     _int_at_least(p, config, f, 1)
@@ -160,19 +148,10 @@ def problems_of(config, check_files: bool = True) -> list[str]:
         f"model.levels={levels!r}: must be distinct backbone levels from {LEVELS} "
         f"(the paper's: (2, 3))"
     )
-  _choice(p, config, "model.centre", centres.CENTRE_MODES)
-  _choice(p, config, "model.dafs_variant", synthesis.VARIANTS)
-  _choice(
-      p,
-      config,
-      "model.crd_input",
-      ("raw_residual", "raw", "residual", "raw_raw", "residual_residual"),
-  )
-  _choice(p, config, "model.matching", ("per_image", "batch"))
-  _choice(p, config, "model.score_mode", ("reference", "paper"))
-  _choice(p, config, "model.dtype", ("float32", "bfloat16"))
-  _choice(p, config, "train.feature_cache_dtype", ("float16", "float32", "bfloat16"))
-  _choice(p, config, "data.mask_rule", MASK_RULES)
+  for f in ("model.centre", "model.dafs_variant", "model.crd_input", "model.matching"):
+    _choice(p, config, f)
+  for f in ("model.score_mode", "model.dtype", "train.feature_cache_dtype", "data.mask_rule"):
+    _choice(p, config, f)
   classes = d.classes
   if not isinstance(classes, (tuple, list)):
     p.append(f"data.classes={classes!r}: must be a list of class names (or empty: discover)")

@@ -19,20 +19,12 @@ import time
 
 import jax
 
-from cras_jax.runs import config_check, results, workdir as runs, scoring, single_class, summaries
+from cras_jax.runs import config_check, results, scoring, summaries
+from cras_jax.runs import workdir as runs
 from cras_jax.base import progress
 from cras_jax.method import metrics as metrics_lib
 
-PROTOCOLS = ("final", "best_epoch")
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
-
-
-def check_protocol(config) -> None:
-  if config.eval.protocol not in PROTOCOLS:
-    raise ValueError(
-        f"config.eval.protocol={config.eval.protocol!r}: choose 'final' (the last "
-        f"epoch) or 'best_epoch' (the reference code's selection on the test set)"
-    )
 
 
 def evaluate(
@@ -151,11 +143,10 @@ def checkpoint_protocol(run: runs.Run, dataset) -> dict:
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training (`--mode=eval`); the config must
-  agree with the run's in the fields that change scoring (`runs.check_eval_config`)."""
+  agree with the run's in the fields that change scoring (`runs.check_eval_config`). One model:
+the single-class setting's loop over the classes is `train.evaluate_checkpoint`'s."""
   config_check.check(config)
   progress.configure(config)
-  if config.setting == "single_class":
-    return single_class.run(config, workdir, evaluate_checkpoint, "eval")
   run = runs.load_run(workdir, config)
   dataset = runs.load_run_dataset(run, workdir)
   return evaluate(scoring.Scorer.for_run(run), dataset, config, workdir, tag="eval")

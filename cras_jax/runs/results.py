@@ -20,6 +20,7 @@ import orbax.checkpoint
 
 import cras_jax
 from cras_jax.base import progress as progress_lib
+from cras_jax.base.jsonio import json_safe
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import render
 
@@ -135,17 +136,6 @@ def mean_coverage(table: Mapping[str, Mapping[str, float]]) -> dict[str, list[st
       c: [n for n in names if table[n].get(c) is not None and not math.isnan(table[n][c])]
       for c in cols
   }
-
-
-def json_safe(x):
-  """`x` with every non-finite float as None (JSON null): strict JSON parsers reject NaN."""
-  if isinstance(x, dict):
-    return {k: json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [json_safe(v) for v in x]
-  if isinstance(x, (float, np.floating)):
-    return float(x) if math.isfinite(x) else None
-  return x
 
 
 def coverage_note(table: Mapping[str, Mapping[str, float]]) -> str | None:

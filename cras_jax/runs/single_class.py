@@ -3,13 +3,14 @@
 Every class is trained (or evaluated) as a multi-class run of one class, one after another,
 in <workdir>/classes/<class>, on the same data (generated or prepared once, in the parent
 workdir's cache); their per-class rows are gathered into one table in <workdir>/results.
+Here: the per-class runs (`single_class_configs`) and the table (`gather`); the loop over the
+classes is the caller's (training/train.py: `train_and_evaluate`, `evaluate_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -18,17 +19,6 @@ from cras_jax import data as data_lib
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import results
 from cras_jax.data import datasets, layout
-
-SETTINGS = ("multi_class", "single_class")
-
-
-def check_setting(config) -> None:
-  if config.setting not in SETTINGS:
-    raise ValueError(
-        f"config.setting={config.setting!r}: choose 'multi_class' (one model for "
-        f"all classes) or 'single_class' (one model per class)"
-    )
-
 
 def single_class_configs(config, workdir: str) -> dict:
   """The per-class runs of the single-class setting: class -> (config, sub-workdir)."""
@@ -47,17 +37,12 @@ def single_class_configs(config, workdir: str) -> dict:
   return runs
 
 
-def run(
-    config, workdir: str, run_one: Callable[[ml_collections.ConfigDict, str], object], tag: str
-) -> dict:
-  """Runs `run_one(config, workdir)` (training or evaluation) for every class, one after
-  another, and gathers their per-class rows into one table in workdir/results
+def gather(config, workdir: str, per_class: dict, tag: str) -> dict:
+  """The one table of the single-class setting: the per-class rows of every class's run
+  (`per_class`: class -> (config, sub-workdir), each run done) gathered into workdir/results
   (metrics_<tag>.*)."""
-  runs = single_class_configs(config, workdir)
   table, protocols, steps = {}, set(), {}
-  for i, (cls, (sub, subdir)) in enumerate(runs.items()):
-    print(f"\n=== single-class setting: {cls} ({i + 1}/{len(runs)}) -> {subdir}", flush=True)
-    run_one(sub, subdir)
+  for cls, (_, subdir) in per_class.items():
     with open(os.path.join(subdir, "results", f"metrics_{tag}.json")) as f:
       res = json.load(f)
     table[cls] = res["metrics"][cls]
@@ -68,12 +53,18 @@ def run(
       "setting": "single_class",
       "protocol": " / ".join(sorted(protocols)),
       "step": steps,
-      "runs": {c: os.path.relpath(d, workdir) for c, (_, d) in runs.items()},
+      "runs": {c: os.path.relpath(d, workdir) for c, (_, d) in per_class.items()},
       "score_mode": config.model.score_mode,
       "matching": config.model.matching,
   }
   if jax.process_index() == 0:
     results.write_results(table, os.path.join(workdir, "results"), tag, extra)
-  print(f"\n[{tag}] single-class setting, {len(runs)} models (protocol: {extra['protocol']})")
+  print(f"\n[{tag}] single-class setting, {len(per_class)} models (protocol: {extra['protocol']})")
   print(results.markdown(table), flush=True)
   return table
+
+
+def announce(i: int, per_class: dict, cls: str) -> None:
+  """The line that opens the run of class `cls` (the i-th, from 0)."""
+  subdir = per_class[cls][1]
+  print(f"\n=== single-class setting: {cls} ({i + 1}/{len(per_class)}) -> {subdir}", flush=True)

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cras_jax.base import jsonio
+
 FILE_NAME = "thresholds.json"
 FORMAT_VERSION = 1
 QUANTILE = 0.99
@@ -309,17 +311,6 @@ class Thresholds:
     return out
 
 
-def json_safe(x):
-  """JSON without NaN (written as null)."""
-  if isinstance(x, float):
-    return None if not math.isfinite(x) else x
-  if isinstance(x, dict):
-    return {k: json_safe(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [json_safe(v) for v in x]
-  return x
-
-
 def path(workdir: str) -> str:
   return os.path.join(workdir, FILE_NAME)
 
@@ -328,7 +319,7 @@ def save(d: dict, file: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
   tmp = file + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(json_safe(d), f, indent=2)
+    json.dump(jsonio.json_safe(d), f, indent=2)
   os.replace(tmp, file)
 
 

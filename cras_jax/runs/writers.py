@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from cras_jax.base import jsonio
 from cras_jax.runs import render
 from cras_jax.runs import thresholds as thr_lib
 
@@ -143,7 +144,7 @@ class PredictionWriter:
       for r in rows:
         w.writerow([csv_cell(r.get(k)) for k in CSV_FIELDS])
     with open(json_path + ".tmp", "w") as f:
-      json.dump(thr_lib.json_safe(summary), f, indent=2)
+      json.dump(jsonio.json_safe(summary), f, indent=2)
     os.replace(csv_path + ".tmp", csv_path)
     os.replace(json_path + ".tmp", json_path)
     os.remove(self.partial_path)

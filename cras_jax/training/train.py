@@ -239,13 +239,29 @@ def train_and_evaluate(
         "(python -m cras_jax.main chooses it)"
     )
   os.makedirs(workdir, exist_ok=True)
-  if config.setting == "single_class":
+  if config.setting == "single_class":  # one model per class, one after another
     with runs.WorkdirLock(workdir):
-      return single_class.run(
-          config, workdir, lambda c, w: train_and_evaluate(c, w, allow_config_change), "final"
-      )
+      per_class = single_class.single_class_configs(config, workdir)
+      for i, (cls, (sub, subdir)) in enumerate(per_class.items()):
+        single_class.announce(i, per_class, cls)
+        train_and_evaluate(sub, subdir, allow_config_change)
+      return single_class.gather(config, workdir, per_class, "final")
   with runs.WorkdirLock(workdir), StopRequest() as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the workdir's latest checkpoint without training (`--mode=eval`;
+  `evaluate.evaluate_checkpoint`), in the single-class setting each class's model."""
+  config_check.check(config)
+  progress.configure(config)
+  if config.setting != "single_class":
+    return evaluate.evaluate_checkpoint(config, workdir)
+  per_class = single_class.single_class_configs(config, workdir)
+  for i, (cls, (sub, subdir)) in enumerate(per_class.items()):
+    single_class.announce(i, per_class, cls)
+    evaluate.evaluate_checkpoint(sub, subdir)
+  return single_class.gather(config, workdir, per_class, "eval")
 
 
 def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_change: bool) -> dict:

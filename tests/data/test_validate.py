@@ -289,7 +289,7 @@ def test_registry_and_configs():
   assert datasets.resolve_classes("folder", ()) is None
   assert datasets.resolve_classes("synthetic", ()) is None
   assert datasets.resolve_classes("mvtec", ["bottle"]) == ["bottle"]
-  assert "btad" in datasets.describe()
+  assert datasets.resolve_classes("btad", ()) == ["01", "02", "03"]
   from cras_jax.configs import btad, folder, itdd, mpdd, visa
   from cras_jax.configs import mvtec as mvtec_cfg
 

@@ -1,0 +1,259 @@
+"""The config schema: every field's default, its choices and a one-line description, once.
+
+`default_config()` builds the default `ConfigDict` (cras_jax/configs/mvtec.py starts from it);
+`choices(field)` is the list `config_check` accepts and the code that switches on the field
+reads; `default(field)` the value a run of the default config gets; `LATER_DEFAULTS` the
+values of the fields added after the first runs were saved (their stored configs lack them);
+`markdown()` the field table of docs/config.md (`python -m cras_jax.base.schema > docs/config.md`).
+Imports nothing of the package and nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field: its dotted name, default, accepted values (None: checked otherwise or
+  free) and what it means."""
+
+  name: str
+  default: Any
+  doc: str
+  choices: tuple | None = None
+  later: bool = False  # added after the first runs were saved: older configs lack it
+
+
+F = Field
+FIELDS: tuple[Field, ...] = (
+    F("seed", 0, "Seed of the heads' initialisation, the noise and the data order."),
+    F(
+        "setting",
+        "multi_class",
+        "multi_class: one model for all classes (the paper's main setting); single_class: one "
+        "model per class in `<workdir>/classes/<class>`, one table in `<workdir>/results`.",
+        ("multi_class", "single_class"),
+    ),
+    F(
+        "data.name",
+        "mvtec",
+        "Dataset name (data/datasets.py; `synthetic`: the generated demo set).",
+    ),
+    F("data.root", "", "The dataset directory (MVTec layout); required except for `synthetic`."),
+    F("data.classes", (), "Class names; empty: discovered from the root's sub-folders."),
+    F("data.cache_dir", "", "Prepared TFDS data; default `<workdir>/data_cache`."),
+    F(
+        "data.allow_image_level_only",
+        False,
+        "True: defective test images without masks are allowed (pixel metrics cover the rest).",
+    ),
+    F("data.resize", 329, "Images are resized to this square size."),
+    F("data.crop", 288, "Then centre-cropped to this size."),
+    F(
+        "data.allow_crop_padding",
+        False,
+        "True: a crop larger than the resize is zero-padded.",
+        later=True,
+    ),
+    F(
+        "data.mask_rule",
+        "binarise",
+        "binarise: a pixel is a defect where the resized mask > 0.5; reference_int_cast: the "
+        "reference code's rule (only pixels that stay exactly 1.0).",
+        ("binarise", "reference_int_cast"),
+        later=True,
+    ),
+    F(
+        "data.max_image_pixels",
+        50_000_000,
+        "Files declaring more decoded pixels are reported, not decoded.",
+        later=True,
+    ),
+    F(
+        "data.max_aspect_ratio",
+        10.0,
+        "Files more elongated (long side / short side) are reported, not decoded.",
+        later=True,
+    ),
+    F("data.synthetic.seed", 0, "Seed of the generated demo set."),
+    F("data.synthetic.image_size", 160, "Side of the generated images."),
+    F("data.synthetic.n_train", 40, "Generated training images per class."),
+    F("data.synthetic.n_test_good", 12, "Generated normal test images per class."),
+    F("data.synthetic.n_test_defect_per_type", 6, "Generated test images per defect type."),
+    F("model.backbone", "wide_resnet50_2", "The frozen backbone (backbones.NAMES)."),
+    F(
+        "model.weights",
+        "",
+        "Converted/torchvision weights file; empty: the backbone's offline default; `random`: "
+        "untrained.",
+    ),
+    F("model.levels", (2, 3), "Backbone levels whose features are aggregated."),
+    F("model.patch_size", 3, "Neighbourhood of the local patch aggregation."),
+    F("model.pre_embed_dim", 1536, "Per-level feature size after adaptive pooling."),
+    F("model.embed_dim", 1536, "Feature size D of the aggregated patch features."),
+    F("model.adapter_layers", 1, "Linear layers of the feature adapter."),
+    F("model.disc_layers", 3, "Layers of the discriminator."),
+    F(
+        "model.centre",
+        "mean",
+        "mean: MCMC class means; single: one training image per class (w/o MCMC).",
+        ("mean", "single"),
+    ),
+    F("model.noise_sigma", 0.015, "Std of the Gaussian noise of the synthesised anomalies."),
+    F(
+        "model.noise_relative",
+        False,
+        "True: noise_sigma is a multiple of the adapted-feature std.",
+    ),
+    F("model.dafs_beta", 0.3, "DAFS mixing weight beta."),
+    F(
+        "model.dafs_variant",
+        "default",
+        "DAFS noise scale: default; none (alpha = 1, w/o DAFS); the variants of Table 6.",
+        ("default", "none", "no_scaling", "inv_r", "inv_g_r"),
+    ),
+    F(
+        "model.crd_input",
+        "raw_residual",
+        "Discriminator input (method/loss.CRD_MODES): raw_residual; raw (w/o CRD); Table 6's.",
+        ("raw_residual", "raw", "residual", "raw_raw", "residual_residual"),
+    ),
+    F("model.hpi", True, "False: the same-position centre vector (w/o HPI)."),
+    F(
+        "model.matching",
+        "per_image",
+        "Centre matching per image, or batch (the reference code's batch mode).",
+        ("per_image", "batch"),
+    ),
+    F(
+        "model.score_mode",
+        "reference",
+        "Image score: reference (max of raw patch scores) or paper (max of the smoothed map).",
+        ("reference", "paper"),
+    ),
+    F("model.map_sigma", 4.0, "Gaussian smoothing of the anomaly map (pixels)."),
+    F("model.dtype", "float32", "Compute dtype of the heads.", ("float32", "bfloat16")),
+    F("train.batch_size", 32, "Training batch size (all devices together)."),
+    F("train.epochs", 100, "Training epochs."),
+    F("train.lr_adapter", 1e-4, "Adapter learning rate (AdamW)."),
+    F("train.wd_adapter", 0.01, "Adapter weight decay."),
+    F("train.lr_disc", 2e-4, "Discriminator learning rate (AdamW)."),
+    F("train.wd_disc", 1e-5, "Discriminator weight decay."),
+    F("train.eval_every", 0, "Evaluate every N epochs (0: only at the end)."),
+    F("train.checkpoint_every_steps", 0, "Checkpoint every N steps (0: at each epoch end only)."),
+    F("train.keep_checkpoints", 3, "Checkpoints kept."),
+    F("train.log_every", 20, "Steps per logged training window."),
+    F(
+        "train.cache_features",
+        False,
+        "True: the frozen backbone's features are computed once and stored; training reads "
+        "them.",
+    ),
+    F(
+        "train.feature_cache_dtype",
+        "float16",
+        "Storage dtype of the feature cache (training computes in float32).",
+        ("float16", "float32", "bfloat16"),
+    ),
+    F(
+        "train.feature_cache_dir",
+        "",
+        "Feature cache directory; default `<data cache_dir>/features`.",
+    ),
+    F(
+        "train.population",
+        "",
+        'A population of heads trained in one compiled step (README "Populations"): '
+        "`seed=0,1,2,3`, or `;`-separated fields of runs.population.FIELDS, every combination "
+        "a member; empty: one model.",
+        later=True,
+    ),
+    F(
+        "train.data_seed",
+        -1,
+        "Seed of the data order (and of a random backbone); -1: `seed`.",
+        later=True,
+    ),
+    F(
+        "train.population_model_shards",
+        1,
+        "Devices along the population's members (the 2-D mesh (model, data)); the rest split "
+        "the batch. 1: every device splits the batch, members replicated.",
+        later=True,
+    ),
+    F("eval.batch_size", 32, "Scoring batch size."),
+    F(
+        "eval.protocol",
+        "final",
+        "final: the last epoch; best_epoch: the reference code's selection of the epoch with the "
+        "best mean I-AUROC + P-AUROC on the test set (reports say so).",
+        ("final", "best_epoch"),
+    ),
+    F("eval.fpr_limit", 0.3, "False-positive-rate limit of AUPRO."),
+    F("eval.num_heatmaps", 4, "Heatmaps written per class."),
+    F("log.progress", True, "False: no progress bars (readable CI logs)."),
+    F("log.tensorboard", True, "`<workdir>/tensorboard/` event files."),
+)
+del F
+
+BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+LATER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS if f.later}
+
+
+def field(name: str) -> Field:
+  if name not in BY_NAME:
+    raise KeyError(f"no config field {name!r} in the schema")
+  return BY_NAME[name]
+
+
+def default(name: str) -> Any:
+  return field(name).default
+
+
+def choices(name: str) -> tuple:
+  c = field(name).choices
+  if c is None:
+    raise KeyError(f"config field {name!r} has no choice list")
+  return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The default config: every field of `FIELDS` with its default, in that order."""
+  config = ml_collections.ConfigDict()
+  for f in FIELDS:
+    *parents, leaf = f.name.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    node[leaf] = f.default
+  return config
+
+
+def markdown() -> str:
+  """The field table of docs/config.md."""
+  lines = [
+      "# Config fields",
+      "",
+      "Generated from `cras_jax/base/schema.py` (`python -m cras_jax.base.schema > "
+      "docs/config.md`); the defaults are those of `--config=mvtec`, which sets "
+      "`data.classes` to the 15 MVTec AD classes. Set any field with "
+      "`--config.<field>=<value>`.",
+      "",
+      "| field | default | choices | description |",
+      "| --- | --- | --- | --- |",
+  ]
+  for f in FIELDS:
+    choice = ", ".join(f"`{c}`" for c in f.choices) if f.choices else ""
+    lines.append(f"| `{f.name}` | `{f.default!r}` | {choice} | {f.doc} |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  sys.stdout.write(markdown())
