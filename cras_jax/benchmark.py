@@ -59,7 +59,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cras_jax import backbones
+from cras_jax import backbones, configs
 from cras_jax.engine import sharding, steps
 from cras_jax.perf import probes
 from cras_jax.runs import scoring
@@ -76,13 +76,7 @@ MODES = ("train", "train_cached", "score")
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags (defined when it runs as a command)."""
   fv = flag_values
-  config_flags.DEFINE_config_file(
-      "config",
-      "configs/mvtec.py",
-      "Config file with get_config().",
-      flag_values=fv,
-      lock_config=True,
-  )
+  configs.define_config_flag("config", "configs/mvtec.py", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
   flags.DEFINE_list("batch_sizes", ["8"], "Comma-separated global batch sizes.", flag_values=fv)
   flags.DEFINE_list(

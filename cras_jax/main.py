@@ -1,4 +1,4 @@
-"""Entry point: python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/x
+"""Entry point: cras-jax --config=mvtec --workdir=runs/x (or python -m cras_jax.main ...)
 
 Trains (resuming from the workdir) and evaluates (`train.train_and_evaluate`; with
 `train.population`, every member: `training.population`), or with
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from cras_jax import configs
 from cras_jax.base import errors
 from cras_jax.training import population, train
 
@@ -48,8 +48,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
       "process_id", 0, "This process's index in a multi-process run.", flag_values=fv
   )
-  config_flags.DEFINE_config_file(
-      "config", None, "Training configuration file.", flag_values=fv, lock_config=True
+  configs.define_config_flag(
+      "config",
+      None,
+      "Training config: a shipped one by name (e.g. mvtec, demo, folder) or a file with "
+      "get_config() (e.g. configs/mvtec.py).",
+      flag_values=fv,
   )
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 

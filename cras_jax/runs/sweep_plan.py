@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
+
+from cras_jax import configs
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -93,16 +94,15 @@ def resolve_config(config_path: str, overrides: Sequence[str]) -> dict:
   Raises on an unknown field or a bad value, like the trainer would."""
   argv = ["sweep", f"--config={config_path}", *[o for o in overrides if _OVERRIDE.match(o)]]
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv
-  )
+  configs.define_config_flag("config", None, "config file", flag_values=fv, sys_argv=argv)
   fv(argv)
   return json.loads(json.dumps(fv.config.to_dict(), default=str))
 
 
 def load_sweep_module(path: str):
   """The sweep file as a module: get_sweep() (or get_sweep(config)), optional BASE_CONFIG and
-  COMMON_OVERRIDES."""
+  COMMON_OVERRIDES. A bare name is a shipped sweep file (`--sweep=ablations`)."""
+  path = configs.resolve(path, configs.SWEEPS)
   spec = importlib.util.spec_from_file_location(f"cras_sweep_{Path(path).stem}", path)
   if spec is None or not os.path.isfile(path):
     raise FileNotFoundError(f"sweep file {path} not found")
@@ -121,8 +121,13 @@ def sweep_runs(module, base_config: dict | None = None) -> dict[str, list[str]]:
 
 
 def find_config(path: str) -> str:
-  """A config path as given, relative to the current directory or the repository."""
-  for p in (Path(path), REPO_ROOT / path):
+  """A config path as given, relative to the current directory or the repository; a bare
+  name, or configs/<name>.py outside a checkout: the shipped config (`configs.resolve`)."""
+  path = configs.resolve(path)
+  candidates = [Path(path), REPO_ROOT / path]
+  if Path(path).parent == Path("configs") and Path(path).stem in configs.names():
+    candidates.append(Path(configs.resolve(Path(path).stem)))  # installed: no configs/ shims
+  for p in candidates:
     if p.is_file():
       p = p.resolve()
       try:
