@@ -205,7 +205,7 @@ def test_two_processes_write_one_event_file(tmp_path, monkeypatch):
   """Only process 0 writes TensorBoard events (the others' Summaries do nothing)."""
   config = ml_collections.ConfigDict({"log": {"tensorboard": True}})
   monkeypatch.setattr(summaries.jax, "process_index", lambda: 1)
-  s = summaries.Summaries(str(tmp_path), config)
+  s = summaries.Summaries(str(tmp_path), config.log.tensorboard)
   s.evaluation(3, {"mean": {"i_auroc": 0.5}})
   assert s.writer is None and not (tmp_path / "tensorboard").exists()
   (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0, "p_true": 0.5}\n')
@@ -213,7 +213,7 @@ def test_two_processes_write_one_event_file(tmp_path, monkeypatch):
   assert not (tmp_path / "results").exists()
   monkeypatch.setattr(summaries.jax, "process_index", lambda: 0)
   assert summaries.write_curves(str(tmp_path)) == str(tmp_path / "results" / "curves.png")
-  s = summaries.Summaries(str(tmp_path), ml_collections.ConfigDict({"log": {"tensorboard": False}}))
+  s = summaries.Summaries(str(tmp_path), enabled=False)
   assert s.writer is None and not (tmp_path / "tensorboard").exists()
 
 

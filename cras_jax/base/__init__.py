@@ -1,1 +1,2 @@
-"""Bottom layer: errors (one message, exit 2), progress bars; imports nothing of the package."""
+"""Bottom layer: the config schema, errors (one message, exit 2), progress bars, strict JSON;
+imports nothing of the package."""

@@ -1,4 +1,5 @@
-"""Data: datasets in the MVTec layout through TFDS, and the synthetic demo set."""
+"""Data: datasets in the MVTec layout through TFDS, and the synthetic demo set, as a
+`spec.DataSpec` describes them."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import os
 
 import numpy as np
 
-from cras_jax.data import datasets, mvtec, preprocess, synthetic
+from cras_jax.data import datasets, mvtec, synthetic
+from cras_jax.data.spec import DataSpec
 
 
-def prepare_data_root(config, workdir: str) -> str:
-  """The dataset directory, ready to read: config.data.root, or the synthetic demo set,
+def prepare_data_root(spec: DataSpec, workdir: str) -> str:
+  """The dataset directory, ready to read: spec.root, or the synthetic demo set,
   generated into <workdir>/synthetic_data first (once: `synthetic.generate` reuses a
   complete tree)."""
-  if config.data.name == "synthetic":
-    root = config.data.root or os.path.join(workdir, "synthetic_data")
-    s = config.data.synthetic
+  if spec.name == "synthetic":
+    root = spec.root or os.path.join(workdir, "synthetic_data")
+    s = spec.synthetic
     synthetic.generate(
         root,
         seed=s.seed,
@@ -26,34 +28,39 @@ def prepare_data_root(config, workdir: str) -> str:
         n_test_defect_per_type=s.n_test_defect_per_type,
     )
     return root
-  if not config.data.root:
+  if not spec.root:
     raise ValueError(
         f"config.data.root is empty: set --config.data.root=<directory of the "
-        f"{config.data.name} dataset in the MVTec layout>"
+        f"{spec.name} dataset in the MVTec layout>"
     )
-  return os.path.expanduser(config.data.root)
+  return os.path.expanduser(spec.root)
 
 
-def load_for_config(config, workdir: str):
-  """The dataset of a config. Generation and TFDS preparation run under an exclusive
+def cache_dir(spec: DataSpec, workdir: str) -> str:
+  """Where the prepared data is kept: spec.cache_dir, by default <workdir>/data_cache."""
+  return spec.cache_dir or os.path.join(workdir, "data_cache")
+
+
+def load(spec: DataSpec, workdir: str):
+  """The dataset of a spec. Generation and TFDS preparation run under an exclusive
   file lock in the cache directory: the processes of a multi-process run (or two
   runs sharing a cache) prepare it once, one after another, instead of racing."""
-  cache = config.data.cache_dir or os.path.join(workdir, "data_cache")
+  cache = cache_dir(spec, workdir)
   os.makedirs(cache, exist_ok=True)
   with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      root = prepare_data_root(config, workdir)
-      classes = datasets.resolve_classes(config.data.name, config.data.classes)
+      root = prepare_data_root(spec, workdir)
+      classes = datasets.resolve_classes(spec.name, spec.classes)
       return mvtec.load_dataset(
           root,
           classes,
-          config.data.resize,
-          config.data.crop,
+          spec.resize,
+          spec.crop,
           cache,
-          allow_image_level_only=config.data.allow_image_level_only,
-          mask_rule=config.data.get("mask_rule", "binarise"),
-          limits=preprocess.Limits.of_config(config),
+          allow_image_level_only=spec.allow_image_level_only,
+          mask_rule=spec.mask_rule,
+          limits=spec.limits,
       )
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)

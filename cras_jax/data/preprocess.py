@@ -68,14 +68,6 @@ class Limits:
   max_pixels: int = schema.default("data.max_image_pixels")
   max_aspect_ratio: float = schema.default("data.max_aspect_ratio")
 
-  @classmethod
-  def of_config(cls, config) -> Limits:
-    d = config.data
-    return cls(
-        int(d.get("max_image_pixels", cls.max_pixels)),
-        float(d.get("max_aspect_ratio", cls.max_aspect_ratio)),
-    )
-
   def problem(self, width: int, height: int) -> str | None:
     """Why a width x height image is refused, or None."""
     if width * height > self.max_pixels:

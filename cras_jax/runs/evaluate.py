@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from cras_jax.runs import config_check, results, scoring, summaries
+from cras_jax.runs import config_check, results, scoring, specs, summaries
 from cras_jax.runs import workdir as runs
 from cras_jax.base import progress
 from cras_jax.method import metrics as metrics_lib
@@ -74,7 +74,7 @@ def evaluate(
     results.save_heatmaps(
         res, dataset.class_names, os.path.join(out_dir, "heatmaps"), config.eval.num_heatmaps
     )
-  summaries.for_workdir(workdir, config).evaluation(
+  summaries.for_workdir(workdir, specs.tensorboard(config)).evaluation(
       step, table, res if heatmaps else None, dataset.class_names
   )
   if with_thresholds:  # per image: the evaluation's scores serve when it matched per image

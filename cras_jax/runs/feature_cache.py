@@ -9,6 +9,7 @@ name and renamed when complete, so an interrupted write is never reused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,6 @@ import re
 import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
-from cras_jax.runs import population
 
 FORMAT_VERSION = 1
 _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
@@ -35,29 +35,43 @@ def _weights_identity(weights: str, backbone: str) -> dict:
   return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
-def key(config, dataset) -> str:
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+  """What determines the stored features, and where they are kept (built by runs/specs.py)."""
+
+  backbone: str
+  weights: str
+  seed: int  # the seed that draws random weights (`population.data_seed`)
+  levels: tuple[int, ...]
+  patch_size: int
+  pre_embed_dim: int
+  embed_dim: int
+  compute_dtype: str
+  storage_dtype: str
+  folder: str  # the cache folder; empty: <data cache folder>/features
+
+
+def key(spec: CacheSpec, dataset) -> str:
   """A hash of everything that determines t for the training split."""
-  m = config.model
-  spec = {
+  fields = {
       "format": FORMAT_VERSION,
       "data": dataset.builder.builder_config.name,  # layout, content fingerprint, resize, crop
-      "backbone": m.backbone,
-      "weights": _weights_identity(m.weights, m.backbone),
-      "seed": population.data_seed(config) if m.weights == "random" else None,
-      "levels": list(m.levels),
-      "patch_size": m.patch_size,
-      "pre_embed_dim": m.pre_embed_dim,
-      "embed_dim": m.embed_dim,
-      "compute_dtype": m.dtype,
-      "storage": config.train.feature_cache_dtype,
+      "backbone": spec.backbone,
+      "weights": _weights_identity(spec.weights, spec.backbone),
+      "seed": spec.seed if spec.weights == "random" else None,
+      "levels": list(spec.levels),
+      "patch_size": spec.patch_size,
+      "pre_embed_dim": spec.pre_embed_dim,
+      "embed_dim": spec.embed_dim,
+      "compute_dtype": spec.compute_dtype,
+      "storage": spec.storage_dtype,
   }
-  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def path(config, workdir: str, cache_key: str) -> str:
-  root = config.train.feature_cache_dir or os.path.join(
-      config.data.cache_dir or os.path.join(workdir, "data_cache"), "features"
-  )
+def path(spec: CacheSpec, data_cache: str, cache_key: str) -> str:
+  """The cache file: in spec.folder, by default <data_cache>/features."""
+  root = spec.folder or os.path.join(data_cache, "features")
   return os.path.join(root, f"train_{cache_key}.npy")
 
 

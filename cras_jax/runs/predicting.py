@@ -23,7 +23,7 @@ import numpy as np
 
 from cras_jax.base import errors as errors_lib
 from cras_jax.data import preprocess
-from cras_jax.runs import results, scoring, writers
+from cras_jax.runs import results, scoring, specs, writers
 from cras_jax.runs import thresholds as thr_lib
 from cras_jax.runs import workdir as runs
 from cras_jax.runs.predict_inputs import find_images, output_stems, read_images
@@ -166,7 +166,7 @@ def predict_paths(
   timing = {"first_batch_s": None, "first_batch_images": 0}
   bar = results.progress(total=len(items), desc="predict", unit="img") if progress else None
   t_start = time.time()
-  limits = preprocess.Limits.of_config(cfg)
+  limits = specs.limits(cfg)
   try:
     read = read_images(paths, cfg.data.resize, cfg.data.crop, workers, limits)
     for records in score_images(scorer, thr, run.class_names, read, paths, names):

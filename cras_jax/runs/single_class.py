@@ -17,12 +17,13 @@ import ml_collections
 
 from cras_jax import data as data_lib
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import results
+from cras_jax.runs import results, specs
 from cras_jax.data import datasets, layout
 
 def single_class_configs(config, workdir: str) -> dict:
   """The per-class runs of the single-class setting: class -> (config, sub-workdir)."""
-  root = data_lib.prepare_data_root(config, workdir)
+  data = specs.data_spec(config)
+  root = data_lib.prepare_data_root(data, workdir)
   classes = datasets.resolve_classes(
       config.data.name, config.data.classes
   ) or layout.discover_classes(root)
@@ -32,7 +33,7 @@ def single_class_configs(config, workdir: str) -> dict:
     sub.setting = "multi_class"  # one model, here for a single class
     sub.data.classes = (cls,)
     sub.data.root = root
-    sub.data.cache_dir = config.data.cache_dir or os.path.join(workdir, "data_cache")
+    sub.data.cache_dir = data_lib.cache_dir(data, workdir)
     runs[cls] = (sub, os.path.join(workdir, "classes", cls))
   return runs
 

@@ -143,22 +143,21 @@ class EventWriter:
 
 class Summaries:
   """The TensorBoard writer of one run (`for_workdir`); does nothing on processes other than
-  0 or with `config.log.tensorboard=false`."""
+  0 or when not `enabled` (`config.log.tensorboard=false`)."""
 
-  def __init__(self, workdir: str, config):
-    on = bool(config.get("log", {}).get("tensorboard", True))
+  def __init__(self, workdir: str, enabled: bool = True):
     self.writer = (
         EventWriter(os.path.join(workdir, "tensorboard"))
-        if on and jax.process_index() == 0
+        if enabled and jax.process_index() == 0
         else None
     )
 
-  def train(self, step: int, metrics: dict, config) -> None:
+  def train(self, step: int, metrics: dict, learning_rates: dict[str, float]) -> None:
+    """A training window's metrics, and the learning rates (name -> constant rate, steps.py)."""
     if self.writer is None:
       return
     scalars = {f"train/{k}": v for k, v in metrics.items()}
-    scalars["lr/adapter"] = config.train.lr_adapter  # constant learning rates (steps.py)
-    scalars["lr/disc"] = config.train.lr_disc
+    scalars.update({f"lr/{k}": v for k, v in learning_rates.items()})
     self.writer.scalars(step, scalars)
 
   def evaluation(self, step: int, table: dict, res=None, class_names=(), per_class=1) -> None:
@@ -188,12 +187,12 @@ class Summaries:
 _OPEN: dict[str, Summaries] = {}
 
 
-def for_workdir(workdir: str, config) -> Summaries:
+def for_workdir(workdir: str, enabled: bool = True) -> Summaries:
   """The run's open `Summaries` (one event file per process and run, shared by the train loop
   and evaluation)."""
   key = os.path.join(workdir, "tensorboard")
   if key not in _OPEN or _OPEN[key].writer is None:
-    s = Summaries(workdir, config)
+    s = Summaries(workdir, enabled)
     if s.writer is None:
       return s
     _OPEN[key] = s

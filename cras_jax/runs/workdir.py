@@ -19,7 +19,7 @@ import ml_collections
 
 import cras_jax
 from cras_jax import backbones
-from cras_jax.runs import checkpoint, config_check, population, results
+from cras_jax.runs import checkpoint, config_check, population, results, specs
 from cras_jax.base import errors
 from cras_jax.engine import sharding, steps
 from cras_jax import data as data_lib
@@ -175,7 +175,7 @@ def _initial(
 def open_for_training(config, workdir: str):
   """-> (dataset, spec, devices, initial state) of a config: the data prepared (in the
   workdir's cache), the heads initialised, the centres still zero."""
-  dataset = data_lib.load_for_config(config, workdir)
+  dataset = data_lib.load(specs.data_spec(config), workdir)
   return (dataset, *_initial(config, len(dataset.class_names)))
 
 
@@ -303,7 +303,7 @@ def load_run_dataset(run: Run, workdir: str, data_root: str | None = None):
   if data_root:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.root = data_root
-  dataset = data_lib.load_for_config(config, workdir)
+  dataset = data_lib.load(specs.data_spec(config), workdir)
   if run.class_names != list(dataset.class_names):
     raise errors.UserValueError(
         f"checkpoint classes {run.class_names} differ from the data's "

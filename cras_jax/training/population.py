@@ -24,12 +24,12 @@ import numpy as np
 
 from cras_jax import backbones
 from cras_jax import data as data_lib
-from cras_jax.base import errors, progress
+from cras_jax.base import errors, jsonio, progress
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import checkpoint, config_check, evaluate, results, scoring, spread
+from cras_jax.runs import checkpoint, config_check, evaluate, results, scoring, specs, spread
 from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
 from cras_jax.training import train
@@ -58,7 +58,7 @@ def open_population(config, workdir: str):
     devices = pop.PopulationDevices(shards)
   except ValueError as e:
     raise errors.UserValueError(str(e)) from None
-  dataset = data_lib.load_for_config(config, workdir)
+  dataset = data_lib.load(specs.data_spec(config), workdir)
   spec = steps.ModelSpec(config, len(dataset.class_names))
   backbone = backbones.load_variables(
       config.model.backbone,
@@ -165,7 +165,7 @@ def write_summary(tables, names, workdir: str, tag: str, config) -> dict:
     base = os.path.join(out, f"{population_lib.SUMMARY}_{tag}")
     with open(base + ".json", "w") as f:
       record = {"population": config.train.population, "members": names, "spread": sp}
-      json.dump(results.json_safe(record), f, indent=2, allow_nan=False)
+      json.dump(jsonio.json_safe(record), f, indent=2, allow_nan=False)
     with open(base + ".md", "w") as f:
       f.write(text)
     with open(base + ".csv", "w", newline="") as f:

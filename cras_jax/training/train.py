@@ -35,6 +35,7 @@ from cras_jax.runs import (
     results,
     scoring,
     single_class,
+    specs,
     summaries,
 )
 from cras_jax.runs import population as population_lib
@@ -149,7 +150,9 @@ def feature_pass(
   centre_w = centres_lib.centre_weights(labels, config.model.centre)
   feats = writer = None
   if config.train.cache_features:
-    file = feature_cache.path(config, workdir, feature_cache.key(config, dataset))
+    cache_spec = specs.cache_spec(config)
+    data_cache = data_lib.cache_dir(specs.data_spec(config), workdir)
+    file = feature_cache.path(cache_spec, data_cache, feature_cache.key(cache_spec, dataset))
     feats = feature_cache.load(file, (n, hw, d))
     if feats is not None:
       print(f"feature cache: reusing {file}", flush=True)
@@ -313,7 +316,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
       os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
   )
   bar = results.progress(total=total, initial=step, desc="train")
-  board = summaries.for_workdir(workdir, config)
+  board = summaries.for_workdir(workdir, specs.tensorboard(config))
+  learning_rates = specs.learning_rates(config)
   window, last_metrics = [], {}
   for s, batch in prefetch(batches(step)):
     t0 = time.time()
@@ -334,7 +338,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
       bar.set_postfix_str(results.format_train_metrics(last_metrics))
       with open(history_path, "a") as f:
         f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
-      board.train(done, last_metrics, config)
+      board.train(done, last_metrics, learning_rates)
     bar.update(1)
     if save_now:
       checkpoint.save(mngr, done, state.checkpointable(), meta)
