@@ -38,16 +38,9 @@ def test_a_configs_or_tools_package_in_the_working_directory_is_never_imported(t
     (tmp_path / name / "__init__.py").write_text(HOSTILE.format(name=name))
     for module in ("demo", "mvtec", "sweep", "benchmark"):
       (tmp_path / name / f"{module}.py").write_text(HOSTILE.format(name=name))
-  env = dict(os.environ, PYTHONPATH=ROOT)
   # A config by name, checked before any data work: fails fast on the bad field.
-  out = subprocess.run(
-      [sys.executable, "-m", "cras_jax.main", "--config=demo", "--workdir=w"]
-      + ["--config.train.epochs=0"],
-      cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
+  out = _python(
+      tmp_path, "-m", "cras_jax.main", "--config=demo", "--workdir=w", "--config.train.epochs=0"
   )
   assert out.returncode == 2, out.stderr[-3000:]
   assert "train.epochs=0: must be an integer >= 1" in out.stderr
@@ -59,13 +52,18 @@ def test_a_configs_or_tools_package_in_the_working_directory_is_never_imported(t
       "    importlib.import_module(m.name)\n"
       "assert 'configs' not in sys.modules and 'tools' not in sys.modules\n"
   )
-  out = subprocess.run(
-      [sys.executable, "-c", code],
-      cwd=tmp_path,
-      env=env,
+  out = _python(tmp_path, "-c", code)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert not list(tmp_path.glob("imported_*"))
+
+
+def _python(cwd, *args) -> subprocess.CompletedProcess:
+  """Python in `cwd` (first on its path) with the repository importable after it."""
+  return subprocess.run(
+      [sys.executable, *args],
+      cwd=cwd,
+      env=dict(os.environ, PYTHONPATH=ROOT),
       capture_output=True,
       text=True,
       timeout=300,
   )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert not list(tmp_path.glob("imported_*"))

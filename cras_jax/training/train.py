@@ -6,6 +6,8 @@ backbone over the training set (`feature_pass`) gives the class centres and the 
 scale (`compute_centres`) and, with `train.cache_features`, the stored features the steps then
 train on. The data order is a pure function of (seed, epoch) (`batch_indices`), so a resumed
 run repeats an uninterrupted one exactly; SIGINT/SIGTERM stop between steps (`StopRequest`).
+In the single-class setting `train_and_evaluate` and `evaluate_checkpoint` (`--mode=eval`) loop
+over the classes here, one model each, and gather one table (`runs/single_class.py`).
 """
 
 from __future__ import annotations
