@@ -1,28 +1,18 @@
 """MVTec AD, multi-class, with the paper's defaults (docs/method.md §11).
 
-python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec \
-    --config.data.root=<MVTec AD directory> --config.model.weights=<wide_resnet50_2 weights>
+python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec
+
+The backbone's torchvision ImageNet weights are fetched by name into the user cache; the
+dataset is read from data.root, or, with data.root empty, from <data.data_dir>/<name>
+(fetched there when it has a public address or data.download_url gives one; otherwise the
+message says where to get it and where to put it). README "Datasets and weights by name".
 """
 
 import ml_collections
 
-MVTEC_CLASSES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
+from cras_jax.base import registry
+
+MVTEC_CLASSES = registry.MVTEC_CLASSES  # the registry's list (one table)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,7 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "mvtec"
-  config.data.root = ""  # required: the dataset directory (MVTec layout)
+  config.data.root = ""  # the dataset directory (MVTec layout); "": by name, below
+  # Where datasets named by data.name are downloaded and prepared; "": <cache.dir>/datasets.
+  config.data.data_dir = ""
+  # The archive to fetch for data.name instead of the registry's address (a mirror, or the
+  # file a licence page gave you); "": the registry's (base/registry.py).
+  config.data.download_url = ""
+  # The archive's SHA-256 when you know it ("": the registry's pin, if any).
+  config.data.download_sha256 = ""
   config.data.classes = MVTEC_CLASSES
   config.data.cache_dir = ""  # prepared TFDS data; default <workdir>/data_cache
   # True: defective test images without masks are allowed; pixel metrics then
@@ -56,7 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = "wide_resnet50_2"
-  config.model.weights = ""  # converted/torchvision weights file; "random" by name only
+  # "torchvision": torchvision's ImageNet weights of the backbone, fetched and verified
+  # into <cache.dir>/weights; a path: a .pth or converted .msgpack file; "random" by name only.
+  config.model.weights = "torchvision"
+  # Where "torchvision" weights are fetched from (a mirror holding the same files);
+  # "": torchvision's own address (base/registry.py TORCHVISION_BASE_URL).
+  config.model.weights_url = ""
   config.model.levels = (2, 3)
   config.model.patch_size = 3
   config.model.pre_embed_dim = 1536
@@ -108,6 +110,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.protocol = "final"
   config.eval.fpr_limit = 0.3
   config.eval.num_heatmaps = 4
+
+  # The user cache (fetched weights and datasets, compiled programs).
+  config.cache = ml_collections.ConfigDict()
+  # "": $CRAS_JAX_CACHE_DIR, else $XDG_CACHE_HOME/cras_jax, else ~/.cache/cras_jax.
+  config.cache.dir = ""
+  # XLA's persistent compilation cache, so later starts reuse compiled steps: "auto"
+  # ($CRAS_JAX_COMPILATION_CACHE, else <cache.dir>/xla), "off", or a directory.
+  config.cache.compilation = "auto"
 
   config.log = ml_collections.ConfigDict()
   config.log.progress = True  # False: no progress bars (readable CI logs)

@@ -7,13 +7,15 @@ import os
 
 import numpy as np
 
-from cras_jax.data import datasets, mvtec, preprocess, synthetic
+from cras_jax.base import registry
+from cras_jax.data import datasets, fetch, mvtec, preprocess, synthetic
 
 
 def prepare_data_root(config, workdir: str) -> str:
   """The dataset directory, ready to read: config.data.root, or the synthetic demo set,
   generated into <workdir>/synthetic_data first (once: `synthetic.generate` reuses a
-  complete tree)."""
+  complete tree), or a named dataset in <data_dir>/<name> (`fetch.ensure`: fetched and
+  prepared once)."""
   if config.data.name == "synthetic":
     root = config.data.root or os.path.join(workdir, "synthetic_data")
     s = config.data.synthetic
@@ -26,6 +28,8 @@ def prepare_data_root(config, workdir: str) -> str:
         n_test_defect_per_type=s.n_test_defect_per_type,
     )
     return root
+  if not config.data.root and registry.fetchable(config.data.name):
+    return fetch.ensure(config)
   if not config.data.root:
     raise ValueError(
         f"config.data.root is empty: set --config.data.root=<directory of the "

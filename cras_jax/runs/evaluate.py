@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from cras_jax.runs import config_check, results, workdir as runs, scoring, single_class, summaries
+from cras_jax.runs import config_check, named_inputs, results, workdir as runs, scoring, single_class, summaries
 from cras_jax.base import progress
 from cras_jax.method import metrics as metrics_lib
 
@@ -154,6 +154,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   agree with the run's in the fields that change scoring (`runs.check_eval_config`)."""
   config_check.check(config)
   progress.configure(config)
+  named_inputs.ensure(config)
   if config.setting == "single_class":
     return single_class.run(config, workdir, evaluate_checkpoint, "eval")
   run = runs.load_run(workdir, config)

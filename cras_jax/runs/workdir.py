@@ -20,7 +20,7 @@ import ml_collections
 import cras_jax
 from cras_jax import backbones
 from cras_jax.runs import checkpoint, config_check, population, results
-from cras_jax.base import errors
+from cras_jax.base import errors, user_cache
 from cras_jax.engine import sharding, steps
 from cras_jax import data as data_lib
 
@@ -45,6 +45,11 @@ TRAINING_ONLY_FIELDS = ("train.",)
 NON_RESULT_FIELDS = (
     "data.root",
     "data.cache_dir",
+    "data.data_dir",
+    "data.download_url",
+    "data.download_sha256",
+    "model.weights_url",
+    "cache.",
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every_steps",
@@ -166,7 +171,12 @@ def _initial(
   spec = steps.ModelSpec(config, num_classes)
   devices = sharding.Devices()
   backbone_vars = backbones.load_variables(
-      config.model.backbone, config.model.weights, config.data.crop, population.data_seed(config)
+      config.model.backbone,
+      config.model.weights,
+      config.data.crop,
+      population.data_seed(config),
+      cache_dir=user_cache.root(config),
+      weights_url=config.model.get("weights_url", ""),
   )
   state = steps.create_state(spec, backbone_vars, config.seed)
   return spec, devices, devices.put_replicated(jax.device_get(state))
