@@ -66,10 +66,10 @@ def _tar_members(tf: tarfile.TarFile) -> Iterator[_Member]:
 
 def _zip_members(zf: zipfile.ZipFile) -> Iterator[_Member]:
   for z in zf.infolist():
-    mode = z.external_attr >> 16
-    if stat.S_ISLNK(mode):
+    kind = stat.S_IFMT(z.external_attr >> 16)  # 0: no Unix type recorded (a plain file)
+    if kind == stat.S_IFLNK:
       yield _Member(z.filename, False, -1, "link")
-    elif mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    elif kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
       yield _Member(z.filename, False, -1, "special")
     else:
       yield _Member(z.filename, z.is_dir(), 0 if z.is_dir() else z.file_size, z)
@@ -125,7 +125,7 @@ def extract(archive: str, target: str, limits: Limits = Limits()) -> str:
     if _is_zip(archive):
       with zipfile.ZipFile(archive) as zf:
         members = check_members(_zip_members(zf), archive, limits)
-        _write(members, tmp, lambda m: zf.open(m.handle), archive, limits)
+        _write(members, tmp, zf.open, archive, limits)
     else:
       with tarfile.open(archive, "r:*") as tf:
         members = check_members(_tar_members(tf), archive, limits)

@@ -27,7 +27,8 @@ def root(config=None, environ=None) -> str:
   environ = os.environ if environ is None else environ
   given = _field(config, "cache", "dir") or environ.get(ENV, "")
   if not given:
-    xdg = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    xdg = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     given = os.path.join(xdg, "cras_jax")
   return os.path.abspath(os.path.expanduser(given))
 

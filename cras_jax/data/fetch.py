@@ -152,7 +152,7 @@ def _fetch_and_prepare(config, spec, base: str, url: str, classes: list[str]) ->
   with open(tmp, "w") as f:
     json.dump(record, f, indent=2)
   os.replace(tmp, os.path.join(base, MARKER))
-  os.remove(path)
+  shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # the archive and its lock
   if seen and not sha:
     print(
         f"dataset {spec.name}: archive SHA-256 {seen} (no pinned hash to compare; recorded in "
