@@ -165,10 +165,11 @@ class WorkdirLock:
 
 
 def _initial(
-    config, num_classes: int
+    config, num_classes: int, grid=None
 ) -> tuple[steps.ModelSpec, sharding.Devices, steps.TrainState]:
-  """The model spec, the devices and a fresh replicated state with the frozen backbone."""
-  spec = steps.ModelSpec(config, num_classes)
+  """The model spec, the devices and a fresh replicated state with the frozen backbone
+  (`grid`: the patch grid a run's meta records, sparing a trace of the backbone)."""
+  spec = steps.ModelSpec(config, num_classes, grid)
   devices = sharding.Devices()
   backbone_vars = backbones.load_variables(
       config.model.backbone,
@@ -301,7 +302,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> R
     config = config_from_meta(meta)
   else:
     check_eval_config(meta, config, workdir)
-  spec, devices, state = _initial(config, len(meta["class_names"]))
+  spec, devices, state = _initial(config, len(meta["class_names"]), meta.get("grid"))
   state, meta = restore_latest(mngr, state, quarantine=False)
   return Run(config, spec, devices, state, meta)
 
