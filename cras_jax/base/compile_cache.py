@@ -18,9 +18,10 @@ from cras_jax.base import user_cache
 
 ENV = "CRAS_JAX_COMPILATION_CACHE"
 OFF = ("off", "none", "false", "0", "no")
-# Programs that compile faster than this are not written (JAX's default is 1 s, which skips
-# most of this project's small steps).
-MIN_COMPILE_SECS = 0.1
+# Programs that compile faster than this are not written. JAX's default (1 s) skips most of
+# this project's programs; 0 keeps every one: the tiny ones of loading weights and
+# initialising a state add up to seconds at each start.
+MIN_COMPILE_SECS = 0.0
 
 _configured: str | None = None
 
