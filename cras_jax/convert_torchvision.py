@@ -44,11 +44,11 @@ import numpy as np
 from absl import app, flags
 
 from cras_jax.backbones import efficientnet_lite_weights, resnet, torch_pickle
-from cras_jax.base import errors
+from cras_jax.base import errors, registry
 
-RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
-EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
-ARCHS = RESNETS + EFFICIENTNETS
+RESNETS = registry.RESNETS
+EFFICIENTNETS = registry.EFFICIENTNETS
+ARCHS = registry.BACKBONE_NAMES
 FORMAT = "flax.serialization.msgpack {'params','batch_stats'} float32"
 SIDECAR_SUFFIX = ".json"
 

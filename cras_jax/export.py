@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from jax import export as jax_export
 
 import cras_jax
-from cras_jax.base import errors
+from cras_jax.base import compile_cache, errors
 from cras_jax.runs import scoring
 from cras_jax.runs import workdir as runs
 
@@ -270,6 +270,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = runs.load_run(fv.workdir)
   thr = scoring.load_thresholds(run, fv.workdir, fv.image_threshold, fv.pixel_threshold)
   if thr.source == "none":

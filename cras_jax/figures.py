@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import errors
+from cras_jax.base import compile_cache, errors
 from cras_jax.engine import steps
 from cras_jax.runs import evaluate, plots, scoring
 from cras_jax.runs import workdir as runs
@@ -312,6 +312,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   fv = flag_values
   logging.set_verbosity(logging.WARNING)
+  compile_cache.setup()  # before anything compiles: later starts reuse the steps
   classes = [c.strip() for c in fv.classes if c.strip()]
   make_figures(
       fv.workdir, classes or None, fv.per_class, fv.output_dir, fv.seed, fv.data_root, fv.batch_size

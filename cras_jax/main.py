@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 
 from cras_jax import configs
-from cras_jax.base import errors
+from cras_jax.base import compile_cache, errors
 from cras_jax.training import population, train
 
 
@@ -64,6 +64,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  compile_cache.setup(fv.config)  # before anything compiles: later starts reuse the steps
   if fv.num_processes > 1:
     jax.distributed.initialize(
         coordinator_address=fv.coordinator_address,

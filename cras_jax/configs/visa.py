@@ -1,21 +1,9 @@
 """VisA (12 classes, converted to the MVTec layout), multi-class."""
 
+from cras_jax.base import registry
 from cras_jax.configs import mvtec
 
-VISA_CLASSES = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
-)
+VISA_CLASSES = registry.VISA_CLASSES  # the registry's list (one table)
 
 
 def get_config():

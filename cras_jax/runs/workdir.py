@@ -20,7 +20,7 @@ import ml_collections
 import cras_jax
 from cras_jax import backbones
 from cras_jax.runs import checkpoint, config_check, population, results, specs
-from cras_jax.base import errors
+from cras_jax.base import errors, user_cache
 from cras_jax.engine import sharding, steps
 from cras_jax import data as data_lib
 
@@ -45,6 +45,11 @@ TRAINING_ONLY_FIELDS = ("train.",)
 NON_RESULT_FIELDS = (
     "data.root",
     "data.cache_dir",
+    "data.data_dir",
+    "data.download_url",
+    "data.download_sha256",
+    "model.weights_url",
+    "cache.",
     "train.log_every",
     "train.eval_every",
     "train.checkpoint_every_steps",
@@ -160,13 +165,19 @@ class WorkdirLock:
 
 
 def _initial(
-    config, num_classes: int
+    config, num_classes: int, grid=None
 ) -> tuple[steps.ModelSpec, sharding.Devices, steps.TrainState]:
-  """The model spec, the devices and a fresh replicated state with the frozen backbone."""
-  spec = steps.ModelSpec(config, num_classes)
+  """The model spec, the devices and a fresh replicated state with the frozen backbone
+  (`grid`: the patch grid a run's meta records, sparing a trace of the backbone)."""
+  spec = steps.ModelSpec(config, num_classes, grid)
   devices = sharding.Devices()
   backbone_vars = backbones.load_variables(
-      config.model.backbone, config.model.weights, config.data.crop, population.data_seed(config)
+      config.model.backbone,
+      config.model.weights,
+      config.data.crop,
+      population.data_seed(config),
+      cache_dir=user_cache.root(config),
+      weights_url=config.model.get("weights_url", ""),
   )
   state = steps.create_state(spec, backbone_vars, config.seed)
   return spec, devices, devices.put_replicated(jax.device_get(state))
@@ -291,7 +302,7 @@ def load_run(workdir: str, config: ml_collections.ConfigDict | None = None) -> R
     config = config_from_meta(meta)
   else:
     check_eval_config(meta, config, workdir)
-  spec, devices, state = _initial(config, len(meta["class_names"]))
+  spec, devices, state = _initial(config, len(meta["class_names"]), meta.get("grid"))
   state, meta = restore_latest(mngr, state, quarantine=False)
   return Run(config, spec, devices, state, meta)
 

@@ -34,6 +34,7 @@ from cras_jax.runs import (
     config_check,
     evaluate,
     feature_cache,
+    named_inputs,
     results,
     scoring,
     single_class,
@@ -243,6 +244,7 @@ def train_and_evaluate(
         "train.population is set: a population trains with training.population "
         "(python -m cras_jax.main chooses it)"
     )
+  named_inputs.ensure(config)  # weights and data named by the config: fetched once
   os.makedirs(workdir, exist_ok=True)
   if config.setting == "single_class":  # one model per class, one after another
     with runs.WorkdirLock(workdir):
