@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cras_jax.backbones import efficientnet_lite, efficientnet_lite_weights, resnet
+from cras_jax.backbones import efficientnet_lite, efficientnet_lite_weights, layers, resnet
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
 from cras_jax.base import errors
 
@@ -37,11 +37,16 @@ def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_module(name: str, dtype: str = "float32"):
+def build_module(name: str, dtype: str = "float32", kernels: str = "cpu_tuned"):
+  """The backbone's Flax module; `kernels` ("auto", "cpu_tuned", "xla": layers.KERNELS) picks
+  the convolutions' form (ResNets have no CPU rewrites: plain convolutions either way)."""
+  form = layers.resolve_kernels(kernels)
   if name in RESNETS:
     return resnet.ResNet(name, compute_dtype=_dtype(dtype))
   if name in EFFICIENTNETS:
-    return efficientnet_lite.EfficientNetLite(name.split("_")[-1], compute_dtype=_dtype(dtype))
+    return efficientnet_lite.EfficientNetLite(
+        name.split("_")[-1], compute_dtype=_dtype(dtype), kernels=form
+    )
   raise ValueError(f"config.model.backbone={name!r} is not known; choose one of {NAMES}")
 
 

@@ -152,6 +152,10 @@ def problems_of(config, check_files: bool = True) -> list[str]:
     _choice(p, config, f)
   for f in ("model.score_mode", "model.dtype", "train.feature_cache_dtype", "data.mask_rule"):
     _choice(p, config, f)
+  _choice(p, config, "model.kernels")
+  if not isinstance(get(config, "train.deterministic"), bool):
+    p.append(f"train.deterministic={get(config, 'train.deterministic')!r}: must be True or False")
+  _int_at_least(p, config, "data.workers", 0)
   classes = d.classes
   if not isinstance(classes, (tuple, list)):
     p.append(f"data.classes={classes!r}: must be a list of class names (or empty: discover)")
