@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import types
 from collections.abc import Sequence
 
@@ -54,7 +55,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax import backbones, configs
-from cras_jax.perf import bench_report, probes
+from cras_jax.perf import bench_report, loader_probe, probes
 from cras_jax.perf import rows as row_lib
 from cras_jax.perf.bench_report import fmt
 from cras_jax.perf.rows import MODES
@@ -155,6 +156,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
       "seed", 0, "Seed of the random weights, centres and batches.", flag_values=fv
   )
+  flags.DEFINE_list(
+      "loader_workers",
+      [],
+      "Also measure the loader (prepared dataset -> device batch, images/s) at each image "
+      "size and the first batch size, with these worker-thread counts (0: the default, one "
+      "per core up to 8); empty: not measured.",
+      flag_values=fv,
+  )
   flags.mark_flag_as_required("out", flag_values=fv)
   flags.register_validator(
       "modes", lambda ms: set(ms) <= set(MODES), f"--modes: each one of {MODES}", flag_values=fv
@@ -185,6 +194,7 @@ _OPTIONS = (
     "breakdown",
     "breakdown_steps",
     "seed",
+    "loader_workers",
 )
 
 
@@ -196,7 +206,22 @@ def options(fv: flags.FlagValues) -> types.SimpleNamespace:
   args.devices = [int(x) for x in args.devices]
   args.image_size = [int(x) for x in args.image_size] if args.image_size else None
   args.levels = tuple(int(x) for x in args.levels) if args.levels else None
+  args.loader_workers = [int(x) for x in args.loader_workers]
   return args
+
+
+def measure_loader(args, sizes: list[int], devs) -> list[dict]:
+  """The loader's images/s at each image size and worker count (perf/loader_probe.py)."""
+  out = []
+  for size in sizes:
+    with tempfile.TemporaryDirectory() as tmp:
+      source = loader_probe.synthetic_source(tmp, size, max(64, 2 * args.batch_sizes[0]))
+      for w in args.loader_workers:
+        r = loader_probe.loader_rate(source, args.batch_sizes[0], w, devs)
+        r["image_size"] = size
+        out.append(r)
+        print(f"loader {size}px, {r['workers']} workers: {r['images_per_s']:.0f} images/s")
+  return out
 
 
 # ----------------------------------------------------------------------------- one row
@@ -286,7 +311,9 @@ def run(fv: flags.FlagValues) -> dict:
   finally:
     counter.close()
 
+  loader_rows = measure_loader(args, sizes, all_devices[:1]) if args.loader_workers else []
   result = {
+      "loader": loader_rows,
       "config": args.config,
       "args": {k: v for k, v in vars(args).items() if k != "out"},
       "environment": env,

@@ -70,6 +70,19 @@ def markdown(result: dict) -> str:
         "convolutions, where nearly all of XLA's FLOPs are; the rest is elementwise and "
         "data-movement work (BatchNorm, activations, unfolding, pooling, argmax, noise).",
     ]
+  if result.get("loader"):
+    steps = {
+        (r["image_size"], r["mode"]): r["images_per_s"] for r in result["rows"] if r["devices"] == 1
+    }
+    lines += ["", "Loader (prepared dataset -> device batch, worker threads):", ""]
+    for r in result["loader"]:
+      beside = ", ".join(
+          f"{m} step {v:.1f}" for (size, m), v in sorted(steps.items()) if size == r["image_size"]
+      )
+      lines.append(
+          f"- {r['image_size']} px, batch {r['batch_size']}, {r['workers']} workers: "
+          f"{r['images_per_s']:.0f} images/s" + (f" (beside: {beside} images/s)" if beside else "")
+      )
   for sk in result.get("skipped", []):
     lines += ["", f"skipped {sk['row']}: {sk['why']}"]
   bad = [r for r in result["rows"] if r["recompiles_during_timing"]]
