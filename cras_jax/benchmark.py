@@ -269,7 +269,7 @@ def run(fv: flags.FlagValues) -> dict:
       for dtype in dtypes:
         config = row_lib.configure(base, args, size, dtype)
         key = (config.model.backbone, args.weights, size)
-        if key not in vars_cache:
+        if key not in vars_cache and args.modes:
           vars_cache.clear()
           # host copies: every row puts its own on the devices (the train step donates them)
           vars_cache[key] = jax.device_get(

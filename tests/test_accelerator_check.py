@@ -14,6 +14,7 @@ def test_accelerator_check_tiny_on_cpu(tmp_path):
       "--modes=score",
       "--reps=1",
       f"--out={out}",
+      timeout=1200,
   )
   assert "Accelerator check" in log
   result = json.loads((out / "accelerator_check.json").read_text())
