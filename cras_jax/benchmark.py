@@ -44,31 +44,21 @@ Compile times are those of this process: if a persistent compilation cache is co
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import os
 import tempfile
-import time
 import types
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax import backbones, configs
-from cras_jax.engine import sharding, steps
-from cras_jax.perf import probes
-from cras_jax.runs import scoring
-
-# train_cached: the training step on stored backbone features (train.cache_features=True),
-# which is how a run trains after its first feature pass: the backbone is frozen and training
-# has no augmentation, so the step is the heads alone.
-MODES = ("train", "train_cached", "score")
-
+from cras_jax.perf import bench_report, loader_probe, probes
+from cras_jax.perf import rows as row_lib
+from cras_jax.perf.bench_report import fmt
+from cras_jax.perf.rows import MODES
 
 # ----------------------------------------------------------------------------- flags
 
@@ -166,6 +156,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
       "seed", 0, "Seed of the random weights, centres and batches.", flag_values=fv
   )
+  flags.DEFINE_list(
+      "loader_workers",
+      [],
+      "Also measure the loader (prepared dataset -> device batch, images/s) at each image "
+      "size and the first batch size, with these worker-thread counts (0: the default, one "
+      "per core up to 8); empty: not measured.",
+      flag_values=fv,
+  )
   flags.mark_flag_as_required("out", flag_values=fv)
   flags.register_validator(
       "modes", lambda ms: set(ms) <= set(MODES), f"--modes: each one of {MODES}", flag_values=fv
@@ -196,6 +194,7 @@ _OPTIONS = (
     "breakdown",
     "breakdown_steps",
     "seed",
+    "loader_workers",
 )
 
 
@@ -207,329 +206,28 @@ def options(fv: flags.FlagValues) -> types.SimpleNamespace:
   args.devices = [int(x) for x in args.devices]
   args.image_size = [int(x) for x in args.image_size] if args.image_size else None
   args.levels = tuple(int(x) for x in args.levels) if args.levels else None
+  args.loader_workers = [int(x) for x in args.loader_workers]
   return args
 
 
-def configure(base, args, image_size: int, dtype: str):
-  config = copy.deepcopy(base)
-  m = config.model
-  if args.backbone:
-    m.backbone = args.backbone
-  if args.embed_dim:
-    m.embed_dim = args.embed_dim
-    if not args.pre_embed_dim:
-      m.pre_embed_dim = args.embed_dim
-  if args.pre_embed_dim:
-    m.pre_embed_dim = args.pre_embed_dim
-  if args.levels:
-    m.levels = args.levels
-  m.weights = args.weights
-  m.dtype = dtype
-  config.data.crop = image_size
-  config.data.resize = max(int(config.data.resize), image_size)
-  return config
-
-
-def choose_steps(args, one_step_s: float) -> int:
-  if args.steps_per_rep > 0:
-    return args.steps_per_rep
-  return int(min(50, max(1, math.ceil(args.min_rep_seconds / max(one_step_s, 1e-6)))))
+def measure_loader(args, sizes: list[int], devs) -> list[dict]:
+  """The loader's images/s at each image size and worker count (perf/loader_probe.py)."""
+  out = []
+  for size in sizes:
+    with tempfile.TemporaryDirectory() as tmp:
+      source = loader_probe.synthetic_source(tmp, size, max(64, 2 * args.batch_sizes[0]))
+      for w in args.loader_workers:
+        r = loader_probe.loader_rate(source, args.batch_sizes[0], w, devs)
+        r["image_size"] = size
+        out.append(r)
+        print(f"loader {size}px, {r['workers']} workers: {r['images_per_s']:.0f} images/s")
+  return out
 
 
 # ----------------------------------------------------------------------------- one row
 
 
-def bench_row(
-    mode: str,
-    config,
-    args,
-    devs,
-    batch_size: int,
-    num_classes: int,
-    backbone_vars,
-    counter: probes.CompileCounter,
-) -> dict:
-  devices = sharding.Devices(devices=list(devs))
-  spec = steps.ModelSpec(config, num_classes)
-  size = spec.image_size
-  rng = np.random.default_rng(args.seed)
-  state = steps.create_state(spec, backbone_vars, args.seed)
-  state = state.replace(centres=jnp.asarray(rng.standard_normal(state.centres.shape, np.float32)))
-  state = jax.device_put(state, devices.replicated)
-  host_batches = [
-      {
-          "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-          "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
-      }
-      for _ in range(max(1, args.num_batches))
-  ]
-  if mode == "train":
-    inputs = [devices.put_batch(b) for b in host_batches]
-    jitted = devices.jit_train(steps.make_train_step(spec))
-  elif mode == "train_cached":
-    dtype = np.dtype(config.train.feature_cache_dtype)
-    shape = (batch_size, spec.num_patches, spec.heads.embed_dim)
-    inputs = [
-        devices.put_batch(
-            {"features": rng.standard_normal(shape, np.float32).astype(dtype), "label": b["label"]}
-        )
-        for b in host_batches
-    ]
-    jitted = devices.jit_train(steps.make_train_step(spec))
-  else:  # how every command scores: the Scorer's jitted predict step on its prepared variables
-    scorer = scoring.Scorer(spec, devices, batch_size, state=state)  # prepared once, not timed
-    inputs = [devices.put_batch({"image": b["image"]})["image"] for b in host_batches]
-    jitted, state = scorer.predict_step, scorer.svars
-  jax.block_until_ready((state, inputs))
-
-  hits0 = counter.cache_hits
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, inputs[0])
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  cache_hit = counter.cache_hits > hits0
-  flops_per_device = probes.cost_flops(compiled)
-  xla_mem = probes.memory_bytes(compiled)
-  hlo = compiled.as_text() if args.breakdown else ""
-  stages = probes.op_stages(hlo) if args.breakdown else {}
-  matmuls = probes.matmul_ops(hlo) if args.breakdown else set()
-  del lowered, compiled
-
-  # The state is donated in training: thread it through every call.
-  holder = {"state": state}
-
-  if mode in ("train", "train_cached"):
-
-    def run(k, start=0):
-      s = holder["state"]
-      metrics = []
-      for i in range(k):
-        s, m = jitted(s, inputs[(start + i) % len(inputs)])
-        metrics.append(m)
-      holder["state"] = s
-      jax.block_until_ready((s, metrics))
-
-  else:
-
-    def run(k, start=0):
-      jax.block_until_ready(
-          [jitted(holder["state"], inputs[(start + i) % len(inputs)]) for i in range(k)]
-      )
-
-  compiles0 = counter.compiles
-  t3 = time.perf_counter()
-  run(1)  # first call: runtime set-up, still outside the steady state
-  first_call_s = time.perf_counter() - t3
-  first_call_compiles = counter.compiles - compiles0
-  compiles0 = counter.compiles
-  t4 = time.perf_counter()
-  run(1, 1)  # warm
-  warm_s = time.perf_counter() - t4
-  k = choose_steps(args, warm_s)
-  cpu0, wall0 = probes.cpu_seconds(), time.perf_counter()
-  step_times = probes.timed_reps(run, args.reps, k)
-  cpu_util = (probes.cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
-  recompiles = counter.compiles - compiles0
-
-  trace_dir = None
-  if args.profile:
-    trace_dir = os.path.join(args.out, "trace", row_label(mode, config, devices.count, batch_size))
-    os.makedirs(trace_dir, exist_ok=True)
-    with jax.profiler.trace(trace_dir):
-      for i in range(args.profile_steps):
-        with jax.profiler.StepTraceAnnotation(mode, step_num=i):
-          run(1, i)
-
-  shares = matmul_share = None
-  if args.breakdown:
-    with tempfile.TemporaryDirectory() as tmp:
-      with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        run(args.breakdown_steps)
-      shares, matmul_share = probes.stage_shares(
-          tmp, stages, "train_step" if mode != "score" else "predict_step", matmuls
-      )
-
-  s = probes.stats(step_times)
-  flops_total = flops_per_device * devices.count if flops_per_device else None
-  row = {
-      "mode": mode,
-      "backbone": config.model.backbone,
-      "image_size": size,
-      "embed_dim": int(config.model.embed_dim),
-      "num_classes": num_classes,
-      "dtype": config.model.dtype,
-      "devices": devices.count,
-      "batch_size": batch_size,
-      "platform": devs[0].platform,
-      "device_kind": devs[0].device_kind,
-      "lower_s": t1 - t0,
-      "compile_s": t2 - t1,
-      "lower_and_compile_s": t2 - t0,
-      "compile_cache_hit": cache_hit,
-      "first_call_s": first_call_s,
-      "reps": args.reps,
-      "steps_per_rep": k,
-      **s,
-      "images_per_s": batch_size / s["median_s"],
-      "images_per_s_best": batch_size / s["min_s"],
-      "flops_per_step": flops_total,
-      "flops_per_step_per_device": flops_per_device,
-      "achieved_flops_per_s": flops_total / s["median_s"] if flops_total else None,
-      "xla_memory_bytes_per_device": xla_mem,
-      "device_peak_bytes": probes.device_peak_bytes(devs),
-      "compiles_on_first_call": first_call_compiles,
-      "recompiles_during_timing": recompiles,
-      # CPU seconds of this process per wall second in the timed reps: on the CPU backend,
-      # well under the core count means the host was shared (other load) or the step idles.
-      "process_cpu_per_wall_s": cpu_util,
-      "loadavg_1min": probes.loadavg(),
-      "trace_dir": os.path.relpath(trace_dir, args.out) if trace_dir else None,
-      "stage_shares": shares,
-      # Share of the op time in matrix products and convolutions (where XLA's FLOPs are);
-      # the rest is elementwise and data-movement work.
-      "matmul_time_share": matmul_share,
-  }
-  return row
-
-
-def row_label(mode, config, n_devices, batch_size) -> str:
-  return (
-      f"{mode}_{config.model.backbone}_{config.data.crop}px_{config.model.dtype}"
-      f"_{n_devices}dev_b{batch_size}"
-  )
-
-
 # ----------------------------------------------------------------------------- output
-
-
-def _fmt(x, scale=1.0, digits=1):
-  if x is None:
-    return "–"
-  v = x / scale
-  if digits == 1 and abs(v) < 10:
-    digits = 2  # small values: keep two significant figures or so
-  return f"{v:.{digits}f}"
-
-
-def markdown(result: dict) -> str:
-  lines = [
-      f"Benchmark: {result['config']} on {result['environment']['device_count']} x "
-      f"{result['environment']['device_kind']} ({result['environment']['platform']}), "
-      f"jax {result['environment']['jax']}; {result['rows'][0]['reps'] if result['rows'] else 0}"
-      f" reps; step time median [min–max]; FLOPs from XLA's cost analysis; CPU s/s: this "
-      f"process's CPU seconds per wall second while timed ({result['environment']['cpu_count']}"
-      f" host CPUs, 1-min load average {_fmt(result['environment']['loadavg_1min'])} at the start).",
-      "",
-      "| mode | backbone | image | D | dtype | dev | batch | compile s | step ms median [min–max]"
-      " | images/s | GFLOP/step | achieved GFLOP/s | f32 matmul GFLOP/s | % of peak | XLA mem MiB"
-      " | peak mem MiB | CPU s/s | backbone % | adapter+matching % | discriminator % | other %"
-      " | matmul ops % |",
-      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-      "---:|---:|---:|---:|---:|",
-  ]
-  for r in result["rows"]:
-    step = f"{r['median_s'] * 1e3:.1f} [{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f}]"
-    compile_s = _fmt(r["lower_and_compile_s"], digits=2) + (
-        " (cache)" if r["compile_cache_hit"] else ""
-    )
-    lines.append(
-        f"| {r['mode']} | {r['backbone']} | {r['image_size']} | {r['embed_dim']} | {r['dtype']} | "
-        f"{r['devices']} | {r['batch_size']} | {compile_s} | {step} | "
-        f"{r['images_per_s']:.2f} | {_fmt(r['flops_per_step'], 1e9)} | "
-        f"{_fmt(r['achieved_flops_per_s'], 1e9)} | {_fmt(r['peak_flops_per_s_f32'], 1e9)} | "
-        f"{_fmt(r['ratio_to_peak_f32'], 0.01)} | {_fmt(r['xla_memory_bytes_per_device'], 2**20, 0)} | "
-        f"{_fmt(r['device_peak_bytes'], 2**20, 0)} | {_fmt(r['process_cpu_per_wall_s'])} | "
-        + " | ".join(
-            _fmt(sh.get(k) if (sh := r.get("stage_shares")) else None, 0.01, 0)
-            for k in probes.STAGE_NAMES
-        )
-        + f" | {_fmt(r.get('matmul_time_share'), 0.01, 0)} |"
-    )
-  peaks = result["matmul_peaks"]
-  if peaks:
-    lines += [
-        "",
-        "Peak matmul (n x n @ n x n, rows split over the devices, best rep): "
-        + "; ".join(
-            f"{p['devices']} dev {p['dtype']} n={p['n']}: {p['flops_per_s'] / 1e9:.1f} GFLOP/s"
-            for p in peaks
-        ),
-    ]
-  if any(r.get("stage_shares") for r in result["rows"]):
-    lines += [
-        "",
-        "Stage shares: of the summed time of the step's ops in a profile (ops running "
-        "at once on several threads all count): backbone = frozen backbone and patch "
-        "aggregation; adapter+matching = adapter, global and local matching; "
-        "discriminator = discriminator and loss; other = noise, DAFS, optimiser, "
-        "anomaly map. matmul ops: the share of that time in matrix products and "
-        "convolutions, where nearly all of XLA's FLOPs are; the rest is elementwise and "
-        "data-movement work (BatchNorm, activations, unfolding, pooling, argmax, noise).",
-    ]
-  for sk in result.get("skipped", []):
-    lines += ["", f"skipped {sk['row']}: {sk['why']}"]
-  bad = [r for r in result["rows"] if r["recompiles_during_timing"]]
-  if bad:
-    lines += ["", f"WARNING: {len(bad)} row(s) recompiled inside the timed loop."]
-  return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: str) -> None:
-  import matplotlib  # here only: plotting, for the figure alone
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = result["rows"]
-  modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-  by_batch = len({r["batch_size"] for r in rows}) > 1 or len({r["devices"] for r in rows}) == 1
-  xkey, xlabel = ("batch_size", "batch size") if by_batch else ("devices", "device count")
-  fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
-  for ax, mode in zip(axes[0], modes):
-    groups: dict[tuple, list] = {}
-    other = "devices" if by_batch else "batch_size"
-    for r in rows:
-      if r["mode"] != mode:
-        continue
-      key = (r["backbone"], r["image_size"], r["dtype"], other, r[other])
-      groups.setdefault(key, []).append(r)
-    for (bb, size, dtype, other, val), rs in sorted(groups.items(), key=str):
-      rs = sorted(rs, key=lambda r: r[xkey])
-      label = f"{bb} {size}px {dtype}, {'dev' if other == 'devices' else 'batch'} {val}"
-      ax.plot([r[xkey] for r in rs], [r["images_per_s"] for r in rs], "o-", label=label)
-      ax.errorbar(
-          [r[xkey] for r in rs],
-          [r["images_per_s"] for r in rs],
-          yerr=[
-              [r["images_per_s"] - r["batch_size"] / r["max_s"] for r in rs],
-              [r["batch_size"] / r["min_s"] - r["images_per_s"] for r in rs],
-          ],
-          fmt="none",
-          capsize=3,
-          color=ax.lines[-1].get_color(),
-      )
-    ax.set_xscale("log", base=2)
-    xs = sorted({r[xkey] for r in rows if r["mode"] == mode})
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("images/s (median, min–max)")
-    ax.set_title(
-        {
-            "train": "training step",
-            "train_cached": "training step (stored features)",
-            "score": "scoring",
-        }[mode]
-    )
-    ax.grid(alpha=0.3)
-    top = max(r["batch_size"] / r["min_s"] for r in rows if r["mode"] == mode)
-    ax.set_ylim(0, 1.25 * top)
-    ax.legend(fontsize=7)
-  env = result["environment"]
-  fig.suptitle(f"{result['config']} on {env['device_kind']} ({env['platform']})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
@@ -569,9 +267,9 @@ def run(fv: flags.FlagValues) -> dict:
     vars_cache: dict = {}
     for size in sizes:
       for dtype in dtypes:
-        config = configure(base, args, size, dtype)
+        config = row_lib.configure(base, args, size, dtype)
         key = (config.model.backbone, args.weights, size)
-        if key not in vars_cache:
+        if key not in vars_cache and args.modes:
           vars_cache.clear()
           # host copies: every row puts its own on the devices (the train step donates them)
           vars_cache[key] = jax.device_get(
@@ -580,12 +278,12 @@ def run(fv: flags.FlagValues) -> dict:
         for n in args.devices:
           for bs in args.batch_sizes:
             for mode in args.modes:
-              label = row_label(mode, config, n, bs)
+              label = row_lib.row_label(mode, config, n, bs)
               if bs % n:
                 skipped.append({"row": label, "why": f"batch {bs} not divisible by {n} devices"})
                 print(f"skip {label}: batch not divisible by the device count", flush=True)
                 continue
-              row = bench_row(
+              row = row_lib.bench_row(
                   mode, config, args, all_devices[:n], bs, num_classes, vars_cache[key], counter
               )
               row["peak_flops_per_s_f32"] = peak_by.get((n, "float32"))
@@ -606,14 +304,16 @@ def run(fv: flags.FlagValues) -> dict:
                   f"{label}: compile {row['lower_and_compile_s']:.2f}s, step "
                   f"{row['median_s'] * 1e3:.1f} ms [{row['min_s'] * 1e3:.1f}–"
                   f"{row['max_s'] * 1e3:.1f}], {row['images_per_s']:.2f} images/s, "
-                  f"{_fmt(row['achieved_flops_per_s'], 1e9)} GFLOP/s "
-                  f"({_fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)",
+                  f"{fmt(row['achieved_flops_per_s'], 1e9)} GFLOP/s "
+                  f"({fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)",
                   flush=True,
               )
   finally:
     counter.close()
 
+  loader_rows = measure_loader(args, sizes, all_devices[:1]) if args.loader_workers else []
   result = {
+      "loader": loader_rows,
       "config": args.config,
       "args": {k: v for k, v in vars(args).items() if k != "out"},
       "environment": env,
@@ -623,11 +323,11 @@ def run(fv: flags.FlagValues) -> dict:
   }
   with open(os.path.join(args.out, "benchmark.json"), "w") as f:
     json.dump(result, f, indent=2)
-  md = markdown(result)
+  md = bench_report.markdown(result)
   with open(os.path.join(args.out, "benchmark.md"), "w") as f:
     f.write(md)
   if rows:
-    plot(result, os.path.join(args.out, "benchmark.png"))
+    bench_report.plot(result, os.path.join(args.out, "benchmark.png"))
   print("\n" + md, flush=True)
   return result
 

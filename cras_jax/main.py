@@ -13,6 +13,7 @@ from absl import app, flags, logging
 
 from cras_jax import configs
 from cras_jax.base import compile_cache, errors
+from cras_jax.engine import determinism
 from cras_jax.training import population, train
 
 
@@ -64,6 +65,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  # before anything starts JAX's backends: XLA reads XLA_FLAGS once
+  determinism.use_xla_flag(fv.mode != "eval" and fv.config.train.get("deterministic", True))
   compile_cache.setup(fv.config)  # before anything compiles: later starts reuse the steps
   if fv.num_processes > 1:
     jax.distributed.initialize(

@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cras_jax.backbones import efficientnet_lite, efficientnet_lite_weights, resnet, weights_fetch
+from cras_jax.backbones import (
+    efficientnet_lite,
+    efficientnet_lite_weights,
+    layers,
+    resnet,
+    weights_fetch,
+)
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
 from cras_jax.base import errors, registry
 
@@ -39,12 +45,17 @@ def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_module(name: str, dtype: str = "float32"):
+def build_module(name: str, dtype: str = "float32", kernels: str = "cpu_tuned"):
+  """The backbone's Flax module; `kernels` ("auto", "cpu_tuned", "xla": layers.KERNELS) picks
+  the convolutions' form (ResNets have no CPU rewrites: plain convolutions either way)."""
+  form = layers.resolve_kernels(kernels)
   spec = registry.backbone(name)
   if spec is not None and spec.family == "resnet":
     return resnet.ResNet(name, compute_dtype=_dtype(dtype))
   if spec is not None and spec.family == "efficientnet_lite":
-    return efficientnet_lite.EfficientNetLite(spec.variant, compute_dtype=_dtype(dtype))
+    return efficientnet_lite.EfficientNetLite(
+        spec.variant, compute_dtype=_dtype(dtype), kernels=form
+    )
   raise ValueError(f"config.model.backbone={name!r} is not known; choose one of {NAMES}")
 
 

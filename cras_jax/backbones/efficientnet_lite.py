@@ -181,9 +181,9 @@ class _Ops:
   @staticmethod
   def conv(mod, x, features, kernel, stride, name, groups=1):
     if groups == 1 and kernel == 1 and stride == 1:
-      return PointwiseConv(features, mod.compute_dtype, mod.precision, name=name)(x)
+      return PointwiseConv(features, mod.compute_dtype, mod.precision, mod.kernels, name=name)(x)
     if groups > 1 and groups == x.shape[-1] == features:
-      return DepthwiseConv(kernel, stride, mod.compute_dtype, name=name)(x)
+      return DepthwiseConv(kernel, stride, mod.compute_dtype, mod.kernels, name=name)(x)
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -213,6 +213,7 @@ class MBConvBlock(nn.Module):
   spec: BlockSpec
   compute_dtype: Any = jnp.float32
   precision: Any = None
+  kernels: str = "cpu_tuned"  # layers.FORMS: the convolutions' form
 
   @nn.compact
   def __call__(self, inputs):
@@ -245,6 +246,7 @@ class EfficientNetLite(nn.Module):
   num_classes: int = 1000
   compute_dtype: Any = jnp.float32
   precision: Any = None
+  kernels: str = "cpu_tuned"  # layers.FORMS: the convolutions' form (backbones/layers.py)
 
   @nn.compact
   def __call__(self, x, max_level: int = 4, with_logits: bool = False):
@@ -262,7 +264,9 @@ class EfficientNetLite(nn.Module):
     x = _relu6(_Ops.bn(self, _Ops.conv(self, x, STEM_CHANNELS, 3, 2, "_conv_stem"), "_bn0"))
     out = {}
     for b in specs[: last + 1]:
-      x = MBConvBlock(b, self.compute_dtype, self.precision, name=f"_blocks_{b.index}")(x)
+      x = MBConvBlock(
+          b, self.compute_dtype, self.precision, self.kernels, name=f"_blocks_{b.index}"
+      )(x)
       lvl = taps.get(b.index)
       if lvl is not None:
         out[f"level{lvl}"] = x.astype(jnp.float32)

@@ -1,8 +1,15 @@
-"""Convolution layers that XLA runs fast on CPUs, with ``nn.Conv``'s parameters.
+"""Convolution layers in two forms per platform, with ``nn.Conv``'s parameters.
 
-Measured on the 2-core development CPU (batch 8, float32, jit): a 3x3 depthwise convolution
-on an 8x80x80x96 tensor took 140 ms as a grouped ``lax.conv`` and 11 ms as nine shifted
-multiply-adds; EfficientNet-Lite0 up to level 3 at 160 px went from about 345 ms to 34 ms.
+``model.kernels`` chooses the form (docs/performance.md, "Kernels per platform"):
+- ``"cpu_tuned"``: rewrites that XLA:CPU runs fast. Measured on the 2-core development CPU
+  (batch 8, float32, jit): a 3x3 depthwise convolution on an 8x80x80x96 tensor took 140 ms as a
+  grouped ``lax.conv`` and 11 ms as nine shifted multiply-adds; EfficientNet-Lite0 up to level 3
+  at 160 px went from about 345 ms to 34 ms. 1x1 convolutions are matrix products (``dot``).
+- ``"xla"``: the plain forms (``lax.conv_general_dilated``, grouped for depthwise), which GPUs
+  (cuDNN) and TPUs (the convolution unit) run as native kernels.
+- ``"auto"``: ``cpu_tuned`` on the CPU backend, ``xla`` on GPUs and TPUs (`resolve_kernels`).
+Both forms have the same parameters (weights are interchangeable) and the same result up to
+the order of additions (tests/backbones/test_layers.py, forward and backward).
 """
 
 from __future__ import annotations
@@ -12,6 +19,22 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+KERNELS = ("auto", "cpu_tuned", "xla")
+FORMS = ("cpu_tuned", "xla")
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_kernels(kernels: str, platform: str | None = None) -> str:
+  """The form `kernels` means on `platform` (default: JAX's default backend):
+  "auto" is "cpu_tuned" on "cpu" and "xla" elsewhere; the others are themselves."""
+  if kernels not in KERNELS:
+    raise ValueError(f"model.kernels={kernels!r}: choose one of {KERNELS}")
+  if kernels != "auto":
+    return kernels
+  platform = platform or jax.default_backend()
+  return "cpu_tuned" if platform == "cpu" else "xla"
 
 
 def same_pads(in_hw, kernel: int, stride: int):
@@ -54,13 +77,27 @@ def depthwise_conv(x, kernel, stride: int, pads, precision=None):
   return acc
 
 
+def depthwise_conv_xla(x, kernel, stride: int, pads, precision=None):
+  """Depthwise kxk convolution as one grouped ``lax.conv`` (``feature_group_count=C``)."""
+  return jax.lax.conv_general_dilated(
+      x,
+      kernel.astype(x.dtype),
+      (stride, stride),
+      tuple(pads),
+      dimension_numbers=_NHWC,
+      feature_group_count=x.shape[-1],
+      precision=precision,
+  )
+
+
 class DepthwiseConv(nn.Module):
   """Depthwise conv with ``nn.Conv``'s parameter (``kernel`` (k, k, 1, C)), computed
-  by :func:`depthwise_conv`."""
+  by :func:`depthwise_conv` (form "cpu_tuned") or :func:`depthwise_conv_xla` ("xla")."""
 
   kernel_size: int
   stride: int
   compute_dtype: Any = jnp.float32
+  form: str = "cpu_tuned"
 
   @nn.compact
   def __call__(self, x):
@@ -72,22 +109,33 @@ class DepthwiseConv(nn.Module):
         jnp.float32,
     )
     pads = same_pads(x.shape[1:3], self.kernel_size, self.stride)
-    return depthwise_conv(x.astype(self.compute_dtype), kernel, self.stride, pads)
+    fn = depthwise_conv if self.form == "cpu_tuned" else depthwise_conv_xla
+    return fn(x.astype(self.compute_dtype), kernel, self.stride, pads)
 
 
 class PointwiseConv(nn.Module):
-  """1x1 convolution as a matrix product over channels (``nn.Conv``'s parameter,
-  ``kernel`` (1, 1, Cin, Cout))."""
+  """1x1 convolution (``nn.Conv``'s parameter, ``kernel`` (1, 1, Cin, Cout)): a matrix product
+  over channels (form "cpu_tuned") or a ``lax.conv`` ("xla")."""
 
   features: int
   compute_dtype: Any = jnp.float32
   precision: Any = None
+  form: str = "cpu_tuned"
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param(
         "kernel", nn.initializers.lecun_normal(), (1, 1, x.shape[-1], self.features), jnp.float32
     )
+    if self.form == "xla":
+      return jax.lax.conv_general_dilated(
+          x.astype(self.compute_dtype),
+          kernel.astype(self.compute_dtype),
+          (1, 1),
+          "VALID",
+          dimension_numbers=_NHWC,
+          precision=self.precision,
+      )
     return jnp.dot(
         x.astype(self.compute_dtype),
         kernel[0, 0].astype(self.compute_dtype),

@@ -100,6 +100,13 @@ FIELDS: tuple[Field, ...] = (
         "Files more elongated (long side / short side) are reported, not decoded.",
         later=True,
     ),
+    F(
+        "data.workers",
+        0,
+        "Loader threads reading a training batch (0: one per host core, at most 8); the batches "
+        "do not depend on it (cras_jax/data/loader.py).",
+        later=True,
+    ),
     F("data.synthetic.seed", 0, "Seed of the generated demo set."),
     F("data.synthetic.image_size", 160, "Side of the generated images."),
     F("data.synthetic.n_train", 40, "Generated training images per class."),
@@ -167,6 +174,16 @@ FIELDS: tuple[Field, ...] = (
     ),
     F("model.map_sigma", 4.0, "Gaussian smoothing of the anomaly map (pixels)."),
     F("model.dtype", "float32", "Compute dtype of the heads.", ("float32", "bfloat16")),
+    F(
+        "model.kernels",
+        "auto",
+        "Convolution and pooling forms (cras_jax/backbones/layers.py, docs/performance.md): "
+        "cpu_tuned (shifted depthwise, 1x1 as dot, poolings as matrices: fast on XLA:CPU), xla "
+        "(plain grouped convolutions and window means: GPUs, TPUs), auto (cpu_tuned on the CPU "
+        "backend, xla elsewhere).",
+        ("auto", "cpu_tuned", "xla"),
+        later=True,
+    ),
     F("train.batch_size", 32, "Training batch size (all devices together)."),
     F("train.epochs", 100, "Training epochs."),
     F("train.lr_adapter", 1e-4, "Adapter learning rate (AdamW)."),
@@ -193,6 +210,14 @@ FIELDS: tuple[Field, ...] = (
         "train.feature_cache_dir",
         "",
         "Feature cache directory; default `<data cache_dir>/features`.",
+    ),
+    F(
+        "train.deterministic",
+        True,
+        "Deterministic XLA ops for bit-identical reruns and resumes: on GPUs "
+        "--xla_gpu_deterministic_ops (cras_jax/engine/determinism.py); CPUs and TPUs are "
+        "deterministic either way.",
+        later=True,
     ),
     F(
         "train.population",

@@ -81,9 +81,15 @@ def init_heads(cfg: HeadsConfig, rng: jax.Array):
 
 
 def make_embed_fn(
-    backbone: Any, levels: tuple[int, ...], pre_embed_dim: int, embed_dim: int, patch_size: int = 3
+    backbone: Any,
+    levels: tuple[int, ...],
+    pre_embed_dim: int,
+    embed_dim: int,
+    patch_size: int = 3,
+    form: str = "cpu_tuned",
 ) -> Callable:
-  """Returns embed(backbone_vars, images_normalised) -> t [B, HW, D], (h, w)."""
+  """Returns embed(backbone_vars, images_normalised) -> t [B, HW, D], (h, w); `form` is the
+  aggregation's kernels form (backbones/layers.py FORMS)."""
   max_level = max(levels)
 
   def embed(backbone_vars, x):
@@ -91,7 +97,7 @@ def make_embed_fn(
       feats = backbone.apply(backbone_vars, x, max_level=max_level)
       maps = [feats[f"level{l}"].astype(jnp.float32) for l in levels]
     with jax.named_scope("aggregate"):
-      t = features.aggregate_patches(maps, pre_embed_dim, embed_dim, patch_size)
+      t = features.aggregate_patches(maps, pre_embed_dim, embed_dim, patch_size, form)
     return t, maps[0].shape[1:3]
 
   return embed

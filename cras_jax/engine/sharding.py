@@ -8,6 +8,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cras_jax.engine import determinism
+
 
 class Devices:
   """A 1-D mesh over devices: batches split on 'data', state replicated.
@@ -55,13 +57,15 @@ class Devices:
         tree,
     )
 
-  def jit_train(self, fn):
-    """(state, batch) -> (state, metrics): batch split, state replicated and donated."""
+  def jit_train(self, fn, deterministic: bool = False):
+    """(state, batch) -> (state, metrics): batch split, state replicated and donated;
+    `deterministic`: compiled with deterministic ops (engine/determinism.py)."""
     return jax.jit(
         fn,
         in_shardings=(self.replicated, self.batch),
         out_shardings=(self.replicated, self.replicated),
         donate_argnums=0,
+        compiler_options=determinism.COMPILER_OPTIONS if deterministic else None,
     )
 
   def jit_predict(self, fn):

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from cras_jax import backbones
+from cras_jax.backbones import layers
 from cras_jax.data import preprocess
 from cras_jax.engine import model
 from cras_jax.method import centres as centres_lib
@@ -117,9 +118,11 @@ class ModelSpec:
     self.config = config
     self.num_classes = num_classes
     self.heads = model.HeadsConfig.from_config(m)
-    self.backbone = backbones.build_module(m.backbone, m.dtype)
+    # "auto" kernels: the form for JAX's default backend, fixed when the spec is built.
+    self.kernels = layers.resolve_kernels(m.get("kernels", "auto"))
+    self.backbone = backbones.build_module(m.backbone, m.dtype, self.kernels)
     self.embed = model.make_embed_fn(
-        self.backbone, tuple(m.levels), m.pre_embed_dim, m.embed_dim, m.patch_size
+        self.backbone, tuple(m.levels), m.pre_embed_dim, m.embed_dim, m.patch_size, self.kernels
     )
     self.tx = optimizer_from_config(config)
     self.image_size = config.data.crop

@@ -52,6 +52,22 @@ def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
   return jnp.dot(x, m, precision=jax.lax.Precision.HIGHEST)
 
 
+def adaptive_avg_pool_windows(x: jax.Array, out: int) -> jax.Array:
+  """`adaptive_avg_pool_last` as plain XLA ops: a gather of every window (padded to the
+  widest) and a masked mean; no matrix. The "xla" kernels' form (`aggregate_patches`)."""
+  length = x.shape[-1]
+  if _is_reshape_mean(length, out):
+    return adaptive_avg_pool_last(x, out)
+  start, end = adaptive_pool_windows(length, out)
+  width = int((end - start).max())
+  idx = np.minimum(start[:, None] + np.arange(width)[None, :], end[:, None] - 1)
+  mask = (start[:, None] + np.arange(width)[None, :] < end[:, None]).astype(np.float32)
+  taps = jnp.take(x, jnp.asarray(idx.reshape(-1)), axis=-1)
+  taps = taps.reshape(*x.shape[:-1], out, width)
+  weights = jnp.asarray(mask / (end - start)[:, None], x.dtype)
+  return (taps * weights).sum(-1)
+
+
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
   """Bilinear resize of [B, H, W, C] with half-pixel centres.
 
@@ -98,7 +114,11 @@ def level_projections(
 
 
 def aggregate_patches(
-    levels: Sequence[jax.Array], pre_embed_dim: int, embed_dim: int, patch_size: int = 3
+    levels: Sequence[jax.Array],
+    pre_embed_dim: int,
+    embed_dim: int,
+    patch_size: int = 3,
+    form: str = "cpu_tuned",
 ) -> jax.Array:
   """Fuses backbone levels into patch features t [B, H0 * W0, embed_dim].
 
@@ -116,6 +136,8 @@ def aggregate_patches(
   pre_embed_dim above C k k as for EfficientNet-Lite levels), a pooling would be a gather,
   which XLA runs slowly on CPUs: each level's two poolings are then one small matrix
   product (`level_projections`), applied before upsampling, and the levels' shares add up.
+  That matrix form is the "cpu_tuned" kernels' form (`form`, cras_jax/backbones/layers.py);
+  with form="xla" uneven poolings stay window means (`adaptive_avg_pool_windows`).
   """
   grid = levels[0].shape[1:3]
   b = levels[0].shape[0]
@@ -124,17 +146,17 @@ def aggregate_patches(
   plain = all(
       _is_reshape_mean(f.shape[-1] * k2, pre_embed_dim) for f in levels
   ) and _is_reshape_mean(n * pre_embed_dim, embed_dim)
-  if plain:
+  if plain or form == "xla":
     pooled = []
     for feat in levels:
       f = unfold3x3(feat, patch_size)
-      f = adaptive_avg_pool_last(f, pre_embed_dim)
+      f = adaptive_avg_pool_windows(f, pre_embed_dim)
       if f.shape[1:3] != grid:
         f = resize_bilinear(f, grid)
       pooled.append(f)
     x = jnp.stack(pooled, axis=-2)  # [B, H, W, n_levels, pre]
     x = x.reshape(b, grid[0] * grid[1], n * pre_embed_dim)
-    return adaptive_avg_pool_last(x, embed_dim)
+    return adaptive_avg_pool_windows(x, embed_dim)
   projections = level_projections(
       [f.shape[-1] for f in levels], pre_embed_dim, embed_dim, patch_size
   )

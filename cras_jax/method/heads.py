@@ -186,11 +186,16 @@ def discriminator_split(
   # Each part is formed before concatenating: the transpose is then an elementwise sum of
   # the parts' cotangents (a tiled term's transpose became a slow reduction on CPU).
   hs = [hu] + [hu + matmul(o, a, dtype) for o in offsets]
-  h = jnp.concatenate(hs, axis=0) if len(hs) > 1 else hs[0]
+  # Rows interleaved (u_0, v_0, u_1, v_1, ...): with the batch split over devices, each device
+  # keeps its own rows (a concatenation [u; v] made XLA move half of them between devices);
+  # the logits are put back in [u; v] order at the end (a move of scalars only).
+  h = jnp.stack(hs, axis=1).reshape(-1, hu.shape[-1]) if len(hs) > 1 else hs[0]
   if "bias" in first:
     h = h + first["bias"].astype(h.dtype)
+  parts = len(hs)
+  row_major = lambda z: z.reshape(-1, parts).T.reshape(-1)  # interleaved -> [u; v; ...]
   if n_layers == 1:
-    return h[..., 0].astype(jnp.float32), None
+    return row_major(h[..., 0].astype(jnp.float32)), None
   new_stats = {}
   for i in range(n_layers - 1):
     name = f"block{i + 1}"
@@ -205,7 +210,7 @@ def discriminator_split(
       h = TorchBatchNorm().apply(bn_vars, h, False)
     h = nn.leaky_relu(h, 0.2)
   logits = matmul(h, params["tail"]["kernel"], dtype)[..., 0].astype(jnp.float32)
-  return logits, (new_stats if train else None)
+  return row_major(logits), (new_stats if train else None)
 
 
 def fold_discriminator(

@@ -269,3 +269,18 @@ def environment() -> dict:
       "loadavg_1min": loadavg(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+
+
+def memory_bandwidth(dev, megabytes: int = 64, reps: int = 10) -> dict:
+  """Bytes/s of a streaming read + write (y = x + 1 over `megabytes` of float32) on `dev`,
+  best of `reps`: the memory bandwidth the scaling model charges XLA's bytes accessed at."""
+  n = megabytes * 2**20 // 4
+  x = jax.device_put(jnp.zeros((n,), jnp.float32), dev)
+  f = jax.jit(lambda x: x + 1.0)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return {"bytes": 2 * 4 * n, "bytes_per_s": 2 * 4 * n / min(times), "min_s": min(times)}

@@ -182,6 +182,10 @@ def problems_of(config, check_files: bool = True) -> list[str]:
     p.append(
         f"cache.compilation={comp!r}: must be 'auto', one of {compile_cache.OFF} or a directory"
     )
+  _choice(p, config, "model.kernels")
+  if not isinstance(get(config, "train.deterministic"), bool):
+    p.append(f"train.deterministic={get(config, 'train.deterministic')!r}: must be True or False")
+  _int_at_least(p, config, "data.workers", 0)
   classes = d.classes
   if not isinstance(classes, (tuple, list)):
     p.append(f"data.classes={classes!r}: must be a list of class names (or empty: discover)")

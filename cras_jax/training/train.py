@@ -27,6 +27,7 @@ import numpy as np
 
 from cras_jax import data as data_lib
 from cras_jax.base import errors, progress
+from cras_jax.data import loader
 from cras_jax.engine import population, sharding, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.runs import (
@@ -296,11 +297,15 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
   bs = config.train.batch_size
   steps_per_epoch = math.ceil(n / bs)
   total = config.train.epochs * steps_per_epoch
-  train_step = devices.jit_train(steps.make_train_step(spec))
+  train_step = devices.jit_train(
+      steps.make_train_step(spec), deterministic=config.train.get("deterministic", True)
+  )
   scorer = scoring.Scorer(spec, devices, config.eval.batch_size)  # compiled once, when used
   ckpt_every = config.train.checkpoint_every_steps
   protocol = config.eval.protocol
   eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
+
+  reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
 
   def batches(start):
     for s in range(start, total):
@@ -312,7 +317,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
             "label": train_labels[idx],
         }
       else:
-        batch = data_lib.get_batch(dataset.train, idx, ("image", "label"))
+        batch = reader.read(idx, ("image", "label"))
       yield s, devices.put_batch(batch)
 
   step = int(state.step)
@@ -365,6 +370,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
           heatmaps=False,
       )
   bar.close()
+  reader.close()
   if last_metrics:
     print("final training window: " + results.format_train_metrics(last_metrics), flush=True)
   scorer.set_state(state)

@@ -1,0 +1,109 @@
+"""Named systems for the scaling model (cras_jax/perf/roofline.py): peak compute per dtype,
+memory bandwidth and collective bandwidth per device, each figure with its published source.
+
+Figures are vendor peaks (dense, no sparsity). A float32 step runs at the float32 matmul rate
+XLA uses by default on that platform: TF32 tensor cores on NVIDIA GPUs (JAX's default matmul
+precision allows TF32), one bfloat16 pass on TPUs (the default precision of float32 dots and
+convolutions there). "this CPU" is measured in the same run (`cpu_system`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+TFLOP, GB = 1e12, 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+  name: str
+  flops_per_s: dict  # dtype ("float32", "bfloat16") -> peak FLOP/s per device
+  memory_bytes_per_s: float  # per device (HBM, or host DRAM for the CPU)
+  collective_bytes_per_s: float  # per device, one direction: a ring step's link rate
+  collective_latency_s: float  # per collective (launch and synchronisation)
+  host_overhead_s: float  # per step: dispatch of the jitted step by the Python loop
+  memory_per_device_bytes: float | None
+  source: str
+  shared: bool = False  # simulated devices sharing one chip (the CPU): peaks are for all
+
+
+H100_SXM = System(
+    name="H100 SXM",
+    flops_per_s={"bfloat16": 989 * TFLOP, "float32": 494 * TFLOP},
+    memory_bytes_per_s=3350 * GB,
+    collective_bytes_per_s=450 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=80 * GB,
+    source=(
+        "NVIDIA H100 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOP/s with sparsity = 989 "
+        "dense; TF32 989 sparse = 494 dense (FP32 non-tensor 67); HBM3 3.35 TB/s, 80 GB; NVLink "
+        "900 GB/s total = 450 GB/s per direction"
+    ),
+)
+H200 = System(
+    name="H200 SXM",
+    flops_per_s={"bfloat16": 989 * TFLOP, "float32": 494 * TFLOP},
+    memory_bytes_per_s=4800 * GB,
+    collective_bytes_per_s=450 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=141 * GB,
+    source=(
+        "NVIDIA H200 Tensor Core GPU datasheet (SXM): compute as H100 SXM (BF16 989 dense, "
+        "TF32 494 dense); HBM3e 4.8 TB/s, 141 GB; NVLink 900 GB/s total = 450 per direction"
+    ),
+)
+TPU_V5E = System(
+    name="TPU v5e",
+    flops_per_s={"bfloat16": 197 * TFLOP, "float32": 197 * TFLOP},
+    memory_bytes_per_s=819 * GB,
+    collective_bytes_per_s=200 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=16 * GB,
+    source=(
+        "Google Cloud TPU v5e documentation (cloud.google.com/tpu/docs/v5e): 197 TFLOP/s bf16, "
+        "HBM2 16 GB at 819 GB/s, ICI 1,600 Gbps per chip = 200 GB/s (= the pod's 51.2 TB/s "
+        "all-reduce bandwidth / 256 chips)"
+    ),
+)
+TPU_V4 = System(
+    name="TPU v4",
+    flops_per_s={"bfloat16": 275 * TFLOP, "float32": 275 * TFLOP},
+    memory_bytes_per_s=1200 * GB,
+    collective_bytes_per_s=268 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=32 * 2**30,
+    source=(
+        "Google Cloud TPU v4 documentation (cloud.google.com/tpu/docs/v4): 275 TFLOP/s bf16, "
+        "HBM2 32 GiB at 1,200 GB/s; all-reduce bandwidth 1.1 PB/s per 4,096-chip pod = 268 GB/s "
+        "per chip"
+    ),
+)
+NAMED = (H100_SXM, H200, TPU_V5E, TPU_V4)
+
+
+def measured_system(
+    name: str,
+    matmul_flops_per_s: float,
+    memory_bytes_per_s: float,
+    shared: bool,
+    host_overhead_s: float = 100e-6,
+) -> System:
+  """The local machine, from its matmul peak and memory bandwidth measured in the same run.
+
+  On the CPU, simulated devices share its cores: `shared` makes the model charge every
+  device's work to the one chip, and collectives are memory copies."""
+  return System(
+      name=name,
+      flops_per_s={"float32": matmul_flops_per_s, "bfloat16": matmul_flops_per_s},
+      memory_bytes_per_s=memory_bytes_per_s,
+      collective_bytes_per_s=memory_bytes_per_s / 2,  # read + write
+      collective_latency_s=5e-6,
+      host_overhead_s=host_overhead_s,
+      memory_per_device_bytes=None,
+      source="measured in the same run: float32 matmul peak and a streaming copy (probes)",
+      shared=shared,
+  )
