@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,13 +33,14 @@ from absl import app, flags
 from PIL import Image
 
 from cras_jax.base import errors
+from cras_jax.data import layout
 
 SPLIT_CSV = os.path.join("split_csv", "1cls.csv")
 COLUMNS = ("object", "split", "label", "image", "mask")
 
 
-class ConversionError(ValueError):
-  pass
+class ConversionError(errors.UserValueError):
+  """The split file or the sources cannot be converted (lists every problem)."""
 
 
 def read_split(csv_path: Path) -> list[dict]:
@@ -110,7 +110,20 @@ def convert(
   problems = []
   for r in rows:
     cls, split, label = r["object"], r["split"].lower(), r["label"].lower()
-    img = visa_root / r["image"]
+    # Every path built from the CSV stays under its root (the class-name rule per component).
+    why = [
+        f"{col} {w}"
+        for col, w in (
+            ("object", layout.plain_name_problem(cls)),
+            ("image", layout.relative_path_problem(r["image"])),
+            ("mask", r.get("mask") and layout.relative_path_problem(r["mask"])),
+        )
+        if w
+    ]
+    if why:
+      problems.append(f"{csv_path}: row refused: " + "; ".join(why))
+      continue
+    img = Path(layout.confined(visa_root, r["image"]))
     anomaly = label not in ("normal", "good", "0")
     if split not in ("train", "test"):
       problems.append(f"{r['image']}: unknown split {r['split']!r}")
@@ -127,7 +140,7 @@ def convert(
       if not r.get("mask"):
         problems.append(f"{r['image']}: anomalous image without a mask in the CSV")
         continue
-      mask = visa_root / r["mask"]
+      mask = Path(layout.confined(visa_root, r["mask"]))
       if not mask.is_file():
         problems.append(f"mask not found: {mask}")
         continue
@@ -171,15 +184,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) != 3:
     raise app.UsageError("give two arguments: <visa_root> <out_root>")
-  try:
-    convert(argv[1], argv[2], flag_values.classes, flag_values.split_csv)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  convert(argv[1], argv[2], flag_values.classes, flag_values.split_csv)  # errors: exit 2
   return 0
 
 
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)
