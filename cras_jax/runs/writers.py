@@ -137,7 +137,11 @@ class PredictionWriter:
 
   def close(self, failed: bool = False) -> None:
     """Stops the PNG threads and closes the partial rows; failed: says where they are."""
-    self._pool.shutdown()
+    self._pool.shutdown()  # the PNGs already queued are completed
+    for row, futures in self._waiting:  # rows whose files all exist now are listed
+      if all(f.exception() is None for f in futures):
+        self.row(row)
+    self._waiting = []
     self._partial.close()
     if failed:
       print(
