@@ -36,6 +36,7 @@ import jax
 from absl import app, flags
 
 from cras_jax import backbones
+from cras_jax.base import errors
 from cras_jax.configs import demo, mvtec
 from cras_jax.engine import steps
 from cras_jax.perf import checks, probes, roofline, rows, systems
@@ -229,4 +230,5 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  errors.run(main)

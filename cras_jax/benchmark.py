@@ -55,6 +55,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax import backbones, configs
+from cras_jax.base import errors, flag_checks
 from cras_jax.perf import bench_report, loader_probe, probes
 from cras_jax.perf import rows as row_lib
 from cras_jax.perf.bench_report import fmt
@@ -165,6 +166,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv,
   )
   flags.mark_flag_as_required("out", flag_values=fv)
+  flag_checks.positive_ints(fv, "batch_sizes", 65536)
+  flag_checks.positive_ints(fv, "devices", 4096)
+  flag_checks.bounded(fv, "min_rep_seconds", 0.0, 3600.0)
+  for name in ("num_batches", "profile_steps", "breakdown_steps"):
+    flag_checks.bounded(fv, name, 1, 10_000)
+  for name in ("embed_dim", "pre_embed_dim"):
+    flag_checks.bounded(fv, name, 1, 16384)
+  flag_checks.bounded(fv, "image_size", 32, 4096, item="entry")
+  flag_checks.bounded(fv, "num_classes", 0, 10_000)
+  flag_checks.bounded(fv, "steps_per_rep", 0, 10_000)
+  flag_checks.bounded(fv, "matmul_size", 0, 65536)
+  flag_checks.subset(fv, "modes", ("train", "train_cached", "score"))
   flags.register_validator(
       "modes", lambda ms: set(ms) <= set(MODES), f"--modes: each one of {MODES}", flag_values=fv
   )
@@ -241,7 +254,7 @@ def run(fv: flags.FlagValues) -> dict:
   all_devices = jax.devices()
   for n in args.devices:
     if not 1 <= n <= len(all_devices):
-      raise SystemExit(
+      raise errors.UserValueError(
           f"--devices: {n} requested, {len(all_devices)} available "
           f"(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
       )
@@ -341,4 +354,5 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.define_verbose_flag()
+  errors.run(main)

@@ -278,4 +278,4 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

@@ -7,7 +7,6 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -36,15 +35,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if len(argv) != 3:
     raise app.UsageError("give two arguments: <visa_root> <out_root>")
-  try:
-    convert(argv[1], argv[2], flag_values.classes, flag_values.split_csv)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  convert(argv[1], argv[2], flag_values.classes, flag_values.split_csv)  # errors: exit 2
   return 0
 
 
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from jax import export as jax_export
 
 import cras_jax
-from cras_jax.base import compile_cache, errors
+from cras_jax.base import compile_cache, errors, flag_checks
 from cras_jax.runs import scoring
 from cras_jax.runs import workdir as runs
 
@@ -238,6 +238,28 @@ def _finite(x):
 
 # ----------------------------------------------------------------------------- command line
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+def check_output_and_platforms(output: str, platforms) -> None:
+  """A `UserValueError` for an output that is a folder or in a missing folder, and for
+  platforms jax.export does not know (before anything is loaded or written)."""
+  bad = [p for p in platforms or [] if p not in PLATFORMS]
+  if not platforms or bad:
+    raise errors.UserValueError(
+        f"--platforms={','.join(platforms or [])}: "
+        + (f"unknown {', '.join(map(repr, bad))}; " if bad else "")
+        + f"choose from {', '.join(PLATFORMS)}"
+    )
+  if os.path.isdir(output) or output.endswith(("/", os.sep)):
+    raise errors.UserValueError(
+        f"--output={output!r} is a folder; give a file name such as "
+        f"{os.path.join(output, 'exported.npz')!r}"
+    )
+  parent = os.path.dirname(os.path.abspath(output))
+  if not os.path.isdir(parent):
+    raise errors.UserValueError(f"--output={output!r}: the folder {parent!r} does not exist")
+
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
@@ -262,6 +284,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "pixel_threshold", None, "Store this pixel threshold instead of the run's.", flag_values=fv
   )
   flags.mark_flag_as_required("workdir", flag_values=fv)
+  for name in ("image_threshold", "pixel_threshold"):
+    flag_checks.bounded(fv, name)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
@@ -270,6 +294,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  output = fv.output or os.path.join(fv.workdir, "exported.npz")
+  check_output_and_platforms(output, fv.platforms)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = runs.load_run(fv.workdir)
   thr = scoring.load_thresholds(run, fv.workdir, fv.image_threshold, fv.pixel_threshold)
@@ -280,11 +306,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         "stored thresholds are absent; pass thresholds to the exported function.",
         file=sys.stderr,
     )
-  export_run(run, thr, fv.output or os.path.join(fv.workdir, "exported.npz"), fv.platforms)
+  export_run(run, thr, output, fv.platforms)
   return 0
 
 
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

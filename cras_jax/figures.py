@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import compile_cache, errors
+from cras_jax.base import compile_cache, errors, flag_checks
 from cras_jax.engine import steps
 from cras_jax.runs import evaluate, plots, scoring
 from cras_jax.runs import workdir as runs
@@ -305,6 +305,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "data_root", None, "Default: the data the run was trained on.", flag_values=fv
   )
   flags.mark_flag_as_required("workdir", flag_values=fv)
+  flag_checks.bounded(fv, "per_class", 1, 100)
+  flag_checks.bounded(fv, "seed", 0)
+  flag_checks.bounded(fv, "batch_size", 1, 65536)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
@@ -323,4 +326,4 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 
 from cras_jax import configs
-from cras_jax.base import compile_cache, errors
+from cras_jax.base import compile_cache, errors, flag_checks, stop
 from cras_jax.engine import determinism
 from cras_jax.training import population, train
 
@@ -57,6 +57,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv,
   )
   flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+  flag_checks.bounded(fv, "num_processes", 1, 65536)
+  flag_checks.bounded(fv, "process_id", 0, 65535)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -80,7 +82,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
           "--mode=eval with train.population: a population's members are evaluated when it "
           "trains (results/<member>/); drop --config.train.population to score a single run"
       )
-    train.evaluate_checkpoint(fv.config, fv.workdir)
+    with stop.StopRequest("this batch"):  # SIGINT/SIGTERM: exit 130/143, nothing written
+      train.evaluate_checkpoint(fv.config, fv.workdir)
   elif fv.config.train.get("population"):
     population.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
   else:
@@ -90,4 +93,4 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

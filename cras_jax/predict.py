@@ -29,8 +29,9 @@ import sys
 
 from absl import app, flags, logging
 
-from cras_jax.base import compile_cache
+from cras_jax.base import compile_cache, flag_checks
 from cras_jax.base import errors as errors_lib
+from cras_jax.base import stop as stop_lib
 from cras_jax.runs import predicting, scoring
 from cras_jax.runs import workdir as runs
 from cras_jax.runs.predict_inputs import find_images
@@ -88,14 +89,19 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "workers", 0, "Image-decoding threads (default min(8, CPUs)).", flag_values=fv
   )
   flags.mark_flag_as_required("workdir", flag_values=fv)
+  for name in ("image_threshold", "pixel_threshold"):
+    flag_checks.bounded(fv, name)
 
 
-def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
+def _main(argv, flag_values: flags.FlagValues) -> int:
   fv = flag_values
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   inputs = argv[1:]
+  for name, what in (("batch_size", "the run's eval.batch_size"), ("workers", "min(8, CPUs)")):
+    if fv[name].value < 0:
+      raise errors_lib.UserValueError(f"--{name}={fv[name].value}: must be >= 0 (0: {what})")
   if not inputs and not fv.calibrate:
     raise app.UsageError("give the images or folders to score (or --calibrate)")
   found = find_images(inputs)
@@ -131,7 +137,14 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   return 0 if summary["scored"] else 1
 
 
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  """The command; SIGINT/SIGTERM stop it after the current batch (status 130/143), leaving
+  results.csv.partial with the rows whose files were written."""
+  with stop_lib.StopRequest("this batch"):
+    return _main(argv, flag_values)
+
+
 if __name__ == "__main__":
   define_flags()
   errors_lib.define_verbose_flag()
-  app.run(errors_lib.exit_on_user_error(main))
+  errors_lib.run(main)

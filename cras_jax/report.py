@@ -31,7 +31,6 @@ Examples (from the repository root):
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -41,7 +40,7 @@ from typing import Any
 
 from absl import app, flags
 
-from cras_jax.base import errors
+from cras_jax.base import csv_cells, errors, flag_checks
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import report_inputs, spread
 from cras_jax.runs.report_curves import (  # noqa: F401 - the tool's names, as before the split
@@ -114,7 +113,7 @@ def summary_markdown(
 
 def write_summary_csv(runs: Sequence[dict], path: str, metrics: Sequence[str] = METRICS) -> None:
   with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["run", "protocol", *metrics])
     for row in summary_rows(runs, metrics):
       w.writerow([row["run"], row["protocol"], *(repr(row[m]) for m in metrics)])
@@ -162,7 +161,7 @@ def write_per_class_csv(
 ) -> None:
   """class, then one column per (run, metric) named 'run:metric'; fractions; empty = absent."""
   with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["class", *(f"{r['name']}:{m}" for r in runs for m in metrics)])
     for c in class_names(runs):
       w.writerow(
@@ -236,7 +235,7 @@ def spread_markdown(
 def write_spread_csv(groups, path: str, metrics: Sequence[str]) -> None:
   """setting, class, metric, mean, std, lo95, hi95, n (fractions)."""
   with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["setting", "class", "metric", "mean", "std", "lo95", "hi95", "n"])
     for name, tables in groups:
       for row in spread.rows(spread.spread(tables, metrics), metrics):
@@ -362,6 +361,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   )
   flags.DEFINE_string("curve_metrics", "i_auroc,p_auroc", "Metrics of the curves.", flag_values=fv)
   flags.DEFINE_integer("digits", 1, "Decimals of the markdown tables.", flag_values=fv)
+  flag_checks.bounded(fv, "digits", 0, 10)
   flags.DEFINE_bool(
       "allow_mixed_protocols",
       False,
@@ -396,4 +396,4 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

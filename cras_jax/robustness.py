@@ -27,7 +27,6 @@ results do not depend on the batch size or the device count.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import compile_cache, errors
+from cras_jax.base import compile_cache, csv_cells, errors, flag_checks
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import evaluate, results, scoring
@@ -145,7 +144,7 @@ def write(result: dict, out_dir: str, stem: str) -> list[str]:
   with open(paths[0], "w") as f:
     json.dump({**result, "versions": results.versions()}, f, indent=2)
   with open(paths[1], "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["setting", "class", "metric", "value_pts", "drop_pts"])
     for setting, table in result["tables"].items():
       for c, row in table.items():
@@ -192,6 +191,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "data_root", None, "Default: the data the run was trained on.", flag_values=fv
   )
   flags.DEFINE_string("output_dir", None, "Default: <workdir>/results.", flag_values=fv)
+  flag_checks.subset(fv, "perturbations", PERTURBATIONS)
+  flag_checks.bounded(fv, "seed", 0)
+  flag_checks.bounded(fv, "noise_std", 0.0, 1.0)
+  flag_checks.bounded(fv, "jitter", 0.0, 1.0)
+  flag_checks.bounded(fv, "max_angle", 0.0, 180.0)
+  flag_checks.bounded(fv, "batch_size", 1, 65536)
   flags.mark_flag_as_required("workdir", flag_values=fv)
   flags.register_validator(
       "perturbations",
@@ -231,4 +236,4 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main))
+  errors.run(main)

@@ -55,6 +55,8 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
   (default: all at once); a short last batch is padded, so each size compiles once."""
   images = np.asarray(images)
   crop = model["meta"]["input"]["crop"]
+  if images.ndim >= 1 and len(images) == 0:
+    raise ValueError("the image array holds no images (N = 0): give at least one crop")
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (crop, crop, 3):
     raise ValueError(
         f"expected uint8 images [N, {crop}, {crop}, 3], got {images.dtype} {images.shape}"
@@ -101,9 +103,15 @@ def main(argv=None):
   p.add_argument("--output", default=None, help="save all outputs to this .npz file")
   p.add_argument("--quiet", action="store_true", help="no per-image lines")
   args = p.parse_args(argv)
+  if args.batch_size < 0:
+    p.error(f"--batch_size={args.batch_size}: must be >= 0 (0: all images in one call)")
+  if not sys.flags.utf8_mode and sys.getfilesystemencoding().lower().replace("-", "") != "utf8":
+    p.error("the locale's text encoding is not UTF-8: run with PYTHONUTF8=1 (or LC_ALL=C.UTF-8)")
   try:
-    model = load(args.model)
     images = np.load(args.images, allow_pickle=False)
+    if images.ndim >= 1 and len(images) == 0:
+      raise ValueError(f"{args.images}: holds no images (N = 0): give at least one crop")
+    model = load(args.model)
     out = score(model, images, args.batch_size or None, args.image_threshold, args.pixel_threshold)
   except (ValueError, OSError, KeyError) as e:  # the user's files: one message, status 2
     print(f"error: {e}", file=sys.stderr)

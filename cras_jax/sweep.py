@@ -379,9 +379,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   which name fields of the base config) are left in the returned argv, after the rest."""
   overrides = [a for a in argv[1:] if _OVERRIDE.match(a)]
   rest = [a for a in argv if not _OVERRIDE.match(a)]
-  if flag_values is flags.FLAGS:  # as a command: absl's usage message on a bad flag
-    return [*app.parse_flags_with_usage(rest), *overrides]
-  return [*flag_values(rest), *overrides]
+  return [*flag_values(rest), *overrides]  # a bad flag: errors.parse_flags_or_exit, status 2
 
 
 def main(
@@ -411,21 +409,23 @@ def main(
       probe = resolve_config(str(REPO_ROOT / find_config(base)), common)
     for name, ov in sweep_runs(module, probe).items():
       if name in runs:
-        raise SystemExit(f"run {name!r} is defined twice")
+        raise errors.UserValueError(f"run {name!r} is defined twice")
       runs[name] = ov
   for spec in fv.run:
     name, ov = parse_run_flag(spec)
     if name in runs:
-      raise SystemExit(f"run {name!r} is defined twice")
+      raise errors.UserValueError(f"run {name!r} is defined twice")
     runs[name] = ov
   if fv.only:
     only = [n.strip() for n in fv.only if n.strip()]
     missing = [n for n in only if n not in runs]
     if missing:
-      raise SystemExit(f"--only: no run named {', '.join(missing)} (runs: {', '.join(runs)})")
+      raise errors.UserValueError(
+          f"--only: no run named {', '.join(missing)} (runs: {', '.join(runs)})"
+      )
     runs = {n: runs[n] for n in runs if n in only}
   if not runs:
-    raise SystemExit("no runs: give --sweep=FILE and/or --run=name:overrides")
+    raise errors.UserValueError("no runs: give --sweep=FILE and/or --run=name:overrides")
   launcher = launcher or [sys.executable, "-m", fv.main_module]
   runs, groups = sweep_plan.with_seeds(runs, fv.seeds, base, common)
   result = run_sweep(
@@ -444,4 +444,4 @@ def main(
 if __name__ == "__main__":
   define_flags()
   errors.define_verbose_flag()
-  app.run(errors.exit_on_user_error(main), flags_parser=parse_flags)
+  errors.run(main, parser=parse_flags)

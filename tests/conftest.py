@@ -75,8 +75,8 @@ def run_command(command, *args, **kwargs):
 
   A command module defines `define_flags(flag_values)` and `main(argv, flag_values, ...)`
   (and may define `parse_flags(argv, flag_values) -> argv`); `kwargs` go to `main`. As under
-  absl's `app.run`, a bad flag or a usage error exits (SystemExit, status 1). Returns what
-  `main` returns."""
+  `errors.run`, a bad flag or a usage error exits (SystemExit, status 2). Returns what `main`
+  returns."""
   fv = flags.FlagValues()
   command.define_flags(fv)
   argv = [command.__name__, *map(str, args)]
@@ -86,7 +86,7 @@ def run_command(command, *args, **kwargs):
     return command.main(argv, fv, **kwargs)
   except (flags.Error, app.UsageError) as e:
     print(f"{command.__name__}: {e}", file=sys.stderr)
-    raise SystemExit(1) from e
+    raise SystemExit(2) from e
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,13 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import codecs
 import functools
+import locale
 import sys
 import traceback
 
-from absl import flags
+from absl import app, flags
 
 
 class UserError(Exception):
@@ -58,5 +60,63 @@ def exit_on_user_error(main, flag_values: flags.FlagValues = flags.FLAGS):
     except UserError as e:
       verbose = "verbose" in flag_values and flag_values["verbose"].value
       raise SystemExit(report(e, verbose)) from None
+    except app.UsageError as e:  # a wrong argument: its message, not the whole usage text
+      print(f"error: {e} (--help lists the flags)", file=sys.stderr, flush=True)
+      raise SystemExit(USER_ERROR_STATUS) from None
 
   return wrapped
+
+
+def _flag_error_message(e: BaseException) -> str:
+  text = str(e.args[0]) if e.args else str(e)
+  return " ".join(text.replace("\\'", "'").strip("'\"").split())
+
+
+def parse_flags_or_exit(argv, flag_values: flags.FlagValues = flags.FLAGS, parser=None):
+  """Parses the command line (with `parser(argv, flag_values)` when given) -> the remaining
+  arguments. A bad flag or value, or a `--config.<field>` override naming no field of the
+  config, prints one line and exits with status 2."""
+  try:
+    return parser(argv, flag_values) if parser is not None else flag_values(argv)
+  except flags.Error as e:
+    print(f"error: {_flag_error_message(e)} (--help lists the flags)", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of no config field
+    if not any(str(a).startswith("--config.") for a in argv[1:]):
+      raise
+    print(
+        f"error: a --config.<field> override names no field of the config: "
+        f"{_flag_error_message(e)}",
+        file=sys.stderr,
+    )
+  raise SystemExit(USER_ERROR_STATUS)
+
+
+def locale_problem() -> str | None:
+  """Why the process cannot write file, class and image names outside ASCII (a locale whose
+  text encoding is not UTF-8, with Python's UTF-8 mode off), or None."""
+  if sys.flags.utf8_mode:
+    return None
+  enc = locale.getpreferredencoding(False)
+  if (
+      codecs.lookup(enc).name == "utf-8"
+      and codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+  ):
+    return None
+  return (
+      f"the locale's text encoding is {enc!r}, not UTF-8: names outside ASCII (files, classes, "
+      f"images) could not be read or written. Run with PYTHONUTF8=1 (or LC_ALL=C.UTF-8)"
+  )
+
+
+def run(main, parser=None, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """`app.run` for a command: user errors, usage errors and bad flags exit with status 2 and
+  one message (`exit_on_user_error`, `parse_flags_or_exit`); so does a locale that is not
+  UTF-8 (`locale_problem`), before anything runs."""
+  why = locale_problem()
+  if why:
+    print(f"error: {why}", file=sys.stderr, flush=True)
+    raise SystemExit(USER_ERROR_STATUS)
+  app.run(
+      exit_on_user_error(main, flag_values),
+      flags_parser=lambda argv: parse_flags_or_exit(argv, flag_values, parser),
+  )

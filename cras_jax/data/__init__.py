@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from cras_jax.base import registry
+from cras_jax.base import fs, registry
 from cras_jax.data import datasets, fetch
 from cras_jax.data.spec import DataSpec
 
@@ -56,7 +56,9 @@ def load(spec: DataSpec, workdir: str):
   file lock in the cache directory: the processes of a multi-process run (or two
   runs sharing a cache) prepare it once, one after another, instead of racing."""
   cache = cache_dir(spec, workdir)
-  os.makedirs(cache, exist_ok=True)
+  fs.writable_dir(
+      cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"
+  )
   with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:

@@ -52,6 +52,33 @@ def plain_name_problem(name) -> str | None:
   return None
 
 
+def relative_path_problem(rel) -> str | None:
+  """Why `rel`, a path read from a file's contents and meant to stay under some root, could
+  leave that root, or None: it must be relative and every component a plain name (the class
+  name rule: no '..', no leading '.', no ':' or control characters), with '/' or '\\' between
+  components."""
+  if not isinstance(rel, str) or not rel:
+    return f"{rel!r} is not a relative path"
+  if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", rel):
+    return f"{rel!r} is an absolute path; paths in the file must be relative to its root"
+  for part in re.split(r"[/\\]", rel):
+    if plain_name_problem(part):
+      return (
+          f"{rel!r} has the component {part!r}, which could leave the root (each component "
+          f"must be a plain name: no '..', leading '.', ':' or control characters)"
+      )
+  return None
+
+
+def confined(root: str | os.PathLike, rel: str) -> str:
+  """`root`/`rel` for a path `rel` read from a file's contents; raises `DatasetError` when
+  `rel` could leave `root` (`relative_path_problem`)."""
+  why = relative_path_problem(rel)
+  if why:
+    raise DatasetError(why)
+  return os.path.join(os.fspath(root), *re.split(r"[/\\]", rel))
+
+
 class DatasetError(errors.UserValueError):
   """The dataset folder does not have the expected layout (lists every problem found)."""
 

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from cras_jax.base import leases
 from cras_jax.data import layout, preprocess, validate
 from cras_jax.data.mvtec_builder import SPLITS, MVTecFolder, make_config
 
@@ -85,13 +86,19 @@ def _in_memory_shuffler(n_bytes: int):
 
 
 def _prune_stale(builder: MVTecFolder, keep_name: str, phash: str) -> None:
-  """Delete other configs of the same (root, classes, resize, crop): older file contents."""
+  """Delete other configs of the same (root, classes, resize, crop) (older file contents)
+  that no live process reads: a prepared directory with a live reader lease
+  (`leases.in_use`: another run still training or evaluating on it) is kept, and pruned by a
+  later preparation once that run has ended."""
   parent = Path(builder.data_dir).parent.parent  # <cache>/mvtec_folder
   if not parent.is_dir():
     return
   for d in parent.iterdir():
     parts = d.name.split("_")
     if d.is_dir() and d.name != keep_name and len(parts) == 5 and parts[3] == phash:
+      if leases.in_use(os.fspath(d)):
+        print(f"data cache: keeping {d} (older data, still read by a running process)")
+        continue
       shutil.rmtree(d, ignore_errors=True)
 
 
@@ -160,6 +167,9 @@ def load_dataset(
         )
       finally:
         tfds.display_progress_bar(tfds_bars)
+  # This process reads the prepared directory until it ends: a lease keeps other runs
+  # sharing the cache from pruning it (the caller holds the cache's prepare lock).
+  leases.hold(os.fspath(Path(builder.data_dir).parent))
   if prune_stale:
     _prune_stale(builder, config.name, config.name.split("_")[3])
   sources = builder.as_data_source()

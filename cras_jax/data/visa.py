@@ -31,13 +31,14 @@ import numpy as np
 from PIL import Image
 
 from cras_jax.base import errors
+from cras_jax.data import layout
 
 SPLIT_CSV = os.path.join("split_csv", "1cls.csv")
 COLUMNS = ("object", "split", "label", "image", "mask")
 
 
 class ConversionError(errors.UserValueError):
-  pass
+  """The split file or the sources cannot be converted (lists every problem)."""
 
 
 def read_split(csv_path: Path) -> list[dict]:
@@ -107,7 +108,20 @@ def convert(
   problems = []
   for r in rows:
     cls, split, label = r["object"], r["split"].lower(), r["label"].lower()
-    img = visa_root / r["image"]
+    # Every path built from the CSV stays under its root (the class-name rule per component).
+    why = [
+        f"{col} {w}"
+        for col, w in (
+            ("object", layout.plain_name_problem(cls)),
+            ("image", layout.relative_path_problem(r["image"])),
+            ("mask", r.get("mask") and layout.relative_path_problem(r["mask"])),
+        )
+        if w
+    ]
+    if why:
+      problems.append(f"{csv_path}: row refused: " + "; ".join(why))
+      continue
+    img = Path(layout.confined(visa_root, r["image"]))
     anomaly = label not in ("normal", "good", "0")
     if split not in ("train", "test"):
       problems.append(f"{r['image']}: unknown split {r['split']!r}")
@@ -124,7 +138,7 @@ def convert(
       if not r.get("mask"):
         problems.append(f"{r['image']}: anomalous image without a mask in the CSV")
         continue
-      mask = visa_root / r["mask"]
+      mask = Path(layout.confined(visa_root, r["mask"]))
       if not mask.is_file():
         problems.append(f"mask not found: {mask}")
         continue

@@ -27,7 +27,6 @@ Conventions
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from cras_jax.base import csv_cells
 from cras_jax.method.pro import (
     aupro,
     aupro_from_curve,
@@ -200,7 +200,7 @@ def to_csv(
   if parent:
     os.makedirs(parent, exist_ok=True)
   with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["class", *cols])
     for n in names:
       row = []

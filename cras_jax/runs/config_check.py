@@ -8,6 +8,7 @@ the choices of every mode field. The commands that train or read a config call i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from cras_jax import backbones
 from cras_jax.base import compile_cache, registry
 from cras_jax.runs import population
+from cras_jax.runs import config_bounds, population
 from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.base import errors, schema
 from cras_jax.data import layout
@@ -50,12 +52,12 @@ def _int_at_least(problems, config, field: str, low: int) -> None:
 
 def _number(problems, config, field: str, low: float, high: float | None = None, strict=False):
   v = get(config, field)
-  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
   if ok:
     ok = (v > low if strict else v >= low) and (high is None or v <= high)
   if not ok:
     rng = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-    problems.append(f"{field}={v!r}: must be a number {rng}")
+    problems.append(f"{field}={v!r}: must be a finite number {rng}")
 
 
 def _choice(problems, config, field: str, choices: Sequence | None = None) -> None:
@@ -194,6 +196,8 @@ def problems_of(config, check_files: bool = True) -> list[str]:
       why = plain_name_problem(c)
       if why:
         p.append(f"data.classes: {why}")
+  named = {q.split("=")[0] for q in p}
+  p += [q for q in config_bounds.bound_problems(config) if q.split("=")[0] not in named]
   if check_files:
     _weights(p, config)
     if d.name != "synthetic":
@@ -212,6 +216,11 @@ def problems_of(config, check_files: bool = True) -> list[str]:
 def check(config, check_files: bool = True) -> None:
   """Raises one `ConfigError` listing every bad field of `config`."""
   problems = problems_of(config, check_files)
+  if check_files and not problems:  # sizes all valid: the step's memory can be estimated
+    classes = config.data.classes
+    why = config_bounds.memory_problem(config, len(classes) if classes else 15)
+    if why:
+      problems.append(why)
   if problems:
     raise ConfigError(
         f"the config has {len(problems)} problem(s):\n"

@@ -9,6 +9,7 @@ name and renamed when complete, so an interrupted write is never reused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,8 +20,10 @@ import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.base import registry
+from cras_jax.base import fs, leases
 
 FORMAT_VERSION = 1
+_CACHE = re.compile(r"train_[0-9a-f]+\.npy")
 _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
 
 
@@ -129,12 +132,53 @@ def _damage(file: str, shape: tuple) -> str | None:
   return None
 
 
+def _source_file(file: str) -> str:
+  return file[: -len(".npy")] + ".json"
+
+
+def prune_unused(folder: str) -> list[str]:
+  """Deletes the committed cache files whose prepared data no longer exists (it was pruned
+  for newer contents, so the file can never be reused) and that no live process reads
+  (`leases.in_use`) -> the removed paths. Files without a record of their data are kept."""
+  removed = []
+  if not os.path.isdir(folder):
+    return removed
+  for name in sorted(os.listdir(folder)):
+    if not _CACHE.fullmatch(name):
+      continue
+    file = os.path.join(folder, name)
+    try:
+      with open(_source_file(file)) as f:
+        data_dir = json.load(f)["data_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    if os.path.isdir(data_dir) or leases.in_use(file):
+      continue
+    for p in (file, _source_file(file)):
+      with contextlib.suppress(OSError):
+        os.remove(p)
+    removed.append(file)
+  return removed
+
+
 def load(file: str, shape: tuple) -> np.ndarray | None:
   """The cached features (memory-mapped), or None when absent, of another shape or damaged.
-  Stale temporaries of killed writers are removed first; a damaged (e.g. truncated) file is
-  reported, deleted and so recomputed."""
-  for path in remove_stale_temporaries(os.path.dirname(file)):
-    print(f"feature cache: removed {path} (left by an interrupted write)", flush=True)
+  First, under the folder's prune lock: stale temporaries of killed writers and files of
+  pruned data that nothing reads are removed (`prune_unused`), and this process takes its
+  reader lease on `file` (kept until it ends). A damaged (e.g. truncated) file is reported,
+  deleted and so recomputed."""
+  folder = os.path.dirname(file)
+  fs.writable_dir(
+      folder,
+      "the feature cache directory",
+      "set --config.train.feature_cache_dir (or data.cache_dir) to a writable directory",
+  )
+  with leases.exclusive(folder):
+    for path in remove_stale_temporaries(folder):
+      print(f"feature cache: removed {path} (left by an interrupted write)", flush=True)
+    for path in prune_unused(folder):
+      print(f"feature cache: removed {path} (its data was replaced; unused)", flush=True)
+    leases.hold(file)
   if not os.path.exists(file):
     return None
   why = _damage(file, shape)
@@ -147,20 +191,50 @@ def load(file: str, shape: tuple) -> np.ndarray | None:
 
 
 class Writer:
-  """Writes features into a temporary memory-mapped file; `commit` renames it."""
+  """Writes features into a temporary memory-mapped file; `commit` renames it, `abort`
+  removes it. The file's blocks are reserved first (`fs.reserve`): a cache that does not
+  fit on its disk is refused with the sizes, never left to die on SIGBUS mid-write."""
 
-  def __init__(self, file: str, shape: tuple, dtype: str):
-    os.makedirs(os.path.dirname(file), exist_ok=True)
+  FIX = (
+      "free some space, set --config.train.feature_cache_dir=<a disk with room>, or train "
+      "without the cache (--config.train.cache_features=False)"
+  )
+
+  def __init__(self, file: str, shape: tuple, dtype: str, data_dir: str | None = None):
+    folder = os.path.dirname(file)
+    fs.writable_dir(
+        folder,
+        "the feature cache directory",
+        "set --config.train.feature_cache_dir (or data.cache_dir) to a writable directory",
+    )
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    fs.check_free_space(folder, nbytes, f"the feature cache ({describe_size(shape, dtype)})", self.FIX)
     self.file, self.tmp = file, f"{file}.tmp-{os.getpid()}.npy"
+    self.data_dir = data_dir
     self.array = np.lib.format.open_memmap(
         self.tmp, mode="w+", dtype=np.dtype(dtype), shape=tuple(shape)
     )
+    try:
+      fs.reserve(self.tmp, os.path.getsize(self.tmp), "the feature cache", self.FIX)
+    except BaseException:
+      self.abort()
+      raise
 
   def commit(self) -> np.ndarray:
     self.array.flush()
     del self.array
+    if self.data_dir is not None:  # what the file was computed from (`prune_unused`)
+      with open(_source_file(self.file), "w") as f:
+        json.dump({"data_dir": os.path.abspath(self.data_dir)}, f)
     os.replace(self.tmp, self.file)
     return np.load(self.file, mmap_mode="r")
+
+  def abort(self) -> None:
+    """Drops the temporary file (a stopped or failed write)."""
+    if hasattr(self, "array"):
+      del self.array
+    with contextlib.suppress(OSError):
+      os.remove(self.tmp)
 
 
 def describe_size(shape: tuple, dtype: str) -> str:

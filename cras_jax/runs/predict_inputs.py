@@ -2,7 +2,8 @@
 
 Folders are searched recursively (sorted, hidden entries skipped) for the dataset loader's
 image extensions; each file gets a name relative to the common parent of all inputs and a
-unique output stem; files are decoded and preprocessed by `preprocess.load_example` in
+unique output stem (only regular files are read: a FIFO or device named `*.png` is skipped
+in folders and reported when named); files are decoded and preprocessed by `preprocess.load_example` in
 threads, a window ahead, each unreadable or oversized one reported by name.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from cras_jax.base import fs
 from cras_jax.data import layout, preprocess
 
 
@@ -34,11 +36,15 @@ def find_images(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[tupl
         found += [
             os.path.join(dirpath, f)
             for f in sorted(filenames)
-            if not f.startswith(".") and f.lower().endswith(layout.IMAGE_EXTENSIONS)
+            if not f.startswith(".")
+            and f.lower().endswith(layout.IMAGE_EXTENSIONS)
+            and fs.is_regular_file(os.path.join(dirpath, f))  # a FIFO would block the reader
         ]
       files += [(f, os.path.dirname(os.path.abspath(os.path.normpath(p)))) for f in found]
-    elif os.path.exists(p):
+    elif fs.is_regular_file(p):
       files.append((p, os.path.dirname(os.path.abspath(p))))
+    elif os.path.exists(p):
+      missing.append((p, f"not a regular file (a FIFO, socket or device is never read): {p}"))
     else:
       missing.append((p, f"file not found: {p}"))
   if not files:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from cras_jax.base import errors as errors_lib
+from cras_jax.base import stop as stop_lib
 from cras_jax.data import preprocess
 from cras_jax.runs import results, scoring, specs, writers
 from cras_jax.runs import thresholds as thr_lib
@@ -170,6 +171,7 @@ def predict_paths(
   try:
     read = read_images(paths, cfg.data.resize, cfg.data.crop, workers, limits)
     for records in score_images(scorer, thr, run.class_names, read, paths, names):
+      stop_lib.poll("predict", f"the rows written so far (their files exist) are in {out.partial_path}")
       for r in records:
         rows[r.index] = r.row
         if r.image is None:  # unreadable
@@ -184,6 +186,7 @@ def predict_paths(
       if bar is not None:
         bar.update(len(records))
     out.wait()
+    stop_lib.poll("predict", f"every row scored is in {out.partial_path} (results.csv not written)")
   except BaseException:
     out.close(failed=True)
     raise

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import math
@@ -11,6 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cras_jax.base import csv_cells
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import sweep_plan as sweep
 from cras_jax.runs.sweep_plan import read_json as _read_json
@@ -148,7 +148,7 @@ def plot_curve(data: dict, path: str) -> str:
 
 def write_curve_csv(data: dict, path: str) -> None:
   with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["run", data["field"], *data["metrics"]])
     for i, run in enumerate(data["runs"]):
       w.writerow(

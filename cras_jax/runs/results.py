@@ -3,7 +3,6 @@ the training progress line and the versions every results file records."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import optax
 import orbax.checkpoint
 
 import cras_jax
+from cras_jax.base import csv_cells
 from cras_jax.base import progress as progress_lib
 from cras_jax.base.jsonio import json_safe
 from cras_jax.method import metrics as metrics_lib
@@ -107,7 +107,7 @@ def write_scores(res: dict, class_names, path: str) -> None:
   """One row per test image: name, class, matched class, label and image score."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", newline="") as f:
-    w = csv.writer(f)
+    w = csv_cells.writer(f)
     w.writerow(["name", "class", "matched_class", "is_anomaly", "score"])
     for i, name in enumerate(res["name"]):
       w.writerow(

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from cras_jax import data as data_lib
+from cras_jax.base import stop as stop_lib
 from cras_jax.runs import results, thresholds
 from cras_jax.engine import sharding, steps
 
@@ -115,6 +116,7 @@ class Scorer:
     names = []
     bar = results.progress(total=n, desc="score", unit="img")
     for start in range(0, n, self.batch_size):
+      stop_lib.poll("scoring", "no result of this evaluation is written")
       idx = np.arange(start, min(start + self.batch_size, n))
       batch = data_lib.padded_batch(source, idx, self.batch_size, self.devices.count)
       res = self._score(batch["image"], list(outs))

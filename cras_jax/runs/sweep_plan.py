@@ -22,6 +22,8 @@ from absl import flags
 
 from cras_jax import configs
 
+from cras_jax.base import errors
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "configs/demo.py"
@@ -55,7 +57,7 @@ def normalise(override: str) -> str:
     return "--" + o
   if "=" in o:
     return "--config." + o
-  raise ValueError(f"override {override!r}: write it as field=value, e.g. model.hpi=False")
+  raise errors.UserValueError(f"override {override!r}: write it as field=value, e.g. model.hpi=False")
 
 
 def override_key(override: str) -> str:
@@ -83,7 +85,7 @@ def parse_run_flag(spec: str) -> tuple[str, list[str]]:
   """'name:model.hpi=False,model.levels=(2,3)' -> ('name', [...])."""
   name, sep, rest = spec.partition(":")
   if not sep:
-    raise ValueError(f"--run={spec!r}: write it as name:override,override (or name: for none)")
+    raise errors.UserValueError(f"--run={spec!r}: write it as name:override,override (or name: for none)")
   rest = rest.strip()
   return name.strip(), [normalise(o) for o in _SPLIT.split(rest) if o.strip()] if rest else []
 
@@ -105,11 +107,11 @@ def load_sweep_module(path: str):
   path = configs.resolve(path, configs.SWEEPS)
   spec = importlib.util.spec_from_file_location(f"cras_sweep_{Path(path).stem}", path)
   if spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"sweep file {path} not found")
+    raise errors.UserFileNotFoundError(f"sweep file {path} not found")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if getattr(module, "get_sweep", None) is None:
-    raise ValueError(f"{path}: defines no get_sweep()")
+    raise errors.UserValueError(f"{path}: defines no get_sweep()")
   return module
 
 
@@ -134,7 +136,7 @@ def find_config(path: str) -> str:
         return str(p.relative_to(REPO_ROOT))
       except ValueError:
         return str(p)
-  raise FileNotFoundError(f"config file {path} not found (here or in {REPO_ROOT})")
+  raise errors.UserFileNotFoundError(f"config file {path} not found (here or in {REPO_ROOT})")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -155,7 +157,7 @@ def plan(
   entries = []
   for name, run_overrides in runs.items():
     if not _NAME.match(name) or name in ("data", "data_cache", "report"):
-      raise ValueError(
+      raise errors.UserValueError(
           f"run name {name!r}: use letters, digits and _.+=- (it names a directory; "
           f"'data', 'data_cache' and 'report' are taken)"
       )

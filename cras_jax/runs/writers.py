@@ -11,7 +11,6 @@ rows. PNGs are written by two threads beside the scoring.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from cras_jax.base import jsonio
+from cras_jax.base import csv_cells, fs, jsonio
 from cras_jax.runs import render
 from cras_jax.runs import thresholds as thr_lib
 
@@ -72,16 +71,19 @@ class PredictionWriter:
     self.output_dir, self.colour_range = output_dir, colour_range
     self.masks, self.overlays = masks, overlays
     self.save_maps, self.save_crops = save_maps, save_crops
-    os.makedirs(output_dir, exist_ok=True)
+    fs.writable_dir(output_dir, "the output folder (--output_dir)", "give a writable folder")
     for sub, on in (("masks", masks), ("overlays", overlays)):
       if on:
         os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
     self.kept_maps, self.kept_crops = {}, {}
     self._pool = concurrent.futures.ThreadPoolExecutor(2)
     self._writes = []
+    # Rows whose PNGs are still being written: recorded in the partial CSV once their files
+    # exist (in order), so a stopped run lists only files that exist.
+    self._waiting: list[tuple[dict, list]] = []
     self.partial_path = os.path.join(output_dir, PARTIAL_CSV)
     self._partial = open(self.partial_path, "w", newline="")
-    self._partial_csv = csv.writer(self._partial)
+    self._partial_csv = csv_cells.writer(self._partial)
     self._partial_csv.writerow(CSV_FIELDS)
 
   def _path(self, *parts: str) -> str:
@@ -96,6 +98,7 @@ class PredictionWriter:
     """A scored image (`predicting.Record`): its mask and overlay PNGs (named `stem`, paths
     set in its row), its row, and its map and crop when kept."""
     row = record.row
+    n_writes = len(self._writes)
     if self.masks and record.mask is not None:
       row["mask"] = os.path.join("masks", stem + ".png")
       mask_png = record.mask.astype(np.uint8) * 255
@@ -112,20 +115,33 @@ class PredictionWriter:
               *self.colour_range,
           )
       )
-    self.row(row)
+    self._waiting.append((row, self._writes[n_writes:]))
+    self._record_written()
     if self.save_maps:
       self.kept_maps[record.index] = (record.raw_map, record.cls)
     if self.save_crops:
       self.kept_crops[record.index] = record.image
 
+  def _record_written(self, block: bool = False) -> None:
+    while self._waiting and (block or all(f.done() for f in self._waiting[0][1])):
+      row, futures = self._waiting.pop(0)
+      for f in futures:
+        f.result()
+      self.row(row)
+
   def wait(self) -> None:
-    """Until every PNG is written (raises the first write's error)."""
+    """Until every PNG is written (raises the first write's error); every row recorded."""
+    self._record_written(block=True)
     for w in self._writes:
       w.result()
 
   def close(self, failed: bool = False) -> None:
     """Stops the PNG threads and closes the partial rows; failed: says where they are."""
-    self._pool.shutdown()
+    self._pool.shutdown()  # the PNGs already queued are completed
+    for row, futures in self._waiting:  # rows whose files all exist now are listed
+      if all(f.exception() is None for f in futures):
+        self.row(row)
+    self._waiting = []
     self._partial.close()
     if failed:
       print(
@@ -139,7 +155,7 @@ class PredictionWriter:
     partial rows dropped), maps.npz and the crops."""
     csv_path, json_path = self._path("results.csv"), self._path("results.json")
     with open(csv_path + ".tmp", "w", newline="") as f:
-      w = csv.writer(f)
+      w = csv_cells.writer(f)
       w.writerow(CSV_FIELDS)
       for r in rows:
         w.writerow([csv_cell(r.get(k)) for k in CSV_FIELDS])

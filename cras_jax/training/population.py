@@ -12,7 +12,6 @@ the members into `<workdir>/results/population_<tag>.{json,md,csv}`, their mean 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import numpy as np
 
 from cras_jax import backbones
 from cras_jax import data as data_lib
-from cras_jax.base import errors, jsonio, progress
+from cras_jax.base import csv_cells, errors, jsonio, progress
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
 from cras_jax.method import centres as centres_lib
@@ -169,7 +168,7 @@ def write_summary(tables, names, workdir: str, tag: str, config) -> dict:
     with open(base + ".md", "w") as f:
       f.write(text)
     with open(base + ".csv", "w", newline="") as f:
-      w = csv.writer(f)
+      w = csv_cells.writer(f)
       w.writerow(["class", "metric", "mean", "std", "lo95", "hi95", "n"])
       w.writerows(spread.rows(sp, metrics))
   print("\n" + text, flush=True)

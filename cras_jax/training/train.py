@@ -16,7 +16,6 @@ import json
 import math
 import os
 import queue
-import signal
 import threading
 import time
 
@@ -26,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from cras_jax import data as data_lib
-from cras_jax.base import errors, progress
+from cras_jax.base import errors, fs, progress
+from cras_jax.base import stop as stop_lib
 from cras_jax.data import loader
 from cras_jax.engine import population, sharding, steps
 from cras_jax.method import centres as centres_lib
@@ -65,39 +65,7 @@ def batch_indices(
   return epoch, idx[: max(keep, multiple)] if keep else idx[:0]
 
 
-class StopRequest:
-  """Turns SIGINT/SIGTERM into a request to stop after the current step.
-
-  A KeyboardInterrupt raised inside a blocking JAX call can leave the pending
-  computation cancelled and the process hung; instead the handler records the
-  signal and the loop checkpoints and exits between steps. A second Ctrl-C
-  interrupts at once.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self._old = {}
-
-  def _handle(self, signum, frame):
-    if self.signum is not None:
-      raise KeyboardInterrupt
-    self.signum = signum
-    print(
-        f"\nsignal {signal.Signals(signum).name}: stopping after this step "
-        f"(again to abort at once)",
-        flush=True,
-    )
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    return False
+StopRequest = stop_lib.StopRequest  # SIGINT/SIGTERM -> stop between steps
 
 
 def prefetch(iterator, size: int = 2):
@@ -166,28 +134,34 @@ def feature_pass(
           f"feature cache: writing {feature_cache.describe_size((n, hw, d), dtype)} to {file}",
           flush=True,
       )
-      writer = feature_cache.Writer(file, (n, hw, d), dtype)
+      writer = feature_cache.Writer(file, (n, hw, d), dtype, dataset.data_dir)
   bar = progress.bar(n, desc="features" if writer is not None else "centres", unit="img")
-  for start in range(0, n, bs):
-    idx = np.arange(start, min(start + bs, n))
-    pad, weight = data_lib.padded_indices(idx, bs, devices.count)
-    local = devices.local_slice(len(pad))
-    if feats is not None:  # from the cache, as training will see it
-      t = devices.put_batch({"t": np.asarray(feats[pad[local]])})["t"]
-    else:
-      images = data_lib.get_batch(dataset.train, pad[local], ("image",))["image"]
-      t = embed_step(state, devices.put_batch({"image": images})["image"])
-      if writer is not None:
-        writer.array[idx] = devices.gather(t)[: len(idx)].astype(writer.array.dtype)
-    lw = devices.put_batch(
-        {
-            "label": labels[pad[local]],
-            "weight": weight[local],
-            "centre_weight": centre_w[pad[local]],
-        }
-    )
-    acc = centre_step(acc, heads, t, lw["label"], lw["weight"], lw["centre_weight"])
-    bar.update(len(idx))
+  try:
+    for start in range(0, n, bs):
+      stop_lib.poll("the feature pass", "nothing of it is kept; rerun the same command")
+      idx = np.arange(start, min(start + bs, n))
+      pad, weight = data_lib.padded_indices(idx, bs, devices.count)
+      local = devices.local_slice(len(pad))
+      if feats is not None:  # from the cache, as training will see it
+        t = devices.put_batch({"t": np.asarray(feats[pad[local]])})["t"]
+      else:
+        images = data_lib.get_batch(dataset.train, pad[local], ("image",))["image"]
+        t = embed_step(state, devices.put_batch({"image": images})["image"])
+        if writer is not None:
+          writer.array[idx] = devices.gather(t)[: len(idx)].astype(writer.array.dtype)
+      lw = devices.put_batch(
+          {
+              "label": labels[pad[local]],
+              "weight": weight[local],
+              "centre_weight": centre_w[pad[local]],
+          }
+      )
+      acc = centre_step(acc, heads, t, lw["label"], lw["weight"], lw["centre_weight"])
+      bar.update(len(idx))
+  except BaseException:
+    if writer is not None:
+      writer.abort()  # a stopped or failed pass leaves no temporary behind
+    raise
   bar.close()
   if writer is not None:
     feats = writer.commit()
@@ -245,8 +219,14 @@ def train_and_evaluate(
         "train.population is set: a population trains with training.population "
         "(python -m cras_jax.main chooses it)"
     )
+  fs.writable_dir(workdir, "--workdir", "give a directory this user can write to")
+  if config.train.cache_features and config.train.feature_cache_dir:  # before any data work
+    fs.writable_dir(
+        os.path.expanduser(config.train.feature_cache_dir),
+        "train.feature_cache_dir",
+        "set --config.train.feature_cache_dir to a writable directory",
+    )
   named_inputs.ensure(config)  # weights and data named by the config: fetched once
-  os.makedirs(workdir, exist_ok=True)
   if config.setting == "single_class":  # one model per class, one after another
     with runs.WorkdirLock(workdir):
       per_class = single_class.single_class_configs(config, workdir)
@@ -254,7 +234,7 @@ def train_and_evaluate(
         single_class.announce(i, per_class, cls)
         train_and_evaluate(sub, subdir, allow_config_change)
       return single_class.gather(config, workdir, per_class, "final")
-  with runs.WorkdirLock(workdir), StopRequest() as stop:
+  with runs.WorkdirLock(workdir), StopRequest("this step or batch") as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)
 
 
@@ -388,4 +368,5 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
     table = evaluate.report_best_epoch(workdir)
   board.close()
   summaries.write_curves(workdir)
+  stop_lib.poll("the run's last step", "its checkpoints and results are complete")
   return table

@@ -384,3 +384,28 @@ def test_get_batch_rejects_empty_and_class_indices_fallback(tmp_path):
       return ds.train[i]
 
   np.testing.assert_array_equal(mvtec.class_indices(Bare()), want)
+
+
+def test_prepared_data_read_by_another_live_run_is_not_pruned(tmp_path):
+  """Two runs share a cache: the second prepares changed data while the first still reads
+  the old directory; it is kept until that run has ended, then pruned."""
+  from tests.base.test_leases import end, hold_in_another_process
+
+  root = make_dataset(tmp_path / "ds", classes=("a",), n_train=2, n_good=1, n_bad=1, size=(40, 50))
+  cache = tmp_path / "cache"
+  old = mvtec.load_dataset(root, ["a"], RESIZE, CROP, cache, verbose=False)
+  old_dir = Path(old.data_dir).parent
+  first_run = hold_in_another_process(old_dir)
+  try:
+    target = root / "a" / "train" / "good" / "001.png"
+    Image.fromarray(np.full((40, 50, 3), 9, np.uint8)).save(target)
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    new = mvtec.load_dataset(root, ["a"], RESIZE, CROP, cache, verbose=False)
+    assert new.data_dir != old.data_dir
+    assert old_dir.is_dir()  # still read by the first run
+    assert len(mvtec.get_batch(old.train, [0, 1])["image"]) == 2
+  finally:
+    end(first_run)
+  mvtec.load_dataset(root, ["a"], RESIZE, CROP, cache, verbose=False)
+  assert not old_dir.exists() and Path(new.data_dir).is_dir()  # unused now: pruned

@@ -273,7 +273,8 @@ def test_visa_conversion_then_load(tmp_path):
     conv.convert(visa, tmp_path / "other", log=logs.append)
   assert "2 problem(s)" in str(ei.value) and "000.png" in str(ei.value)
   assert not (tmp_path / "other").exists()
-  assert run_command(conv, str(visa), str(tmp_path / "other")) == 1
+  with pytest.raises(conv.ConversionError):  # a user error: the command exits 2
+    run_command(conv, str(visa), str(tmp_path / "other"))
 
   ds = _load(out, tmp_path / "cache", datasets.resolve_classes("visa", ["candle", "pcb1"]))
   assert len(ds.train) == 6 and len(ds.test) == 8

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from cras_jax.base import flag_checks
 from cras_jax.data.synthetic import writing
 
 
@@ -29,6 +30,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "contact_sheet", None, "Also write a PNG overview to this path.", flag_values=fv
   )
   flags.mark_flag_as_required("root", flag_values=fv)
+  flag_checks.bounded(fv, "image_size", 32, 4096)  # as data.synthetic.image_size
+  for name in ("n_train", "n_test_good", "n_test_defect_per_type"):
+    flag_checks.bounded(fv, name, 1, 100_000)
+  flag_checks.bounded(fv, "seed", 0)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
