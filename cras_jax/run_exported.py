@@ -20,6 +20,7 @@ export, even one weight scaled or one byte of the function, is refused (exit sta
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 import jax
@@ -131,6 +132,22 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def save_outputs(path, out):
+  """`out` as an .npz file (".npz" added as np.savez does), written to a temporary in the same
+  directory, fsynced and renamed: the file is complete or absent, never truncated."""
+  path = path if path.endswith(".npz") else path + ".npz"
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **out)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("model", help="the .npz file written by python -m cras_jax.export")
@@ -168,7 +185,7 @@ def main(argv=None):
           f"{out['masks'][i].mean():.4f}"
       )
   if args.output:
-    np.savez(args.output, **out)
+    save_outputs(args.output, out)
   return out
 
 
