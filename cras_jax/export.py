@@ -19,7 +19,9 @@ serialised with `jax.export` for a symbolic batch size `b`:
           normalised_scores [b], is_anomaly [b] uint8, masks [b, crop, crop] uint8)
 
 File (numpy .npz, no pickles): "exported" (the serialised function, uint8 bytes), "meta" (UTF-8
-JSON bytes: class names, preprocessing, thresholds, normalisation, versions, platforms) and the
+JSON bytes: class names, preprocessing, thresholds, normalisation, platforms; the run id and
+config it came from and the versions that exported it; a content checksum, SHA-256 over the
+function, every weight and the rest of the meta, that `run_exported.load` verifies) and the
 weights. Weights the function never reads (e.g. backbone stages past the last feature level)
 are left out; the function takes exactly the stored ones. The module is lowered for
 `--platforms` (default cpu and cuda); it runs on a jax of the same or a newer version.
@@ -40,12 +42,13 @@ from absl import app, flags, logging
 from jax import export as jax_export
 
 import cras_jax
-from cras_jax.base import compile_cache, errors, flag_checks
-from cras_jax.runs import scoring
+from cras_jax import run_exported
+from cras_jax.base import compile_cache, errors, fileio, flag_checks
+from cras_jax.runs import results, scoring
 from cras_jax.runs import workdir as runs
 
 FORMAT = "cras_jax.exported_scoring"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a content checksum, the run id and config in the meta
 OUTPUTS = {
     "scores": "float32 [b]: image anomaly score (as the evaluation)",
     "maps": "float32 [b, crop, crop]: anomaly map",
@@ -184,7 +187,15 @@ def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> di
       "step": int(run.state.step),
       "score_mode": cfg.model.score_mode,
       "backbone": cfg.model.backbone,
-      "versions": {"cras_jax": cras_jax.__version__, "jax": jax.__version__},
+      # Where it came from: the run (its id and config) and the versions that exported it.
+      "run_id": run.meta.get("run_id"),
+      "config": run.meta.get("config"),
+      "versions": {**results.versions(), "cras_jax": cras_jax.__version__, "jax": jax.__version__},
+  }
+  meta["checksum"] = {
+      # over the meta as loading reads it back (JSON: tuples as lists, keys as strings)
+      "sha256": run_exported.content_checksum(bytes(blob), kept, json.loads(json.dumps(meta))),
+      "covers": run_exported.CHECKSUM_COVERS,
   }
   arrays = {
       "exported": np.frombuffer(bytes(blob), np.uint8),
@@ -207,13 +218,8 @@ def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> di
 def write_npz(output: str, arrays: dict) -> None:
   """`np.savez` to a temporary name renamed into place: `output` is complete or untouched,
   and a failed write (a full disk) leaves no temporary behind."""
-  tmp = output + ".tmp.npz"
-  try:
-    np.savez(tmp, **arrays)
-    os.replace(tmp, output)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with fileio.atomic_write(output, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def check_finite_weights(names, leaves, what: str) -> None:

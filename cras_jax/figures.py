@@ -24,7 +24,6 @@ protocol and the embedded points), and prints the wrong-match table.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import compile_cache, errors, flag_checks
+from cras_jax.base import compile_cache, errors, fileio, flag_checks
 from cras_jax.engine import steps
 from cras_jax.runs import evaluate, plots, scoring
 from cras_jax.runs import workdir as runs
@@ -235,8 +234,7 @@ def write_figures(out: dict, out_dir: str, res, names, classes, per_class: int, 
   )
   out["files"] = {"qualitative": grid, "tsne": tsne, "json": os.path.join(out_dir, "tsne.json")}
   out["qualitative_images"] = [str(res["name"][i]) for i in chosen]
-  with open(out["files"]["json"], "w") as f:
-    json.dump(out, f, indent=2)
+  fileio.atomic_write_json(out["files"]["json"], out)
   print(
       f"\n{out['protocol']}; {out['test_images']} test images. Wrong global matches "
       f"(matched class != true class, matching: {out['matching']}):\n"

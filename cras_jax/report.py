@@ -40,22 +40,22 @@ from typing import Any
 
 from absl import app, flags
 
-from cras_jax.base import csv_cells, errors, flag_checks
+from cras_jax.base import csv_cells, errors, fileio, flag_checks
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import report_inputs, spread
 from cras_jax.runs.report_curves import (  # noqa: F401 - the tool's names, as before the split
-    _lookup,
-    curve_data,
-    param_value,
-    plot_curve,
-    write_curve_csv,
+  _lookup,
+  curve_data,
+  param_value,
+  plot_curve,
+  write_curve_csv,
 )
 from cras_jax.runs.report_inputs import (  # noqa: F401 - the tool's names, as before the split
-    ReportError,
-    check_protocols,
-    find_runs,
-    load_run,
-    results_path,
+  ReportError,
+  check_protocols,
+  find_runs,
+  load_run,
+  results_path,
 )
 
 METRICS = metrics_lib.METRIC_KEYS  # i_auroc, i_ap, p_auroc, p_ap, aupro
@@ -112,7 +112,7 @@ def summary_markdown(
 
 
 def write_summary_csv(runs: Sequence[dict], path: str, metrics: Sequence[str] = METRICS) -> None:
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
     w.writerow(["run", "protocol", *metrics])
     for row in summary_rows(runs, metrics):
@@ -160,7 +160,7 @@ def write_per_class_csv(
     runs: Sequence[dict], path: str, metrics: Sequence[str] = ("i_auroc", "p_auroc")
 ) -> None:
   """class, then one column per (run, metric) named 'run:metric'; fractions; empty = absent."""
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
     w.writerow(["class", *(f"{r['name']}:{m}" for r in runs for m in metrics)])
     for c in class_names(runs):
@@ -234,7 +234,7 @@ def spread_markdown(
 
 def write_spread_csv(groups, path: str, metrics: Sequence[str]) -> None:
   """setting, class, metric, mean, std, lo95, hi95, n (fractions)."""
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
     w.writerow(["setting", "class", "metric", "mean", "std", "lo95", "hi95", "n"])
     for name, tables in groups:
@@ -285,8 +285,7 @@ def report(
   per_class = per_class_markdown(runs, cmetrics, digits, warning, tag)
   for stem, text in (("summary", summary), ("per_class", per_class)):
     p = os.path.join(output_dir, f"{stem}_{tag}.md")
-    with open(p, "w") as f:
-      f.write(text)
+    fileio.atomic_write_text(p, text)
     files.append(p)
   files.append(os.path.join(output_dir, f"summary_{tag}.csv"))
   write_summary_csv(runs, files[-1], mlist)
@@ -297,8 +296,7 @@ def report(
   if any(len(t) > 1 for _, t in groups):
     spread_md = spread_markdown(groups, mlist, cmetrics, digits, tag)
     files.append(os.path.join(output_dir, f"spread_{tag}.md"))
-    with open(files[-1], "w") as f:
-      f.write(spread_md)
+    fileio.atomic_write_text(files[-1], spread_md)
     files.append(os.path.join(output_dir, f"spread_{tag}.csv"))
     write_spread_csv(groups, files[-1], mlist)
   curve_out = []

@@ -28,7 +28,6 @@ results do not depend on the batch size or the device count.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 
@@ -36,7 +35,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import compile_cache, csv_cells, errors, flag_checks
+from cras_jax.base import compile_cache, csv_cells, errors, fileio, flag_checks
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import evaluate, results, scoring
@@ -141,9 +140,8 @@ def write(result: dict, out_dir: str, stem: str) -> list[str]:
   """<out_dir>/<stem>.{json,csv,md}; the CSV has one row per (setting, class, metric)."""
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, f"{stem}.{e}") for e in ("json", "csv", "md")]
-  with open(paths[0], "w") as f:
-    json.dump({**result, "versions": results.versions()}, f, indent=2)
-  with open(paths[1], "w", newline="") as f:
+  fileio.atomic_write_json(paths[0], {**result, "versions": results.versions()})
+  with fileio.atomic_write(paths[1], "w", newline="") as f:
     w = csv_cells.writer(f)
     w.writerow(["setting", "class", "metric", "value_pts", "drop_pts"])
     for setting, table in result["tables"].items():
@@ -151,8 +149,7 @@ def write(result: dict, out_dir: str, stem: str) -> list[str]:
         for m, v in row.items():
           d = result["drops"].get(setting, {}).get(c, {}).get(m)
           w.writerow([setting, c, m, repr(100.0 * v), "" if d is None else repr(d)])
-  with open(paths[2], "w") as f:
-    f.write(markdown(result))
+  fileio.atomic_write_text(paths[2], markdown(result))
   return paths
 
 

@@ -11,10 +11,16 @@ file. Prints one line per image and, with --output, saves every output of the fu
 (scores, maps, patch, cls, normalised_scores, is_anomaly, masks) as arrays of N rows.
 
 From Python: `model = load("model.npz"); out = score(model, crops, batch_size=16)`.
+
+Loading verifies the file's content checksum (`content_checksum`: SHA-256 over the serialised
+function, every weight array and the meta) before anything in it is used: a file changed after
+export, even one weight scaled or one byte of the function, is refused (exit status 2).
 """
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 
 import jax
@@ -26,12 +32,56 @@ class ExportError(ValueError):
   """The exported file or its inputs cannot be used (the message names the file)."""
 
 
+CHECKSUM_COVERS = (
+    "sha256 over the serialised function, every weight array (index, dtype, shape, bytes) "
+    "and the meta without this entry (JSON, sorted keys)"
+)
+
+
+def content_checksum(exported, weights, meta):
+  """SHA-256 (hex) of an export's contents: `exported` (the serialised function's bytes),
+  `weights` (arrays, in order) and `meta` (its "checksum" entry left out)."""
+  h = hashlib.sha256()
+
+  def part(tag, data):
+    data = memoryview(data).cast("B")
+    h.update(f"{tag}\0{data.nbytes}\0".encode())
+    h.update(data)
+
+  part("exported", bytes(exported))
+  for i, w in enumerate(weights):
+    w = np.ascontiguousarray(w)
+    part(f"w{i:06d}:{w.dtype.str}:{list(w.shape)}", w.reshape(-1).view(np.uint8))
+  rest = {k: v for k, v in meta.items() if k != "checksum"}
+  part("meta", json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+  return h.hexdigest()
+
+
+def verify(path, meta, exported, weights):
+  """An `ExportError` unless the file's contents match the checksum stored at export."""
+  stored = meta.get("checksum")
+  if not isinstance(stored, dict) or not isinstance(stored.get("sha256"), str):
+    raise ExportError(
+        f"{path}: no content checksum (not written by python -m cras_jax.export of this "
+        f"version, or its meta was edited): export the run again"
+    )
+  if content_checksum(exported, weights, meta) != stored["sha256"]:
+    raise ExportError(
+        f"{path}: the contents do not match the checksum stored at export (the scoring "
+        f"function, a weight array or the meta were changed or damaged): export the run again"
+    )
+
+
 def load(path):
   """-> dict(meta, weights: list of device arrays, fn: the jitted exported function).
-  Weights with NaN or inf (which would make every image "normal") are refused."""
+  Weights with NaN or inf (which would make every image "normal") and a file whose contents
+  do not match its checksum (`verify`) are refused before the function is deserialised."""
   with np.load(path, allow_pickle=False) as f:
     meta = json.loads(f["meta"].tobytes().decode("utf-8"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("num_weights"), int):
+      raise ExportError(f"{path}: not a file written by python -m cras_jax.export")
     host = [f[f"w{i:06d}"] for i in range(meta["num_weights"])]
+    blob = f["exported"].tobytes()
     bad = [
         f"w{i:06d}" for i, w in enumerate(host) if w.dtype.kind == "f" and not np.isfinite(w).all()
     ]
@@ -40,7 +90,8 @@ def load(path):
           f"{path}: {len(bad)} weight array(s) hold NaN or inf ({', '.join(bad[:3])}): the "
           f"file is damaged or was exported from a diverged run; export it again"
       )
-    exported = export.deserialize(bytearray(f["exported"].tobytes()))
+    verify(path, meta, blob, host)
+    exported = export.deserialize(bytearray(blob))
     weights = [jax.device_put(w) for w in host]
   return {"meta": meta, "weights": weights, "fn": jax.jit(exported.call)}
 
@@ -81,6 +132,22 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
       )
     parts.append(part)
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def save_outputs(path, out):
+  """`out` as an .npz file (".npz" added as np.savez does), written to a temporary in the same
+  directory, fsynced and renamed: the file is complete or absent, never truncated."""
+  path = path if path.endswith(".npz") else path + ".npz"
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **out)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def main(argv=None):
@@ -126,7 +193,7 @@ def main(argv=None):
           f"{out['masks'][i].mean():.4f}"
       )
   if args.output:
-    np.savez(args.output, **out)
+    save_outputs(args.output, out)
   return out
 
 

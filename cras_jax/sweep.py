@@ -13,7 +13,8 @@ an ordered dict name -> list of overrides; optional module attributes `BASE_CONF
 before the run's own) come from `--override=...` or from any `--config.x=y` argument given to
 this tool directly.
 
-Resuming: a run whose `results/metrics_final.json` exists and whose recorded base config and
+Resuming: a run whose `results/metrics_final.json` is complete (parses, holds its metrics, step
+and protocol: an empty or truncated one is redone) and whose recorded base config and
 overrides (`<sweep_dir>/<name>/sweep_run.json`) equal the current ones is skipped; any other is
 (re)started, and the trainer resumes from its checkpoint. A failing run is reported and the
 sweep goes on with the next; the exit status is 1 if any run failed. Ctrl-C (or SIGTERM) is
@@ -37,7 +38,6 @@ from __future__ import annotations
 import codecs
 import datetime
 import inspect
-import json
 import os
 import shlex
 import signal
@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 
 from absl import app, flags
 
-from cras_jax.base import errors
+from cras_jax.base import errors, fileio
 from cras_jax.runs import sweep_plan
 from cras_jax.runs.sweep_plan import (  # noqa: F401 - the tool's names, as before the split
     _OVERRIDE,
@@ -111,10 +111,7 @@ def _now() -> str:
 
 
 def _write_json(path, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  fileio.atomic_write_json(path, obj)
 
 
 def _stream(child: subprocess.Popen, log, out) -> None:

@@ -106,3 +106,45 @@ def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
     np.testing.assert_array_equal(got["is_anomaly"][~near], (z_ref >= thr.image_threshold)[~near])
     near = np.abs(zmaps_ref - thr.pixel_threshold) < 1e-4
     np.testing.assert_array_equal(got["masks"][~near], (zmaps_ref >= thr.pixel_threshold)[~near])
+
+
+def test_exported_file_names_its_run_and_a_content_checksum(exported, tiny_run):
+  from cras_jax.runs import checkpoint
+
+  meta = exported["meta"]
+  saved = checkpoint.restore_meta(checkpoint.manager(str(tiny_run["workdir"]), read_only=True))
+  assert meta["run_id"] == saved["run_id"] and meta["config"] == saved["config"]
+  assert {"jax", "cras_jax", "flax", "python"} <= set(meta["versions"])
+  assert len(meta["checksum"]["sha256"]) == 64
+
+
+def _tampered(src, dst, change: str) -> None:
+  """A copy of the export at `src`, still a valid archive, with one thing changed."""
+  with np.load(src, allow_pickle=False) as f:
+    arrays = {k: f[k] for k in f.files}
+  if change == "weight":
+    name = max((k for k in arrays if k.startswith("w")), key=lambda k: arrays[k].size)
+    arrays[name] = (arrays[name] * 1.5).astype(arrays[name].dtype)
+  elif change == "function":
+    blob = arrays["exported"].copy()
+    blob[blob.size // 2] ^= 0x01
+    arrays["exported"] = blob
+  else:  # a stored threshold lowered: every image "anomalous"
+    meta = json.loads(arrays["meta"].tobytes().decode())
+    meta["thresholds"]["image"] = -1e9
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  np.savez(dst, **arrays)
+
+
+@pytest.mark.parametrize("change", ["weight", "function", "meta"])
+def test_an_export_changed_after_writing_is_refused(exported, change, capsys):
+  from cras_jax import run_exported
+
+  model = exported["dir"] / f"tampered_{change}.npz"
+  _tampered(exported["dir"] / "model.npz", model, change)
+  with pytest.raises(run_exported.ExportError, match="do not match the checksum"):
+    run_exported.load(str(model))
+  with pytest.raises(SystemExit) as e:
+    run_exported.main([str(model), str(exported["dir"] / "crops.npy"), "--quiet"])
+  assert e.value.code == 2
+  assert "do not match the checksum" in capsys.readouterr().err

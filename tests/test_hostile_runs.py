@@ -123,8 +123,7 @@ def test_a_failed_export_write_leaves_no_temporary(tmp_path, monkeypatch):
   out = tmp_path / "model.npz"
 
   def full_disk(file, **arrays):
-    with open(file, "wb") as f:
-      f.write(b"partial")
+    file.write(b"partial")  # the open temporary beside `out`
     raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(export.np, "savez", full_disk)

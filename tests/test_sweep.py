@@ -341,6 +341,25 @@ def test_sweep_resume_and_failures(tmp_path, fake, monkeypatch):
   ]
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated", "no_metrics"])
+def test_a_damaged_final_metrics_file_is_redone_not_skipped(tmp_path, fake, damage):
+  d = tmp_path / "sw"
+  launcher = [sys.executable, str(fake)]
+  argv = [f"--sweep_dir={d}", "--run=a:", "--config.train.epochs=1"]
+  assert run_command(sweep, *argv, launcher=launcher, out=io.StringIO()) == 0
+  result = d / "a" / "results" / "metrics_final.json"
+  text = result.read_text()
+  result.write_text(
+      {"empty": "", "truncated": text[: len(text) // 2], "no_metrics": '{"step": 1}'}[damage]
+  )
+  out = io.StringIO()
+  assert run_command(sweep, *argv, launcher=launcher, out=out) == 0
+  assert calls(d) == ["a", "a"]
+  assert "empty, truncated or incomplete: rerunning" in out.getvalue()
+  assert "skipped" not in out.getvalue()
+  assert json.loads(result.read_text())["metrics"]  # rewritten by the rerun
+
+
 def test_sweep_file_dry_run_and_user_paths(tmp_path, fake):
   d = tmp_path / "sw"
   f = tmp_path / "my_sweep.py"

@@ -11,9 +11,11 @@ The images are decoded, resized and cropped once (``preprocess.load_example``) a
 TFDS ``GeneratorBasedBuilder`` in ``array_record`` files under ``cache_dir``; they are read back
 with ``builder.as_data_source()`` (random access, no TensorFlow needed anywhere). The builder
 config name holds a hash of (root, classes, resize, crop, preprocessing version) and a
-fingerprint of the scanned files (relative paths, sizes, mtimes), so a changed dataset gets a
-new directory and is rebuilt, while an unchanged one is reused. The builder is in
-``mvtec_builder``.
+fingerprint of the scanned files' contents (`identity.fingerprint`: relative paths and the
+SHA-256 of every file's bytes, read on every load), so a changed dataset, even one file edited
+in place with its mtime restored, gets a new directory and is rebuilt, while an unchanged one
+is reused. `Dataset.identity` is what a run records of its data (`identity.of_records`). The
+builder is in ``mvtec_builder``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from absl import logging as absl_logging
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from cras_jax.base import leases
-from cras_jax.data import layout, preprocess, validate
+from cras_jax.data import identity, layout, preprocess, validate
 from cras_jax.data.mvtec_builder import SPLITS, MVTecFolder, make_config
 
 # --------------------------------------------------------------------------------------------
@@ -45,6 +47,7 @@ class Dataset:
   test: object
   builder: MVTecFolder
   records: list[layout.Record]
+  identity: dict | None = None  # identity.of_records: class list, per split/class contents
 
   @property
   def data_dir(self) -> str:
@@ -127,7 +130,10 @@ def load_dataset(
   records, problems, class_names = layout.collect(root, classes, check_masks=False)
   if problems and not records:  # e.g. no root: nothing more to check
     validate.validate(records, root, problems=problems, class_names=class_names)
-  config = make_config(root, class_names, resize, crop, records, mask_rule)
+  # Every file's bytes are hashed (and so read) on every load: the prepared copy is reused
+  # only for the very same contents.
+  digests = identity.file_digests(identity.record_paths(records), num_workers)
+  config = make_config(root, class_names, resize, crop, records, mask_rule, digests)
   # tfds logs a warning with the whole config for every custom config: silence that one.
   # (Constructing the builder writes nothing to cache_dir.)
   verbosity = absl_logging.get_verbosity()
@@ -140,7 +146,7 @@ def load_dataset(
   finally:
     absl_logging.set_verbosity(verbosity)
   # A prepared cache of this config was built from these very files (the config name holds
-  # their paths, sizes and mtimes) after they passed validation: decoding them again is
+  # their paths and the hashes of their contents) after they passed validation: decoding is
   # skipped, the layout checks (masks present, no orphan masks) are always run.
   validate.validate(
       records,
@@ -179,6 +185,7 @@ def load_dataset(
       test=sources["test"],
       builder=builder,
       records=records,
+      identity=identity.of_records(records, class_names, root, digests),
   )
   if verbose:
     for line in ds.summary_lines():

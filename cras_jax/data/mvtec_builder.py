@@ -1,7 +1,8 @@
 """The TFDS builder of an MVTec-layout dataset (``mvtec.load_dataset`` uses it): one builder
 config per (root, classes, resize, crop, mask rule, preprocessing version) and fingerprint of the
-scanned files (``make_config``), whose examples are the images decoded, resized and cropped
-once (``preprocess.load_example``), stored in ``array_record`` files."""
+scanned files' contents (``make_config``: the SHA-256 of every file's bytes), whose examples
+are the images decoded, resized and cropped once (``preprocess.load_example``), stored in
+``array_record`` files."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cras_jax.base import progress
-from cras_jax.data import layout, preprocess
+from cras_jax.data import identity, layout, preprocess
 
 SPLITS = ("train", "test")
 BUILDER_VERSION = "1.2.0"
@@ -30,21 +31,16 @@ def _relname(rec_path: str, root: str) -> str:
   return Path(os.path.relpath(rec_path, root)).as_posix()
 
 
-def content_fingerprint(records: Iterable[layout.Record], root: str | os.PathLike) -> str:
-  """sha256 over every image/mask relative path, size and mtime (hex)."""
-  h = hashlib.sha256()
-  root = os.fspath(root)
-  for r in records:
-    for p in (r.image_path, r.mask_path):
-      if p is None:
-        h.update(b"-\n")
-        continue
-      st = os.stat(p)
-      h.update(
-          f"{r.class_name}|{r.split}|{r.defect_type}|{_relname(p, root)}|"
-          f"{st.st_size}|{st.st_mtime_ns}\n".encode()
-      )
-  return h.hexdigest()
+def content_fingerprint(
+    records: Sequence[layout.Record],
+    root: str | os.PathLike,
+    digests: dict[str, str] | None = None,
+) -> str:
+  """sha256 (hex) over every image/mask's place in the layout and the SHA-256 of its bytes
+  (`digests`: `identity.file_digests` of the records' files, computed when not given)."""
+  if digests is None:
+    digests = identity.file_digests(identity.record_paths(records))
+  return identity.fingerprint(records, root, digests)
 
 
 def params_hash(
@@ -89,9 +85,10 @@ def make_config(
     crop: int,
     records: Sequence[layout.Record],
     mask_rule: str = "binarise",
+    digests: dict[str, str] | None = None,
 ) -> MVTecFolderConfig:
   phash = params_hash(root, class_names, resize, crop, mask_rule)[:10]
-  fp = content_fingerprint(records, root)[:12]
+  fp = content_fingerprint(records, root, digests)[:12]
   return MVTecFolderConfig(
       name=f"r{int(resize)}_c{int(crop)}_k{len(class_names)}_{phash}_{fp}",
       description=f"{len(class_names)} classes, resize {resize}, crop {crop}",

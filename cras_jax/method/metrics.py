@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from cras_jax.base import csv_cells
+from cras_jax.base import csv_cells, fileio
 from cras_jax.method.pro import (
     aupro,
     aupro_from_curve,
@@ -187,28 +187,33 @@ def to_markdown(
 
 
 def to_csv(
-    table: Mapping[str, Mapping[str, float]], path: str | os.PathLike, percent: bool = False
+    table: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike,
+    percent: bool = False,
+    extra_columns: Mapping[str, str] | None = None,
 ) -> None:
   """Write ``table`` as CSV: header ``class,i_auroc,...``, class rows, then the mean row.
 
   Values are fractions at full precision (``repr``) unless ``percent=True``; nan is written
-  as ``nan``. Parent directories are created.
+  as ``nan``. ``extra_columns`` (name -> text) are appended with the same text on every row
+  (e.g. a note that must travel with each row). Parent directories are created.
   """
+  extra = dict(extra_columns or {})
   names = _ordered_rows(table)
   cols = _columns(table[n] for n in names)
   parent = os.path.dirname(os.fspath(path))
   if parent:
     os.makedirs(parent, exist_ok=True)
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
-    w.writerow(["class", *cols])
+    w.writerow(["class", *cols, *extra])
     for n in names:
       row = []
       for c in cols:
         v = table[n].get(c, _NAN)
         v = _NAN if v is None else float(v)
         row.append(repr(100.0 * v if percent else v))
-      w.writerow([n, *row])
+      w.writerow([n, *row, *extra.values()])
 
 
 def select_epoch(

@@ -126,6 +126,7 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: b
       skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
   steps = ", ".join(f"{s} ({r})" for s, r in skipped)
   raise errors.UserValueError(
-      f"{mngr.directory}: no readable checkpoint; tried {steps}. "
-      f"Remove the directory to start afresh."
+      f"{mngr.directory}: no checkpoint could be restored; tried {steps}. If they were "
+      f"written by another version or for another configuration, use that, or train in a new "
+      f"--workdir; nothing here was removed."
   )

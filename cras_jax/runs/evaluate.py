@@ -11,18 +11,18 @@ workdir's latest checkpoint alone.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
-import shutil
 import time
 
 import jax
 
 from cras_jax.runs import config_check, named_inputs, results, scoring, specs, summaries
 from cras_jax.runs import workdir as runs
-from cras_jax.base import progress
+from cras_jax.base import fileio, progress
 from cras_jax.method import metrics as metrics_lib
+from cras_jax.runs import config_check, results, scoring, single_class, summaries
+from cras_jax.runs import workdir as runs
 
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
 
@@ -36,6 +36,7 @@ def evaluate(
     heatmaps: bool = True,
     with_thresholds: bool = False,
     results_dir: str | None = None,
+    run_info: dict | None = None,
 ) -> dict:
   """Per-class metrics of docs/method.md §10 on the test split, written to workdir/results.
 
@@ -44,6 +45,9 @@ def evaluate(
   pixel thresholds; `scoring.write_thresholds`) from these scores; the metrics are unchanged.
   results_dir: where the results (and thresholds.json) go instead (a population's member:
   workdir/results/<member>).
+  run_info: `run_id` (the run's, recorded in the files: `report_best_epoch` reads only its
+  own run's) and `data_note` (a sentence when the test images are not the run's recorded
+  ones: written in every result file).
   """
   t0 = time.time()
   res = scorer.predict_dataset(dataset.test)
@@ -61,6 +65,7 @@ def evaluate(
       "matching": config.model.matching,
       "test_images": len(res["scores"]),
       "score_seconds": seconds,
+      **{k: v for k, v in (run_info or {}).items() if v is not None},
   }
   if jax.process_index() == 0:
     results.write_results(table, out_dir, tag, extra)
@@ -89,15 +94,38 @@ def evaluate(
   return table
 
 
-def report_best_epoch(workdir: str, results_dir: str | None = None) -> dict:
-  """The reference protocol: of the per-epoch results in workdir/results (or results_dir),
-  the epoch with the best mean I-AUROC + P-AUROC is written as the run's reported result
-  (metrics_final.*, labelled as selected on the test set)."""
+def own_epoch_results(out_dir: str, run_id: str | None) -> tuple[list[str], list[dict]]:
+  """(files, records) of the per-epoch results in `out_dir` written by run `run_id`, in
+  epoch order; those of other runs (an earlier run in the same workdir, whose checkpoints
+  were removed) or unreadable ones are left out with a word."""
+  files, records, foreign = [], [], []
+  for f in sorted(glob.glob(os.path.join(out_dir, "metrics_epoch_*.json"))):
+    rec = fileio.read_json_object(f, ("metrics", "step"))
+    if rec is None or (run_id is not None and rec.get("run_id") != run_id):
+      foreign.append(os.path.basename(f))
+      continue
+    files.append(f)
+    records.append(rec)
+  if foreign:
+    print(
+        f"note: {len(foreign)} per-epoch result file(s) in {out_dir} were not written by "
+        f"this run (run id {run_id}) or are unreadable, and are ignored: "
+        f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}",
+        flush=True,
+    )
+  return files, records
+
+
+def report_best_epoch(
+    workdir: str, run_id: str | None = None, results_dir: str | None = None
+) -> dict:
+  """The reference protocol: of run `run_id`'s per-epoch results in workdir/results (or
+  results_dir), the epoch with the best mean I-AUROC + P-AUROC is written as the run's
+  reported result (metrics_final.*, labelled as selected on the test set)."""
   out_dir = results_dir or os.path.join(workdir, "results")
-  files = sorted(glob.glob(os.path.join(out_dir, "metrics_epoch_*.json")))
+  files, epochs = own_epoch_results(out_dir, run_id)
   if not files:
-    raise FileNotFoundError(f"{out_dir}: no per-epoch results to select from")
-  epochs = [json.load(open(f)) for f in files]
+    raise FileNotFoundError(f"{out_dir}: no per-epoch results of this run to select from")
   best = metrics_lib.select_epoch([r["metrics"] for r in epochs], "best_epoch")
   chosen = epochs[best]
   tag = os.path.basename(files[best])[len("metrics_") : -len(".json")]
@@ -112,7 +140,7 @@ def report_best_epoch(workdir: str, results_dir: str | None = None) -> dict:
     results.write_results(chosen["metrics"], out_dir, "final", extra)
     scores = os.path.join(out_dir, f"scores_{tag}.csv")
     if os.path.exists(scores):
-      shutil.copyfile(scores, os.path.join(out_dir, "scores_final.csv"))
+      fileio.atomic_copy(scores, os.path.join(out_dir, "scores_final.csv"))
   print(
       f"\n[final] protocol: {BEST_EPOCH_LABEL}: {tag} (step {chosen['step']}) of "
       f"{len(files)} evaluated epochs"
@@ -150,4 +178,10 @@ the single-class setting's loop over the classes is `train.evaluate_checkpoint`'
   named_inputs.ensure(config)  # weights and data named by the config: fetched once
   run = runs.load_run(workdir, config)
   dataset = runs.load_run_dataset(run, workdir)
-  return evaluate(scoring.Scorer.for_run(run), dataset, config, workdir, tag="eval")
+  note = runs.test_data_note(run.meta.get("data"), dataset.identity)
+  if note:
+    print(f"note: {note}", flush=True)
+  run_info = {"run_id": run.meta.get("run_id"), "data_note": note}
+  return evaluate(
+      scoring.Scorer.for_run(run), dataset, config, workdir, tag="eval", run_info=run_info
+  )

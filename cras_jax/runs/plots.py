@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from cras_jax.base import fileio
 from cras_jax.runs import render
 
 CELL_PX = 160  # one image cell of the grid
@@ -74,7 +75,8 @@ def qualitative_grid(res: dict, class_names, indices, path: str, dpi: int = 100)
     y = 1 - (TOP_PX + (row + 0.5) * CELL_PX) / h
     fig.text(0.5 * LEFT_PX / w, y, label, rotation=90, ha="center", va="center", fontsize=9)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  with fileio.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
   plt.close(fig)
   return path
 
@@ -175,7 +177,8 @@ def tsne_plot(
   ax.set_yticks([])
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=dpi)
+  with fileio.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
   plt.close(fig)
   return path
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cras_jax.base import csv_cells
+from cras_jax.base import csv_cells, fileio
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import sweep_plan as sweep
 from cras_jax.runs.sweep_plan import read_json as _read_json
@@ -141,13 +141,14 @@ def plot_curve(data: dict, path: str) -> str:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with fileio.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
   return path
 
 
 def write_curve_csv(data: dict, path: str) -> None:
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
     w.writerow(["run", data["field"], *data["metrics"]])
     for i, run in enumerate(data["runs"]):

@@ -4,6 +4,7 @@ the training progress line and the versions every results file records."""
 from __future__ import annotations
 
 import json
+import csv
 import math
 import os
 import platform
@@ -18,7 +19,7 @@ import optax
 import orbax.checkpoint
 
 import cras_jax
-from cras_jax.base import csv_cells
+from cras_jax.base import csv_cells, fileio
 from cras_jax.base import progress as progress_lib
 from cras_jax.base.jsonio import json_safe
 from cras_jax.method import metrics as metrics_lib
@@ -105,8 +106,7 @@ def class_metrics(res: dict, class_names, fpr_limit: float = 0.3) -> dict:
 
 def write_scores(res: dict, class_names, path: str) -> None:
   """One row per test image: name, class, matched class, label and image score."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
     w.writerow(["name", "class", "matched_class", "is_anomaly", "score"])
     for i, name in enumerate(res["name"]):
@@ -154,15 +154,23 @@ def coverage_note(table: Mapping[str, Mapping[str, float]]) -> str | None:
 
 def write_results(table: dict, out_dir: str, tag: str, extra: dict) -> None:
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f"metrics_{tag}.json"), "w") as f:
-    record = {"metrics": table, **extra, "versions": versions()}
-    if metrics_lib.MEAN_ROW in table:  # the mean row of each metric names what it averages
-      record["mean_covers"] = mean_coverage(table)
-    json.dump(json_safe(record), f, indent=2, allow_nan=False)
-  metrics_lib.to_csv(table, os.path.join(out_dir, f"metrics_{tag}.csv"))
+  record = {"metrics": table, **extra, "versions": versions()}
+  if metrics_lib.MEAN_ROW in table:  # the mean row of each metric names what it averages
+    record["mean_covers"] = mean_coverage(table)
+  fileio.atomic_write_json(
+      os.path.join(out_dir, f"metrics_{tag}.json"), json_safe(record), allow_nan=False
+  )
+  note = extra.get("data_note")  # in every file: the test images are not the run's own
+  metrics_lib.to_csv(
+      table,
+      os.path.join(out_dir, f"metrics_{tag}.csv"),
+      extra_columns={"data_note": note} if note else None,
+  )
   title = f"protocol: {extra['protocol']}" if "protocol" in extra else None
-  with open(os.path.join(out_dir, f"metrics_{tag}.md"), "w") as f:
-    f.write(markdown(table, title=title) + "\n")
+  fileio.atomic_write_text(
+      os.path.join(out_dir, f"metrics_{tag}.md"),
+      markdown(table, title=title) + (f"\nnote: {note}\n" if note else "") + "\n",
+  )
 
 
 def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> list[str]:
@@ -191,7 +199,8 @@ def save_heatmaps(res: dict, class_names, out_dir: str, per_class: int = 4) -> l
       fig.tight_layout()
       safe = str(res["name"][i]).replace(os.sep, "_").replace(".", "_")
       path = os.path.join(out_dir, f"{name}_{i:04d}_{safe}.png")
-      fig.savefig(path, dpi=80)
+      with fileio.atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
       plt.close(fig)
       written.append(path)
   return written

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from cras_jax.base import fileio
 from cras_jax.runs import render
 
 # ----------------------------------------------------------------------------- event files
@@ -218,12 +219,15 @@ def read_train_log(workdir: str) -> list[dict]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def evaluation_points(workdir: str) -> list[tuple[int, float, float]]:
-  """(step, mean I-AUROC, mean P-AUROC) of the run's evaluations in results/, by step."""
+def evaluation_points(workdir: str, run_id: str | None = None) -> list[tuple[int, float, float]]:
+  """(step, mean I-AUROC, mean P-AUROC) of the run's evaluations in results/, by step (with
+  `run_id`, only those that run wrote)."""
   points = {}
   for f in glob.glob(os.path.join(workdir, "results", "metrics_*.json")):
     try:
       r = json.load(open(f))
+      if run_id is not None and r.get("run_id") != run_id:
+        continue
       mean = r["metrics"]["mean"]
       points[int(r["step"])] = (float(mean["i_auroc"]), float(mean["p_auroc"]))
     except (OSError, ValueError, KeyError, TypeError):
@@ -231,9 +235,10 @@ def evaluation_points(workdir: str) -> list[tuple[int, float, float]]:
   return [(s, *points[s]) for s in sorted(points)]
 
 
-def write_curves(workdir: str) -> str | None:
+def write_curves(workdir: str, run_id: str | None = None) -> str | None:
   """`<workdir>/results/curves.png`: the loss and the shares of patches classified right
-  over the steps, with the evaluations' mean I-/P-AUROC as points. -> its path."""
+  over the steps, with the evaluations' mean I-/P-AUROC (of run `run_id`) as points. -> its
+  path."""
   log = read_train_log(workdir)
   if not log or jax.process_index() != 0:
     return None
@@ -253,7 +258,7 @@ def write_curves(workdir: str) -> str | None:
   for key, label in (("p_true", "normal patches right"), ("p_fake", "synthetic patches right")):
     if key in log[0]:
       ax1.plot(steps, [100 * e[key] for e in log], label=label, lw=1.2)
-  points = evaluation_points(workdir)
+  points = evaluation_points(workdir, run_id)
   if points:
     s, i_auroc, p_auroc = zip(*points)
     ax1.plot(s, [100 * v for v in i_auroc], "o", label="eval: mean I-AUROC")
@@ -265,6 +270,7 @@ def write_curves(workdir: str) -> str | None:
   fig.tight_layout()
   path = os.path.join(workdir, "results", "curves.png")
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=90)
+  with fileio.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=90)
   plt.close(fig)
   return path

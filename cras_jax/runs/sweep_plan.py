@@ -22,7 +22,7 @@ from absl import flags
 
 from cras_jax import configs
 
-from cras_jax.base import errors
+from cras_jax.base import errors, fileio
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +195,15 @@ def plan(
   return entries
 
 
+def valid_result(path: str) -> bool:
+  """Whether `path` is a complete metrics file: a JSON object with its step, protocol and a
+  non-empty table of metric rows (not an empty, truncated or foreign file)."""
+  rec = fileio.read_json_object(path, ("metrics", "step", "protocol"))
+  if rec is None or not isinstance(rec["metrics"], dict) or not rec["metrics"]:
+    return False
+  return all(isinstance(row, dict) and row for row in rec["metrics"].values())
+
+
 def is_done(entry: dict) -> tuple[bool, str]:
   """(skip?, why) for a planned run."""
   workdir = entry["workdir"]
@@ -202,6 +211,11 @@ def is_done(entry: dict) -> tuple[bool, str]:
     if os.path.exists(os.path.join(workdir, RECORD)):
       return False, "not finished: resuming"
     return False, "new"
+  if not valid_result(os.path.join(workdir, RESULT)):
+    return False, (
+        f"{RESULT} is empty, truncated or incomplete: rerunning (the trainer resumes and "
+        f"evaluates again)"
+    )
   rec = read_json(os.path.join(workdir, RECORD))
   if rec is None:
     return False, f"has results but no {RECORD}: rerunning (the trainer resumes)"

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cras_jax.base import jsonio
+from cras_jax.base import errors, fileio, jsonio
 
 FILE_NAME = "thresholds.json"
 FORMAT_VERSION = 1
@@ -316,28 +316,83 @@ def path(workdir: str) -> str:
 
 
 def save(d: dict, file: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-  tmp = file + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(jsonio.json_safe(d), f, indent=2)
-  os.replace(tmp, file)
+  fileio.atomic_write_json(file, jsonio.json_safe(d))
 
 
 def load_dict(file: str) -> dict:
-  with open(file) as f:
-    return json.load(f)
+  """The JSON object in `file`; a `UserValueError` naming the file when it is not one."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      d = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise errors.UserValueError(
+        f"{file} is not valid JSON ({type(e).__name__}: {e}); recompute it with "
+        f"python -m cras_jax.predict --calibrate --workdir=<run>"
+    ) from None
+  if not isinstance(d, dict):
+    raise errors.UserValueError(f"{file}: expected a JSON object; recompute it with --calibrate")
+  return d
+
+
+def _real(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def problems(d: dict, class_names: Sequence[str]) -> list[str]:
+  """What makes a thresholds dict unusable for a run of `class_names`: every field scoring
+  reads, checked for type, finiteness, sign and one entry per class."""
+  out = []
+  k = len(class_names)
+  names = d.get("class_names")
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    out.append("class_names: missing or not a list of names")
+  elif names != list(class_names):
+    out.append(f"class_names: made for {names}, the run has {list(class_names)}")
+  for key in ("image_threshold", "pixel_threshold"):  # null: no threshold (none stored)
+    v = d.get(key, "<absent>")
+    if v is not None and not (_real(v) and math.isfinite(v)):
+      out.append(f"{key}={v!r}: must be a finite number or null")
+  n = d.get("normalisation")
+  if not isinstance(n, dict):
+    return out + ["normalisation: missing or not an object"]
+  for key, positive in (("loc", False), ("scale", True)):
+    v = n.get(key)
+    if not isinstance(v, list) or len(v) != k:
+      out.append(
+          f"normalisation.{key}: must be a list of {k} numbers, one per class "
+          f"(got {len(v) if isinstance(v, list) else type(v).__name__})"
+      )
+      continue
+    bad = [
+        i
+        for i, x in enumerate(v)
+        if not (_real(x) and math.isfinite(x) and (x > 0 or not positive))
+    ]
+    if bad:
+      what = "finite and > 0" if positive else "finite numbers"
+      out.append(
+          f"normalisation.{key}: entries must be {what}; not so for "
+          + ", ".join(f"{class_names[i]} ({v[i]!r})" for i in bad[:5])
+      )
+  step = d.get("step")
+  if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+    out.append(f"step={step!r}: must be a checkpoint step (an integer >= 0) or absent")
+  return out
 
 
 def load(workdir: str, class_names: Sequence[str]) -> Thresholds | None:
-  """The workdir's thresholds, or None when it has none (older runs: `--calibrate`)."""
+  """The workdir's thresholds, validated (`problems`: a `UserValueError` naming every bad
+  field), or None when it has none (older runs: `--calibrate`)."""
   file = path(workdir)
   if not os.path.exists(file):
     return None
   d = load_dict(file)
-  if list(d["class_names"]) != list(class_names):
-    raise ValueError(
-        f"{file} was made for classes {d['class_names']}, the run has "
-        f"{list(class_names)}; recompute it with --calibrate"
+  bad = problems(d, class_names)
+  if bad:
+    raise errors.UserValueError(
+        f"{file} cannot be used:\n  "
+        + "\n  ".join(bad)
+        + f"\nrecompute it with python -m cras_jax.predict --calibrate --workdir={workdir}"
     )
   d["image_threshold"] = float("nan") if d["image_threshold"] is None else d["image_threshold"]
   d["pixel_threshold"] = float("nan") if d["pixel_threshold"] is None else d["pixel_threshold"]

@@ -12,17 +12,21 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import uuid
 from typing import NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 import cras_jax
 from cras_jax import backbones
-from cras_jax.runs import checkpoint, config_check, population, results, specs
-from cras_jax.base import errors, user_cache
-from cras_jax.engine import sharding, steps
 from cras_jax import data as data_lib
+from cras_jax.base import errors, user_cache
+from cras_jax.data import identity
+from cras_jax.engine import sharding, steps
+from cras_jax.runs import checkpoint, config_check, population, results, specs
 
 # Config fields that change the shapes of the saved state: a run cannot continue with other
 # values, even with --allow_config_change.
@@ -36,6 +40,23 @@ SHAPE_FIELDS = (
     "model.disc_layers",
     "model.crd_input",
     "data.crop",
+)
+# Config fields whose values the saved state was computed from, once, at the run's start: the
+# class centres and the feature noise scale come from the feature pass over the training data
+# (backbone weights, preprocessing, compute dtype, `model.centre`, `model.noise_relative`) and
+# the initial heads and random stream from the seed. A checkpoint cannot reflect another value,
+# so --allow_config_change refuses them (a run with other values is a new run).
+STATE_FIELDS = (
+    "seed",
+    "data.name",
+    "data.classes",
+    "data.resize",
+    "data.allow_crop_padding",
+    "data.synthetic.",
+    "model.weights",
+    "model.dtype",
+    "model.centre",
+    "model.noise_relative",
 )
 # Fields that do not change how a trained checkpoint scores: `--mode=eval` may differ in
 # them (and in NON_RESULT_FIELDS) from the run's saved config.
@@ -78,9 +99,21 @@ class Run(NamedTuple):
     return list(self.meta["class_names"])
 
 
-def run_meta(config, class_names, spec: steps.ModelSpec) -> dict:
-  """The record every checkpoint of a run holds beside its state."""
+def new_run_id() -> str:
+  """A fresh run id (16 hex digits); in a multi-process run every process gets process 0's."""
+  raw = np.frombuffer(uuid.uuid4().bytes[:8], np.uint8)
+  if jax.process_count() > 1:
+    raw = np.asarray(multihost_utils.broadcast_one_to_all(raw), np.uint8)
+  return raw.tobytes().hex()
+
+
+def run_meta(config, class_names, spec: steps.ModelSpec, data: dict | None = None) -> dict:
+  """The record every checkpoint of a run holds beside its state: its id (`run_id`, kept
+  when the run resumes, in every result file it writes), classes, data identity
+  (`data.identity.of_records`), config and versions."""
   return {
+      "run_id": new_run_id(),
+      "data": data,
       "class_names": list(class_names),
       "config": json.loads(config.to_json_best_effort()),
       "grid": list(spec.grid),
@@ -210,8 +243,11 @@ def resume(
 ) -> steps.TrainState | None:
   """The state of the workdir's latest readable checkpoint, or None when it has none.
 
-  A checkpoint saved with different result-changing config fields is refused unless
-  `allow_config_change`; one of other classes is refused always."""
+  Refused always: a checkpoint of another class list or other training images
+  (`check_same_data`), or one whose saved state was computed from other values of
+  `SHAPE_FIELDS` or `STATE_FIELDS`; other result-changing config fields unless
+  `allow_config_change`. `meta` takes the run's id (and its recorded data) from the
+  checkpoint: a resumed run stays the same run."""
   if mngr.latest_step() is None:
     return None
   saved_meta = checkpoint.restore_meta(mngr)
@@ -219,6 +255,7 @@ def resume(
     raise errors.UserValueError(
         f"{mngr.directory}: no checkpoint with a readable meta item; use a new --workdir"
     )
+  check_same_data(saved_meta, meta, workdir)
   diffs = config_differences(saved_meta["config"], meta["config"])
   shape_diffs = [d for d in diffs if _matches(d.split(":")[0], SHAPE_FIELDS)]
   if shape_diffs and allow_config_change:
@@ -227,6 +264,15 @@ def resume(
         + "\n  ".join(shape_diffs)
         + "\nthese fields change the shapes of the saved state, so the run cannot continue "
         "with them (not even with --allow_config_change): use a new --workdir."
+    )
+  state_diffs = [d for d in diffs if _matches(d.split(":")[0], STATE_FIELDS)]
+  if state_diffs and allow_config_change:
+    raise errors.UserValueError(
+        f"{workdir} holds a run whose saved state was computed from other values of:\n  "
+        + "\n  ".join(state_diffs)
+        + "\nthe class centres, the feature noise scale and the initial heads were computed "
+        "from these fields at the run's start and the checkpoint cannot reflect a change, so "
+        "--allow_config_change does not apply to them: use a new --workdir."
     )
   if diffs and not allow_config_change:
     raise errors.UserValueError(
@@ -241,13 +287,52 @@ def resume(
         flush=True,
     )
   state, saved_meta = restore_latest(mngr, state)
-  if saved_meta["class_names"] != meta["class_names"]:
-    raise errors.UserValueError(
-        f"{workdir}: checkpoint classes {saved_meta['class_names']} differ from the "
-        f"data's {meta['class_names']}; use a new --workdir"
-    )
+  check_same_data(saved_meta, meta, workdir)  # the step restored may be an older one
+  meta["run_id"] = saved_meta.get("run_id") or meta["run_id"]
+  meta["data"] = saved_meta.get("data") or meta.get("data")
   print(f"resumed from step {int(state.step.max())} ({mngr.directory})", flush=True)
   return state
+
+
+def check_same_data(saved_meta: dict, meta: dict, workdir: str) -> None:
+  """Refuses to continue a run on another class list or other training images (the class
+  centres and the heads belong to the run's data), naming what changed."""
+  saved, now = list(saved_meta["class_names"]), list(meta["class_names"])
+  if saved != now:
+    added = [c for c in now if c not in saved]
+    gone = [c for c in saved if c not in now]
+    change = "; ".join(
+        ([f"added {', '.join(added)}"] if added else [])
+        + ([f"removed {', '.join(gone)}"] if gone else [])
+        or ["the same classes in another order"]
+    )
+    raise errors.UserValueError(
+        f"the class list changed: {workdir} holds a run trained on classes {saved}, the data "
+        f"now has {now} ({change}). A run's centres and heads are sized and trained for its "
+        f"classes, so it cannot continue on another class list: train in a new --workdir "
+        f"(this run's checkpoints are fine and still score its own classes)."
+    )
+  changed = identity.differences(saved_meta.get("data"), meta.get("data"), "train")
+  if changed:
+    raise errors.UserValueError(
+        f"the training data changed: {workdir} holds a run trained on other images:\n  "
+        + "\n  ".join(changed)
+        + "\nIts class centres and heads were computed from its own training images: point "
+        "data.root back at them to continue this run, or train on these in a new --workdir."
+    )
+
+
+def test_data_note(run_data: dict | None, data: dict | None) -> str | None:
+  """A sentence for every result file when the test images scored are not those the run
+  recorded (None when they are, or the run recorded none)."""
+  changed = identity.differences(run_data, data, "test")
+  if not changed:
+    return None
+  return (
+      "the test images differ from those recorded by the run ("
+      + "; ".join(changed)
+      + "): these results are not comparable with the run's earlier ones"
+  )
 
 
 def check_eval_config(saved_meta: dict, config, workdir: str) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from cras_jax.base import csv_cells, fs, jsonio
+from cras_jax.base import csv_cells, fs, jsonio, fileio
 from cras_jax.runs import render
 from cras_jax.runs import thresholds as thr_lib
 
@@ -48,7 +48,8 @@ def csv_cell(v):
 
 
 def write_png(path: str, array: np.ndarray) -> None:
-  Image.fromarray(array).save(path)
+  with fileio.atomic_write(path, "wb") as f:
+    Image.fromarray(array).save(f, format="PNG")
 
 
 def write_overlay(path: str, image, zmap, mask, lo: float, hi: float) -> None:
@@ -154,23 +155,29 @@ class PredictionWriter:
     """results.csv and results.json (both complete, then renamed into place, then the
     partial rows dropped), maps.npz and the crops."""
     csv_path, json_path = self._path("results.csv"), self._path("results.json")
-    with open(csv_path + ".tmp", "w", newline="") as f:
-      w = csv_cells.writer(f)
+    # Both written to temporaries (`fileio.atomic_write`) and renamed into place only when
+    # both are complete: a failure leaves neither.
+    with (
+        fileio.atomic_write(csv_path, "w", newline="") as fc,
+        fileio.atomic_write(json_path, "w") as fj,
+    ):
+      w = csv_cells.writer(fc)
       w.writerow(CSV_FIELDS)
       for r in rows:
         w.writerow([csv_cell(r.get(k)) for k in CSV_FIELDS])
-    with open(json_path + ".tmp", "w") as f:
-      json.dump(jsonio.json_safe(summary), f, indent=2)
-    os.replace(csv_path + ".tmp", csv_path)
-    os.replace(json_path + ".tmp", json_path)
+      json.dump(jsonio.json_safe(summary), fj, indent=2)
     os.remove(self.partial_path)
     order = sorted(self.kept_maps)
     if self.save_maps and order:
-      np.savez(
-          self._path("maps.npz"),
-          names=np.asarray([names[i] for i in order]),
-          maps=np.stack([self.kept_maps[i][0] for i in order]),
-          cls=np.asarray([self.kept_maps[i][1] for i in order], np.int32),
-      )
+      with fileio.atomic_write(self._path("maps.npz"), "wb") as f:
+        np.savez(
+            f,
+            names=np.asarray([names[i] for i in order]),
+            maps=np.stack([self.kept_maps[i][0] for i in order]),
+            cls=np.asarray([self.kept_maps[i][1] for i in order], np.int32),
+        )
     if self.save_crops and self.kept_crops:
-      np.save(self.save_crops, np.stack([self.kept_crops[i] for i in sorted(self.kept_crops)]))
+      crops = self.save_crops
+      crops += "" if crops.endswith(".npy") else ".npy"  # the name np.save gives a path
+      with fileio.atomic_write(crops, "wb") as f:
+        np.save(f, np.stack([self.kept_crops[i] for i in sorted(self.kept_crops)]))

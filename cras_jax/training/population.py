@@ -23,7 +23,7 @@ import numpy as np
 
 from cras_jax import backbones
 from cras_jax import data as data_lib
-from cras_jax.base import csv_cells, errors, jsonio, progress
+from cras_jax.base import csv_cells, errors, fileio, jsonio, progress
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
 from cras_jax.method import centres as centres_lib
@@ -147,8 +147,10 @@ class _Evaluator:
           )
       )
       if jax.process_index() == 0:
-        with open(os.path.join(out, "member.json"), "w") as f:
-          json.dump({"name": name, "config": json.loads(cfg.to_json_best_effort())}, f, indent=2)
+        fileio.atomic_write_json(
+            os.path.join(out, "member.json"),
+            {"name": name, "config": json.loads(cfg.to_json_best_effort())},
+        )
     return tables
 
 
@@ -162,12 +164,10 @@ def write_summary(tables, names, workdir: str, tag: str, config) -> dict:
   text = f"Population {config.train.population!r}: {', '.join(names)}\n\n" + text
   if jax.process_index() == 0:
     base = os.path.join(out, f"{population_lib.SUMMARY}_{tag}")
-    with open(base + ".json", "w") as f:
-      record = {"population": config.train.population, "members": names, "spread": sp}
-      json.dump(jsonio.json_safe(record), f, indent=2, allow_nan=False)
-    with open(base + ".md", "w") as f:
-      f.write(text)
-    with open(base + ".csv", "w", newline="") as f:
+    record = {"population": config.train.population, "members": names, "spread": sp}
+    fileio.atomic_write_json(base + ".json", jsonio.json_safe(record), allow_nan=False)
+    fileio.atomic_write_text(base + ".md", text)
+    with fileio.atomic_write(base + ".csv", "w", newline="") as f:
       w = csv_cells.writer(f)
       w.writerow(["class", "metric", "mean", "std", "lo95", "hi95", "n"])
       w.writerows(spread.rows(sp, metrics))
@@ -191,8 +191,15 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
   dataset, spec, devices, state, members = open_population(config, workdir)
   names = [n for n, _ in members]
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  meta = {**runs.run_meta(config, dataset.class_names, spec), "population": names}
+  meta = {
+      **runs.run_meta(config, dataset.class_names, spec, dataset.identity),
+      "population": names,
+  }
   resumed = runs.resume(mngr, state, meta, workdir, allow_config_change)
+  info = {  # result files name the run and say when its test images changed
+      "run_id": meta["run_id"],
+      "data_note": runs.test_data_note(meta["data"], dataset.identity),
+  }
   if resumed is not None:
     state = resumed
     cache = None
@@ -258,14 +265,23 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
       raise SystemExit(128 + stop.signum)
     epoch = done // steps_per_epoch
     if end_of_epoch and eval_every and epoch % eval_every == 0 and done != total:
-      evaluator(state, dataset, workdir, f"epoch_{epoch:03d}", heatmaps=False)
+      evaluator(state, dataset, workdir, f"epoch_{epoch:03d}", heatmaps=False, run_info=info)
   bar.close()
   if protocol == "final":
-    tables = evaluator(state, dataset, workdir, "final", with_thresholds=True)
+    tables = evaluator(state, dataset, workdir, "final", with_thresholds=True, run_info=info)
   else:
-    evaluator(state, dataset, workdir, f"epoch_{config.train.epochs:03d}", with_thresholds=True)
+    evaluator(
+        state,
+        dataset,
+        workdir,
+        f"epoch_{config.train.epochs:03d}",
+        with_thresholds=True,
+        run_info=info,
+    )
     tables = [
-        evaluate.report_best_epoch(workdir, os.path.join(workdir, "results", name))
+        evaluate.report_best_epoch(
+            workdir, meta["run_id"], results_dir=os.path.join(workdir, "results", name)
+        )
         for name in names
     ]
   return write_summary(tables, names, workdir, "final", config)

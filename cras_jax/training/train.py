@@ -256,8 +256,15 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
   os.makedirs(workdir, exist_ok=True)
   dataset, spec, devices, state = runs.open_for_training(config, workdir)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  meta = runs.run_meta(config, dataset.class_names, spec)
+  meta = runs.run_meta(config, dataset.class_names, spec, dataset.identity)
   resumed = runs.resume(mngr, state, meta, workdir, allow_config_change)
+  # Result files name the run that wrote them, and say when its test images changed.
+  run_info = {
+      "run_id": meta["run_id"],
+      "data_note": runs.test_data_note(meta["data"], dataset.identity),
+  }
+  if run_info["data_note"]:
+    print(f"note: {run_info['data_note']}", flush=True)
   if resumed is not None:
     state = resumed
     cache = (
@@ -348,6 +355,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
           workdir,
           tag=f"epoch_{epoch:03d}",
           heatmaps=False,
+          run_info=run_info,
       )
   bar.close()
   reader.close()
@@ -355,7 +363,9 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
     print("final training window: " + results.format_train_metrics(last_metrics), flush=True)
   scorer.set_state(state)
   if protocol == "final":
-    table = evaluate.evaluate(scorer, dataset, config, workdir, tag="final", with_thresholds=True)
+    table = evaluate.evaluate(
+        scorer, dataset, config, workdir, tag="final", with_thresholds=True, run_info=run_info
+    )
   else:
     evaluate.evaluate(
         scorer,
@@ -364,9 +374,10 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
         workdir,
         tag=f"epoch_{config.train.epochs:03d}",
         with_thresholds=True,
+        run_info=run_info,
     )
-    table = evaluate.report_best_epoch(workdir)
+    table = evaluate.report_best_epoch(workdir, meta["run_id"])
   board.close()
-  summaries.write_curves(workdir)
+  summaries.write_curves(workdir, meta["run_id"])
   stop_lib.poll("the run's last step", "its checkpoints and results are complete")
   return table
