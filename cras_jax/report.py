@@ -44,18 +44,18 @@ from cras_jax.base import csv_cells, errors, fileio, flag_checks
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import report_inputs, spread
 from cras_jax.runs.report_curves import (  # noqa: F401 - the tool's names, as before the split
-  _lookup,
-  curve_data,
-  param_value,
-  plot_curve,
-  write_curve_csv,
+    _lookup,
+    curve_data,
+    param_value,
+    plot_curve,
+    write_curve_csv,
 )
 from cras_jax.runs.report_inputs import (  # noqa: F401 - the tool's names, as before the split
-  ReportError,
-  check_protocols,
-  find_runs,
-  load_run,
-  results_path,
+    ReportError,
+    check_protocols,
+    find_runs,
+    load_run,
+    results_path,
 )
 
 METRICS = metrics_lib.METRIC_KEYS  # i_auroc, i_ap, p_auroc, p_ap, aupro

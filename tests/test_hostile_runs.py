@@ -126,7 +126,7 @@ def test_a_failed_export_write_leaves_no_temporary(tmp_path, monkeypatch):
     file.write(b"partial")  # the open temporary beside `out`
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(export.np, "savez", full_disk)
+  monkeypatch.setattr(np, "savez", full_disk)
   with pytest.raises(OSError):
     export.write_npz(str(out), {"a": np.zeros(3)})
   assert os.listdir(tmp_path) == []

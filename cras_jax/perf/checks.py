@@ -8,9 +8,8 @@ import jax
 import numpy as np
 from jax import export as jax_export
 
-from cras_jax import export
 from cras_jax.engine import sharding, steps
-from cras_jax.runs import scoring
+from cras_jax.runs import exporting, scoring
 
 # Tolerances of the device against the CPU. float32: GPUs run float32 matmuls and
 # convolutions on TF32 tensor cores and TPUs in one bfloat16 pass by default (10 and 8
@@ -123,8 +122,8 @@ def exported_scores(spec, backbone_vars, batch: int) -> dict:
   leaves, treedef = jax.tree.flatten(tree)
   shapes = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in leaves]
   platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
-  fn = export.make_score_fn(scorer.step_fn, treedef)
-  blob = export._export(fn, shapes, spec.image_size, (platform,)).serialize()
+  fn = exporting.make_score_fn(scorer.step_fn, treedef)
+  blob = exporting._export(fn, shapes, spec.image_size, (platform,)).serialize()
   loaded = jax_export.deserialize(bytearray(blob))
   got = loaded.call(leaves, data["image"], np.float32(0), np.float32(0))
   out = {
