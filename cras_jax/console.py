@@ -22,6 +22,9 @@ COMMANDS = {
     "cras-jax-convert-torchvision": "convert_torchvision",
     "cras-jax-convert-visa": "convert_visa",
     "cras-jax-synthetic": "data.synthetic",
+    "cras-jax-scaling": "scaling",
+    "cras-jax-accelerator-check": "accelerator_check",
+    "cras-jax-population-bench": "population_bench",
 }
 
 
@@ -75,3 +78,15 @@ def convert_visa() -> None:
 
 def synthetic() -> None:
   _run("data.synthetic")
+
+
+def scaling() -> None:
+  _run("scaling")
+
+
+def accelerator_check() -> None:
+  _run("accelerator_check")
+
+
+def population_bench() -> None:
+  _run("population_bench")

@@ -28,7 +28,16 @@ from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import checkpoint, config_check, evaluate, results, scoring, specs, spread
+from cras_jax.runs import (
+    checkpoint,
+    config_check,
+    evaluate,
+    named_inputs,
+    results,
+    scoring,
+    specs,
+    spread,
+)
 from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
 from cras_jax.training import train
@@ -39,6 +48,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   -> the mean over the members of their final per-class tables."""
   progress.configure(config)
   config_check.check(config)
+  named_inputs.ensure(config)  # weights and data named by the config: fetched once
   os.makedirs(workdir, exist_ok=True)
   with runs.WorkdirLock(workdir), train.StopRequest() as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)

@@ -219,6 +219,8 @@ def train_and_evaluate(
         "train.population is set: a population trains with training.population "
         "(python -m cras_jax.main chooses it)"
     )
+  named_inputs.ensure(config)  # weights and data named by the config: fetched once, or the
+  # one message of what is missing (before the workdir is created)
   fs.writable_dir(workdir, "--workdir", "give a directory this user can write to")
   if config.train.cache_features and config.train.feature_cache_dir:  # before any data work
     fs.writable_dir(
@@ -226,7 +228,6 @@ def train_and_evaluate(
         "train.feature_cache_dir",
         "set --config.train.feature_cache_dir to a writable directory",
     )
-  named_inputs.ensure(config)  # weights and data named by the config: fetched once
   if config.setting == "single_class":  # one model per class, one after another
     with runs.WorkdirLock(workdir):
       per_class = single_class.single_class_configs(config, workdir)
