@@ -19,7 +19,7 @@ Writes accelerator_check.json and accelerator_check.md into --out; exits 1 if a 
 
   pip install -r requirements-cuda12.txt   # on an NVIDIA GPU host
   python -m cras_jax.accelerator_check --out=runs/accelerator_check
-  python -m cras_jax.accelerator_check --tiny --out=/tmp/check   # a CPU, in seconds
+  python -m cras_jax.accelerator_check --tiny --out=runs/check   # a CPU, in seconds
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def test_truncated_and_garbage_images_name_the_file(tmp_path):
 def test_read_mask_formats(tmp_path):
   m = np.zeros((10, 12), np.uint8)
   m[2:5, 3:7] = 255
-  m[8, 1] = 1  # noise of a three-valued mask: scaled to 1/255, no defect (issue 13, case 10)
+  m[8, 1] = 1  # noise of a three-valued mask: scaled to 1/255, no defect
   Image.fromarray(m).save(tmp_path / "l.png")
   want = m.astype(np.float32) / 255
   out = preprocess.read_mask(tmp_path / "l.png")
