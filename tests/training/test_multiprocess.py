@@ -35,7 +35,12 @@ local = {k: v[devices.local_slice(8)] for k, v in batch.items()}
 assert local["image"].shape[0] == 8 // jax.process_count()
 dev_batch = devices.put_batch(local)
 assert dev_batch["image"].shape == (8, 64, 64, 3)
-step = devices.jit_train(steps.make_train_step(spec))
+step = devices.jit_train(steps.make_train_step(spec)).lower(state, dev_batch).compile()
+if nproc > 1:
+  # Both processes compiled before the first collective: on a busy 2-core machine one may
+  # compile much longer than the other, past the CPU collectives' 30 s rendezvous.
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier("compiled", 600_000)
 state, metrics = step(state, dev_batch)
 tree = {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics}
 flat = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0))
