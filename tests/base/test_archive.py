@@ -57,11 +57,23 @@ def test_plain_archive_is_extracted(tmp_path, kind):
   assert not [p for p in os.listdir(tmp_path) if "extracting" in p]
 
 
+# Stands for an absolute path outside the target (a member name or a link target), made under
+# the test's own tmp_path: `_outside` puts it in.
+OUTSIDE = "<absolute path outside the target>"
+
+
+def _outside(members, tmp_path):
+  """`members` with OUTSIDE replaced by <tmp_path>/outside/evil_abs.txt (absolute)."""
+  path = str(tmp_path / "outside" / "evil_abs.txt")
+  sub = lambda v: path if v == OUTSIDE else (path.encode() if v == OUTSIDE.encode() else v)
+  return [(sub(name), kind, sub(payload)) for name, kind, payload in members], path
+
+
 BAD_TAR = {
     "traversal": ([("../evil.txt", "file", b"x")], "'..'"),
     "nested traversal": ([("ds/../../evil.txt", "file", b"x")], "'..'"),
-    "absolute": ([("/tmp/evil_abs.txt", "file", b"x")], "absolute"),
-    "symlink": ([("ds/link", "symlink", "/etc/passwd")], "link"),
+    "absolute": ([(OUTSIDE, "file", b"x")], "absolute"),
+    "symlink": ([("ds/link", "symlink", OUTSIDE)], "link"),
     "hard link": ([("ds/f", "file", b"x"), ("ds/hard", "hardlink", "ds/f")], "link"),
     "fifo": ([("ds/fifo", "fifo", None)], "plain file"),
     "oversized": ([("ds/big.bin", "file", b"y" * 5000)], "limit"),
@@ -71,18 +83,19 @@ BAD_TAR = {
 @pytest.mark.parametrize("case", sorted(BAD_TAR))
 def test_unsafe_tar_member_is_refused_and_nothing_written(tmp_path, case):
   members, why = BAD_TAR[case]
+  members, outside = _outside(members, tmp_path)
   src = _tar(tmp_path / "bad.tgz", GOOD + members)
   before = _tree(tmp_path)
   with pytest.raises(archive.ArchiveError, match=why):
     archive.extract(src, str(tmp_path / "work" / "out"), archive.Limits(max_member_bytes=4096))
   assert _tree(tmp_path) == before  # nothing inside, beside or outside the target
-  assert not os.path.exists(tmp_path.parent / "evil.txt")
+  assert not os.path.exists(tmp_path.parent / "evil.txt") and not os.path.exists(outside)
 
 
 BAD_ZIP = {
     "traversal": ([("../evil.txt", "file", b"x")], "'..'"),
-    "absolute": ([("/tmp/evil_abs.txt", "file", b"x")], "absolute"),
-    "symlink": ([("ds/link", "symlink", b"/etc/passwd")], "link"),
+    "absolute": ([(OUTSIDE, "file", b"x")], "absolute"),
+    "symlink": ([("ds/link", "symlink", OUTSIDE.encode())], "link"),
     "backslash": ([("..\\evil.txt", "file", b"x")], "backslash"),
 }
 
@@ -90,11 +103,12 @@ BAD_ZIP = {
 @pytest.mark.parametrize("case", sorted(BAD_ZIP))
 def test_unsafe_zip_member_is_refused(tmp_path, case):
   members, why = BAD_ZIP[case]
+  members, outside = _outside(members, tmp_path)
   src = _zip(tmp_path / "bad.zip", GOOD[:1] + members)
   before = _tree(tmp_path)
   with pytest.raises(archive.ArchiveError, match=why):
     archive.extract(src, str(tmp_path / "out"))
-  assert _tree(tmp_path) == before
+  assert _tree(tmp_path) == before and not os.path.exists(outside)
 
 
 def test_total_size_and_member_count_are_bounded(tmp_path):
