@@ -33,6 +33,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "features: train on stored features; backbone: on images.",
       flag_values=fv,
   )
+  flags.DEFINE_list(
+      "batchings",
+      ["map", "vmap"],
+      "Population forms (train.population_batching): map, vmap.",
+      flag_values=fv,
+  )
   flags.DEFINE_integer("steps", 3, "Timed steps per row (after one warm step).", flag_values=fv)
   flags.DEFINE_integer("batch_size", 16, "Images per step (the demo's).", flag_values=fv)
   flags.DEFINE_integer(
@@ -48,25 +54,28 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   fv = flag_values
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  bad = [s for s in fv.setups if s not in bench.SETUPS] + [
-      m for m in fv.modes if m not in ("features", "backbone")
-  ]
+  bad = (
+      [s for s in fv.setups if s not in bench.SETUPS]
+      + [m for m in fv.modes if m not in ("features", "backbone")]
+      + [b for b in fv.batchings if b not in ("map", "vmap")]
+  )
   if bad:
-    raise errors.UserValueError(f"unknown setup or mode {', '.join(bad)}")
+    raise errors.UserValueError(f"unknown setup, mode or batching {', '.join(bad)}")
   sizes = [int(s) for s in fv.sizes]
   print(bench.HEADER, flush=True)
   rows, ratios = [], []
   for setup in fv.setups:
     for mode in fv.modes:
-      part = bench.measure(setup, sizes, mode, fv.steps, fv.batch_size)
+      part = bench.measure(setup, sizes, mode, fv.steps, fv.batch_size, fv.batchings)
       rows += part
-      r = bench.run_ratio(part, fv.steps_per_run)
-      if r is not None:
-        ratios.append({"setup": setup, "mode": mode, **r})
+      for batching in fv.batchings:
+        r = bench.run_ratio(part, fv.steps_per_run, batching=batching)
+        if r is not None:
+          ratios.append({"setup": setup, "mode": mode, **r})
   lines = [bench.HEADER, *map(bench.markdown_row, rows), ""]
   for r in ratios:
     lines.append(
-        f"{r['setup']}, {r['mode']}: {r['size']} seeds x {r['steps']} steps: "
+        f"{r['setup']}, {r['mode']}, {r['batching']}: {r['size']} seeds x {r['steps']} steps: "
         f"{r['separate_s']:.0f} s as separate runs, {r['population_s']:.0f} s as one "
         f"population: {r['ratio']:.2f}x"
     )

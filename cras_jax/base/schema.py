@@ -197,8 +197,7 @@ FIELDS: tuple[Field, ...] = (
     F(
         "train.cache_features",
         False,
-        "True: the frozen backbone's features are computed once and stored; training reads "
-        "them.",
+        "True: the frozen backbone's features are computed once and stored; training reads them.",
     ),
     F(
         "train.feature_cache_dtype",
@@ -238,6 +237,16 @@ FIELDS: tuple[Field, ...] = (
         1,
         "Devices along the population's members (the 2-D mesh (model, data)); the rest split "
         "the batch. 1: every device splits the batch, members replicated.",
+        later=True,
+    ),
+    F(
+        "train.population_batching",
+        "auto",
+        "How a step trains the members (cras_jax/engine/population.py): map (the single run's "
+        "compiled step once per member: each member bit-identical to its run alone), vmap (one "
+        "program, the members' products batched: fills a GPU or TPU; equal up to float32 "
+        "rounding), auto (map on the CPU backend with population_model_shards=1, else vmap).",
+        ("auto", "map", "vmap"),
         later=True,
     ),
     F("eval.batch_size", 32, "Scoring batch size."),

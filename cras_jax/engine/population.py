@@ -2,10 +2,20 @@
 
 Only the heads (adapter, discriminator, their optimiser states, centres, noise scale, rng and
 the `steps.HPARAMS` they train with) differ between members; the frozen backbone is shared.
-`make_population_step` runs the backbone once per batch, outside the vmap, and vmaps the
-single-run train step (`steps.make_train_step`) over the members, so every member computes
-what it would compute alone. `PopulationDevices` lays the members on a 2-D mesh
-("model", "data"): members split on "model", the batch on "data".
+A population step runs the backbone once per batch and the single-run train step
+(`steps.make_train_step`) for every member, in one of two forms (`BATCHINGS`, config
+`train.population_batching`):
+
+- "map": the single run's compiled step, once per member (`make_member_loop`). Every member
+  runs the very program of its run alone, so it is bit-identical to it (tested); on a CPU it
+  is as fast as "vmap" (the heads' products are compute-bound there).
+- "vmap": `jax.vmap`, the members' products batched into larger ones: what fills a GPU or TPU.
+  A member then equals its run alone up to float32 rounding (the batched products and the
+  weight gradients of the shared features sum in another order).
+
+"auto" is "map" on the CPU backend with one device along the members, "vmap" otherwise.
+`PopulationDevices` lays the members on a 2-D mesh ("model", "data"): members split on
+"model", the batch on "data".
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cras_jax.engine import sharding, steps
+from cras_jax.engine import determinism, sharding, steps
 
 
 def stack(states: Sequence[steps.TrainState]) -> steps.TrainState:
@@ -40,26 +50,100 @@ def size(state: steps.TrainState) -> int:
   return int(state.step.shape[0])
 
 
+BATCHINGS = ("auto", "map", "vmap")
+
+
+def resolve_batching(batching: str, model_shards: int = 1, platform: str | None = None) -> str:
+  """The form `batching` means: "auto" is "map" on the CPU backend (default: JAX's) with one
+  device along the members, else "vmap"; "map" needs model_shards == 1 (it runs the members
+  one after another on every device)."""
+  if batching not in BATCHINGS:
+    raise ValueError(f"train.population_batching={batching!r}: choose one of {BATCHINGS}")
+  if batching == "auto":
+    cpu = (platform or jax.default_backend()) == "cpu"
+    return "map" if cpu and model_shards == 1 else "vmap"
+  if batching == "map" and model_shards > 1:
+    raise ValueError(
+        f"train.population_batching='map' runs the members one after another on every device; "
+        f"with train.population_model_shards={model_shards} use 'vmap' (or 'auto')"
+    )
+  return batching
+
+
+# ----------------------------------------------------------------------------- "vmap"
+
+
 def make_population_step(spec: steps.ModelSpec) -> Callable:
-  """(stacked state, batch) -> (stacked state, metrics [S]). Batches of images go through the
-  frozen backbone once; every member trains on the same features."""
-  train_step = steps.make_train_step(spec)
-  vmapped = jax.vmap(train_step, in_axes=(0, None))
+  """The "vmap" form: (stacked state, batch) -> (stacked state, metrics [S]), one pure
+  function to jit. Batches of images go through the frozen backbone once; every member trains
+  on the same features."""
+  members_step = jax.vmap(steps.make_train_step(spec), in_axes=(0, None))
 
   def population_step(state: steps.TrainState, batch) -> tuple[steps.TrainState, dict]:
     backbone = state.backbone
     if "features" not in batch:
       batch = {"features": spec.features(backbone, batch["image"]), "label": batch["label"]}
-    new, metrics = vmapped(state.replace(backbone=None), batch)
+    new, metrics = members_step(state.replace(backbone=None), batch)
     return new.replace(backbone=backbone), metrics
 
   return population_step
 
 
 def make_centre_step(spec: steps.ModelSpec) -> Callable:
-  """`steps.make_centre_step` over the members: (acc [S, ...], heads [S], t, labels, weights,
-  centre_weights) with the batch shared."""
+  """`steps.make_centre_step` vmapped over the members: (acc [S, ...], heads [S], t, labels,
+  weights, centre_weights) with the batch shared."""
   return jax.vmap(steps.make_centre_step(spec), in_axes=(0, 0, None, None, None, None))
+
+
+# ----------------------------------------------------------------------------- "map"
+
+
+@jax.jit
+def split(tree) -> list:
+  """A tree with a leading member axis -> the list of its members (one dispatch)."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda x, k=k: x[k], tree) for k in range(n)]
+
+
+@jax.jit
+def stack_trees(trees: list):
+  """The inverse of `split` (one dispatch)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def make_member_loop(member_step: Callable, embed: Callable | None = None) -> Callable:
+  """The "map" form, run from the host: (stacked state, batch) -> (stacked state, metrics [S]).
+
+  member_step: the single run's compiled train step (`steps.make_train_step`, jitted as a
+  single run jits it), called once per member on the shared batch, so every member runs the
+  very program of its run alone and is bit-identical to it. (One program over all members,
+  `jax.lax.map` inside a jit, is not: XLA:CPU contracts multiply-adds into FMAs differently in
+  another program.) A batch of images goes through `embed` (backbone variables, images ->
+  features) once, and every member trains on its features."""
+
+  def population_step(state: steps.TrainState, batch) -> tuple[steps.TrainState, dict]:
+    backbone = state.backbone
+    if "features" not in batch:
+      batch = {"features": embed(backbone, batch["image"]), "label": batch["label"]}
+    heads, metrics = [], []
+    for m in split(state.replace(backbone=None)):
+      # The single step donates its state, the backbone too: pass on the one it returns.
+      new, met = member_step(m.replace(backbone=backbone), batch)
+      backbone = new.backbone
+      heads.append(new.replace(backbone=None))
+      metrics.append(met)
+    return stack_trees(heads).replace(backbone=backbone), stack_trees(metrics)
+
+  return population_step
+
+
+def make_member_centre_loop(centre_step: Callable) -> Callable:
+  """The "map" form of `make_centre_step`: `centre_step` (the single run's, jitted) per member."""
+
+  def population_centre_step(acc, heads, *shared):
+    return stack_trees([centre_step(a, h, *shared) for a, h in zip(split(acc), split(heads))])
+
+  return population_centre_step
 
 
 class PopulationDevices(sharding.Devices):
@@ -98,7 +182,7 @@ class PopulationDevices(sharding.Devices):
         shardings,
     )
 
-  def jit_population(self, fn, state: steps.TrainState):
+  def jit_population(self, fn, state: steps.TrainState, deterministic: bool = False):
     """(stacked state, batch) -> (stacked state, metrics [S]): state donated."""
     shardings = self.state_shardings(state)
     return jax.jit(
@@ -106,4 +190,16 @@ class PopulationDevices(sharding.Devices):
         in_shardings=(shardings, self.batch),
         out_shardings=(shardings, self.members),
         donate_argnums=0,
+        compiler_options=determinism.COMPILER_OPTIONS if deterministic else None,
     )
+
+  def population_step(
+      self, spec: steps.ModelSpec, state, batching: str, deterministic: bool = False
+  ) -> Callable:
+    """The compiled population step in the form `batching` (`resolve_batching`): "map" runs
+    the single run's step (`jit_train`, as `training.train` compiles it) once per member;
+    "vmap" one vmapped program over the members."""
+    if resolve_batching(batching, self.model_shards) == "vmap":
+      return self.jit_population(make_population_step(spec), state, deterministic)
+    member = self.jit_train(steps.make_train_step(spec), deterministic)
+    return make_member_loop(member, self.jit_predict(spec.features))

@@ -77,6 +77,10 @@ class TorchBatchNorm(nn.Module):
       n = math.prod(xf.shape[:-1])
       mean = xf.mean(axes)
       var = jnp.square(xf - mean).mean(axes)
+      # One value of the batch statistics for the normalisation and the running update: left
+      # to fusion, XLA may compute the variance twice, summed in orders that differ between
+      # programs (a population member would then not be bit-identical to its run alone).
+      mean, var = jax.lax.optimization_barrier((mean, var))
       if not self.is_initializing():
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * var * (

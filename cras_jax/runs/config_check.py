@@ -143,6 +143,13 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   _int_at_least(p, config, "data.max_image_pixels", 1)
   _int_at_least(p, config, "train.data_seed", -1)
   _int_at_least(p, config, "train.population_model_shards", 1)
+  _choice(p, config, "train.population_batching")
+  shards = get(config, "train.population_model_shards")
+  if get(config, "train.population_batching") == "map" and isinstance(shards, int) and shards > 1:
+    p.append(
+        f"train.population_batching='map' runs the members one after another on every device; "
+        f"with train.population_model_shards={shards} use 'vmap' (or 'auto')"
+    )
   if not isinstance(get(config, "train.population"), str):
     p.append(
         f"train.population={get(config, 'train.population')!r}: must be a string such as "

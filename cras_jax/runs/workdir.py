@@ -78,6 +78,7 @@ NON_RESULT_FIELDS = (
     "train.cache_features",
     "train.feature_cache_dir",
     "train.population_model_shards",
+    "train.population_batching",
     "data.max_image_pixels",
     "data.max_aspect_ratio",
     "eval.",

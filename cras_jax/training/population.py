@@ -1,8 +1,9 @@
 """Training a population of heads (`train.population`): one compiled step for every member.
 
 The members (`runs.population.member_configs`) share the data, the data order and the frozen
-backbone; their states are stacked on a leading axis and trained by the vmapped single-run
-step (`engine.population`), on a 2-D mesh ("model", "data"). One checkpoint holds the whole
+backbone; their states are stacked on a leading axis and trained by the single-run
+step (`engine.population`, members one after another or vmapped: `train.population_batching`),
+on a 2-D mesh ("model", "data"). One checkpoint holds the whole
 population and resumes exactly like a single run; the NaN guard stops at the first member
 that diverges, naming it. Each member is evaluated like a single run into
 `<workdir>/results/<member>/` (metrics, scores, thresholds, train log), and the spread over
@@ -200,6 +201,10 @@ def _read_json(path) -> dict:
 def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -> dict:
   dataset, spec, devices, state, members = open_population(config, workdir)
   names = [n for n, _ in members]
+  batching = pop.resolve_batching(
+      config.train.population_batching, config.train.population_model_shards
+  )
+  print(f"population: {len(names)} members, batching {batching!r}", flush=True)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   meta = {
       **runs.run_meta(config, dataset.class_names, spec, dataset.identity),
@@ -214,10 +219,14 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
     state = resumed
     cache = None
     if config.train.cache_features:
-      cache = train.feature_pass(state, spec, devices, dataset, config, workdir, len(names))[1]
+      cache = train.feature_pass(
+          state, spec, devices, dataset, config, workdir, len(names), batching
+      )[1]
   else:
     t0 = time.time()
-    acc, cache = train.feature_pass(state, spec, devices, dataset, config, workdir, len(names))
+    acc, cache = train.feature_pass(
+        state, spec, devices, dataset, config, workdir, len(names), batching
+    )
     state = compute_centres(state, acc, dataset, config, names)
     state = devices.put_population(jax.device_get(state))
     print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
@@ -226,7 +235,9 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
   n, bs = len(dataset.train), config.train.batch_size
   steps_per_epoch = math.ceil(n / bs)
   total = config.train.epochs * steps_per_epoch
-  train_step = devices.jit_population(pop.make_population_step(spec), state)
+  train_step = devices.population_step(
+      spec, state, batching, deterministic=config.train.get("deterministic", True)
+  )
   evaluator = _Evaluator(spec, state, config, members)
   ckpt_every = config.train.checkpoint_every_steps
   protocol = config.eval.protocol

@@ -102,20 +102,25 @@ def feature_pass(
     config,
     workdir: str,
     members: int = 0,
+    batching: str = "auto",
 ):
   """One pass over the training set with the frozen backbone and the current adapter:
   class sums of u (for the centres) and the moments of u. With
   `train.cache_features`, also returns t of every training image (train order) as a
   memory-mapped array, read from the disk cache when present, else computed and stored.
-  members: a population's size (its state stacked; sums and moments per member).
+  members: a population's size (its state stacked; sums and moments per member), computed in
+  the form `batching` (`engine.population.BATCHINGS`).
   """
   n = len(dataset.train)
   bs = config.eval.batch_size
   k, hw, d = state.centres.shape[-3:]
   lead = (members,) if members else ()
   acc = tuple(jnp.zeros(lead + s) for s in ((k, hw, d), (k,), (), ()))
-  make = population.make_centre_step if members else steps.make_centre_step
-  centre_step = jax.jit(make(spec))
+  centre_step = jax.jit(steps.make_centre_step(spec))
+  if members and population.resolve_batching(batching) == "vmap":
+    centre_step = jax.jit(population.make_centre_step(spec))
+  elif members:  # the single run's centre step per member: bit-identical centres
+    centre_step = population.make_member_centre_loop(centre_step)
   heads = state.replace(backbone=None) if members else state
   embed_step = jax.jit(steps.make_embed_step(spec))
   labels = data_lib.class_indices(dataset.train)

@@ -81,6 +81,7 @@ def test_later_defaults_come_from_the_schema():
       "train.population": "",
       "train.data_seed": -1,
       "train.population_model_shards": 1,
+      "train.population_batching": "auto",
       "data.data_dir": "",
       "data.download_url": "",
       "data.download_sha256": "",

@@ -1,6 +1,7 @@
-"""A population of heads: member k of the vmapped step equals the single-run step of the same
-seed and settings, and the population sharded on 4 simulated devices (mesh ("model", "data"))
-equals it on 1."""
+"""A population of heads: member k of the population step equals the single-run step of the
+same seed and settings (bit for bit with the members mapped, up to float32 rounding with them
+vmapped), the centre step likewise, and the population sharded on 4 simulated devices (mesh
+("model", "data")) equals it on 1."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cras_jax.configs import demo
 from cras_jax.engine import population, steps
@@ -40,8 +42,8 @@ def flat(tree) -> dict:
   }
 
 
-# Leaves that are not trained are equal bit for bit; the trained ones are not: the vmapped
-# step is another XLA program (the members' products batched, the reductions over one more
+# With the members vmapped, leaves that are not trained are equal bit for bit; the trained
+# ones are not: the vmapped step is another XLA program (the members' products batched, the reductions over one more
 # axis), whose float32 sums round in another order (README "Populations"). Biases whose
 # gradient is zero in exact arithmetic (`golden.assert_one_step_equal`) take Adam steps of
 # rounding noise of up to +-lr each step, and the BatchNorm means that follow them as much.
@@ -71,7 +73,7 @@ def assert_member_matches(got: dict, want: dict, hparams: dict, n_steps: int, la
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
 
 
-def test_member_equals_its_single_run():
+def member_setup():
   spec = steps.ModelSpec(tiny_config(), 3)
   rng = np.random.default_rng(0)
   centres = jnp.asarray(rng.normal(size=(3, spec.num_patches, 32)), jnp.float32)
@@ -87,20 +89,79 @@ def test_member_equals_its_single_run():
     cfg = tiny_config(values)
     s = steps.create_state(spec, None, values["seed"])
     members.append(s.replace(centres=centres, hparams=steps.hparams_from_config(cfg)))
-  state = population.stack(members)
-  step = jax.jit(population.make_population_step(spec))
-  for b in batches:
-    state, metrics = step(state, b)
-  assert metrics["loss"].shape == (len(MEMBERS),)
-  for k, values in enumerate(MEMBERS):
+  return spec, centres, batches, population.stack(members)
+
+
+def single_runs(centres, batches):
+  """Each member's config trained alone (its own spec, hyper-parameters from its config)."""
+  out = []
+  for values in MEMBERS:
     alone_spec = steps.ModelSpec(tiny_config(values), 3)
     alone = steps.create_state(alone_spec, None, values["seed"]).replace(centres=centres)
     alone_step = jax.jit(steps.make_train_step(alone_spec))
     for b in batches:
-      alone, _ = alone_step(alone, b)
+      alone, metrics = alone_step(alone, b)
+    out.append((alone, metrics))
+  return out
+
+
+def train_population(spec, state, batches, batching):
+  if batching == "map":  # the single run's step (jitted as a single run jits it) per member
+    step = population.make_member_loop(jax.jit(steps.make_train_step(spec)))
+  else:
+    step = jax.jit(population.make_population_step(spec))
+  for b in batches:
+    state, metrics = step(state, b)
+  return state, metrics
+
+
+def test_mapped_member_is_bit_identical_to_its_single_run():
+  spec, centres, batches, state = member_setup()
+  state, metrics = train_population(spec, state, batches, "map")
+  assert metrics["loss"].shape == (len(MEMBERS),)
+  for k, (alone, alone_metrics) in enumerate(single_runs(centres, batches)):
+    got, want = flat(population.member(state, k).checkpointable()), flat(alone.checkpointable())
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"member {k}: {key}")
+    for key, v in alone_metrics.items():
+      np.testing.assert_array_equal(metrics[key][k], v, err_msg=f"member {k}: {key}")
+
+
+def test_vmapped_member_equals_its_single_run_up_to_rounding():
+  spec, centres, batches, state = member_setup()
+  state, metrics = train_population(spec, state, batches, "vmap")
+  assert metrics["loss"].shape == (len(MEMBERS),)
+  for k, (values, (alone, _)) in enumerate(zip(MEMBERS, single_runs(centres, batches))):
     got = flat(population.member(state, k).checkpointable())
     hp = {k: float(v) for k, v in steps.hparams_from_config(tiny_config(values)).items()}
     assert_member_matches(got, flat(alone.checkpointable()), hp, len(batches), f"member {k}")
+
+
+def test_mapped_centre_step_equals_the_single_one_per_member():
+  spec, _, batches, state = member_setup()
+  heads = state.replace(backbone=None)
+  single = jax.jit(steps.make_centre_step(spec))
+  mapped = population.make_member_centre_loop(single)
+  t, labels = batches[0]["features"], batches[0]["label"]
+  weights, centre_w = np.ones(8, np.float32), np.linspace(0.5, 1.0, 8).astype(np.float32)
+  zeros = lambda lead: tuple(jnp.zeros(lead + s) for s in ((3, spec.num_patches, 32), (3,), (), ()))
+  got = mapped(zeros((len(MEMBERS),)), heads, t, labels, weights, centre_w)
+  for k in range(len(MEMBERS)):
+    want = single(zeros(()), population.member(state, k), t, labels, weights, centre_w)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g)[k], np.asarray(w))
+
+
+def test_auto_batching_maps_on_one_cpu_device_and_vmaps_elsewhere():
+  assert population.resolve_batching("auto", 1, "cpu") == "map"
+  assert population.resolve_batching("auto", 2, "cpu") == "vmap"
+  assert population.resolve_batching("auto", 1, "gpu") == "vmap"
+  assert population.resolve_batching("vmap", 1, "cpu") == "vmap"
+  with pytest.raises(ValueError, match="population_model_shards=2"):
+    population.resolve_batching("map", 2, "cpu")
+  with pytest.raises(ValueError, match="choose one of"):
+    population.resolve_batching("loop", 1, "cpu")
 
 
 SCRIPT = r"""
@@ -118,7 +179,7 @@ members = [state] + [
 devices = population.PopulationDevices(shards)
 pstate = devices.put_population(jax.device_get(population.stack(members)))
 assert len(pstate.params["adapter"]["fc0"]["kernel"].sharding.device_set) == jax.device_count()
-step = devices.jit_population(population.make_population_step(spec), pstate)
+step = devices.population_step(spec, pstate, "vmap")
 pstate, metrics = step(pstate, devices.put_batch(batch))
 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
     {"params": pstate.params, "batch_stats": pstate.batch_stats, "metrics": metrics})}
