@@ -55,6 +55,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
   flags.DEFINE_string(
+      "member",
+      None,
+      "A population's member (its workdir trained several models, results/<member>/): the "
+      "one to use.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
       "output", None, "The .npz file to write (default <workdir>/exported.npz).", flag_values=fv
   )
   flags.DEFINE_list(
@@ -83,15 +90,16 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  output = fv.output or os.path.join(fv.workdir, "exported.npz")
+  home = os.path.join(fv.workdir, "results", fv.member) if fv.member else fv.workdir
+  output = fv.output or os.path.join(home, "exported.npz")
   check_output_and_platforms(output, fv.platforms)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
-  run = runs.load_run(fv.workdir)
-  thr = scoring.load_thresholds(run, fv.workdir, fv.image_threshold, fv.pixel_threshold)
+  run = runs.load_run(fv.workdir, member=fv.member)
+  thr = scoring.load_thresholds(run, home, fv.image_threshold, fv.pixel_threshold)
   if thr.source == "none":
     print(
         "note: the run has no thresholds.json (python -m cras_jax.predict --calibrate "
-        f"--workdir={fv.workdir}): the export normalises nothing (loc 0, scale 1) and its "
+        f"--workdir={fv.workdir}{f' --member={fv.member}' if fv.member else ''}): the export normalises nothing (loc 0, scale 1) and its "
         "stored thresholds are absent; pass thresholds to the exported function.",
         file=sys.stderr,
     )

@@ -252,9 +252,11 @@ def make_figures(
     data_root: str | None = None,
     batch_size: int | None = None,
     max_values: int = 2**28,
+    member: str | None = None,
 ) -> dict:
-  """Scores the test split of a trained run and writes both figures and tsne.json."""
-  run = runs.load_run(workdir)
+  """Scores the test split of a trained run (a population's `member`) and writes both figures
+  and tsne.json."""
+  run = runs.load_run(workdir, member=member)
   dataset = runs.load_run_dataset(run, workdir, data_root)
   names = list(dataset.class_names)
   classes = list(classes) if classes else names
@@ -275,7 +277,7 @@ def make_figures(
   info = evaluate.checkpoint_protocol(run, dataset)
   out = tsne_record(info, seed, classes, names, res, feats, proj, d, feature_match, wm, emb)
   if jax.process_index() == 0:
-    out_dir = output_dir or os.path.join(workdir, "results", "figures")
+    out_dir = output_dir or os.path.join(runs.results_dir(run, workdir), "figures")
     write_figures(out, out_dir, res, names, classes, per_class, emb)
   out["_embedding"] = emb
   out["_features"] = np.concatenate([feats, cfeats])
@@ -290,6 +292,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
+  flags.DEFINE_string(
+      "member",
+      None,
+      "A population's member (its workdir trained several models, results/<member>/): the "
+      "one to use.",
+      flag_values=fv,
+  )
   flags.DEFINE_list(
       "classes", [], "Classes of the qualitative grid (default: all).", flag_values=fv
   )
@@ -316,7 +325,14 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   classes = [c.strip() for c in fv.classes if c.strip()]
   make_figures(
-      fv.workdir, classes or None, fv.per_class, fv.output_dir, fv.seed, fv.data_root, fv.batch_size
+      fv.workdir,
+      classes or None,
+      fv.per_class,
+      fv.output_dir,
+      fv.seed,
+      fv.data_root,
+      fv.batch_size,
+      member=fv.member,
   )
   return 0
 

@@ -77,13 +77,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
         process_id=fv.process_id,
     )
   if fv.mode == "eval":
-    if fv.config.train.get("population"):
-      raise errors.UserValueError(
-          "--mode=eval with train.population: a population's members are evaluated when it "
-          "trains (results/<member>/); drop --config.train.population to score a single run"
-      )
     with stop.StopRequest("this batch"):  # SIGINT/SIGTERM: exit 130/143, nothing written
-      train.evaluate_checkpoint(fv.config, fv.workdir)
+      if fv.config.train.get("population"):
+        population.evaluate_checkpoint(fv.config, fv.workdir)
+      else:
+        train.evaluate_checkpoint(fv.config, fv.workdir)
   elif fv.config.train.get("population"):
     population.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
   else:

@@ -45,6 +45,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
   flags.DEFINE_string(
+      "member",
+      None,
+      "A population's member (its workdir trained several models, results/<member>/): the "
+      "one to use.",
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
       "output_dir",
       None,
       "Where to write results (default <workdir>/predictions).",
@@ -114,13 +121,14 @@ def _main(argv, flag_values: flags.FlagValues) -> int:
         flush=True,
     )
     return 1
-  run = runs.load_run(fv.workdir)
+  run = runs.load_run(fv.workdir, member=fv.member)
+  home = runs.run_home(run, fv.workdir)  # thresholds.json: the workdir, or a member's results
   if fv.calibrate:
-    predicting.calibrate_run(run, fv.workdir)
+    predicting.calibrate_run(run, home)
   if not inputs:
     return 0
-  thr = scoring.load_thresholds(run, fv.workdir, fv.image_threshold, fv.pixel_threshold)
-  out_dir = fv.output_dir or os.path.join(fv.workdir, "predictions")
+  thr = scoring.load_thresholds(run, home, fv.image_threshold, fv.pixel_threshold)
+  out_dir = fv.output_dir or os.path.join(home, "predictions")
   summary = predicting.predict_paths(
       run,
       thr,

@@ -160,6 +160,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
+  flags.DEFINE_string(
+      "member",
+      None,
+      "A population's member (its workdir trained several models, results/<member>/): the "
+      "one to use.",
+      flag_values=fv,
+  )
   flags.DEFINE_list(
       "perturbations",
       list(PERTURBATIONS),
@@ -187,7 +194,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
       "data_root", None, "Default: the data the run was trained on.", flag_values=fv
   )
-  flags.DEFINE_string("output_dir", None, "Default: <workdir>/results.", flag_values=fv)
+  flags.DEFINE_string(
+      "output_dir",
+      None,
+      "Default: <workdir>/results (a member's results/<member>).",
+      flag_values=fv,
+  )
   flag_checks.subset(fv, "perturbations", PERTURBATIONS)
   flag_checks.bounded(fv, "seed", 0)
   flag_checks.bounded(fv, "noise_std", 0.0, 1.0)
@@ -219,11 +231,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   )
   logging.set_verbosity(logging.WARNING)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
-  run = runs.load_run(fv.workdir)
+  run = runs.load_run(fv.workdir, member=fv.member)
   dataset = runs.load_run_dataset(run, fv.workdir, fv.data_root)
   result = evaluate_robustness(run, dataset, perts, fv.seed, settings, fv.batch_size)
   if jax.process_index() == 0:
-    out_dir = fv.output_dir or os.path.join(fv.workdir, "results")
+    out_dir = fv.output_dir or runs.results_dir(run, fv.workdir)
     paths = write(result, out_dir, f"robustness_seed{fv.seed}")
     print("\n" + markdown(result))
     print("written: " + ", ".join(paths), flush=True)

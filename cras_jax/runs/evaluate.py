@@ -79,7 +79,8 @@ def evaluate(
     results.save_heatmaps(
         res, dataset.class_names, os.path.join(out_dir, "heatmaps"), config.eval.num_heatmaps
     )
-  summaries.for_workdir(workdir, specs.tensorboard(config)).evaluation(
+  # A population's member: its own board, results/<member>/tensorboard/.
+  summaries.for_workdir(results_dir or workdir, specs.tensorboard(config)).evaluation(
       step, table, res if heatmaps else None, dataset.class_names
   )
   if with_thresholds:  # per image: the evaluation's scores serve when it matched per image

@@ -38,6 +38,7 @@ from cras_jax.runs import (
     scoring,
     specs,
     spread,
+    summaries,
 )
 from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
@@ -122,10 +123,11 @@ def check_finite(window, done: int, names) -> None:
         )
 
 
-def _log_window(window, done: int, steps_per_epoch: int, names, workdir: str) -> dict:
-  """Per-member window summaries appended to results/<member>/train_log.jsonl; -> the mean."""
+def _log_window(window, done: int, steps_per_epoch: int, members, workdir: str) -> dict:
+  """Per-member window summaries appended to results/<member>/train_log.jsonl and to the
+  member's TensorBoard (results/<member>/tensorboard/); -> the mean."""
   per = {}
-  for k, name in enumerate(names):
+  for k, (name, cfg) in enumerate(members):
     member_window = [(jax.tree.map(lambda x, k=k: x[k], m), b, t) for m, b, t in window]
     per[name] = results.summarise_window(member_window)
     if jax.process_index() == 0:
@@ -133,7 +135,15 @@ def _log_window(window, done: int, steps_per_epoch: int, names, workdir: str) ->
       os.makedirs(d, exist_ok=True)
       with open(os.path.join(d, "train_log.jsonl"), "a") as f:
         f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **per[name]}) + "\n")
-  return {k: float(np.mean([p[k] for p in per.values()])) for k in per[names[0]]}
+      board = summaries.for_workdir(d, specs.tensorboard(cfg))
+      board.train(done, per[name], specs.learning_rates(cfg))
+  first = per[members[0][0]]
+  return {k: float(np.mean([p[k] for p in per.values()])) for k in first}
+
+
+def _close_boards(members, workdir: str) -> None:
+  for name, cfg in members:
+    summaries.for_workdir(os.path.join(workdir, "results", name), specs.tensorboard(cfg)).close()
 
 
 class _Evaluator:
@@ -151,7 +161,6 @@ class _Evaluator:
       heads = jax.device_get(jax.tree.map(lambda x, k=k: x[k], state.replace(backbone=None)))
       member = self.devices.put_replicated(heads).replace(backbone=self.backbone)
       out = os.path.join(workdir, "results", name)
-      cfg.log.tensorboard = False  # the population's members share one workdir
       tables.append(
           evaluate.evaluate(
               self.scorer.set_state(member), dataset, cfg, workdir, tag, results_dir=out, **kw
@@ -163,6 +172,41 @@ class _Evaluator:
             {"name": name, "config": json.loads(cfg.to_json_best_effort())},
         )
     return tables
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`--mode=eval` of a population: every member of the workdir's latest checkpoint scored
+  as a single run's `--mode=eval` scores, into results/<member>/ (tag "eval"); the spread
+  over the members into results/population_eval.{json,md,csv}, their mean into
+  results/metrics_eval.json. -> the mean table."""
+  config_check.check(config)
+  progress.configure(config)
+  named_inputs.ensure(config)  # weights and data named by the config: fetched once
+  members = runs.load_members(workdir, config)
+  dataset = runs.load_run_dataset(members[0], workdir)
+  note = runs.test_data_note(members[0].meta.get("data"), dataset.identity)
+  if note:
+    print(f"note: {note}", flush=True)
+  info = {"run_id": members[0].meta.get("run_id"), "data_note": note}
+  scorer = scoring.Scorer.for_run(members[0])  # one compiled step: the members share shapes
+  tables = []
+  for run in members:
+    print(f"member {run.member}", flush=True)
+    cfg = run.config
+    out = runs.results_dir(run, workdir)
+    tables.append(
+        evaluate.evaluate(
+            scorer.set_state(run.state),
+            dataset,
+            cfg,
+            workdir,
+            "eval",
+            results_dir=out,
+            run_info=info,
+        )
+    )
+  _close_boards([(r.member, r.config) for r in members], workdir)
+  return write_summary(tables, [r.member for r in members], workdir, "eval", config)
 
 
 def write_summary(tables, names, workdir: str, tag: str, config) -> dict:
@@ -274,7 +318,7 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
     )
     if save_now or len(window) >= config.train.log_every:
       check_finite(window, done, names)  # before any save: never checkpoint a diverged state
-      last = _log_window(window, done, steps_per_epoch, names, workdir)
+      last = _log_window(window, done, steps_per_epoch, members, workdir)
       window = []
       bar.set_postfix_str(results.format_train_metrics(last) + " (member mean)")
     bar.update(1)
@@ -282,6 +326,7 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
       checkpoint.save(mngr, done, state.checkpointable(), meta)
     if stop.signum is not None:
       bar.close()
+      _close_boards(members, workdir)
       print(f"stopped at step {done}/{total}; checkpoint saved. Rerun to resume.", flush=True)
       raise SystemExit(128 + stop.signum)
     epoch = done // steps_per_epoch
@@ -305,4 +350,5 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
         )
         for name in names
     ]
+  _close_boards(members, workdir)
   return write_summary(tables, names, workdir, "final", config)

@@ -121,3 +121,73 @@ def test_config_check_refuses_fields_a_population_cannot_vary():
   cfg.train.population = "seed=0,1"
   cfg.setting = "single_class"
   assert any("one multi-class model per member" in p for p in config_check.problems_of(cfg, False))
+
+
+def test_each_member_has_its_own_tensorboard(population_run):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  results = population_run / "pop" / "results"
+  for member in ("seed0", "seed1"):
+    acc = event_accumulator.EventAccumulator(str(results / member / "tensorboard"))
+    acc.Reload()
+    log = [json.loads(l) for l in open(results / member / "train_log.jsonl")]
+    losses = acc.Scalars("train/loss")
+    assert [e.step for e in losses] == [e["step"] for e in log]
+    np.testing.assert_allclose([e.value for e in losses], [e["loss"] for e in log], rtol=1e-6)
+    metrics = json.load(open(results / member / "metrics_final.json"))["metrics"]
+    (e,) = acc.Scalars("eval/mean/i_auroc")
+    np.testing.assert_allclose(e.value, metrics["mean"]["i_auroc"], rtol=1e-6)
+  assert not (population_run / "pop" / "tensorboard").exists()
+
+
+def test_a_member_loads_as_a_run_and_others_are_refused_with_the_fix(population_run):
+  from cras_jax.base import errors
+  from cras_jax.runs import workdir as runs
+
+  work = str(population_run / "pop")
+  _, pop = final_params(population_run / "pop")
+  run = runs.load_run(work, member="seed1")
+  assert run.member == "seed1" and run.config.seed == 1 and not run.config.train.population
+  assert runs.run_home(run, work).endswith(os.path.join("results", "seed1"))
+  got = flat(run.state.checkpointable()["params"])
+  want = flat(jax.tree.map(lambda x: np.asarray(x)[1], pop)["params"])
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  with pytest.raises(errors.UserValueError, match=r"population of 2 models \(seed0, seed1\)"):
+    runs.load_run(work)
+  with pytest.raises(errors.UserValueError, match="--member=seed7 is not one of them"):
+    runs.load_run(work, member="seed7")
+  alone = str(population_run / "alone")
+  if os.path.isdir(alone):
+    with pytest.raises(errors.UserValueError, match="holds one model, not a population"):
+      runs.load_run(alone, member="seed0")
+
+
+def test_predict_scores_a_member_with_its_thresholds(population_run, tmp_path):
+  from tests.conftest import run_module
+
+  work = population_run / "pop"
+  images = sorted((population_run / "data").glob("*/test/*/*.png"))[:2]
+  out = run_module(
+      "cras_jax.predict",
+      f"--workdir={work}",
+      "--member=seed1",
+      f"--output_dir={tmp_path}",
+      *images,
+  )
+  assert "error" not in out.lower()
+  assert len((tmp_path / "results.csv").read_text().splitlines()) == 3  # header + 2 images
+  summary = json.load(open(tmp_path / "results.json"))
+  thr = json.load(open(work / "results" / "seed1" / "thresholds.json"))
+  assert summary["step"] == 6 and summary["thresholds"]["source"] != "none"
+  assert summary["thresholds"]["image"] == thr["image_threshold"]
+
+
+def test_eval_mode_scores_every_member_as_at_the_end_of_training(population_run):
+  work = population_run / "pop"
+  run_main(work, population_run / "data", population_run / "cache", *POP, "--mode=eval")
+  for member in ("seed0", "seed1"):
+    got = json.load(open(work / "results" / member / "metrics_eval.json"))["metrics"]
+    assert got == json.load(open(work / "results" / member / "metrics_final.json"))["metrics"]
+  summary = json.load(open(work / "results" / "population_eval.json"))
+  assert summary["members"] == ["seed0", "seed1"]
