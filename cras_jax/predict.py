@@ -15,7 +15,8 @@ An unreadable file is reported on stderr and in the results (column `error`) and
 the exit status is 1 only when no image could be scored.
 
 Thresholds come from <workdir>/thresholds.json (written at the end of training;
-`--calibrate` computes it for an existing run), `--image_threshold` / `--pixel_threshold`
+`--calibrate` computes it for an existing run; a population's `--member`:
+<workdir>/results/<member>/thresholds.json), `--image_threshold` / `--pixel_threshold`
 override them (normalised units; raw units when the run has no thresholds file).
 Scoring is always per image: a run configured with batch-mode class voting
 (model.matching="batch", whose result depends on the batch's other images) is scored with

@@ -4,7 +4,7 @@ A batch of indices is split into contiguous chunks, one per worker; each worker 
 chunk from the TFDS array_record data source (decompression and copying release the GIL) and
 the chunks are concatenated in order. The batch is therefore exactly `data.get_batch(source,
 indices)` for any worker count: the data order stays a pure function of (seed, epoch)
-(training/train.py `batch_indices`) and a resumed run repeats an uninterrupted one.
+(training/loop.py `batch_indices`) and a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations

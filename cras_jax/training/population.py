@@ -25,6 +25,7 @@ import numpy as np
 from cras_jax import backbones
 from cras_jax import data as data_lib
 from cras_jax.base import csv_cells, errors, fileio, jsonio, progress
+from cras_jax.data import loader
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
 from cras_jax.method import centres as centres_lib
@@ -42,7 +43,7 @@ from cras_jax.runs import (
 )
 from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
-from cras_jax.training import train
+from cras_jax.training import loop, train
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
@@ -52,7 +53,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   config_check.check(config)
   named_inputs.ensure(config)  # weights and data named by the config: fetched once
   os.makedirs(workdir, exist_ok=True)
-  with runs.WorkdirLock(workdir), train.StopRequest() as stop:
+  with runs.WorkdirLock(workdir), loop.StopRequest("this step or batch") as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)
 
 
@@ -259,6 +260,8 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
       "run_id": meta["run_id"],
       "data_note": runs.test_data_note(meta["data"], dataset.identity),
   }
+  if info["data_note"]:
+    print(f"note: {info['data_note']}", flush=True)
   if resumed is not None:
     state = resumed
     cache = None
@@ -276,63 +279,34 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
     print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
     checkpoint.save(mngr, 0, state.checkpointable(), meta)
   train_labels = data_lib.class_indices(dataset.train)
-  n, bs = len(dataset.train), config.train.batch_size
-  steps_per_epoch = math.ceil(n / bs)
+  bs = config.train.batch_size
+  steps_per_epoch = math.ceil(len(dataset.train) / bs)
   total = config.train.epochs * steps_per_epoch
   train_step = devices.population_step(
       spec, state, batching, deterministic=config.train.get("deterministic", True)
   )
   evaluator = _Evaluator(spec, state, config, members)
-  ckpt_every = config.train.checkpoint_every_steps
   protocol = config.eval.protocol
-  eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
-  seed = population_lib.data_seed(config)
-
-  def batches(start):
-    for s in range(start, total):
-      _, idx = train.batch_indices(seed, s, n, bs, devices.count)
-      idx = idx[devices.local_slice(len(idx))]
-      if cache is not None:
-        batch = {
-            "features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
-            "label": train_labels[idx],
-        }
-      else:
-        batch = data_lib.get_batch(dataset.train, idx, ("image", "label"))
-      yield s, devices.put_batch(batch)
-
+  reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
   step = int(state.step[0])
-  bar = results.progress(total=total, initial=step, desc=f"train x{len(names)}")
-  window, last = [], {}
-  for s, batch in train.prefetch(batches(step)):
-    t0 = time.time()
-    state, metrics = train_step(state, batch)
-    window.append((metrics, batch["label"].shape[0], t0))
-    done = s + 1
-    end_of_epoch = done % steps_per_epoch == 0
-    save_now = (
-        end_of_epoch
-        or done == total
-        or (ckpt_every and done % ckpt_every == 0)
-        or stop.signum is not None
-    )
-    if save_now or len(window) >= config.train.log_every:
-      check_finite(window, done, names)  # before any save: never checkpoint a diverged state
-      last = _log_window(window, done, steps_per_epoch, members, workdir)
-      window = []
-      bar.set_postfix_str(results.format_train_metrics(last) + " (member mean)")
-    bar.update(1)
-    if save_now:
-      checkpoint.save(mngr, done, state.checkpointable(), meta)
-    if stop.signum is not None:
-      bar.close()
-      _close_boards(members, workdir)
-      print(f"stopped at step {done}/{total}; checkpoint saved. Rerun to resume.", flush=True)
-      raise SystemExit(128 + stop.signum)
-    epoch = done // steps_per_epoch
-    if end_of_epoch and eval_every and epoch % eval_every == 0 and done != total:
-      evaluator(state, dataset, workdir, f"epoch_{epoch:03d}", heatmaps=False, run_info=info)
-  bar.close()
+  seed = population_lib.data_seed(config)
+  batches = loop.train_batches(step, total, seed, bs, devices, train_labels, cache, reader)
+
+  def evaluate_epoch(state, epoch: int) -> None:
+    evaluator(state, dataset, workdir, f"epoch_{epoch:03d}", heatmaps=False, run_info=info)
+
+  hooks = loop.Hooks(
+      check=lambda window, done: check_finite(window, done, names),
+      log=lambda window, done: _log_window(window, done, steps_per_epoch, members, workdir),
+      evaluate=evaluate_epoch,
+      on_stop=lambda: _close_boards(members, workdir),
+      desc=f"train x{len(names)}",
+      shown_suffix=" (member mean)",
+  )
+  state, _ = loop.run_steps(
+      state, train_step, batches, config, step, steps_per_epoch, mngr, meta, stop, hooks
+  )
+  reader.close()
   if protocol == "final":
     tables = evaluator(state, dataset, workdir, "final", with_thresholds=True, run_info=info)
   else:

@@ -4,8 +4,9 @@
 evaluates it under the configured protocol. Before the first step, one pass of the frozen
 backbone over the training set (`feature_pass`) gives the class centres and the feature
 scale (`compute_centres`) and, with `train.cache_features`, the stored features the steps then
-train on. The data order is a pure function of (seed, epoch) (`batch_indices`), so a resumed
-run repeats an uninterrupted one exactly; SIGINT/SIGTERM stop between steps (`StopRequest`).
+train on. The step loop, shared with populations, is `training.loop`: the data order is a pure
+function of (seed, epoch), so a resumed run repeats an uninterrupted one exactly; SIGINT/SIGTERM
+stop between steps.
 In the single-class setting `train_and_evaluate` and `evaluate_checkpoint` (`--mode=eval`) loop
 over the classes here, one model each, and gather one table (`runs/single_class.py`).
 """
@@ -15,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
-import threading
 import time
 
 import jax
@@ -44,54 +43,7 @@ from cras_jax.runs import (
 )
 from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
-
-# ----------------------------------------------------------------------------- data order
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-  """Shuffled indices of one epoch, a pure function of (seed, epoch)."""
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def batch_indices(
-    seed: int, step: int, n: int, batch_size: int, multiple: int = 1
-) -> tuple[int, np.ndarray]:
-  """(epoch, indices) of global step `step`; the last batch of an epoch is kept
-  (trimmed to a multiple of the device count)."""
-  steps_per_epoch = math.ceil(n / batch_size)
-  epoch, i = divmod(step, steps_per_epoch)
-  idx = epoch_order(seed, epoch, n)[i * batch_size : (i + 1) * batch_size]
-  keep = (len(idx) // multiple) * multiple
-  return epoch, idx[: max(keep, multiple)] if keep else idx[:0]
-
-
-StopRequest = stop_lib.StopRequest  # SIGINT/SIGTERM -> stop between steps
-
-
-def prefetch(iterator, size: int = 2):
-  """Runs `iterator` in a background thread, `size` items ahead."""
-  q: queue.Queue = queue.Queue(maxsize=size)
-  sentinel = object()
-
-  def worker():
-    try:
-      for item in iterator:
-        q.put(item)
-    except BaseException as e:  # surfaced in the consumer
-      q.put(e)
-    q.put(sentinel)
-
-  threading.Thread(target=worker, daemon=True).start()
-  while True:
-    item = q.get()
-    if item is sentinel:
-      return
-    if isinstance(item, BaseException):
-      raise item
-    yield item
-
-
-# ----------------------------------------------------------------------------- centres
+from cras_jax.training import loop
 
 
 def feature_pass(
@@ -240,7 +192,7 @@ def train_and_evaluate(
         single_class.announce(i, per_class, cls)
         train_and_evaluate(sub, subdir, allow_config_change)
       return single_class.gather(config, workdir, per_class, "final")
-  with runs.WorkdirLock(workdir), StopRequest("this step or batch") as stop:
+  with runs.WorkdirLock(workdir), loop.StopRequest("this step or batch") as stop:
     return _train_and_evaluate(config, workdir, stop, allow_config_change)
 
 
@@ -258,7 +210,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return single_class.gather(config, workdir, per_class, "eval")
 
 
-def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_change: bool) -> dict:
+def _train_and_evaluate(
+    config, workdir: str, stop: loop.StopRequest, allow_config_change: bool
+) -> dict:
   os.makedirs(workdir, exist_ok=True)
   dataset, spec, devices, state = runs.open_for_training(config, workdir)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
@@ -294,76 +248,40 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allow_config_ch
       steps.make_train_step(spec), deterministic=config.train.get("deterministic", True)
   )
   scorer = scoring.Scorer(spec, devices, config.eval.batch_size)  # compiled once, when used
-  ckpt_every = config.train.checkpoint_every_steps
   protocol = config.eval.protocol
-  eval_every = config.train.eval_every or (1 if protocol == "best_epoch" else 0)
-
   reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
-
-  def batches(start):
-    for s in range(start, total):
-      _, idx = batch_indices(population_lib.data_seed(config), s, n, bs, devices.count)
-      idx = idx[devices.local_slice(len(idx))]
-      if cache is not None:
-        batch = {
-            "features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
-            "label": train_labels[idx],
-        }
-      else:
-        batch = reader.read(idx, ("image", "label"))
-      yield s, devices.put_batch(batch)
-
   step = int(state.step)
+  batches = loop.train_batches(
+      step, total, population_lib.data_seed(config), bs, devices, train_labels, cache, reader
+  )
   history_path = (
       os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
   )
-  bar = results.progress(total=total, initial=step, desc="train")
   board = summaries.for_workdir(workdir, specs.tensorboard(config))
   learning_rates = specs.learning_rates(config)
-  window, last_metrics = [], {}
-  for s, batch in prefetch(batches(step)):
-    t0 = time.time()
-    state, metrics = train_step(state, batch)
-    window.append((metrics, batch["label"].shape[0], t0))
-    done = s + 1
-    end_of_epoch = done % steps_per_epoch == 0
-    save_now = (
-        end_of_epoch
-        or done == total
-        or (ckpt_every and done % ckpt_every == 0)
-        or stop.signum is not None
+
+  def log(window, done: int) -> dict:
+    metrics = results.summarise_window(window)
+    with open(history_path, "a") as f:
+      f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **metrics}) + "\n")
+    board.train(done, metrics, learning_rates)
+    return metrics
+
+  def evaluate_epoch(state, epoch: int) -> None:
+    evaluate.evaluate(
+        scorer.set_state(state),
+        dataset,
+        config,
+        workdir,
+        tag=f"epoch_{epoch:03d}",
+        heatmaps=False,
+        run_info=run_info,
     )
-    if save_now or len(window) >= config.train.log_every:
-      check_finite(window, done)  # before any save: never checkpoint a diverged state
-      last_metrics = results.summarise_window(window)
-      window = []
-      bar.set_postfix_str(results.format_train_metrics(last_metrics))
-      with open(history_path, "a") as f:
-        f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **last_metrics}) + "\n")
-      board.train(done, last_metrics, learning_rates)
-    bar.update(1)
-    if save_now:
-      checkpoint.save(mngr, done, state.checkpointable(), meta)
-    if stop.signum is not None:
-      bar.close()
-      print(
-          f"stopped at step {done}/{total}; checkpoint saved. "
-          f"Rerun the same command to resume.",
-          flush=True,
-      )
-      raise SystemExit(128 + stop.signum)
-    epoch = done // steps_per_epoch
-    if end_of_epoch and eval_every and epoch % eval_every == 0 and done != total:
-      evaluate.evaluate(
-          scorer.set_state(state),
-          dataset,
-          config,
-          workdir,
-          tag=f"epoch_{epoch:03d}",
-          heatmaps=False,
-          run_info=run_info,
-      )
-  bar.close()
+
+  hooks = loop.Hooks(check_finite, log, evaluate_epoch)
+  state, last_metrics = loop.run_steps(
+      state, train_step, batches, config, step, steps_per_epoch, mngr, meta, stop, hooks
+  )
   reader.close()
   if last_metrics:
     print("final training window: " + results.format_train_metrics(last_metrics), flush=True)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from cras_jax.data import loader, mvtec
-from cras_jax.training import train
+from cras_jax.training import loop
 from tests.data.test_mvtec import make_dataset
 
 
@@ -14,7 +14,7 @@ def test_batches_do_not_depend_on_the_worker_count(tmp_path):
   readers = [loader.BatchReader(ds.train, w) for w in (1, 2, 3, 7)]
   assert [r.workers for r in readers] == [1, 2, 3, 7]
   for step in range(5):  # crosses an epoch boundary: 15 examples, batches of 4
-    _, idx = train.batch_indices(seed=3, step=step, n=n, batch_size=4)
+    _, idx = loop.batch_indices(seed=3, step=step, n=n, batch_size=4)
     want = mvtec.get_batch(ds.train, idx)
     for r in readers:
       got = r.read(idx)
