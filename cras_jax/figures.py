@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, errors, fileio, flag_checks
+from cras_jax.base import stop as stop_lib
 from cras_jax.engine import steps
 from cras_jax.runs import evaluate, plots, scoring
 from cras_jax.runs import workdir as runs
@@ -258,6 +259,9 @@ def make_figures(
   and tsne.json."""
   run = runs.load_run(workdir, member=member)
   dataset = runs.load_run_dataset(run, workdir, data_root)
+  note = runs.test_data_note(run.meta.get("data"), dataset.identity)
+  if note:
+    print(f"note: {note}", flush=True)
   names = list(dataset.class_names)
   classes = list(classes) if classes else names
   unknown = [c for c in classes if c not in names]
@@ -276,6 +280,8 @@ def make_figures(
   wm = wrong_matches(res["label"], res["cls"], names, res["name"])
   info = evaluate.checkpoint_protocol(run, dataset)
   out = tsne_record(info, seed, classes, names, res, feats, proj, d, feature_match, wm, emb)
+  if note:
+    out["data_note"] = note
   if jax.process_index() == 0:
     out_dir = output_dir or os.path.join(runs.results_dir(run, workdir), "figures")
     write_figures(out, out_dir, res, names, classes, per_class, emb)
@@ -324,16 +330,17 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   logging.set_verbosity(logging.WARNING)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   classes = [c.strip() for c in fv.classes if c.strip()]
-  make_figures(
-      fv.workdir,
-      classes or None,
-      fv.per_class,
-      fv.output_dir,
-      fv.seed,
-      fv.data_root,
-      fv.batch_size,
-      member=fv.member,
-  )
+  with stop_lib.StopRequest("this batch"):  # SIGINT/SIGTERM: exit 130/143, nothing written
+    make_figures(
+        fv.workdir,
+        classes or None,
+        fv.per_class,
+        fv.output_dir,
+        fv.seed,
+        fv.data_root,
+        fv.batch_size,
+        member=fv.member,
+    )
   return 0
 
 

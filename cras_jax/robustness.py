@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, csv_cells, errors, fileio, flag_checks
+from cras_jax.base import stop as stop_lib
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import evaluate, results, scoring
@@ -233,7 +234,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = runs.load_run(fv.workdir, member=fv.member)
   dataset = runs.load_run_dataset(run, fv.workdir, fv.data_root)
-  result = evaluate_robustness(run, dataset, perts, fv.seed, settings, fv.batch_size)
+  note = runs.test_data_note(run.meta.get("data"), dataset.identity)
+  if note:
+    print(f"note: {note}", flush=True)
+  with stop_lib.StopRequest("this batch"):  # SIGINT/SIGTERM: exit 130/143, nothing written
+    result = evaluate_robustness(run, dataset, perts, fv.seed, settings, fv.batch_size)
+  if note:
+    result["data_note"] = note
   if jax.process_index() == 0:
     out_dir = fv.output_dir or runs.results_dir(run, fv.workdir)
     paths = write(result, out_dir, f"robustness_seed{fv.seed}")

@@ -90,3 +90,20 @@ def test_wrong_matches_counts():
   assert w["per_class"]["a"]["wrong"] == 1 and w["per_class"]["b"]["wrong"] == 2
   assert w["confusion"] == {"a": {"a": 1, "b": 1}, "b": {"a": 2, "b": 1}}
   assert [x["name"] for x in w["wrong_images"]] == ["w", "y", "z"]
+
+
+def test_a_stop_request_ends_figures_with_143_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
+  import signal
+
+  from absl import flags
+
+  from cras_jax.base import stop
+
+  monkeypatch.setattr(stop, "requested", lambda: signal.SIGTERM)  # as if SIGTERM had come
+  fv = flags.FlagValues()
+  figures.define_flags(fv)
+  fv(["figures", f"--workdir={tiny_run['workdir']}", f"--output_dir={tmp_path / 'out'}"])
+  with pytest.raises(SystemExit) as e:
+    figures.main(["figures"], fv)
+  assert e.value.code == 128 + signal.SIGTERM
+  assert not (tmp_path / "out").exists()

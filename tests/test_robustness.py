@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -240,3 +241,21 @@ def test_robustness_cli_on_tiny_run(tiny_run):
     rows = f.read().splitlines()
   assert rows[0] == "setting,class,metric,value_pts,drop_pts"
   assert len(rows) == 1 + 4 * 5 * 6  # settings x (classes + mean) x metrics
+
+
+def test_a_stop_request_ends_robustness_with_143_and_writes_nothing(
+    tiny_run, tmp_path, monkeypatch
+):
+  from absl import flags
+
+  from cras_jax import robustness
+  from cras_jax.base import stop
+
+  monkeypatch.setattr(stop, "requested", lambda: signal.SIGTERM)  # as if SIGTERM had come
+  fv = flags.FlagValues()
+  robustness.define_flags(fv)
+  fv(["robustness", f"--workdir={tiny_run['workdir']}", f"--output_dir={tmp_path / 'out'}"])
+  with pytest.raises(SystemExit) as e:
+    robustness.main(["robustness"], fv)
+  assert e.value.code == 128 + signal.SIGTERM
+  assert not (tmp_path / "out").exists()
