@@ -7,8 +7,9 @@ A population step runs the backbone once per batch and the single-run train step
 `train.population_batching`):
 
 - "map": the single run's compiled step, once per member (`make_member_loop`). Every member
-  runs the very program of its run alone, so it is bit-identical to it (tested); on a CPU it
-  is as fast as "vmap" (the heads' products are compute-bound there).
+  runs the very program of its run alone, so it is bit-identical to it (tested; on images,
+  to the single run on stored features: the backbone runs once, in its own program); on a CPU
+  it is as fast as "vmap" (the heads' products are compute-bound there).
 - "vmap": `jax.vmap`, the members' products batched into larger ones: what fills a GPU or TPU.
   A member then equals its run alone up to float32 rounding (the batched products and the
   weight gradients of the shared features sum in another order).
