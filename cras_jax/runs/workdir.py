@@ -415,6 +415,10 @@ def _open_checkpoint(workdir: str, config):
   bad = [why for why in map(config_check.plain_name_problem, meta["class_names"]) if why]
   if bad:
     raise errors.UserValueError(f"{ckpt_dir}: the run's class names are unusable: {bad[0]}")
+  # Member names become folder names (results/<member>/): plain names only.
+  bad = [why for why in map(config_check.plain_name_problem, meta.get("population") or []) if why]
+  if bad:
+    raise errors.UserValueError(f"{ckpt_dir}: the run's member names are unusable: {bad[0]}")
   if config is None:
     config = config_from_meta(meta)
   else:

@@ -191,3 +191,21 @@ def test_eval_mode_scores_every_member_as_at_the_end_of_training(population_run)
     assert got == json.load(open(work / "results" / member / "metrics_final.json"))["metrics"]
   summary = json.load(open(work / "results" / "population_eval.json"))
   assert summary["members"] == ["seed0", "seed1"]
+
+
+def test_member_names_that_leave_the_workdir_are_refused(population_run, tmp_path):
+  """A tampered checkpoint whose member names are paths: refused before any path is built."""
+  import shutil
+
+  from cras_jax.base import errors
+  from cras_jax.runs import workdir as runs
+
+  work = tmp_path / "tampered"
+  shutil.copytree(population_run / "pop" / "checkpoints", work / "checkpoints")
+  for step in os.listdir(work / "checkpoints"):
+    path = work / "checkpoints" / step / "meta" / "metadata"
+    meta = json.load(open(path))
+    meta["population"] = ["../../outside", "seed1"]
+    json.dump(meta, open(path, "w"))
+  with pytest.raises(errors.UserValueError, match="member names are unusable"):
+    runs.load_run(str(work), member="../../outside")
