@@ -28,7 +28,6 @@ from cras_jax.base import csv_cells, errors, fileio, jsonio, progress
 from cras_jax.data import loader
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
-from cras_jax.method import centres as centres_lib
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import (
     checkpoint,
@@ -87,16 +86,15 @@ def open_population(config, workdir: str):
 
 
 def compute_centres(state, acc, dataset, config, names) -> steps.TrainState:
-  """`train.compute_centres` of every member (the same element-wise arithmetic)."""
-  sums, counts, s1, s2 = acc
+  """`train.compute_centres` of every member: `train.centre_values` on each member's own
+  sums and scalars, so the centres and the noise scale are its single run's bit for bit."""
   n = len(dataset.train)
-  missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts[0]) == 0)]
+  missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(acc[1][0]) == 0)]
   if missing:
     raise ValueError(f"no training images for classes {missing}")
-  mean, meansq = s1 / n, s2 / n
-  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
-  noise_std = std if config.model.noise_relative else jnp.ones_like(std)
-  centres = jnp.stack([centres_lib.finalise(sums[k], counts[k]) for k in range(len(names))])
+  relative = config.model.noise_relative
+  values = [train.centre_values(tuple(x[k] for x in acc), n, relative) for k in range(len(names))]
+  centres, noise_std, std = (jnp.stack(v) for v in zip(*values))
   sigma = np.asarray(state.hparams["noise_sigma"]) * np.asarray(noise_std)
   print(
       f"centres: {len(names)} members, adapted-feature std "

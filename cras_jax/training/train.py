@@ -127,22 +127,31 @@ def feature_pass(
 
 def compute_centres(state: steps.TrainState, acc, dataset, config) -> steps.TrainState:
   """MCMC centres and the feature std, with the untrained adapter (docs/method.md §4)."""
-  sums, counts, s1, s2 = acc
+  sums, counts = acc[:2]
   n = len(dataset.train)
   k = sums.shape[0]
   missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts) == 0)]
   if missing:
     raise ValueError(f"no training images for classes {missing}")
-  mean, meansq = s1 / n, s2 / n
-  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
-  noise_std = std if config.model.noise_relative else jnp.ones((), jnp.float32)
+  centres, noise_std, std = centre_values(acc, n, config.model.noise_relative)
   how = "means of" if config.model.centre == "mean" else "one image each (w/o MCMC) of"
   print(
       f"centres: {k} classes, {how} {n} images; adapted-feature std {float(std):.4f}; "
       f"noise sigma {config.model.noise_sigma * float(noise_std):.4f}",
       flush=True,
   )
-  return state.replace(centres=centres_lib.finalise(sums, counts), noise_std=noise_std)
+  return state.replace(centres=centres, noise_std=noise_std)
+
+
+def centre_values(acc, n: int, noise_relative: bool):
+  """(centres, noise scale, adapted-feature std) from the feature pass's sums over `n` images:
+  the arithmetic of a single run, and of each population member on its own scalars
+  (element-wise arithmetic run op by op on a vector of members rounds differently on a CPU)."""
+  sums, counts, s1, s2 = acc
+  mean, meansq = s1 / n, s2 / n
+  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
+  noise_std = std if noise_relative else jnp.ones((), jnp.float32)
+  return centres_lib.finalise(sums, counts), noise_std, std
 
 
 def check_finite(window, done: int) -> None:
