@@ -134,7 +134,7 @@ def markdown_row(r: dict) -> str:
   return (
       f"| {r['setup']} | {what} | {r['batching']} | {r['size']} | {r['compile_s']:.1f} | "
       f"{r['step_s']:.3f} | "
-      f"{r['images_models_per_s']:.0f} | {r['speedup']:.2f} |"
+      f"{r['images_models_per_s']:.3g} | {r['speedup']:.2f} |"
   )
 
 
