@@ -35,8 +35,7 @@ import sys
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, errors, flag_checks
-from cras_jax.runs import scoring
-from cras_jax.runs import workdir as runs
+from cras_jax.runs import scoring, trained
 from cras_jax.runs.exporting import (  # noqa: F401 - the library, re-exported for its users
     FORMAT,
     FORMAT_VERSION,
@@ -54,13 +53,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
-  flags.DEFINE_string(
-      "member",
-      None,
-      "A population's member (its workdir trained several models, results/<member>/): the "
-      "one to use.",
-      flag_values=fv,
-  )
+  flag_checks.define_member_flag(fv)
   flags.DEFINE_string(
       "output", None, "The .npz file to write (default <workdir>/exported.npz).", flag_values=fv
   )
@@ -94,7 +87,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   output = fv.output or os.path.join(home, "exported.npz")
   check_output_and_platforms(output, fv.platforms)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
-  run = runs.load_run(fv.workdir, member=fv.member)
+  run = trained.load_run(fv.workdir, member=fv.member)
   thr = scoring.load_thresholds(run, home, fv.image_threshold, fv.pixel_threshold)
   if thr.source == "none":
     print(

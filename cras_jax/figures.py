@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from cras_jax.base import compile_cache, errors, fileio, flag_checks
 from cras_jax.base import stop as stop_lib
 from cras_jax.engine import steps
-from cras_jax.runs import evaluate, plots, scoring
+from cras_jax.runs import evaluate, plots, scoring, trained
 from cras_jax.runs import workdir as runs
 
 # ----------------------------------------------------------------------------- features
@@ -66,7 +66,7 @@ def projection_matrix(num_images: int, num_patches: int, dim: int, max_values: i
   return (rng.standard_normal((dim, d)) / math.sqrt(d)).astype(np.float32)
 
 
-def score_with_features(run: runs.Run, source, batch_size: int, projection=None) -> dict:
+def score_with_features(run: trained.Run, source, batch_size: int, projection=None) -> dict:
   """`Scorer.predict_dataset` of `source` with the normalised sample-level features of every
   example in "sample" [N, HW*d] float32 (one pass over the split)."""
   scorer = scoring.Scorer(
@@ -257,8 +257,8 @@ def make_figures(
 ) -> dict:
   """Scores the test split of a trained run (a population's `member`) and writes both figures
   and tsne.json."""
-  run = runs.load_run(workdir, member=member)
-  dataset = runs.load_run_dataset(run, workdir, data_root)
+  run = trained.load_run(workdir, member=member)
+  dataset = trained.load_run_dataset(run, workdir, data_root)
   note = runs.test_data_note(run.meta.get("data"), dataset.identity)
   if note:
     print(f"note: {note}", flush=True)
@@ -283,7 +283,7 @@ def make_figures(
   if note:
     out["data_note"] = note
   if jax.process_index() == 0:
-    out_dir = output_dir or os.path.join(runs.results_dir(run, workdir), "figures")
+    out_dir = output_dir or os.path.join(trained.results_dir(run, workdir), "figures")
     write_figures(out, out_dir, res, names, classes, per_class, emb)
   out["_embedding"] = emb
   out["_features"] = np.concatenate([feats, cfeats])
@@ -298,13 +298,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
-  flags.DEFINE_string(
-      "member",
-      None,
-      "A population's member (its workdir trained several models, results/<member>/): the "
-      "one to use.",
-      flag_values=fv,
-  )
+  flag_checks.define_member_flag(fv)
   flags.DEFINE_list(
       "classes", [], "Classes of the qualitative grid (default: all).", flag_values=fv
   )

@@ -33,8 +33,7 @@ from absl import app, flags, logging
 from cras_jax.base import compile_cache, flag_checks
 from cras_jax.base import errors as errors_lib
 from cras_jax.base import stop as stop_lib
-from cras_jax.runs import predicting, scoring
-from cras_jax.runs import workdir as runs
+from cras_jax.runs import predicting, scoring, trained
 from cras_jax.runs.predict_inputs import find_images
 
 # ----------------------------------------------------------------------------- command line
@@ -45,13 +44,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   and folders to score."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
-  flags.DEFINE_string(
-      "member",
-      None,
-      "A population's member (its workdir trained several models, results/<member>/): the "
-      "one to use.",
-      flag_values=fv,
-  )
+  flag_checks.define_member_flag(fv)
   flags.DEFINE_string(
       "output_dir",
       None,
@@ -122,8 +115,8 @@ def _main(argv, flag_values: flags.FlagValues) -> int:
         flush=True,
     )
     return 1
-  run = runs.load_run(fv.workdir, member=fv.member)
-  home = runs.run_home(run, fv.workdir)  # thresholds.json: the workdir, or a member's results
+  run = trained.load_run(fv.workdir, member=fv.member)
+  home = trained.run_home(run, fv.workdir)  # thresholds.json: the workdir, or a member's results
   if fv.calibrate:
     predicting.calibrate_run(run, home)
   if not inputs:

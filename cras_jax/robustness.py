@@ -39,7 +39,7 @@ from cras_jax.base import compile_cache, csv_cells, errors, fileio, flag_checks
 from cras_jax.base import stop as stop_lib
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import evaluate, results, scoring
+from cras_jax.runs import evaluate, results, scoring, trained
 from cras_jax.runs import workdir as runs
 
 METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap", "aupro", "match_acc")
@@ -161,13 +161,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
-  flags.DEFINE_string(
-      "member",
-      None,
-      "A population's member (its workdir trained several models, results/<member>/): the "
-      "one to use.",
-      flag_values=fv,
-  )
+  flag_checks.define_member_flag(fv)
   flags.DEFINE_list(
       "perturbations",
       list(PERTURBATIONS),
@@ -232,8 +226,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   )
   logging.set_verbosity(logging.WARNING)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
-  run = runs.load_run(fv.workdir, member=fv.member)
-  dataset = runs.load_run_dataset(run, fv.workdir, fv.data_root)
+  run = trained.load_run(fv.workdir, member=fv.member)
+  dataset = trained.load_run_dataset(run, fv.workdir, fv.data_root)
   note = runs.test_data_note(run.meta.get("data"), dataset.identity)
   if note:
     print(f"note: {note}", flush=True)
@@ -242,7 +236,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if note:
     result["data_note"] = note
   if jax.process_index() == 0:
-    out_dir = fv.output_dir or runs.results_dir(run, fv.workdir)
+    out_dir = fv.output_dir or trained.results_dir(run, fv.workdir)
     paths = write(result, out_dir, f"robustness_seed{fv.seed}")
     print("\n" + markdown(result))
     print("written: " + ", ".join(paths), flush=True)

@@ -8,13 +8,12 @@ import os
 import numpy as np
 
 from cras_jax.data import preprocess
-from cras_jax.runs import scoring
-from cras_jax.runs import workdir as runs
+from cras_jax.runs import scoring, trained
 
 
 @functools.lru_cache(maxsize=None)
 def loaded_run(workdir: str):
-  return runs.load_run(workdir)
+  return trained.load_run(workdir)
 
 
 def image_paths(data_root) -> list[str]:

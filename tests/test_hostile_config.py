@@ -15,7 +15,7 @@ from PIL import Image
 
 from cras_jax.base import errors
 from cras_jax.configs import demo
-from cras_jax.runs import checkpoint, config_check
+from cras_jax.runs import checkpoint, config_check, trained
 from cras_jax.runs import workdir as runs
 from cras_jax.training import train
 from tests.conftest import ROOT, TINY
@@ -163,10 +163,10 @@ def test_eval_with_scoring_settings_other_than_the_run_is_refused(tiny_run, fiel
   config = ml_collections.ConfigDict(meta["config"])
   config.train.epochs = 99  # training-only and reporting fields may differ
   config.eval.num_heatmaps = 0
-  runs.check_eval_config(meta, config, "run")
+  trained.check_eval_config(meta, config, "run")
   _set(config, field, value)
   with pytest.raises(errors.UserValueError, match=field.replace(".", r"\.")):
-    runs.load_run(str(tiny_run["workdir"]), config)
+    trained.load_run(str(tiny_run["workdir"]), config)
 
 
 # ----------------------------------------------------------------------------- exit status 2

@@ -16,8 +16,7 @@ import pytest
 from cras_jax import export, run_exported
 from cras_jax.base import errors
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import feature_cache, predicting, results, writers
-from cras_jax.runs import workdir as runs
+from cras_jax.runs import feature_cache, predicting, results, trained, writers
 from tests.conftest import ROOT, TINY
 
 # ----------------------------------------------------------------------------- helpers
@@ -37,7 +36,7 @@ def test_readers_never_change_a_run_that_is_training(tiny_run, tmp_path):
   every step disturbs nothing, and the training ends bit-identical to the undisturbed one."""
   missing = tmp_path / "not_a_run"
   with pytest.raises(errors.UserFileNotFoundError):
-    runs.load_run(str(missing))
+    trained.load_run(str(missing))
   assert not missing.exists()  # no checkpoints/ created
 
   work = tmp_path / "busy"
@@ -62,7 +61,7 @@ def test_readers_never_change_a_run_that_is_training(tiny_run, tmp_path):
   try:
     while proc.poll() is None:
       try:
-        runs.load_run(str(work))  # what predict, export, robustness and figures open
+        trained.load_run(str(work))  # what predict, export, robustness and figures open
         reads += 1
       except Exception:  # noqa: BLE001 - before the first checkpoint, or one being replaced
         pass
@@ -70,8 +69,8 @@ def test_readers_never_change_a_run_that_is_training(tiny_run, tmp_path):
     out = proc.communicate(timeout=600)[0]
   assert proc.returncode == 0, out[-3000:]
   assert reads > 0
-  busy = runs.load_run(str(work))
-  calm = runs.load_run(str(tiny_run["workdir"]))
+  busy = trained.load_run(str(work))
+  calm = trained.load_run(str(tiny_run["workdir"]))
   assert int(busy.state.step) == int(calm.state.step)
   for a, b in zip(
       jax.tree.leaves(busy.state.checkpointable()), jax.tree.leaves(calm.state.checkpointable())
@@ -85,7 +84,7 @@ def test_a_checkpoint_without_its_meta_item_falls_back(tiny_run, tmp_path):
   assert len(steps) >= 2
   shutil.rmtree(work / "checkpoints" / str(steps[-1]) / "meta")
   before = sorted(os.listdir(work / "checkpoints"))
-  run = runs.load_run(str(work))
+  run = trained.load_run(str(work))
   assert int(run.state.step) == steps[-2]
   assert sorted(os.listdir(work / "checkpoints")) == before  # a reader moves nothing
   assert not (work / "corrupted_checkpoints").exists()

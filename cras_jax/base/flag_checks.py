@@ -68,3 +68,14 @@ def subset(flag_values: flags.FlagValues, name: str, choices: Iterable[str]) -> 
       message=f"--{name}: choose from {', '.join(choices)}",
       flag_values=flag_values,
   )
+
+
+def define_member_flag(fv: flags.FlagValues) -> None:
+  """`--member`: the commands that read a trained run pick a population's member with it."""
+  flags.DEFINE_string(
+      "member",
+      None,
+      "A population's member (its workdir trained several models, results/<member>/): the "
+      "one to use.",
+      flag_values=fv,
+  )

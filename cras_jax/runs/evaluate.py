@@ -18,6 +18,7 @@ import time
 import jax
 
 from cras_jax.runs import config_check, named_inputs, results, scoring, specs, summaries
+from cras_jax.runs import trained
 from cras_jax.runs import workdir as runs
 from cras_jax.base import fileio, progress
 from cras_jax.method import metrics as metrics_lib
@@ -150,7 +151,7 @@ def report_best_epoch(
   return chosen["metrics"]
 
 
-def checkpoint_protocol(run: runs.Run, dataset) -> dict:
+def checkpoint_protocol(run: trained.Run, dataset) -> dict:
   """The checkpoint a scoring command reports on: its step and whether it ends training
   (the final epoch), with the run's image score and matching modes."""
   t = run.config.train
@@ -172,13 +173,13 @@ def checkpoint_protocol(run: runs.Run, dataset) -> dict:
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training (`--mode=eval`); the config must
-  agree with the run's in the fields that change scoring (`runs.check_eval_config`). One model:
+  agree with the run's in the fields that change scoring (`trained.check_eval_config`). One model:
 the single-class setting's loop over the classes is `train.evaluate_checkpoint`'s."""
   config_check.check(config)
   progress.configure(config)
   named_inputs.ensure(config)  # weights and data named by the config: fetched once
-  run = runs.load_run(workdir, config)
-  dataset = runs.load_run_dataset(run, workdir)
+  run = trained.load_run(workdir, config)
+  dataset = trained.load_run_dataset(run, workdir)
   note = runs.test_data_note(run.meta.get("data"), dataset.identity)
   if note:
     print(f"note: {note}", flush=True)

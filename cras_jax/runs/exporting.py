@@ -19,6 +19,7 @@ import cras_jax
 from cras_jax import run_exported
 from cras_jax.base import errors, fileio
 from cras_jax.runs import results, scoring
+from cras_jax.runs import trained
 from cras_jax.runs import workdir as runs
 
 FORMAT = "cras_jax.exported_scoring"
@@ -88,8 +89,8 @@ def _export(fn, leaf_shapes, crop: int, platforms):
   return jax_export.export(jax.jit(fn), platforms=platforms)(*args)
 
 
-def export_run(run: runs.Run, thr, output: str, platforms=("cpu", "cuda")) -> dict:
-  """Exports a loaded run (`runs.load_run`) with thresholds `thr` (`thresholds.Thresholds`)
+def export_run(run: trained.Run, thr, output: str, platforms=("cpu", "cuda")) -> dict:
+  """Exports a loaded run (`trained.load_run`) with thresholds `thr` (`thresholds.Thresholds`)
   to `output` (.npz). Returns the meta."""
   t0 = time.time()
   scorer = scoring.Scorer.for_run(run, per_image=True)

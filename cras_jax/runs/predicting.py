@@ -26,6 +26,7 @@ from cras_jax.base import stop as stop_lib
 from cras_jax.data import preprocess
 from cras_jax.runs import results, scoring, specs, writers
 from cras_jax.runs import thresholds as thr_lib
+from cras_jax.runs import trained
 from cras_jax.runs import workdir as runs
 from cras_jax.runs.predict_inputs import find_images, output_stems, read_images
 
@@ -44,10 +45,10 @@ class Record:
   cls: int = -1  # the matched class
 
 
-def calibrate_run(run: runs.Run, workdir: str) -> dict:
+def calibrate_run(run: trained.Run, workdir: str) -> dict:
   """Writes the thresholds of an existing trained run into `workdir` from its test split
   (for runs trained before thresholds existed)."""
-  dataset = runs.load_run_dataset(run, workdir)
+  dataset = trained.load_run_dataset(run, workdir)
   return scoring.write_thresholds(
       scoring.Scorer.for_run(run, per_image=True), dataset.test, run.class_names, workdir
   )
@@ -133,7 +134,7 @@ def score_images(
 
 
 def predict_paths(
-    run: runs.Run,
+    run: trained.Run,
     thr: thr_lib.Thresholds,
     inputs: Sequence[str],
     output_dir: str,

@@ -71,7 +71,7 @@ class Scorer:
 
   @classmethod
   def for_run(cls, run, batch_size: int | None = None, per_image: bool = False) -> Scorer:
-    """The scorer of a loaded run (`runs.load_run`), by default at its eval batch size."""
+    """The scorer of a loaded run (`trained.load_run`), by default at its eval batch size."""
     scorer = cls(run.spec, run.devices, batch_size or run.config.eval.batch_size, state=run.state)
     return scorer.per_image() if per_image else scorer
 

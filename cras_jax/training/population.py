@@ -39,6 +39,7 @@ from cras_jax.runs import (
     specs,
     spread,
     summaries,
+    trained,
 )
 from cras_jax.runs import population as population_lib
 from cras_jax.runs import workdir as runs
@@ -181,8 +182,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   config_check.check(config)
   progress.configure(config)
   named_inputs.ensure(config)  # weights and data named by the config: fetched once
-  members = runs.load_members(workdir, config)
-  dataset = runs.load_run_dataset(members[0], workdir)
+  members = trained.load_members(workdir, config)
+  dataset = trained.load_run_dataset(members[0], workdir)
   note = runs.test_data_note(members[0].meta.get("data"), dataset.identity)
   if note:
     print(f"note: {note}", flush=True)
@@ -192,7 +193,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   for run in members:
     print(f"member {run.member}", flush=True)
     cfg = run.config
-    out = runs.results_dir(run, workdir)
+    out = trained.results_dir(run, workdir)
     tables.append(
         evaluate.evaluate(
             scorer.set_state(run.state),

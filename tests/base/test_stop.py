@@ -12,8 +12,7 @@ import ml_collections
 import pytest
 
 from cras_jax.base import stop
-from cras_jax.runs import scoring
-from cras_jax.runs import workdir as runs
+from cras_jax.runs import scoring, trained
 from cras_jax.training import train
 from tests import predict_helpers
 
@@ -38,7 +37,7 @@ def test_signal_inside_a_stop_request_stops_at_the_next_poll():
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
   run = predict_helpers.loaded_run(str(tiny_run["workdir"]))
-  return run, runs.load_run_dataset(run, str(tiny_run["workdir"]))
+  return run, trained.load_run_dataset(run, str(tiny_run["workdir"]))
 
 
 def test_feature_pass_stops_at_a_batch_and_leaves_no_cache_file(loaded, tmp_path):

@@ -12,12 +12,13 @@ from PIL import Image
 from cras_jax.base import errors
 from cras_jax.data import identity, layout
 from cras_jax.runs import checkpoint, evaluate
+from cras_jax.runs import trained
 from cras_jax.runs import workdir as runs
 from tests.conftest import ROOT, TINY
 
 
 def test_load_run_restores_trained_state_and_config(tiny_run):
-  run = runs.load_run(str(tiny_run["workdir"]))
+  run = trained.load_run(str(tiny_run["workdir"]))
   assert run.config.data.crop == 64 and run.config.model.embed_dim == 32
   assert run.class_names == ["chip", "fabric", "gear", "granite"]
   assert int(run.state.step) == 9

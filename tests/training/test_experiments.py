@@ -13,7 +13,7 @@ from cras_jax.configs import demo
 from cras_jax.engine import model, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.method import matching, synthesis
-from cras_jax.runs import evaluate
+from cras_jax.runs import evaluate, trained
 from cras_jax.runs import workdir as runs
 from cras_jax.training import train
 from tests.conftest import TINY, run_module
@@ -173,5 +173,5 @@ def test_single_class_setting_trains_one_model_per_class_into_one_table(tiny_run
     assert ev["metrics"][cls]["i_auroc"] == pytest.approx(final["metrics"][cls]["i_auroc"])
   # Scoring tools need one of the per-class models and say so.
   with pytest.raises(FileNotFoundError, match="one model per class"):
-    runs.load_run(str(work))
-  assert runs.load_run(str(work / "classes" / "gear")).class_names == ["gear"]
+    trained.load_run(str(work))
+  assert trained.load_run(str(work / "classes" / "gear")).class_names == ["gear"]

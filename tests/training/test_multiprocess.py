@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from cras_jax.configs import demo
+from cras_jax.runs import trained
 from tests import golden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -143,9 +144,8 @@ def test_whole_run_on_two_processes_equals_one_process(tiny_run, tmp_path):
       # AUPRO integrates over score thresholds: 1e-6 score changes move it by ~1e-4.
       np.testing.assert_allclose(multi["metrics"][cls][k], v, atol=1e-3, err_msg=f"{cls} {k}")
   # The two-process checkpoint restores on one process (another topology).
-  from cras_jax.runs import workdir as runs
 
-  a, b = runs.load_run(str(tiny_run["workdir"])).state, runs.load_run(str(work)).state
+  a, b = trained.load_run(str(tiny_run["workdir"])).state, trained.load_run(str(work)).state
   assert int(a.step) == int(b.step) == 9
   np.testing.assert_allclose(a.centres, b.centres, atol=1e-5)
   # One step agrees to 1e-5 (test above). Over 9 Adam steps, float32 reduction-order

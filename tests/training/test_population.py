@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cras_jax.configs import demo
-from cras_jax.runs import config_check
+from cras_jax.runs import config_check, trained
 from tests.training.test_train import final_params, run_main
 
 POP = ["--config.train.population=seed=0,1", "--config.train.epochs=2"]
@@ -142,25 +142,24 @@ def test_each_member_has_its_own_tensorboard(population_run):
 
 def test_a_member_loads_as_a_run_and_others_are_refused_with_the_fix(population_run):
   from cras_jax.base import errors
-  from cras_jax.runs import workdir as runs
 
   work = str(population_run / "pop")
   _, pop = final_params(population_run / "pop")
-  run = runs.load_run(work, member="seed1")
+  run = trained.load_run(work, member="seed1")
   assert run.member == "seed1" and run.config.seed == 1 and not run.config.train.population
-  assert runs.run_home(run, work).endswith(os.path.join("results", "seed1"))
+  assert trained.run_home(run, work).endswith(os.path.join("results", "seed1"))
   got = flat(run.state.checkpointable()["params"])
   want = flat(jax.tree.map(lambda x: np.asarray(x)[1], pop)["params"])
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   with pytest.raises(errors.UserValueError, match=r"population of 2 models \(seed0, seed1\)"):
-    runs.load_run(work)
+    trained.load_run(work)
   with pytest.raises(errors.UserValueError, match="--member=seed7 is not one of them"):
-    runs.load_run(work, member="seed7")
+    trained.load_run(work, member="seed7")
   alone = str(population_run / "alone")
   if os.path.isdir(alone):
     with pytest.raises(errors.UserValueError, match="holds one model, not a population"):
-      runs.load_run(alone, member="seed0")
+      trained.load_run(alone, member="seed0")
 
 
 def test_predict_scores_a_member_with_its_thresholds(population_run, tmp_path):
@@ -198,7 +197,6 @@ def test_member_names_that_leave_the_workdir_are_refused(population_run, tmp_pat
   import shutil
 
   from cras_jax.base import errors
-  from cras_jax.runs import workdir as runs
 
   work = tmp_path / "tampered"
   shutil.copytree(population_run / "pop" / "checkpoints", work / "checkpoints")
@@ -208,7 +206,7 @@ def test_member_names_that_leave_the_workdir_are_refused(population_run, tmp_pat
     meta["population"] = ["../../outside", "seed1"]
     json.dump(meta, open(path, "w"))
   with pytest.raises(errors.UserValueError, match="member names are unusable"):
-    runs.load_run(str(work), member="../../outside")
+    trained.load_run(str(work), member="../../outside")
 
 
 def test_population_centres_and_noise_scale_are_each_members_single_run_values():
