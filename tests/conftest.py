@@ -1,5 +1,6 @@
-"""Shared test settings: a persistent XLA compilation cache for the session, so the
-end-to-end tests that start several processes compile each step once."""
+"""Shared test settings: the two tiers (tests/README.md), a persistent XLA compilation cache
+for the session, so the end-to-end tests that start several processes compile each step once,
+and the shared trained runs."""
 
 import os
 import subprocess
@@ -20,6 +21,34 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 os.environ.setdefault(
     "CRAS_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cras_jax_test_user_cache")
 )
+
+
+# ----------------------------------------------------------------------------- the two tiers
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--full",
+      action="store_true",
+      help="run the full tier: the fast tier plus the tests marked `slow` (CI runs both)",
+  )
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers",
+      "slow: full tier only (a real compile of a big model, a real training of its own, "
+      "or processes that must meet); `pytest --full` runs them",
+  )
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--full"):
+    return
+  slow = [item for item in items if item.get_closest_marker("slow") is not None]
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if item.get_closest_marker("slow") is None]
 
 
 # ----------------------------------------------------------------------------- a trained run
