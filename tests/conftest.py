@@ -2,7 +2,11 @@
 for the session, so the end-to-end tests that start several processes compile each step once,
 and the shared trained runs."""
 
+import fcntl
+import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,16 +15,33 @@ import jax
 import pytest
 from absl import app, flags
 
-_CACHE = os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cras_jax_test_xla_cache")
+# Folders of this test session, made by the first process (pytest's, before its xdist workers
+# start) and inherited through the environment by the workers and every subprocess: nothing
+# compiled or fetched by an earlier session is reused. A folder given in the environment is
+# used as it is (and kept).
+_SESSION_DIRS = []
+
+
+def _session_dir(variable: str, prefix: str) -> str:
+  if variable not in os.environ:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    _SESSION_DIRS.append(os.environ[variable])
+  return os.environ[variable]
+
+
+# The persistent XLA compilation cache: each step compiles once per session, in any process.
+jax.config.update(
+    "jax_compilation_cache_dir", _session_dir("JAX_COMPILATION_CACHE_DIR", "cras_jax_test_xla_")
 )
-jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # Named weights and datasets, and every command's compilation cache "auto", go to a test user
 # cache, never the real one (tests that fetch point cache.dir at their own tmp folder).
-os.environ.setdefault(
-    "CRAS_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "cras_jax_test_user_cache")
-)
+_session_dir("CRAS_JAX_CACHE_DIR", "cras_jax_test_user_cache_")
+
+
+def pytest_unconfigure(config):
+  for path in _SESSION_DIRS:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the two tiers
@@ -118,13 +139,33 @@ def run_command(command, *args, **kwargs):
     raise SystemExit(2) from e
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-  """A demo model trained for 3 epochs at the tiny size, shared by the tests that
-  score, export, perturb or plot a trained run. -> dict(workdir, data_root, cache_dir)."""
-  base = tmp_path_factory.mktemp("tiny_run")
+def shared_once(tmp_path_factory, name: str, build) -> dict:
+  """`build(base) -> dict of paths` run once for the whole test session, across pytest-xdist
+  workers too: the first worker to ask builds under a folder both workers see (under a file
+  lock), the others wait and reuse what it wrote. A build that failed is not reused: each
+  worker that asks raises the same failure. -> the dict (paths as pathlib.Path)."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, shared by its workers
+  base = root / f"shared_{name}"
+  done = root / f"shared_{name}.json"
+  with open(root / f"shared_{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        if base.exists():
+          shutil.rmtree(base)  # a build that failed on another worker: build it again here
+        base.mkdir()
+        paths = build(base)
+        done.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return {k: pathlib.Path(v) for k, v in json.loads(done.read_text()).items()}
+
+
+def _train_tiny_run(base) -> dict:
   paths = {"workdir": base / "run", "data_root": base / "data", "cache_dir": base / "cache"}
-  run_module(
+  out = run_module(
       "cras_jax.main",
       "--config=configs/demo.py",
       f"--workdir={paths['workdir']}",
@@ -132,5 +173,16 @@ def tiny_run(tmp_path_factory):
       f"--config.data.cache_dir={paths['cache_dir']}",
       *TINY,
       "--config.train.epochs=3",
+      "--config.eval.num_heatmaps=1",
   )
-  return paths
+  (base / "output.txt").write_text(out)
+  return {**paths, "output": base / "output.txt"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A demo model trained for 3 epochs at the tiny size (one heatmap per class), shared by
+  every test that scores, exports, perturbs or plots a trained run, on every worker.
+  -> dict(workdir, data_root, cache_dir, output: the training's printed output). Tests read
+  it or copy it; the read-only commands may add their own result files."""
+  return shared_once(tmp_path_factory, "tiny_run", _train_tiny_run)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import run_module
 
 
+@pytest.mark.slow
 def test_accelerator_check_tiny_on_cpu(tmp_path):
   out = tmp_path / "check"
   log = run_module(

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cras_jax import benchmark as bench
 from cras_jax.perf import probes as benchmark_probes
 from tests.conftest import parse_command_flags
@@ -74,6 +76,7 @@ def check_rows(result, expect):
     assert p["flops_per_s"] > 0 and p["dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_one_device_in_process(tmp_path):
   out = tmp_path / "bench"
   result = bench.run(
@@ -101,6 +104,7 @@ def test_one_device_in_process(tmp_path):
   assert str(tmp_path) not in json.dumps(result)  # no machine paths in the record
 
 
+@pytest.mark.slow
 def test_two_devices_subprocess(tmp_path):
   out = tmp_path / "bench"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from cras_jax import console
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +34,7 @@ raise RuntimeError("the working directory's {name} package was imported")
 """
 
 
+@pytest.mark.slow
 def test_a_configs_or_tools_package_in_the_working_directory_is_never_imported(tmp_path):
   for name in ("configs", "tools"):
     (tmp_path / name).mkdir()

@@ -99,10 +99,22 @@ def _rel(a, b) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-# the decorator nearest the function varies slowest: all sizes of one arch run together,
-# so the lru_cache(maxsize=1) above builds each model once
-@pytest.mark.parametrize("hw", SIZES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
-@pytest.mark.parametrize("arch", RESNETS)
+# All sizes of one arch run together, so the lru_cache(maxsize=1) above builds each model once.
+# The fast tier keeps the default backbone (wide_resnet50_2) at both sizes and the others at
+# the smaller one.
+LEVEL_CASES = [
+    pytest.param(
+        arch,
+        hw,
+        id=f"{arch}-{hw[0]}x{hw[1]}",
+        marks=() if arch == "wide_resnet50_2" or hw != SIZES[0] else pytest.mark.slow,
+    )
+    for arch in RESNETS
+    for hw in SIZES
+]
+
+
+@pytest.mark.parametrize("arch,hw", LEVEL_CASES)
 def test_levels_match_torchvision(arch, hw):
   model, _, variables = _random_torchvision(arch)
   x = np.random.default_rng(sum(hw)).standard_normal((1, *hw, 3)).astype(np.float32)

@@ -31,6 +31,7 @@ def _copy_run(tiny_run, tmp_path):
 # ----------------------------------------------------------------------------- readers change nothing
 
 
+@pytest.mark.slow
 def test_readers_never_change_a_run_that_is_training(tiny_run, tmp_path):
   """predict/export/eval open a run read-only: looping over it while a training checkpoints
   every step disturbs nothing, and the training ends bit-identical to the undisturbed one."""

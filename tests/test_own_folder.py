@@ -78,6 +78,7 @@ def test_folder_config_defaults_are_offline_lite0():
   assert paper.train.lr_adapter == c.train.lr_adapter and paper.train.lr_disc == c.train.lr_disc
 
 
+@pytest.mark.slow
 def test_own_folder_trains_and_scores(folder_run):
   workdir, _, out = folder_run
   res = json.load(open(workdir / "results" / "metrics_final.json"))
@@ -93,6 +94,7 @@ def test_own_folder_trains_and_scores(folder_run):
   assert "preparing the dataset (24 train, 20 test images" in out
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_and_images(folder_run):
   workdir, _, _ = folder_run
   acc = _read_board(str(workdir / "tensorboard"))
@@ -120,6 +122,7 @@ def test_tensorboard_scalars_and_images(folder_run):
   assert png.size == (3 * 64, 64) and png.mode == "RGB"
 
 
+@pytest.mark.slow
 def test_curves_picture(folder_run):
   workdir, _, _ = folder_run
   path = workdir / "results" / "curves.png"
@@ -129,6 +132,7 @@ def test_curves_picture(folder_run):
   assert summaries.evaluation_points(str(workdir))[-1][0] == 6
 
 
+@pytest.mark.slow
 def test_quiet_mode_and_eval_events(folder_run):
   workdir, root, _ = folder_run
   before = len(_read_board(str(workdir / "tensorboard")).Scalars("eval/mean/i_auroc"))

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from cras_jax.configs import demo
 from cras_jax.engine import steps
@@ -24,6 +25,7 @@ def _gradients(embed_dim: int, num_classes: int) -> tuple[list[str], int]:
   return [f"f32[{','.join(map(str, x.shape))}]" for x in adapter], sum(4 * x.size for x in leaves)
 
 
+@pytest.mark.slow
 def test_scaling_tiny_on_simulated_devices(tmp_path):
   out = tmp_path / "scaling"
   log = run_module(

@@ -476,6 +476,7 @@ def test_sweep_files_resolve(name):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_real_sweep_two_runs(tmp_path):
   d = tmp_path / "sw"
   args = [

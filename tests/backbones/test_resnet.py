@@ -64,7 +64,9 @@ def test_level_shapes_and_strides(arch, hw):
     assert out[f"level{lvl}"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "wide_resnet101_2"])
+@pytest.mark.parametrize(
+    "arch", ["resnet18", pytest.param("wide_resnet101_2", marks=pytest.mark.slow)]
+)
 def test_max_level_skips_later_stages(arch):
   variables = _abstract_vars(arch)
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
@@ -269,7 +271,9 @@ def test_parity_with_pytorch(arch, hw):
 
 
 @requires_torch
-@pytest.mark.parametrize("arch", ["wide_resnet50_2", "wide_resnet101_2"])
+@pytest.mark.parametrize(
+    "arch", ["wide_resnet50_2", pytest.param("wide_resnet101_2", marks=pytest.mark.slow)]
+)
 def test_wide_state_dict_converts(arch):
   """Key set and shapes of torchvision's wide models convert (no forward)."""
   block_type, layers, wpg = ARCH_CONFIGS[arch]

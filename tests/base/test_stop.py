@@ -82,6 +82,7 @@ errors.run(predict.main)
 """
 
 
+@pytest.mark.slow
 def test_sigterm_stops_predict_with_only_written_files_listed(tiny_run, tmp_path):
   images = predict_helpers.image_paths(tiny_run["data_root"])
   out = tmp_path / "pred"

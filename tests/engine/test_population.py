@@ -128,6 +128,7 @@ def test_mapped_member_is_bit_identical_to_its_single_run():
       np.testing.assert_array_equal(metrics[key][k], v, err_msg=f"member {k}: {key}")
 
 
+@pytest.mark.slow
 def test_vmapped_member_equals_its_single_run_up_to_rounding():
   spec, centres, batches, state = member_setup()
   state, metrics = train_population(spec, state, batches, "vmap")
@@ -205,6 +206,7 @@ def run(n, shards, path):
   return dict(np.load(path))
 
 
+@pytest.mark.slow
 def test_population_on_four_devices_equals_one(tmp_path):
   one = run(1, 1, tmp_path / "one.npz")
   grid = run(4, 2, tmp_path / "grid.npz")  # 2 members per device pair, batch split in two

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cras_jax.configs import demo
 from tests import golden
@@ -56,6 +57,7 @@ def run(n, path):
   return dict(np.load(path))
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one(tmp_path):
   one = run(1, tmp_path / "one.npz")
   four = run(4, tmp_path / "four.npz")

@@ -9,6 +9,7 @@ from cras_jax.configs import demo
 from cras_jax.perf import population_bench as bench
 
 
+@pytest.mark.slow
 def test_rows_for_both_forms_and_ratios_from_their_times(monkeypatch):
   monkeypatch.setitem(bench.SETUPS, "tiny", (demo.get_config, "efficientnet_lite0", 64))
   rows = bench.measure("tiny", [1, 2], "features", n=1, batch_size=4)

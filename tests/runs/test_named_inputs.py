@@ -54,6 +54,7 @@ def test_offline_paper_command_says_what_it_would_fetch(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_paper_command_with_served_inputs_trains_and_evaluates(tmp_path):
   torch = pytest.importorskip("torch")
   tv = pytest.importorskip("torchvision")

@@ -73,6 +73,7 @@ def setup():
   return spec, devices, state, batch
 
 
+@pytest.mark.slow
 def test_train_and_predict_steps_compile_once(setup):
   spec, devices, state, batch = setup
   train_step = devices.jit_train(steps.make_train_step(spec))

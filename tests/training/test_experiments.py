@@ -61,7 +61,15 @@ def test_crd_modes_set_discriminator_input(mode, dim):
   assert params["disc"]["block1_fc"]["kernel"].shape[0] == dim
 
 
-@pytest.mark.parametrize("levels", [(1,), (2, 3), (3, 4), (1, 2, 3, 4)])
+@pytest.mark.parametrize(
+    "levels",
+    [
+        pytest.param((1,), marks=pytest.mark.slow),
+        (2, 3),
+        (3, 4),
+        pytest.param((1, 2, 3, 4), marks=pytest.mark.slow),
+    ],
+)
 def test_any_subset_of_levels_builds_the_patch_grid_of_its_first_level(levels):
   cfg = demo.get_config()
   cfg.data.crop = 64
@@ -73,7 +81,7 @@ def test_any_subset_of_levels_builds_the_patch_grid_of_its_first_level(levels):
   from cras_jax import backbones
 
   bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
-  t = spec.features(bb, np.zeros((1, 64, 64, 3), np.uint8))
+  t = jax.jit(spec.features)(bb, np.zeros((1, 64, 64, 3), np.uint8))  # one compile, not op by op
   assert t.shape == (1, spec.num_patches, 32)
 
 
@@ -92,6 +100,7 @@ def _tiny_config(tiny_run):
   return cfg
 
 
+@pytest.mark.slow
 def test_single_centre_is_the_first_training_image_of_each_class(tiny_run, tmp_path):
   cfg = _tiny_config(tiny_run)
   cfg.model.centre = "single"
@@ -123,6 +132,7 @@ def _main(workdir, tiny_run, *extra):
   )
 
 
+@pytest.mark.slow
 def test_best_epoch_protocol_reports_the_best_test_epoch_and_says_so(tiny_run, tmp_path):
   work = tmp_path / "best"
   out = _main(work, tiny_run, "--config.train.epochs=3", "--config.eval.protocol=best_epoch")
@@ -139,6 +149,7 @@ def test_best_epoch_protocol_reports_the_best_test_epoch_and_says_so(tiny_run, t
   )
 
 
+@pytest.mark.slow
 def test_single_class_setting_trains_one_model_per_class_into_one_table(tiny_run, tmp_path):
   work = tmp_path / "single"
   _main(

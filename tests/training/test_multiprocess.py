@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from cras_jax.configs import demo
 from cras_jax.runs import trained
@@ -22,7 +23,10 @@ import jax
 pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
-                             process_id=pid, initialization_timeout=120)
+                             process_id=pid, initialization_timeout=600,
+                             # the shutdown barrier waits for the slower process: on a loaded
+                             # 2-core machine one may finish minutes after the other
+                             shutdown_timeout_seconds=1800, heartbeat_timeout_seconds=600)
 import json
 
 import jax
@@ -66,6 +70,7 @@ def _env(devices_per_process):
   )
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   single = tmp_path / "single.npz"
   out = subprocess.run(
@@ -99,6 +104,7 @@ def test_two_processes_equal_one_process(tmp_path):
   golden.assert_one_step_equal(b, a, t.lr_adapter, t.lr_disc)
 
 
+@pytest.mark.slow
 def test_whole_run_on_two_processes_equals_one_process(tiny_run, tmp_path):
   """`python -m cras_jax.main` on two processes sharing one workdir (data prepared once
   under a file lock, one workdir lock per process, checkpoints written collectively)

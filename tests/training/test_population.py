@@ -29,6 +29,7 @@ def population_run(tmp_path_factory):
   return base
 
 
+@pytest.mark.slow
 def test_population_writes_each_members_results(population_run):
   results = population_run / "pop" / "results"
   for member in ("seed0", "seed1"):
@@ -52,6 +53,7 @@ def test_population_writes_each_members_results(population_run):
   assert mean["members"] == ["seed0", "seed1"] and mean["protocol"] == "final epoch"
 
 
+@pytest.mark.slow
 def test_population_sigkill_then_rerun_ends_bit_identical(population_run):
   base = population_run
   work = base / "killed"
@@ -79,6 +81,7 @@ def test_population_sigkill_then_rerun_ends_bit_identical(population_run):
     assert got == json.load(open(base / "pop" / "results" / m / "metrics_final.json"))["metrics"]
 
 
+@pytest.mark.slow
 def test_member_is_bit_identical_to_the_single_run_of_its_config(population_run):
   """On the CPU the population runs the single run's compiled step per member
   (`train.population_batching` "auto" -> "map"): centres, training and scores are the run
@@ -123,6 +126,7 @@ def test_config_check_refuses_fields_a_population_cannot_vary():
   assert any("one multi-class model per member" in p for p in config_check.problems_of(cfg, False))
 
 
+@pytest.mark.slow
 def test_each_member_has_its_own_tensorboard(population_run):
   from tensorboard.backend.event_processing import event_accumulator
 
@@ -140,6 +144,7 @@ def test_each_member_has_its_own_tensorboard(population_run):
   assert not (population_run / "pop" / "tensorboard").exists()
 
 
+@pytest.mark.slow
 def test_a_member_loads_as_a_run_and_others_are_refused_with_the_fix(population_run):
   from cras_jax.base import errors
 
@@ -162,6 +167,7 @@ def test_a_member_loads_as_a_run_and_others_are_refused_with_the_fix(population_
       trained.load_run(alone, member="seed0")
 
 
+@pytest.mark.slow
 def test_predict_scores_a_member_with_its_thresholds(population_run, tmp_path):
   from tests.conftest import run_module
 
@@ -182,6 +188,7 @@ def test_predict_scores_a_member_with_its_thresholds(population_run, tmp_path):
   assert summary["thresholds"]["image"] == thr["image_threshold"]
 
 
+@pytest.mark.slow
 def test_eval_mode_scores_every_member_as_at_the_end_of_training(population_run):
   work = population_run / "pop"
   run_main(work, population_run / "data", population_run / "cache", *POP, "--mode=eval")
@@ -192,6 +199,7 @@ def test_eval_mode_scores_every_member_as_at_the_end_of_training(population_run)
   assert summary["members"] == ["seed0", "seed1"]
 
 
+@pytest.mark.slow
 def test_member_names_that_leave_the_workdir_are_refused(population_run, tmp_path):
   """A tampered checkpoint whose member names are paths: refused before any path is built."""
   import shutil

@@ -55,17 +55,16 @@ def final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-  base = tmp_path_factory.mktemp("e2e")
-  ref = base / "uninterrupted"
-  out = run_main(
-      ref, base / "data", base / "cache", "--config.train.epochs=3", "--config.eval.num_heatmaps=1"
-  )
-  return base, ref, out
+def shared(tiny_run):
+  """The session's `tiny_run` as (base, its workdir, its output): its data and feature cache are
+  `base / "data"` and `base / "cache"`; the tests here write their own runs beside it."""
+  base = tiny_run["workdir"].parent
+  assert tiny_run["data_root"] == base / "data" and tiny_run["cache_dir"] == base / "cache"
+  return base, tiny_run["workdir"], tiny_run["output"].read_text()
 
 
-def test_uninterrupted_run_writes_everything(shared):
-  base, ref, out = shared
+def test_uninterrupted_run_writes_everything(tiny_run):
+  ref, out = tiny_run["workdir"], tiny_run["output"].read_text()
   m = metrics(ref)
   classes = ["chip", "fabric", "gear", "granite"]
   assert list(m["metrics"]) == classes + ["mean"]
@@ -80,6 +79,7 @@ def test_uninterrupted_run_writes_everything(shared):
   assert lines[-1]["step"] == 9 and np.isfinite(lines[-1]["loss"])
 
 
+@pytest.mark.slow
 def test_sigint_then_rerun_resumes_to_identical_result(shared):
   base, ref, _ = shared
   work = base / "interrupted"
@@ -107,6 +107,7 @@ def test_sigint_then_rerun_resumes_to_identical_result(shared):
   assert metrics(work)["metrics"] == metrics(ref)["metrics"]
 
 
+@pytest.mark.slow
 def test_eval_mode_scores_checkpoint_without_training(shared):
   base, ref, _ = shared
   out = run_main(ref, base / "data", base / "cache", "--mode=eval")
@@ -114,8 +115,7 @@ def test_eval_mode_scores_checkpoint_without_training(shared):
   assert metrics(ref, "eval")["metrics"] == metrics(ref)["metrics"]
 
 
-def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path, shared):
-  base, _, _ = shared
+def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path):
   cmd = [
       sys.executable,
       "-m",
@@ -128,6 +128,7 @@ def test_eval_mode_without_checkpoint_is_a_clear_error(tmp_path, shared):
   assert out.returncode != 0 and "no checkpoint to evaluate" in out.stderr
 
 
+@pytest.mark.slow
 def test_feature_cache_matches_backbone_every_step(shared):
   """Training on cached backbone features follows the same trajectory as running the
   backbone in every step (float32 cache: equal up to rounding)."""
@@ -184,6 +185,7 @@ def _assert_same_final_params(work, ref):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["mid_epoch", "during_save"])
 def test_sigkill_then_rerun_ends_bit_identical(shared, when):
   base, ref, _ = shared
@@ -209,6 +211,7 @@ def test_sigkill_then_rerun_ends_bit_identical(shared, when):
   assert metrics(work)["metrics"] == metrics(ref)["metrics"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_previous(shared):
   base, ref, _ = shared
   work = base / "truncated"
@@ -226,6 +229,7 @@ def test_truncated_checkpoint_falls_back_to_previous(shared):
   _assert_same_final_params(work, ref)
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_unless_allowed(shared):
   base, ref, _ = shared
   work = base / "changed"
@@ -268,6 +272,7 @@ def test_changed_config_is_refused_unless_allowed(shared):
   assert "continuing with changed configuration" in out
 
 
+@pytest.mark.slow
 def test_second_run_on_same_workdir_is_refused(shared, tmp_path):
   from cras_jax.runs.workdir import WorkdirLock
 
@@ -287,6 +292,7 @@ def test_second_run_on_same_workdir_is_refused(shared, tmp_path):
   assert "is in use by a running job (pid" in out.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path, monkeypatch):
   import jax.numpy as jnp
 
@@ -325,6 +331,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shared, tmp_path, monkeyp
   assert steps[-1] == 3  # the epoch-1 checkpoint; nothing saved after the bad step
 
 
+@pytest.mark.slow
 def test_float16_feature_cache_stays_close(shared):
   """float16 storage (the paper configs' default) halves the cache; the training
   trajectory stays within float16's rounding of the float32 one."""
