@@ -76,6 +76,27 @@ def check_rows(result, expect):
     assert p["flops_per_s"] > 0 and p["dtype"] == "float32"
 
 
+def test_stored_feature_step_on_one_device_in_process(tmp_path):
+  """The cheapest row (the step on stored features, one device): the fast tier's run of the
+  benchmark, its files and record."""
+  out = tmp_path / "bench"
+  result = bench.run(
+      parse_command_flags(
+          bench,
+          *TINY,
+          "--batch_sizes=4",
+          "--devices=1",
+          "--dtype=float32",
+          "--modes=train_cached",
+          f"--out={out}",
+      )
+  )
+  check_rows(result, [("train_cached", 1, 4)])
+  with open(out / "benchmark.json") as f:
+    assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
+  assert (out / "benchmark.md").read_text().count("\n| train_cached |") == 1
+
+
 @pytest.mark.slow
 def test_one_device_in_process(tmp_path):
   out = tmp_path / "bench"
