@@ -97,6 +97,10 @@ def load(path):
 
 
 def _threshold(value, stored):
+  """The threshold applied: `value`, else the file's (NaN where the file has none: nothing is
+  flagged). A given threshold must be finite: NaN would mark every image normal."""
+  if value is not None and not np.isfinite(value):
+    raise ValueError(f"threshold {value}: must be a finite number")
   value = stored if value is None else value
   return np.float32(np.nan if value is None else value)
 
@@ -172,6 +176,10 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.batch_size < 0:
     p.error(f"--batch_size={args.batch_size}: must be >= 0 (0: all images in one call)")
+  for name in ("image_threshold", "pixel_threshold"):
+    value = getattr(args, name)
+    if value is not None and not np.isfinite(value):
+      p.error(f"--{name}={value}: must be a finite number (a normalised threshold, e.g. 0.5)")
   if not sys.flags.utf8_mode and sys.getfilesystemencoding().lower().replace("-", "") != "utf8":
     p.error("the locale's text encoding is not UTF-8: run with PYTHONUTF8=1 (or LC_ALL=C.UTF-8)")
   try:

@@ -148,3 +148,24 @@ def test_an_export_changed_after_writing_is_refused(exported, change, capsys):
     run_exported.main([str(model), str(exported["dir"] / "crops.npy"), "--quiet"])
   assert e.value.code == 2
   assert "do not match the checksum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["image_threshold", "pixel_threshold"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_threshold_is_refused_before_any_file_is_read(flag, value, tmp_path, capsys):
+  from cras_jax import run_exported
+
+  missing = tmp_path / "none.npz"  # never opened: the flag is refused first
+  with pytest.raises(SystemExit) as e:
+    run_exported.main([str(missing), str(tmp_path / "none.npy"), f"--{flag}={value}"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert f"--{flag}={float(value)}: must be a finite number" in err and "Traceback" not in err
+
+
+def test_a_non_finite_threshold_given_to_the_scorer_is_refused(exported):
+  from cras_jax import run_exported
+
+  model = run_exported.load(str(exported["dir"] / "model.npz"))
+  with pytest.raises(ValueError, match="must be a finite number"):
+    run_exported.score(model, exported["images"][:1], image_threshold=float("nan"))

@@ -116,7 +116,25 @@ def run(main, parser=None, flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if why:
     print(f"error: {why}", file=sys.stderr, flush=True)
     raise SystemExit(USER_ERROR_STATUS)
-  app.run(
-      exit_on_user_error(main, flag_values),
-      flags_parser=lambda argv: parse_flags_or_exit(argv, flag_values, parser),
-  )
+  try:
+    app.run(
+        exit_on_user_error(main, flag_values),
+        flags_parser=lambda argv: parse_flags_or_exit(argv, flag_values, parser),
+    )
+  except SystemExit as e:
+    if e.code == 1 and asked_for_help(sys.argv[1:]):
+      raise SystemExit(0) from None  # absl's help flags exit 1; help that was asked for is no error
+    raise
+
+
+_HELP_FLAGS = {"help", "?", "helpshort", "helpfull", "helpxml"}
+
+
+def asked_for_help(args) -> bool:
+  """Whether the command line holds one of absl's help flags (before a `--`)."""
+  for a in args:
+    if a == "--":
+      return False
+    if a.startswith("-") and a.lstrip("-").split("=", 1)[0] in _HELP_FLAGS:
+      return True
+  return False

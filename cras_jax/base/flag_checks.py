@@ -8,6 +8,10 @@ from collections.abc import Iterable
 
 from absl import flags
 
+# The flags defined here (`define_member_flag`) belong to the command that asks for them: its
+# `--help` lists them (absl lists a module's own flags; this module defines none of its own).
+flags.disclaim_key_flags()
+
 
 def _fmt(x) -> str:
   return f"{x:g}" if isinstance(x, float) else str(x)

@@ -97,7 +97,7 @@ def score_batch(
         "score": float(out["scores"][j]),
         "normalised_score": float(z[j]),
         "matched_class": class_names[int(out["cls"][j])],
-        "is_anomaly": (int(z[j] >= image_thr) if math.isfinite(image_thr) else None),
+        "anomalous": (int(z[j] >= image_thr) if math.isfinite(image_thr) else None),
         "defect_fraction": None if mask is None else float(mask.mean()),
         "mask": None,
         "overlay": None,

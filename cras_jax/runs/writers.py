@@ -32,7 +32,7 @@ CSV_FIELDS = (
     "score",
     "normalised_score",
     "matched_class",
-    "is_anomaly",
+    "anomalous",
     "defect_fraction",
     "mask",
     "overlay",

@@ -1,9 +1,13 @@
-"""python -m cras_jax.data.synthetic: see `cli`."""
+"""python -m cras_jax.data.synthetic: the command line of `cli` (its docstring is this one)."""
+
+from absl import flags
 
 from cras_jax.base import errors
 from cras_jax.data.synthetic import cli
 
 if __name__ == "__main__":
+  __doc__ = cli.__doc__  # what --help prints first
   cli.define_flags()
+  flags.adopt_module_key_flags(cli)  # --help lists the generator's flags
   errors.define_verbose_flag()
   errors.run(cli.main)
