@@ -50,6 +50,19 @@ def _int_at_least(problems, config, field: str, low: int) -> None:
     problems.append(f"{field}={v!r}: must be an integer >= {low}")
 
 
+SEED_END = 2**32  # JAX's PRNG keys hold 32 bits of a seed: 2**32 + k gives the key of k
+
+
+def _seed(problems, config, field: str, low: int = 0) -> None:
+  """A seed: an integer (not a bool) in [low, 2**32), so that distinct seeds are distinct keys."""
+  v = get(config, field)
+  if isinstance(v, bool) or not isinstance(v, int) or not low <= v < SEED_END:
+    problems.append(
+        f"{field}={v!r}: must be an integer from {low} to {SEED_END - 1} (a seed outside that "
+        f"range, or a bool, gives the random key of another seed)"
+    )
+
+
 def _number(problems, config, field: str, low: float, high: float | None = None, strict=False):
   v = get(config, field)
   ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -141,7 +154,10 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   for f in ("train.eval_every", "train.checkpoint_every_steps", "eval.num_heatmaps"):
     _int_at_least(p, config, f, 0)
   _int_at_least(p, config, "data.max_image_pixels", 1)
-  _int_at_least(p, config, "train.data_seed", -1)
+  _seed(p, config, "seed")
+  _seed(p, config, "train.data_seed", -1)  # -1: `seed`
+  if "synthetic" in config.data:
+    _seed(p, config, "data.synthetic.seed")
   _int_at_least(p, config, "train.population_model_shards", 1)
   _choice(p, config, "train.population_batching")
   shards = get(config, "train.population_model_shards")

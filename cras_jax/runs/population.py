@@ -62,8 +62,13 @@ def parse(text: str) -> list[tuple[str, list]]:
     if field in dict(out):
       raise ValueError(f"{field!r} is given twice")
     vals = [_value(v) for v in values.split(",")]
-    if len(set(map(repr, vals))) != len(vals):
-      raise ValueError(f"{field}: a value is repeated ({values})")
+    for i, v in enumerate(vals):
+      same = [w for w in vals[:i] if w == v or repr(w) == repr(v)]  # 1 and 1.0 are one value
+      if same:
+        raise ValueError(
+            f"{field}: {same[0]!r} and {v!r} are the same value ({values}): two members would "
+            f"train the same model; give each value once"
+        )
     out.append((field, vals))
   if not out:
     raise ValueError("no field: write field=v1,v2,... (e.g. seed=0,1,2,3)")
@@ -77,13 +82,19 @@ def members(text: str) -> list[dict]:
   return [dict(zip(names, combo)) for combo in itertools.product(*(v for _, v in fields))]
 
 
+def value_text(v) -> str:
+  """A value as a member's name shows it, losslessly: a float in its shortest form that reads
+  back as the same float ('0.2', '1e-05', '0.30000000000000004'), never rounded to a few
+  digits, so two values of a population never share a name."""
+  if isinstance(v, float):
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
+  return str(v)
+
+
 def member_name(values: dict) -> str:
   """A member's directory name: 'seed1', 'seed1_noise_sigma0.2'."""
-  parts = []
-  for field, v in values.items():
-    text = f"{v:g}" if isinstance(v, float) else str(v)
-    parts.append(f"{field.split('.')[-1]}{text}")
-  return "_".join(parts)
+  return "_".join(f"{field.split('.')[-1]}{value_text(v)}" for field, v in values.items())
 
 
 def member_config(config, values: dict) -> ml_collections.ConfigDict:
