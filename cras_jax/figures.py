@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cras_jax.base import compile_cache, errors, fileio, flag_checks
+from cras_jax.base import compile_cache, errors, fileio, flag_checks, markdown
 from cras_jax.base import stop as stop_lib
 from cras_jax.engine import steps
 from cras_jax.runs import evaluate, plots, scoring, trained
@@ -152,7 +152,7 @@ def wrong_matches_markdown(w: dict) -> str:
   lines = ["| class | wrongly matched | images | rate (%) |", "|---|---:|---:|---:|"]
   for c, r in [*w["per_class"].items(), ("total", w["total"])]:
     rate = "-" if math.isnan(r["rate"]) else f"{100 * r['rate']:.1f}"
-    lines.append(f"| {c} | {r['wrong']} | {r['images']} | {rate} |")
+    lines.append(markdown.row([c, r["wrong"], r["images"], rate]))
   return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from absl import app, flags
 
-from cras_jax.base import csv_cells, errors, fileio, flag_checks
+from cras_jax.base import csv_cells, errors, fileio, flag_checks, markdown
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs import report_inputs, spread
 from cras_jax.runs.report_curves import (  # noqa: F401 - the tool's names, as before the split
@@ -68,8 +68,7 @@ _NAN = float("nan")
 
 
 def _value(row: Mapping[str, Any] | None, key: str) -> float:
-  v = None if row is None else row.get(key)
-  return _NAN if v is None else float(v)
+  return markdown.fraction(row.get(key) if isinstance(row, Mapping) else None)
 
 
 def _pct(v: float, digits: int) -> str:
@@ -104,7 +103,7 @@ def summary_markdown(
   lines.append("|---|---|" + "---:|" * len(metrics))
   for row in rows:
     lines.append(
-        f"| {row['run']} | {row['protocol']} | "
+        f"| {markdown.cell(row['run'])} | {markdown.cell(row['protocol'])} | "
         + " | ".join(_pct(row[m], digits) for m in metrics)
         + " |"
     )
@@ -143,7 +142,7 @@ def per_class_markdown(
   ]
   if warning:
     lines += [warning, ""]
-  lines.append("| class | " + " | ".join(r["name"] for r in runs) + " |")
+  lines.append(markdown.row(["class", *(r["name"] for r in runs)]))
   lines.append("|---|" + "---:|" * len(runs))
   for c in class_names(runs):
     cells = [
@@ -152,7 +151,7 @@ def per_class_markdown(
         else ""
         for r in runs
     ]
-    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append(f"| {markdown.cell(c)} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -203,7 +202,8 @@ def spread_markdown(
   ]
   for name, n, sp in sps:
     row = sp[MEAN]
-    lines.append(f"| {name} | {n} | " + " | ".join(_cell(row[m], digits) for m in metrics) + " |")
+    cells = " | ".join(_cell(row[m], digits) for m in metrics)
+    lines.append(f"| {markdown.cell(name)} | {n} | {cells} |")
   if len(groups) > 1:
     ref_name, ref = groups[0]
     lines += [
@@ -220,15 +220,15 @@ def spread_markdown(
         c = spread.compare(ref, tables, m)
         star = "*" if c["significant"] else ""
         cells.append(f"{100 * c['diff']:+.{digits}f} (p={c['p']:.2g}){star}")
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines += ["", "| class | " + " | ".join(n for n, _, _ in sps) + " |"]
+      lines.append(f"| {markdown.cell(name)} | " + " | ".join(cells) + " |")
+  lines += ["", markdown.row(["class", *(n for n, _, _ in sps)])]
   lines.append("|---|" + "---:|" * len(sps))
   for c in sps[0][2]:
     cells = [
         "/".join(spread.pct(sp[c][m], digits) for m in class_metrics) if c in sp else ""
         for _, _, sp in sps
     ]
-    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append(f"| {markdown.cell(c)} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

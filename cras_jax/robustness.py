@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, csv_cells, errors, fileio, flag_checks
+from cras_jax.base import markdown as md
 from cras_jax.base import stop as stop_lib
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
@@ -133,7 +134,7 @@ def markdown(result: dict) -> str:
     for c in tables["clean"]:
       cells = [_fmt(100 * tables["clean"][c][m])]
       cells += [f"{_fmt(100 * tables[p][c][m])} ({_fmt(drops[p][c][m])})" for p in perts]
-      lines.append(f"| {c} | " + " | ".join(cells) + " |")
+      lines.append(f"| {md.cell(c)} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

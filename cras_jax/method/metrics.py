@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from cras_jax.base import csv_cells, fileio
+from cras_jax.base import csv_cells, fileio, markdown
 from cras_jax.method.pro import (
     aupro,
     aupro_from_curve,
@@ -179,10 +179,9 @@ def to_markdown(
   for n in names:
     cells = []
     for c in cols:
-      v = table[n].get(c, _NAN)
-      v = _NAN if v is None else float(v)
+      v = markdown.fraction(table[n].get(c))
       cells.append("-" if math.isnan(v) else f"{100.0 * v:.{digits}f}")
-    lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append(f"| {markdown.cell(n)} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

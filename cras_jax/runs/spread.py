@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from cras_jax.base import markdown as md
+
 MEAN = "mean"
 LEVEL = 0.95
 ALPHA = 0.05
@@ -106,7 +108,7 @@ def markdown(sp: Mapping, metrics: Sequence[str], names: Mapping[str, str], n: i
   ]
   for c, row in sp.items():
     cells = " | ".join(f"{pct(row[m])} | {interval(row[m])}" for m in metrics)
-    lines.append(f"| {c} | {cells} |")
+    lines.append(f"| {md.cell(c)} | {cells} |")
   return "\n".join(lines) + "\n"
 
 

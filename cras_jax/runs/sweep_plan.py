@@ -119,7 +119,27 @@ def sweep_runs(module, base_config: dict | None = None) -> dict[str, list[str]]:
   """get_sweep() of a sweep module, given the resolved base config if it takes an argument."""
   get = module.get_sweep
   runs = get(base_config) if inspect.signature(get).parameters else get()
-  return {str(k): [normalise(o) for o in v] for k, v in runs.items()}
+  where = getattr(module, "__file__", "the sweep file")
+  if not isinstance(runs, Mapping):
+    raise errors.UserValueError(
+        f"{where}: get_sweep() returned a {type(runs).__name__}; return a dict of run name -> "
+        f"list of overrides, e.g. {{'full': [], 'wo_hpi': ['model.hpi=False']}}"
+    )
+  out = {}
+  for name, overrides in runs.items():
+    if isinstance(overrides, (str, bytes)) or not isinstance(overrides, Sequence):
+      example = [overrides] if isinstance(overrides, str) else ["model.hpi=False"]
+      raise errors.UserValueError(
+          f"{where}: run {name!r}: its overrides are a {type(overrides).__name__}; give a list "
+          f"of overrides, e.g. {example!r}"
+      )
+    bad = [o for o in overrides if not isinstance(o, str)]
+    if bad:
+      raise errors.UserValueError(
+          f"{where}: run {name!r}: override {bad[0]!r} is not text; write it as 'field=value'"
+      )
+    out[str(name)] = [normalise(o) for o in overrides]
+  return out
 
 
 def find_config(path: str) -> str:

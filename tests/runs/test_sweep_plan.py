@@ -1,6 +1,11 @@
 """`--seeds`: a multi-class run becomes one population, other runs separate seeded runs grouped
 for the report."""
 
+import re
+
+import pytest
+
+from cras_jax.base import errors
 from cras_jax.runs import sweep_plan
 
 
@@ -22,3 +27,21 @@ def test_with_seeds_makes_populations_where_allowed():
       assert groups[sub] == name
   assert groups["full"] == "full"
   assert sweep_plan.with_seeds(runs, 1, "configs/demo.py", []) == (runs, {})
+
+
+@pytest.mark.parametrize(
+    "returned,said",
+    [
+        ("['model.hpi=False']", "get_sweep() returned a list; return a dict of run name"),
+        ("{'wo_hpi': 'model.hpi=False'}", "run 'wo_hpi': its overrides are a str; give a list"),
+        ("{'wo_hpi': 3}", "run 'wo_hpi': its overrides are a int; give a list"),
+        ("{'wo_hpi': ['model.hpi=False', 3]}", "run 'wo_hpi': override 3 is not text"),
+    ],
+)
+def test_a_sweep_file_of_the_wrong_shape_names_the_run_and_the_fix(tmp_path, returned, said):
+  path = tmp_path / "my_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {returned}\n")
+  module = sweep_plan.load_sweep_module(str(path))
+  with pytest.raises(errors.UserValueError, match=re.escape(said)) as e:
+    sweep_plan.sweep_runs(module)
+  assert str(path) in str(e.value)
