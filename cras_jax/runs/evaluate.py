@@ -92,6 +92,7 @@ def evaluate(
         dataset.class_names,
         results_dir or workdir,
         res if per_image is scorer else None,
+        run_id=(run_info or {}).get("run_id"),
     )
   return table
 

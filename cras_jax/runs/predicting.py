@@ -50,7 +50,11 @@ def calibrate_run(run: trained.Run, workdir: str) -> dict:
   (for runs trained before thresholds existed)."""
   dataset = trained.load_run_dataset(run, workdir)
   return scoring.write_thresholds(
-      scoring.Scorer.for_run(run, per_image=True), dataset.test, run.class_names, workdir
+      scoring.Scorer.for_run(run, per_image=True),
+      dataset.test,
+      run.class_names,
+      workdir,
+      run_id=run.meta.get("run_id"),
   )
 
 

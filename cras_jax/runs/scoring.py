@@ -135,19 +135,28 @@ class Scorer:
 
 
 def write_thresholds(
-    scorer: Scorer, source, class_names: Sequence[str], workdir: str, res: dict | None = None
+    scorer: Scorer,
+    source,
+    class_names: Sequence[str],
+    workdir: str,
+    res: dict | None = None,
+    run_id: str | None = None,
 ) -> dict:
   """Fits the per-class normalisation and the image and pixel thresholds on a split (the
   test split: `thresholds.fit` uses its calibration half) and writes <workdir>/thresholds.json.
 
   scorer: a per-image scorer (`Scorer.per_image`); res: its `predict_dataset` of `source`
-  when already computed, else the split is scored here. Every process takes part; process 0
-  writes."""
+  when already computed, else the split is scored here; run_id: the run whose checkpoint
+  `scorer` holds, recorded in the file (the scoring commands accept only their run's
+  thresholds). Every process takes part; process 0 writes."""
   if res is None:
     res = scorer.predict_dataset(source)
   d = thresholds.fit(res, class_names)
   d.update(
-      step=scorer.model_step, score_mode=scorer.spec.config.model.score_mode, matching="per_image"
+      step=scorer.model_step,
+      score_mode=scorer.spec.config.model.score_mode,
+      matching="per_image",
+      run_id=run_id,
   )
   if jax.process_index() == 0:
     thresholds.save(d, thresholds.path(workdir))
@@ -160,7 +169,9 @@ def load_thresholds(
 ) -> thresholds.Thresholds:
   """The thresholds a scoring command applies: <workdir>/thresholds.json (identity
   normalisation and no thresholds when the run has none), with the given overrides."""
-  thr = thresholds.load(workdir, run.class_names) or thresholds.Thresholds.identity(run.class_names)
+  run_id = run.meta.get("run_id") if getattr(run, "meta", None) else None
+  thr = thresholds.load(workdir, run.class_names, run_id)
+  thr = thr or thresholds.Thresholds.identity(run.class_names)
   state = getattr(run, "state", None)
   if thr.step is not None and state is not None and thr.step != int(state.step):
     print(

@@ -380,14 +380,22 @@ def problems(d: dict, class_names: Sequence[str]) -> list[str]:
   return out
 
 
-def load(workdir: str, class_names: Sequence[str]) -> Thresholds | None:
+def load(workdir: str, class_names: Sequence[str], run_id: str | None = None) -> Thresholds | None:
   """The workdir's thresholds, validated (`problems`: a `UserValueError` naming every bad
-  field), or None when it has none (older runs: `--calibrate`)."""
+  field), or None when it has none (older runs: `--calibrate`). run_id: the run they are for;
+  a file fitted on another run (a copied or stale thresholds.json), or one that does not say
+  which run it was fitted on, is refused."""
   file = path(workdir)
   if not os.path.exists(file):
     return None
   d = load_dict(file)
   bad = problems(d, class_names)
+  if not bad and run_id is not None and d.get("run_id") != run_id:
+    bad = [
+        f"run_id={d.get('run_id')!r}: fitted on another run than this one (run id {run_id})"
+        if d.get("run_id")
+        else f"it does not name the run it was fitted on (this run's id is {run_id})"
+    ]
   if bad:
     raise errors.UserValueError(
         f"{file} cannot be used:\n  "

@@ -87,3 +87,33 @@ def test_predict_with_malformed_thresholds_exits_2_with_one_line(tiny_run, tmp_p
   assert "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith(f"error: {work / 'thresholds.json'}")
   assert not (work / "predictions" / "results.csv").exists()
+
+
+@pytest.mark.parametrize("stored", ["another-run", None])
+def test_thresholds_of_another_run_or_of_no_named_run_are_refused(tmp_path, stored):
+  _write(tmp_path, {**_valid(), "run_id": stored})
+  with pytest.raises(errors.UserValueError, match=r"(?s)thresholds\.json.*(this run's id|this one)"):
+    thresholds.load(str(tmp_path), CLASSES, run_id="this-run")
+  _write(tmp_path, {**_valid(), "run_id": "this-run"})
+  assert thresholds.load(str(tmp_path), CLASSES, run_id="this-run").image_threshold == 1.2
+
+
+def test_a_trained_runs_thresholds_name_its_run_and_another_runs_are_refused(tiny_run, tmp_path):
+  from cras_jax import export
+  from cras_jax.runs import scoring
+  from tests import predict_helpers
+  from tests.conftest import run_command
+
+  run = predict_helpers.loaded_run(str(tiny_run["workdir"]))
+  fitted = thresholds.load_dict(thresholds.path(str(tiny_run["workdir"])))
+  assert fitted["run_id"] == run.meta["run_id"] and fitted["run_id"]
+  # the run copied, with the thresholds file of another run (same classes, another run id)
+  work = tmp_path / "run"
+  shutil.copytree(tiny_run["workdir"] / "checkpoints", work / "checkpoints")
+  _write(work, {**fitted, "run_id": "0" * len(fitted["run_id"])})
+  with pytest.raises(errors.UserValueError, match="fitted on another run"):
+    scoring.load_thresholds(run, str(work))
+  # export refuses them too: they are never signed into an exported file
+  with pytest.raises(errors.UserValueError, match="fitted on another run"):
+    run_command(export, f"--workdir={work}", f"--output={tmp_path / 'm.npz'}")
+  assert not (tmp_path / "m.npz").exists()
