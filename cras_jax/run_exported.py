@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -74,8 +75,23 @@ def verify(path, meta, exported, weights):
 
 def load(path):
   """-> dict(meta, weights: list of device arrays, fn: the jitted exported function).
-  Weights with NaN or inf (which would make every image "normal") and a file whose contents
-  do not match its checksum (`verify`) are refused before the function is deserialised."""
+  Weights with NaN or inf (which would make every image "normal"), a file whose contents
+  do not match its checksum (`verify`) and one that is not a complete export (truncated, not
+  a zip, a member missing) are refused before the function is deserialised."""
+  try:
+    return _load(path)
+  except (zipfile.BadZipFile, EOFError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ExportError(
+        f"{path}: not a complete file written by python -m cras_jax.export (truncated or "
+        f"damaged: {type(e).__name__}: {e}): export the run again"
+    ) from e
+  except ValueError as e:
+    if isinstance(e, ExportError):
+      raise
+    raise ExportError(f"{path}: cannot be read as an export ({e}): export the run again") from e
+
+
+def _load(path):
   with np.load(path, allow_pickle=False) as f:
     meta = json.loads(f["meta"].tobytes().decode("utf-8"))
     if not isinstance(meta, dict) or not isinstance(meta.get("num_weights"), int):

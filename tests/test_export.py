@@ -169,3 +169,27 @@ def test_a_non_finite_threshold_given_to_the_scorer_is_refused(exported):
   model = run_exported.load(str(exported["dir"] / "model.npz"))
   with pytest.raises(ValueError, match="must be a finite number"):
     run_exported.score(model, exported["images"][:1], image_threshold=float("nan"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_zip", "member_missing"])
+def test_a_damaged_export_file_is_one_message_not_a_traceback(exported, damage, tmp_path, capsys):
+  from cras_jax import run_exported
+
+  good = (exported["dir"] / "model.npz").read_bytes()
+  path = tmp_path / f"{damage}.npz"
+  if damage == "truncated":
+    path.write_bytes(good[: len(good) // 2])
+  elif damage == "empty":
+    path.write_bytes(b"")
+  elif damage == "not_a_zip":
+    path.write_bytes(b"garbage " * 64)
+  else:
+    with np.load(exported["dir"] / "model.npz") as f:
+      np.savez(path, **{k: f[k] for k in f.files if k != "exported"})
+  with pytest.raises(run_exported.ExportError, match="export the run again"):
+    run_exported.load(str(path))
+  with pytest.raises(SystemExit) as e:
+    run_exported.main([str(path), str(exported["dir"] / "crops.npy"), "--quiet"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and str(path) in err and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1
