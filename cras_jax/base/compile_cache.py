@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from cras_jax.base import user_cache
+from cras_jax.base import errors, user_cache
 
 ENV = "CRAS_JAX_COMPILATION_CACHE"
 OFF = ("off", "none", "false", "0", "no")
@@ -54,7 +54,16 @@ def setup(config=None) -> str | None:
   if path is None:
     jax.config.update("jax_enable_compilation_cache", False)
   else:
-    os.makedirs(path, exist_ok=True)
+    try:
+      if os.path.isfile(path):
+        raise NotADirectoryError(0, "it is a file")
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file, a symlink loop, no permission: the user's setting
+      raise errors.UserValueError(
+          f"the compilation cache folder {path!r} cannot be made ({e.strerror or e}); it comes "
+          f"from cache.compilation, else ${ENV}, $JAX_COMPILATION_CACHE_DIR or "
+          f"<cache.dir>/xla: point that at a folder, or set --config.cache.compilation=off"
+      ) from None
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update(

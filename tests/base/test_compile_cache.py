@@ -1,12 +1,14 @@
 """base/compile_cache.py: where the persistent compilation cache goes, and that `setup`
 points JAX at it (in a child process: the test process keeps its own cache settings)."""
 
+import os
 import subprocess
 import sys
 
 import ml_collections
+import pytest
 
-from cras_jax.base import compile_cache
+from cras_jax.base import compile_cache, errors
 from tests.conftest import ROOT
 
 
@@ -48,3 +50,19 @@ def test_setup_points_jax_at_the_cache_and_off_turns_it_off(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "xla").is_dir() and not (tmp_path / ".cache").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "symlink_loop"])
+def test_a_cache_path_that_cannot_be_a_folder_is_one_user_error(tmp_path, kind):
+  """The setting is checked before JAX is pointed at it (no NotADirectoryError traceback)."""
+  (tmp_path / "afile").write_text("x")
+  os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+  os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+  path = {
+      "file": tmp_path / "afile",
+      "under_a_file": tmp_path / "afile" / "xla",
+      "symlink_loop": tmp_path / "loop_a" / "xla",
+  }[kind]
+  with pytest.raises(errors.UserValueError, match="compilation cache folder .* cannot be made"):
+    compile_cache.setup(_config(compilation=str(path)))
+  assert (tmp_path / "afile").read_text() == "x"
