@@ -149,7 +149,35 @@ def test_feature_cache_temporaries_and_truncation(tmp_path, capsys):
   os.truncate(file, os.path.getsize(file) - 4)
   assert feature_cache.load(file, (4, 3, 2)) is None
   assert not os.path.exists(file)
-  assert f"{file} is damaged" in capsys.readouterr().out
+  assert f"{file} cannot be reused (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", ["in_place_same_size", "record_lost", "record_garbage"])
+def test_a_feature_cache_changed_since_it_was_written_is_recomputed(tmp_path, capsys, change):
+  """Overwritten in place at the same size (header and length still right), or without its
+  record of contents: never reused."""
+  file = str(tmp_path / "train_0123abcd.npy")
+  w = feature_cache.Writer(file, (4, 3, 2), "float16", data_dir=str(tmp_path))
+  w.array[:] = 1
+  w.commit()
+  assert feature_cache.load(file, (4, 3, 2)) is not None  # as written: reused
+  record = file[: -len(".npy")] + ".json"
+  if change == "in_place_same_size":
+    arr = np.load(file, mmap_mode="r+")
+    arr[0, 0, 0] = 2
+    arr.flush()
+    del arr
+  elif change == "record_lost":
+    os.remove(record)
+  else:
+    with open(record, "w") as f:
+      f.write("[1, 2")
+  size = os.path.getsize(file)
+  assert feature_cache.load(file, (4, 3, 2)) is None
+  assert not os.path.exists(file)
+  out = capsys.readouterr().out
+  assert f"{file} cannot be reused (" in out and "recomputing it" in out
+  assert size == 4 * 3 * 2 * 2 + 128  # the header and length alone could not tell
 
 
 # ----------------------------------------------------------------------------- damaged weights

@@ -4,7 +4,10 @@ The backbone is frozen and training has no augmentation, so t of every training
 image is the same in every epoch and every later run with the same data,
 backbone, weights and preprocessing. It is stored once as a memory-mapped .npy
 (float16 by default) under a key hashing all of those, written to a temporary
-name and renamed when complete, so an interrupted write is never reused.
+name and renamed when complete, so an interrupted write is never reused. Beside it,
+train_<key>.json records the SHA-256 of its bytes (and the prepared data it came from): a
+file whose bytes changed since (overwritten in place, even at the same size) or that has no
+record is recomputed, never reused.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.base import registry
-from cras_jax.base import fs, leases
+from cras_jax.base import fileio, fs, leases
 
 FORMAT_VERSION = 1
 _CACHE = re.compile(r"train_[0-9a-f]+\.npy")
@@ -136,6 +139,28 @@ def _source_file(file: str) -> str:
   return file[: -len(".npy")] + ".json"
 
 
+def sha256_of(file: str, chunk: int = 16 * 2**20) -> str:
+  h = hashlib.sha256()
+  with open(file, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _changed(file: str) -> str | None:
+  """Why the committed file's bytes are not the ones its record names, or None."""
+  try:
+    with open(_source_file(file)) as f:
+      recorded = json.load(f).get("sha256")
+  except (OSError, ValueError, AttributeError):
+    recorded = None
+  if not isinstance(recorded, str):
+    return "it has no record of its contents (written by an older version, or the record is lost)"
+  if sha256_of(file) != recorded:
+    return "its bytes differ from those recorded when it was written (changed in place)"
+  return None
+
+
 def prune_unused(folder: str) -> list[str]:
   """Deletes the committed cache files whose prepared data no longer exists (it was pruned
   for newer contents, so the file can never be reused) and that no live process reads
@@ -181,9 +206,9 @@ def load(file: str, shape: tuple) -> np.ndarray | None:
     leases.hold(file)
   if not os.path.exists(file):
     return None
-  why = _damage(file, shape)
+  why = _damage(file, shape) or _changed(file)
   if why is not None:
-    print(f"feature cache: {file} is damaged ({why}); recomputing it", flush=True)
+    print(f"feature cache: {file} cannot be reused ({why}); recomputing it", flush=True)
     os.remove(file)
     return None
   arr = np.load(file, mmap_mode="r")
@@ -223,9 +248,10 @@ class Writer:
   def commit(self) -> np.ndarray:
     self.array.flush()
     del self.array
+    record = {"sha256": sha256_of(self.tmp)}  # what `load` checks before reusing the file
     if self.data_dir is not None:  # what the file was computed from (`prune_unused`)
-      with open(_source_file(self.file), "w") as f:
-        json.dump({"data_dir": os.path.abspath(self.data_dir)}, f)
+      record["data_dir"] = os.path.abspath(self.data_dir)
+    fileio.atomic_write_json(_source_file(self.file), record)
     os.replace(self.tmp, self.file)
     return np.load(self.file, mmap_mode="r")
 
