@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from cras_jax.base import compile_cache, flag_checks
 from cras_jax.base import errors as errors_lib
 from cras_jax.base import stop as stop_lib
-from cras_jax.runs import predicting, scoring, trained
+from cras_jax.runs import config_bounds, predicting, scoring, trained
 from cras_jax.runs.predict_inputs import find_images
 
 # ----------------------------------------------------------------------------- command line
@@ -116,6 +116,11 @@ def _main(argv, flag_values: flags.FlagValues) -> int:
     )
     return 1
   run = trained.load_run(fv.workdir, member=fv.member)
+  why = config_bounds.scoring_memory_problem(
+      run.config, len(run.class_names), fv.batch_size or None, what="--batch_size"
+  )
+  if why:
+    raise errors_lib.UserValueError(why)
   home = trained.run_home(run, fv.workdir)  # thresholds.json: the workdir, or a member's results
   if fv.calibrate:
     predicting.calibrate_run(run, home)

@@ -181,3 +181,25 @@ def test_torch_reader_bounds_and_build(tmp_path):
   torch.save(sd, tmp_path / "linear.pth")
   got = torch_pickle.load_torch_state_dict(tmp_path / "linear.pth")
   np.testing.assert_array_equal(got["weight"], sd["weight"].numpy())
+
+
+def _png_header(path, width, height):
+  """A PNG that declares width x height and holds no pixels (its header is all `open` reads)."""
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_the_configured_pixel_limit_applies_above_pillows_own(tmp_path):
+  """200 M pixels: over Pillow's decompression-bomb guard (2 x 89.5 M), under a configured
+  limit of 300 M: the configured limit is the one that applies, both ways."""
+  path = tmp_path / "huge.png"
+  _png_header(path, 20_000, 10_000)
+  im = preprocess.open_checked(path, preprocess.Limits(max_pixels=300_000_000))
+  assert im.size == (20_000, 10_000)
+  im.close()
+  with pytest.raises(preprocess.ImageReadError, match="exceeds data.max_image_pixels=150000000"):
+    preprocess.open_checked(path, preprocess.Limits(max_pixels=150_000_000))

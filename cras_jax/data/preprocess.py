@@ -94,6 +94,11 @@ def open_checked(path: PathLike, limits: Limits | None) -> Image.Image:
   """Image.open (header only), the declared size checked against `limits` (default
   `Limits()`); errors name the file."""
   limits = Limits() if limits is None else limits
+  # Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS in `open` (its decompression-bomb
+  # guard) before `limits` could be applied: raised to `limits.max_pixels`, the limit that
+  # applies is the configured one, and raising data.max_image_pixels works as the messages say.
+  if limits.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
   try:
     im = Image.open(path)
   except FileNotFoundError as e:

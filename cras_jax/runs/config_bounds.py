@@ -110,6 +110,22 @@ def step_memory_bytes(config, num_classes: int) -> int:
   return 4 * (3 * params + head + matching + backbone)
 
 
+def score_memory_bytes(config, num_classes: int, batch_size: int | None = None) -> int:
+  """A lower estimate of the memory a scoring step needs (bytes, float32): the heads'
+  parameters, the batch's patch features through the adapter and the discriminator (no
+  backward pass), the similarity to every class centre, the backbone's first feature maps and
+  the anomaly maps at the crop's size. batch_size: default `eval.batch_size`."""
+  d, m = config.data, config.model
+  b = batch_size or config.eval.batch_size
+  dim, pre = m.embed_dim, m.pre_embed_dim
+  hw = math.ceil(d.crop / 2 ** (min(m.levels) + 1)) ** 2
+  params = pre * dim * m.adapter_layers + dim * dim * (2 + max(m.disc_layers - 1, 0))
+  head = b * hw * max(dim, pre) * 2
+  matching = b * hw * num_classes * hw
+  images = b * d.crop * d.crop * (64 + 2)  # the first stage's 64 channels; map and smoothing
+  return 4 * (params + head + matching + images)
+
+
 def available_memory() -> tuple[int | None, str]:
   """(bytes, where) of the memory the step can use: the first device's limit, or the host's
   available memory on CPU."""
@@ -134,16 +150,40 @@ def available_memory() -> tuple[int | None, str]:
 
 
 def memory_problem(config, num_classes: int, available: tuple[int | None, str] | None = None):
-  """Why a training step of `config` cannot fit (the estimate, the memory, the fix), or None.
-  `num_classes`: the classes of the data (the configured ones, else an assumed 15)."""
-  need = step_memory_bytes(config, num_classes)
+  """Why a training or a scoring step of `config` cannot fit (the estimate, the memory, the
+  fix), or None. `num_classes`: the classes of the data (the configured ones, else an assumed
+  15)."""
   have, where = available if available is not None else available_memory()
-  if have is None or need <= have:
+  if have is None:
     return None
   gib = 2**30
+  need = step_memory_bytes(config, num_classes)
+  if need > have:
+    return (
+        f"a training step needs at least {need / gib:.1f} GiB (batch {config.train.batch_size}, "
+        f"crop {config.data.crop}, embed_dim {config.model.embed_dim}, {num_classes} classes) "
+        f"but {where} is {have / gib:.1f} GiB: lower train.batch_size, data.crop or "
+        f"model.embed_dim"
+    )
+  return scoring_memory_problem(config, num_classes, None, (have, where))
+
+
+def scoring_memory_problem(
+    config,
+    num_classes: int,
+    batch_size: int | None = None,
+    available: tuple[int | None, str] | None = None,
+    what: str = "eval.batch_size",
+):
+  """Why a scoring step of `config` at `batch_size` (default `eval.batch_size`; `what` names
+  the setting in the message, e.g. predict's --batch_size) cannot fit, or None."""
+  have, where = available if available is not None else available_memory()
+  need = score_memory_bytes(config, num_classes, batch_size)
+  if have is None or need <= have:
+    return None
+  b = batch_size or config.eval.batch_size
   return (
-      f"a training step needs at least {need / gib:.1f} GiB (batch {config.train.batch_size}, "
-      f"crop {config.data.crop}, embed_dim {config.model.embed_dim}, {num_classes} classes) "
-      f"but {where} is {have / gib:.1f} GiB: lower train.batch_size, data.crop or "
-      f"model.embed_dim"
+      f"{what}={b}: a scoring step needs at least {need / 2**30:.1f} GiB (crop "
+      f"{config.data.crop}, {num_classes} classes) but {where} is {have / 2**30:.1f} GiB: "
+      f"lower {what}"
   )

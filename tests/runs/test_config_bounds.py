@@ -59,3 +59,23 @@ def test_check_refuses_a_step_larger_than_the_machine(monkeypatch):
   monkeypatch.setattr(config_bounds, "available_memory", lambda: (2**20, "test memory"))
   with pytest.raises(config_check.ConfigError, match="test memory is 0.0 GiB"):
     config_check.check(cfg)
+
+
+def test_scoring_memory_estimate_refuses_an_eval_batch_the_machine_cannot_hold(monkeypatch):
+  cfg = demo.get_config()
+  need = config_bounds.score_memory_bytes(cfg, 4)
+  have = (max(need, config_bounds.step_memory_bytes(cfg, 4)) + 1, "test memory")
+  assert config_bounds.memory_problem(cfg, 4, have) is None
+  cfg.eval.batch_size = 65536
+  why = config_bounds.memory_problem(cfg, 4, have)
+  assert why.startswith("eval.batch_size=65536: a scoring step needs at least")
+  assert "lower eval.batch_size" in why
+  # predict's --batch_size goes through the same estimate, named as the flag
+  cfg.eval.batch_size = 8
+  why = config_bounds.scoring_memory_problem(cfg, 4, 65536, have, what="--batch_size")
+  assert why.startswith("--batch_size=65536:") and "lower --batch_size" in why
+  # on this machine too, before anything is prepared
+  monkeypatch.setattr(config_bounds, "available_memory", lambda: (8 * 2**30, "test memory"))
+  cfg.eval.batch_size = 65536
+  with pytest.raises(config_check.ConfigError, match="eval.batch_size=65536"):
+    config_check.check(cfg)
