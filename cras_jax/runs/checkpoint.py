@@ -58,18 +58,37 @@ def save(mngr: ocp.CheckpointManager, step: int, state_tree: Any, meta: dict) ->
   mngr.wait_until_finished()
 
 
+# A reader beside a training that saves and prunes (`train.keep_checkpoints`) can choose a
+# step that is deleted while it reads it: it then lists the steps again and takes the newest,
+# up to this many times (a pruned step is not a damaged one).
+PRUNED_RETRIES = 50
+
+
+def _gone(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """Whether `step` was removed from disk (pruned by a training) since it was listed."""
+  return not os.path.isdir(os.path.join(str(mngr.directory), str(step)))
+
+
 def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
   """The meta item of `step`, or (step None) of the newest checkpoint whose meta is readable
-  (a step with a missing or damaged meta item is passed over, as `restore_good` does)."""
+  (a step with a missing or damaged meta item is passed over, as `restore_good` does; one
+  pruned while it was read: the steps are listed again)."""
   if step is not None:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  for s in sorted(mngr.all_steps(), reverse=True):
-    try:
-      meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception:  # noqa: BLE001 - a damaged step: the previous one
-      continue
-    if isinstance(meta, dict) and "config" in meta and "class_names" in meta:
-      return meta
+  for _ in range(PRUNED_RETRIES):
+    pruned = False
+    for s in sorted(mngr.all_steps(), reverse=True):
+      try:
+        meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # noqa: BLE001 - a damaged step: the previous one
+        pruned = pruned or _gone(mngr, s)
+        continue
+      if isinstance(meta, dict) and "config" in meta and "class_names" in meta:
+        return meta
+    if not pruned:
+      return None
+    time.sleep(0.1)
+    mngr.reload()
   return None
 
 
@@ -103,8 +122,22 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: b
   (step, reason) for every newer checkpoint that could not be read. `quarantine` (training
   only, the workdir locked): those are moved to corrupted_checkpoints/; readers move nothing.
   """
+  for _ in range(PRUNED_RETRIES):
+    mngr.reload()  # the steps on disk now (another process may have saved, or pruned)
+    found = _restore_newest(mngr, abstract_state, quarantine)
+    if found is not None:
+      return found
+    time.sleep(0.1)  # every step we listed was pruned while we read it: list them again
+  raise errors.UserValueError(
+      f"{mngr.directory}: every checkpoint was removed while it was read, {PRUNED_RETRIES} "
+      f"times (a training saving and pruning very fast?); try again"
+  )
+
+
+def _restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: bool):
+  """`restore_good`'s pass over the steps listed now: the result, the error, or None when a
+  step was pruned while it was read (list again: a newer one was saved)."""
   skipped = []
-  mngr.reload()  # the steps on disk now (another process may have saved)
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       tree, meta = restore(mngr, abstract_state, step)
@@ -123,6 +156,8 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: b
         mngr.reload()
       return tree, meta, step, skipped
     except Exception as e:  # a truncated/corrupted step: try the previous one
+      if _gone(mngr, step):
+        return None  # deleted by a training while we read it: not damaged
       skipped.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
   steps = ", ".join(f"{s} ({r})" for s, r in skipped)
   raise errors.UserValueError(

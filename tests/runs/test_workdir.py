@@ -177,3 +177,61 @@ def test_adding_a_class_says_the_class_list_changed_in_one_message(tiny_run, tmp
   assert sorted(os.listdir(work / "checkpoints")) == sorted(
       os.listdir(tiny_run["workdir"] / "checkpoints")
   )  # every checkpoint kept as it was
+
+
+def _prune_on_first_read(monkeypatch, ckpt, what):
+  """As a training with keep_checkpoints=1 would: while a reader reads its chosen step, step
+  12 is saved (a copy of the newest) and every other step is deleted."""
+  real, calls = getattr(checkpoint, what), []
+
+  def wrapped(mngr, *args, **kwargs):
+    if not calls:
+      newest = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
+      shutil.copytree(ckpt / str(newest), ckpt / "12")
+      for s in os.listdir(ckpt):
+        if s.isdigit() and s != "12":
+          shutil.rmtree(ckpt / s)
+    calls.append(args)
+    return real(mngr, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, what, wrapped)
+  return calls
+
+
+def test_a_reader_whose_checkpoint_is_pruned_under_it_reads_the_newest(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+  work = tmp_path / "run"
+  shutil.copytree(tiny_run["workdir"] / "checkpoints", work / "checkpoints")
+  ckpt = work / "checkpoints"
+  steps_before = sorted(int(s) for s in os.listdir(ckpt) if s.isdigit())
+  assert len(steps_before) > 1
+  calls = _prune_on_first_read(monkeypatch, ckpt, "restore")
+  run = trained.load_run(str(work))
+  assert int(run.state.step) == steps_before[-1]  # step 12 holds the newest state
+  assert sorted(os.listdir(ckpt)) == ["12"]
+  assert len(calls) >= 2  # the pruned step, then step 12 after listing again
+  assert "unreadable" not in capsys.readouterr().out  # a pruned step is not a damaged one
+  assert not (work / "corrupted_checkpoints").exists()
+
+
+def test_meta_of_a_checkpoint_pruned_under_the_reader_comes_from_the_newest(
+    tiny_run, tmp_path, monkeypatch
+):
+  work = tmp_path / "run"
+  shutil.copytree(tiny_run["workdir"] / "checkpoints", work / "checkpoints")
+  mngr = checkpoint.manager(str(work), read_only=True)
+  real_restore = mngr.restore
+  state = {"first": True}
+
+  def restore(step, *a, **k):
+    if state.pop("first", False):  # the step chosen is pruned as it is read
+      shutil.copytree(work / "checkpoints" / str(step), work / "checkpoints" / "12")
+      for s in os.listdir(work / "checkpoints"):
+        if s.isdigit() and s != "12":
+          shutil.rmtree(work / "checkpoints" / s)
+    return real_restore(step, *a, **k)
+
+  monkeypatch.setattr(mngr, "restore", restore)
+  meta = checkpoint.restore_meta(mngr)
+  assert meta is not None and meta["class_names"] == ["chip", "fabric", "gear", "granite"]
