@@ -250,3 +250,33 @@ def test_a_class_without_defects_gives_null_and_a_labelled_mean(tmp_path):
   # read back (best_epoch selection, single-class gathering): null counts as undefined
   again = metrics_lib.summarise({k: v for k, v in doc["metrics"].items() if k != "mean"})
   assert math.isnan(again["b"]["i_auroc"]) and again["mean"]["i_auroc"] == 1.0
+
+
+def test_rows_of_a_killed_predict_are_kept_and_a_running_one_is_not_disturbed(tmp_path, capsys):
+  """kill -9 leaves results.csv.partial with the rows scored so far: the next predict into the
+  folder keeps them beside it and says so; while a predict holds the folder, another is
+  refused (it would truncate the first's rows)."""
+  from cras_jax.runs import writers
+
+  partial = tmp_path / writers.PARTIAL_CSV
+  header = ",".join(writers.CSV_FIELDS)
+  partial.write_text(f"{header}\na.png,/x/a.png,1.0\nb.png,/x/b.png,2.0\n")
+  first = writers.PredictionWriter(str(tmp_path), (0.0, 1.0), masks=False, overlays=False)
+  err = capsys.readouterr().err
+  (kept,) = tmp_path.glob("results.interrupted-*.csv")
+  assert f"the 2 row(s) it had scored are kept in {kept}" in err
+  assert kept.read_text().splitlines()[1:] == ["a.png,/x/a.png,1.0", "b.png,/x/b.png,2.0"]
+  with pytest.raises(errors.UserValueError, match="another predict is writing into"):
+    writers.PredictionWriter(str(tmp_path), (0.0, 1.0), masks=False, overlays=False)
+  first.row({"name": "c.png", "score": 3.0})
+  first.close()
+  rows = partial.read_text().splitlines()
+  assert rows[0] == header and rows[1].startswith("c.png,") and len(rows) == 2
+  # closed without finishing (a stopped predict): its row is kept by the next one too
+  second = writers.PredictionWriter(str(tmp_path), (0.0, 1.0), masks=False, overlays=False)
+  assert len(list(tmp_path.glob("results.interrupted-*.csv"))) == 2
+  # one that finishes leaves no partial rows: the next one keeps nothing
+  second.close()
+  second.finish([], {}, [])
+  writers.PredictionWriter(str(tmp_path), (0.0, 1.0), masks=False, overlays=False).close()
+  assert len(list(tmp_path.glob("results.interrupted-*.csv"))) == 2

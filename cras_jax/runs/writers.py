@@ -5,22 +5,28 @@ classes) and a .npy file of the preprocessed crops.
 
 Rows are appended to results.csv.partial (flushed per row) while scoring; results.csv and
 results.json are written at the end and renamed into place, so a run that fails late keeps its
-rows. PNGs are written by two threads beside the scoring.
+rows. A partial file left by a predict that was stopped or killed (kill -9 runs no handler)
+is kept as results.interrupted-<time>.csv by the next predict into the folder, which says so;
+one that a running predict holds (its lock) means that predict writes into the same folder:
+refused. PNGs are written by two threads beside the scoring.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import json
 import math
 import os
+import shutil
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-from cras_jax.base import csv_cells, fs, jsonio, fileio
+from cras_jax.base import csv_cells, errors, fileio, fs, jsonio
 from cras_jax.runs import render
 from cras_jax.runs import thresholds as thr_lib
 
@@ -56,6 +62,37 @@ def write_overlay(path: str, image, zmap, mask, lo: float, hi: float) -> None:
   write_png(path, render.overlay(image, zmap, lo, hi, OVERLAY_ALPHA, mask))
 
 
+def claim_partial(path: str):
+  """The partial-rows file, opened for writing and locked for this process's life. Rows left
+  in it by a predict that did not finish are first kept beside it (and reported); a lock
+  held by a live predict is a `UserValueError` (two predicts into one folder)."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated before the lock is ours
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise errors.UserValueError(
+        f"another predict is writing into {os.path.dirname(path)} now ({PARTIAL_CSV} is "
+        f"locked): wait for it to finish, or give this one another --output_dir"
+    ) from None
+  with open(path, newline="") as f:
+    rows = max(sum(1 for _ in f) - 1, 0)  # the header is not a row
+  if rows:
+    stem = os.path.join(os.path.dirname(path), f"results.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+    kept, n = f"{stem}.csv", 1
+    while os.path.exists(kept):  # never over an earlier one
+      kept, n = f"{stem}-{n}.csv", n + 1
+    shutil.copyfile(path, kept)
+    print(
+        f"note: an earlier predict into this folder did not finish (stopped or killed); the "
+        f"{rows} row(s) it had scored are kept in {kept}",
+        file=sys.stderr,
+        flush=True,
+    )
+  os.ftruncate(fd, 0)
+  return os.fdopen(fd, "w", newline="")
+
+
 class PredictionWriter:
   """Writes one prediction's files into `output_dir` as its records arrive (`add`), and the
   results at the end (`finish`). colour_range: the overlays' [lo, hi]."""
@@ -83,7 +120,7 @@ class PredictionWriter:
     # exist (in order), so a stopped run lists only files that exist.
     self._waiting: list[tuple[dict, list]] = []
     self.partial_path = os.path.join(output_dir, PARTIAL_CSV)
-    self._partial = open(self.partial_path, "w", newline="")
+    self._partial = claim_partial(self.partial_path)
     self._partial_csv = csv_cells.writer(self._partial)
     self._partial_csv.writerow(CSV_FIELDS)
 
