@@ -109,15 +109,27 @@ def load_variables(
     # with a JSON sidecar <path>.json naming the arch it was converted for.
     sidecar = path + ".json"
     if os.path.exists(sidecar):
-      with open(sidecar) as f:
-        arch = json.load(f).get("arch")
+      try:
+        with open(sidecar) as f:
+          arch = json.load(f).get("arch")
+      except (OSError, ValueError, AttributeError) as e:
+        raise errors.UserValueError(
+            f"{sidecar}: unreadable ({type(e).__name__}: {e}); re-create the weights with "
+            f"{convert_command(name)}"
+        ) from None
       if arch is not None and arch != name:
-        raise ValueError(
+        raise errors.UserValueError(
             f"config.model.weights={weights!r} holds {arch!r} weights "
             f"(per {os.path.basename(sidecar)}) but config.model.backbone={name!r}"
         )
-    with open(path, "rb") as f:
-      variables = flax.serialization.msgpack_restore(f.read())
+    try:
+      with open(path, "rb") as f:
+        variables = flax.serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001 - garbage or truncated: msgpack raises many kinds
+      raise errors.UserValueError(
+          f"config.model.weights={weights!r}: not a Flax weights file ({type(e).__name__}: "
+          f"{str(e)[:200]}; garbage or truncated?). Re-create it with: {convert_command(name)}"
+      ) from None
     # the file must hold exactly the module's variables (incl. the classifier), same shapes
     x = jnp.zeros((1, 32, 32, 3), jnp.float32)
     want = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, with_logits=True))
@@ -145,7 +157,7 @@ def load_variables(
         if v
     ]
     if problems:
-      raise ValueError(
+      raise errors.UserValueError(
           f"config.model.weights={weights!r} does not match backbone {name!r}: "
           + "; ".join(problems)
           + f". Re-create it with: {convert_command(name)}"

@@ -118,6 +118,14 @@ def _weights(problems, config) -> None:
         f"model.weights={weights!r}: no such file. Set --config.model.weights=torchvision "
         f"(fetched by name), or create it with: {backbones.convert_command(name)}"
     )
+    return
+  # Read now, before any data are prepared: garbage, a truncated file or one of other keys
+  # is named here (with the keys it lacks), not after minutes of work.
+  try:
+    backbones.load_variables(name, weights, 32)
+  except (errors.UserError, ValueError, KeyError, OSError, EOFError) as e:
+    text = str(e).removeprefix(f"config.model.weights={weights!r}").lstrip(": ")
+    problems.append(f"model.weights={weights!r}: {text}")
 
 
 def _levels(problems, config) -> None:
