@@ -27,6 +27,10 @@ class ArchiveError(errors.UserError):
   """An archive that is refused (unsafe or oversized member) or unreadable."""
 
 
+class DamagedArchiveError(ArchiveError):
+  """An archive that cannot be read (truncated or corrupt), as opposed to one refused."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
   max_members: int = 1_000_000
@@ -132,7 +136,7 @@ def extract(archive: str, target: str, limits: Limits = Limits()) -> str:
         _write(members, tmp, tf.extractfile, archive, limits)
   except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise ArchiveError(f"{archive}: unreadable archive ({type(e).__name__}: {e})") from None
+    raise DamagedArchiveError(f"{archive}: unreadable archive ({type(e).__name__}: {e})") from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

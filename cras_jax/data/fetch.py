@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 import urllib.parse
 
 from cras_jax.base import archive, download, registry
@@ -73,12 +74,30 @@ def _find(top: str, test) -> str | None:
 
 
 def _prepared(base: str, classes: list[str]) -> str | None:
+  """The prepared root named by `prepared.json`, or `base` itself when it holds the classes,
+  or None (prepare it). An unreadable record (half-written, not an object) is prepared
+  again, saying so; a record whose root leaves `base` is refused."""
   marker = os.path.join(base, MARKER)
   if os.path.isfile(marker):
-    with open(marker) as f:
-      root = os.path.join(base, json.load(f)["root"])
-    if os.path.isdir(root):
-      return root
+    try:
+      with open(marker) as f:
+        rel = json.load(f)["root"]
+      if not isinstance(rel, str):
+        raise TypeError(f"root is a {type(rel).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      print(
+          f"{marker} is unreadable ({type(e).__name__}: {e}); the dataset is prepared again",
+          flush=True,
+      )
+    else:
+      root = os.path.realpath(os.path.join(base, rel))
+      if os.path.commonpath([root, os.path.realpath(base)]) != os.path.realpath(base):
+        raise DatasetFetchError(
+            f"{marker}: its root {rel!r} lies outside {base}; a prepared dataset stays in "
+            f"its folder. Delete {marker} to prepare the dataset again"
+        )
+      if os.path.isdir(root):
+        return root
   return base if _has_classes(base, classes) else None
 
 
@@ -135,7 +154,16 @@ def _fetch_and_prepare(fspec: FetchSpec, spec, base: str, url: str, classes: lis
   raw = os.path.join(base, "raw")
   shutil.rmtree(raw, ignore_errors=True)  # a half-prepared earlier try
   print(f"extracting {os.path.basename(path)} into {raw}", flush=True)
-  archive.extract(path, raw)
+  try:
+    archive.extract(path, raw)
+  except archive.DamagedArchiveError as e:
+    # Never kept under its final name: the next run would take it as fetched.
+    aside = f"{path}.damaged-{int(time.time())}"
+    os.replace(path, aside)
+    raise DatasetFetchError(
+        f"{e}. The archive is damaged (a transfer that ended short, or a corrupt copy): it "
+        f"was moved to {aside}, and the next run fetches it again"
+    ) from None
   if spec.layout == "visa":
     src = _find(raw, lambda d: os.path.isfile(os.path.join(d, visa.SPLIT_CSV)))
     if src is None:

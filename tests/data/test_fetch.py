@@ -118,3 +118,41 @@ def test_licensed_dataset_says_where_to_get_it_and_put_it(tmp_path):
   # put there by hand: used as it is, nothing fetched
   mvtec_tree(base, ("bottle",))
   assert fetch.ensure(dataclasses.replace(config, classes=("bottle",))) == base
+
+
+def test_a_damaged_archive_is_moved_aside_and_the_next_run_fetches_it_again(tmp_path):
+  """A transfer that ended short with nothing to tell (no Content-Length, no pinned hash):
+  the archive cannot be extracted, so it is moved aside, never kept under its final name;
+  once the mirror serves the whole file the next run succeeds without a manual delete."""
+  data = tar_bytes(mvtec_tree(str(tmp_path / "src"), ("bottle",)), "release")
+  with FixtureServer({"mvtec.tar.gz": data[: len(data) // 2]}) as s:
+    config = _config(mvtec, tmp_path, s.url("mvtec.tar.gz"), ("bottle",))
+    with pytest.raises(fetch.DatasetFetchError, match="the next run fetches it again") as e:
+      fetch.ensure(config)
+    downloads = tmp_path / "datasets" / "mvtec" / "downloads"
+    assert not (downloads / "mvtec.tar.gz").exists()
+    (aside,) = downloads.glob("mvtec.tar.gz.damaged-*")
+    assert str(aside) in str(e.value)
+    s.files["mvtec.tar.gz"] = data  # the mirror is fixed
+    root = fetch.ensure(config)
+    assert sorted(os.listdir(os.path.join(root, "bottle", "test"))) == ["broken", "good"]
+
+
+@pytest.mark.parametrize("record", ['{"root": "raw/rel', "[1, 2]", '{"root": 3}'])
+def test_an_unreadable_prepared_record_is_prepared_again(tmp_path, record, capsys):
+  data = tar_bytes(mvtec_tree(str(tmp_path / "src"), ("bottle",)), "release")
+  with FixtureServer({"mvtec.tar.gz": data}) as s:
+    config = _config(mvtec, tmp_path, s.url("mvtec.tar.gz"), ("bottle",))
+    root = fetch.ensure(config)
+    (tmp_path / "datasets" / "mvtec" / "prepared.json").write_text(record)
+    assert fetch.ensure(config) == root and len(s.requests) == 2
+  assert "prepared.json is unreadable" in capsys.readouterr().out
+
+
+def test_a_prepared_record_pointing_outside_its_folder_is_refused(tmp_path):
+  base = tmp_path / "datasets" / "mvtec"
+  base.mkdir(parents=True)
+  (tmp_path / "elsewhere").mkdir()
+  (base / "prepared.json").write_text(json.dumps({"root": "../../elsewhere"}))
+  with pytest.raises(fetch.DatasetFetchError, match="lies outside"):
+    fetch.ensure(_config(mvtec, tmp_path, "http://127.0.0.1:9/x.tar", ("bottle",)))
