@@ -33,7 +33,7 @@ from absl import logging as absl_logging
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from cras_jax.base import leases
-from cras_jax.data import identity, layout, preprocess, validate
+from cras_jax.data import identity, layout, prepared_digest, preprocess, validate
 from cras_jax.data.mvtec_builder import SPLITS, MVTecFolder, make_config
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +143,14 @@ def load_dataset(
         config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
     )
     prepared = builder.is_prepared()
+    why = prepared_digest.problem(builder.data_dir) if prepared else None
+    if why:  # damaged or unverifiable: never read as data
+      print(f"prepared data {builder.data_dir}: {why}; preparing it again", flush=True)
+      shutil.rmtree(builder.data_dir)
+      builder = MVTecFolder(
+          config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
+      )
+      prepared = builder.is_prepared()
   finally:
     absl_logging.set_verbosity(verbosity)
   # A prepared cache of this config was built from these very files (the config name holds
@@ -173,6 +181,7 @@ def load_dataset(
         )
       finally:
         tfds.display_progress_bar(tfds_bars)
+    prepared_digest.record(builder.data_dir)
   # This process reads the prepared directory until it ends: a lease keeps other runs
   # sharing the cache from pruning it (the caller holds the cache's prepare lock).
   leases.hold(os.fspath(Path(builder.data_dir).parent))

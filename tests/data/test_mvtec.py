@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax.data import layout, mvtec, preprocess
+from cras_jax.data import layout, mvtec, prepared_digest, preprocess
 from cras_jax.data.layout import DatasetError
 from cras_jax.data.preprocess import ImageReadError
 
@@ -409,3 +409,27 @@ def test_prepared_data_read_by_another_live_run_is_not_pruned(tmp_path):
     end(first_run)
   mvtec.load_dataset(root, ["a"], RESIZE, CROP, cache, verbose=False)
   assert not old_dir.exists() and Path(new.data_dir).is_dir()  # unused now: pruned
+
+
+@pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "record_lost"])
+def test_prepared_data_changed_on_disk_is_prepared_again(tmp_path, capsys, damage):
+  """A prepared shard with a flipped byte (or cut short, or without the record of its
+  contents) is never read as data: the load says so and prepares it again."""
+  root = make_dataset(tmp_path / "ds", size=(40, 50))
+  cache = tmp_path / "cache"
+  ds = mvtec.load_dataset(root, ["b", "a"], RESIZE, CROP, cache, verbose=False)
+  want = mvtec.get_batch(ds.train, range(len(ds.train)))["image"]
+  shard = next(Path(ds.data_dir).glob("*train.array_record-*"))
+  if damage == "flipped_byte":
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+  elif damage == "truncated":
+    os.truncate(shard, shard.stat().st_size // 2)
+  else:
+    (Path(ds.data_dir) / prepared_digest.DIGEST_FILE).unlink()
+  capsys.readouterr()
+  ds2 = mvtec.load_dataset(root, ["b", "a"], RESIZE, CROP, cache, verbose=False)
+  assert "preparing it again" in capsys.readouterr().out
+  np.testing.assert_array_equal(mvtec.get_batch(ds2.train, range(len(ds2.train)))["image"], want)
+  assert prepared_digest.problem(ds2.data_dir) is None
