@@ -9,8 +9,12 @@ keeps its traceback.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
 import functools
 import locale
+import os
+import shutil
 import sys
 import traceback
 
@@ -63,8 +67,34 @@ def exit_on_user_error(main, flag_values: flags.FlagValues = flags.FLAGS):
     except app.UsageError as e:  # a wrong argument: its message, not the whole usage text
       print(f"error: {e} (--help lists the flags)", file=sys.stderr, flush=True)
       raise SystemExit(USER_ERROR_STATUS) from None
+    except OSError as e:
+      if e.errno not in DISK_FULL:
+        raise
+      print(f"error: {disk_full_message(e)}", file=sys.stderr, flush=True)
+      raise SystemExit(USER_ERROR_STATUS) from None
 
   return wrapped
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_message(e: OSError) -> str:
+  """One line for a write that failed for space: the file, the free space of its disk, the
+  fix. (Result files are written to temporaries and renamed: nothing half-written is kept.)"""
+  where = e.filename or ""
+  free = ""
+  folder = os.path.dirname(os.path.abspath(where)) if where else ""
+  while folder and not os.path.isdir(folder):
+    folder = os.path.dirname(folder)
+  if folder:
+    with contextlib.suppress(OSError):
+      free = f", {shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+  what = f" writing {where}" if where else ""
+  return (
+      f"the disk is full{what} ({e.strerror or e}{free}); nothing half-written was kept under a "
+      f"final name. Free some space, or write to another disk, and run the command again"
+  )
 
 
 def _flag_error_message(e: BaseException) -> str:

@@ -41,3 +41,35 @@ def test_read_json_object_refuses_empty_truncated_and_non_objects(tmp_path, text
   p.write_text(text)
   assert (fileio.read_json_object(p, ("metrics",)) is not None) == ok
   assert fileio.read_json_object(tmp_path / "missing.json") is None
+
+
+def test_a_full_disk_is_one_message_with_the_file_and_nothing_kept(tmp_path, capsys):
+  """A command whose result write meets a full disk (ENOSPC): the temporary is removed, the
+  old file stays, and the command prints one line naming the file and the free space (exit 2,
+  no traceback)."""
+  import errno
+
+  from cras_jax.base import errors
+
+  target = tmp_path / "results" / "metrics_final.json"
+  target.parent.mkdir()
+  target.write_text('{"old": true}')
+
+  def main(argv):
+    with fileio.atomic_write(target, "w") as f:
+      f.write("{")
+      raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+  with pytest.raises(SystemExit) as e:
+    errors.exit_on_user_error(main)(["cmd"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+  assert f"the disk is full writing {target}" in err and "MiB free there" in err
+  assert "Traceback" not in err
+  assert target.read_text() == '{"old": true}' and os.listdir(target.parent) == [target.name]
+
+  def other(argv):
+    raise OSError(errno.EACCES, "Permission denied", str(target))
+
+  with pytest.raises(PermissionError):  # other OS errors are not taken for a full disk
+    errors.exit_on_user_error(other)(["cmd"])
