@@ -93,6 +93,7 @@ def evaluate(
         results_dir or workdir,
         res if per_image is scorer else None,
         run_id=(run_info or {}).get("run_id"),
+        member=(run_info or {}).get("member"),
     )
   return table
 

@@ -55,6 +55,7 @@ def calibrate_run(run: trained.Run, workdir: str) -> dict:
       run.class_names,
       workdir,
       run_id=run.meta.get("run_id"),
+      member=run.member,
   )
 
 

@@ -141,14 +141,16 @@ def write_thresholds(
     workdir: str,
     res: dict | None = None,
     run_id: str | None = None,
+    member: str | None = None,
 ) -> dict:
   """Fits the per-class normalisation and the image and pixel thresholds on a split (the
   test split: `thresholds.fit` uses its calibration half) and writes <workdir>/thresholds.json.
 
   scorer: a per-image scorer (`Scorer.per_image`); res: its `predict_dataset` of `source`
   when already computed, else the split is scored here; run_id: the run whose checkpoint
-  `scorer` holds, recorded in the file (the scoring commands accept only their run's
-  thresholds). Every process takes part; process 0 writes."""
+  `scorer` holds, and member: a population's member it is, recorded in the file (the scoring
+  commands accept only their run's, and their member's, thresholds). Every process takes
+  part; process 0 writes."""
   if res is None:
     res = scorer.predict_dataset(source)
   d = thresholds.fit(res, class_names)
@@ -158,6 +160,8 @@ def write_thresholds(
       matching="per_image",
       run_id=run_id,
   )
+  if member is not None:
+    d["member"] = member
   if jax.process_index() == 0:
     thresholds.save(d, thresholds.path(workdir))
   print(thresholds.summary(d) + f" -> {thresholds.path(workdir)}", flush=True)
@@ -170,7 +174,7 @@ def load_thresholds(
   """The thresholds a scoring command applies: <workdir>/thresholds.json (identity
   normalisation and no thresholds when the run has none), with the given overrides."""
   run_id = run.meta.get("run_id") if getattr(run, "meta", None) else None
-  thr = thresholds.load(workdir, run.class_names, run_id)
+  thr = thresholds.load(workdir, run.class_names, run_id, getattr(run, "member", None))
   thr = thr or thresholds.Thresholds.identity(run.class_names)
   state = getattr(run, "state", None)
   if thr.step is not None and state is not None and thr.step != int(state.step):

@@ -380,11 +380,16 @@ def problems(d: dict, class_names: Sequence[str]) -> list[str]:
   return out
 
 
-def load(workdir: str, class_names: Sequence[str], run_id: str | None = None) -> Thresholds | None:
+def load(
+    workdir: str,
+    class_names: Sequence[str],
+    run_id: str | None = None,
+    member: str | None = None,
+) -> Thresholds | None:
   """The workdir's thresholds, validated (`problems`: a `UserValueError` naming every bad
   field), or None when it has none (older runs: `--calibrate`). run_id: the run they are for;
   a file fitted on another run (a copied or stale thresholds.json), or one that does not say
-  which run it was fitted on, is refused."""
+  which run it was fitted on, is refused; so is, in a population, one of another member."""
   file = path(workdir)
   if not os.path.exists(file):
     return None
@@ -396,6 +401,8 @@ def load(workdir: str, class_names: Sequence[str], run_id: str | None = None) ->
         if d.get("run_id")
         else f"it does not name the run it was fitted on (this run's id is {run_id})"
     ]
+  if not bad and run_id is not None and d.get("member") != member:
+    bad = [f"member={d.get('member')!r}: fitted on another member than {member!r}"]
   if bad:
     raise errors.UserValueError(
         f"{file} cannot be used:\n  "

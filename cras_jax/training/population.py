@@ -155,15 +155,23 @@ class _Evaluator:
     self.backbone = self.devices.put_replicated(jax.device_get(state.backbone))
     self.members = members
 
-  def __call__(self, state, dataset, workdir: str, tag: str, **kw) -> list[dict]:
+  def __call__(self, state, dataset, workdir: str, tag: str, run_info=None, **kw) -> list[dict]:
     tables = []
     for k, (name, cfg) in enumerate(self.members):
+      info = {**(run_info or {}), "member": name}  # its thresholds name it
       heads = jax.device_get(jax.tree.map(lambda x, k=k: x[k], state.replace(backbone=None)))
       member = self.devices.put_replicated(heads).replace(backbone=self.backbone)
       out = os.path.join(workdir, "results", name)
       tables.append(
           evaluate.evaluate(
-              self.scorer.set_state(member), dataset, cfg, workdir, tag, results_dir=out, **kw
+              self.scorer.set_state(member),
+              dataset,
+              cfg,
+              workdir,
+              tag,
+              results_dir=out,
+              run_info=info,
+              **kw,
           )
       )
       if jax.process_index() == 0:
@@ -202,7 +210,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
             workdir,
             "eval",
             results_dir=out,
-            run_info=info,
+            run_info={**info, "member": run.member},
         )
     )
   _close_boards([(r.member, r.config) for r in members], workdir)

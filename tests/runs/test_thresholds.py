@@ -117,3 +117,12 @@ def test_a_trained_runs_thresholds_name_its_run_and_another_runs_are_refused(tin
   with pytest.raises(errors.UserValueError, match="fitted on another run"):
     run_command(export, f"--workdir={work}", f"--output={tmp_path / 'm.npz'}")
   assert not (tmp_path / "m.npz").exists()
+
+
+def test_a_population_members_thresholds_are_refused_for_another_member(tmp_path):
+  _write(tmp_path, {**_valid(), "run_id": "pop", "member": "seed1"})
+  with pytest.raises(errors.UserValueError, match="fitted on another member than 'seed0'"):
+    thresholds.load(str(tmp_path), CLASSES, run_id="pop", member="seed0")
+  assert thresholds.load(str(tmp_path), CLASSES, run_id="pop", member="seed1") is not None
+  with pytest.raises(errors.UserValueError, match="another member than None"):
+    thresholds.load(str(tmp_path), CLASSES, run_id="pop")  # a single run's reader
