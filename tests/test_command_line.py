@@ -75,6 +75,10 @@ CASES = [
     ("predict", ["--workdir={t}/w", "--image_threshold=nan", "{file}"], "image_threshold"),
     ("predict", ["--workdir={t}/nowhere", "{file}"], "nowhere"),
     ("predict", ["--workdir={run}", "--output_dir={file}", "{image}"], "is a file"),
+    ("predict", ["--workdir={run}", "--batch_size=1000000", "{image}"], "lower --batch_size"),
+    ("main", [DEMO, "--workdir={t}/w", "--config.cache.compilation={file}"], "compilation cache"),
+    ("main", [DEMO, "--workdir={t}/w", "--config.seed=4294967296"], "seed=4294967296"),
+    ("main", [DEMO, "--workdir={t}/w", "--config.eval.batch_size=65536"], "eval.batch_size"),
     ("export", ["--workdir={t}/w", "--platforms=cpu,foo"], "unknown 'foo'"),
     ("export", ["--workdir={t}/w", "--platforms="], "choose from"),
     ("export", ["--workdir={t}/w", "--output={dir}"], "is a folder"),
@@ -102,6 +106,7 @@ CASES = [
     ("convert_visa", ["{t}", "{t}/out"], "not found"),
     ("run_exported", ["{t}/m.npz", "{empty}", "--batch_size=-1"], "--batch_size=-1"),
     ("run_exported", ["{t}/m.npz", "{empty}"], "no images"),
+    ("run_exported", ["{t}/m.npz", "{empty}", "--image_threshold=nan"], "finite number"),
 ]
 
 
