@@ -12,7 +12,7 @@ import pytest
 from cras_jax.base import errors
 from cras_jax.configs import demo
 from cras_jax.engine import steps
-from cras_jax.perf import rows, tpu
+from cras_jax.perf import rows, scaling_model, tpu, tpu_study
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -166,3 +166,23 @@ def test_batch_limit_never_shrinks_when_the_hbm_budget_grows():
     assert got == 0 or footprint(got) <= budget
     previous = got
   assert previous == 8 and len(footprint.cache) <= 8
+
+
+def test_study_from_four_chips_projects_and_plots_without_efficiency(tmp_path):
+  facts = {
+      "flops": 1e12, "bytes_accessed": 1e10, "memory": {"footprint_bytes": 2e9},
+      "collective_list": [{"kind": "all-reduce", "operand_bytes": 2e7, "group_size": 4}],
+      "devices_per_chip": 1,
+  }  # fmt: skip
+  plan = [("weak b32/device", 4, 128), ("weak b32/device", 16, 512)]
+  compiled = [
+      {"mode": "train", "devices": n, "chips": n, "global_batch": g, "facts": facts}
+      for _, n, g in plan
+  ]
+  ps = tpu_study.project(compiled, plan, "v5e", "bfloat16", None)
+  assert [p["devices"] for p in ps] == [4, 16] and all(p["system"] == "TPU v5e" for p in ps)
+  assert all(p["efficiency"] is None for p in ps)  # no 1-chip row to compare with
+  assert ps[1]["images_per_s"] > 3.9 * ps[0]["images_per_s"]  # same per-chip step
+  result = {"projections": ps, "config": "c", "model": "m"}
+  scaling_model.plot(result, str(tmp_path / "scaling.png"))
+  assert (tmp_path / "scaling.png").stat().st_size > 0
