@@ -186,3 +186,22 @@ def test_study_from_four_chips_projects_and_plots_without_efficiency(tmp_path):
   result = {"projections": ps, "config": "c", "model": "m"}
   scaling_model.plot(result, str(tmp_path / "scaling.png"))
   assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_max_batch_per_chip_searches_per_device_multiples_and_reports_the_limit(monkeypatch):
+  compiled = []
+
+  def fake_compile(mode, config, devs, batch, num_classes):
+    compiled.append(batch)
+    per_device = batch // len(devs)
+    return {"memory": {"footprint_bytes": 1e6 + 1e5 * per_device}}
+
+  monkeypatch.setattr(rows, "compile_step", fake_compile)
+  devs = [object()] * 8  # 4 chips of 2 devices
+  # per device: 1e6 + 1e5 b <= 8e6 / 2 -> b <= 30 -> 24 in multiples of 8 -> 48 per chip
+  got = tpu.max_batch_per_chip("train", None, devs, 2, 8e6, 3, multiple=8)
+  assert got["max_batch_per_chip"] == 48 and not got["at_limit"]
+  assert got["footprint_per_chip_bytes"] == 2 * (1e6 + 1e5 * 24)
+  assert all(b % (8 * 8) == 0 for b in compiled) and got["compiles"] == len(set(compiled))
+  big = tpu.max_batch_per_chip("train", None, devs, 2, 1e12, 3, multiple=8, limit_per_chip=64)
+  assert big["max_batch_per_chip"] == 64 and big["at_limit"]
