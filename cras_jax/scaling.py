@@ -12,9 +12,17 @@ efficiency against one device, the binding resource, the input rate needed. Weak
 `--batch_per_device`; strong scaling: `--global_batch`. The counts in `--measure` are also
 timed, and the measured step is compared with this machine's projection (the calibration).
 
-Writes scaling.json, scaling.md and scaling.png into --out. Example:
+With `--target=tpu:<generation>` (v4, v5e, v5p, v6e, tpu7x) the steps are compiled instead by
+libtpu for that generation's topology of each chip count in `--devices`, on this host without a
+TPU (requirements-tpu-compile.txt; cras_jax/perf/tpu_study.py): `--batch_per_device` is then
+images per chip, nothing is timed, and the projection is on that chip; `--max_batch` adds the
+largest batch per chip whose compiled memory fits its HBM (more compiles).
+
+Writes scaling.json, scaling.md and scaling.png into --out. Examples:
   python -m cras_jax.scaling --config=configs/mvtec.py --devices=1,2,4,8 \\
       --batch_per_device=8 --global_batch=32 --out=runs/scaling
+  python -m cras_jax.scaling --config=configs/mvtec.py --target=tpu:v5e --devices=4,16 \\
+      --batch_per_device=32 --dtype=bfloat16 --out=runs/scaling_v5e
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax.base import errors
-from cras_jax.perf import probes, rows, scaling_model, systems
+from cras_jax.perf import probes, rows, scaling_model, systems, tpu, tpu_study
 
 MODES = rows.MODES
 
@@ -63,6 +71,22 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "The loader's images/s (cras_jax.benchmark --loader); projections faster are flagged.",
       flag_values=fv,
   )  # fmt: skip
+  flags.DEFINE_string(
+      "target", "cpu",
+      "'cpu': this host's devices (simulated on a CPU); 'tpu:<generation>' (v4, v5e, v5p, v6e, "
+      "tpu7x): compile for that TPU with libtpu on this host, --devices counting chips.",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_boolean(
+      "max_batch", False,
+      "TPU targets: also find the largest batch per chip whose compiled memory fits the "
+      "chip's HBM (bisection over compiled batch sizes; about 2 log2(batch) compiles per step).",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_integer(
+      "max_batch_multiple", 8, "--max_batch: batches per device searched in this step.",
+      flag_values=fv,
+  )  # fmt: skip
   flags.DEFINE_integer("worker_devices", 0, "Internal: run one device count.", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
   flags.register_validator(
@@ -91,6 +115,9 @@ def options(fv: flags.FlagValues):
   )  # fmt: skip
   dtype = fv.dtype or base.model.dtype
   config = rows.configure(base, args, fv.image_size or int(base.data.crop), dtype)
+  args.generation = tpu.parse_target(fv.target)
+  if args.generation and config.model.kernels == "auto":
+    config.model.kernels = "xla"  # what "auto" gives on a TPU (this host's backend is the CPU)
   plan = scaling_model.series(args.devices, args.batch_per_device, args.global_batch)
   return args, config, plan
 
@@ -128,6 +155,8 @@ def _counts(args, platform: str) -> tuple[list[dict], bool]:
 def run(fv: flags.FlagValues) -> dict:
   args, config, plan = options(fv)
   os.makedirs(args.out, exist_ok=True)
+  if args.generation:
+    return _run_tpu(fv, args, config, plan)
   if fv.worker_devices:
     _worker(fv, args, config, plan)
     return {}
@@ -183,6 +212,38 @@ def run(fv: flags.FlagValues) -> dict:
   scaling_model.plot(result, os.path.join(args.out, "scaling.png"))
   for k, v in result["calibration"]["measured_over_projected"].items():
     print(f"calibration {k}: measured / projected = {v:.2f}", flush=True)
+  print("\n" + md, flush=True)
+  return result
+
+
+def _run_tpu(fv: flags.FlagValues, args, config, plan) -> dict:
+  """--target=tpu:<generation>: compile-only on this host (cras_jax/perf/tpu_study.py)."""
+  compiled = tpu_study.compile_counts(
+      args, config, plan, args.generation, fv.max_batch, fv.max_batch_multiple
+  )
+  loader = fv.loader_images_per_s or None
+  chip = systems.TPU_CHIPS[args.generation]
+  result = {
+      "config": config_flags.get_config_filename(fv["config"]),
+      "model": f"{config.model.backbone} {config.data.crop}px {config.model.dtype}, "
+      f"D={config.model.embed_dim}, K={args.num_classes}, kernels={config.model.kernels}",
+      "target": fv.target,
+      "libtpu": tpu.libtpu_version(),
+      "environment": probes.environment(),
+      "simulated": False,
+      "modes": args.modes,
+      "optimiser_note": scaling_model.OPTIMISER_NOTE,
+      "loader_images_per_s": loader,
+      "systems": [{"name": chip.name, "source": chip.source}],
+      "compiled": compiled,
+      "projections": tpu_study.project(compiled, plan, args.generation, config.model.dtype, loader),
+  }
+  with open(os.path.join(args.out, "scaling.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  md = tpu_study.markdown(result)
+  with open(os.path.join(args.out, "scaling.md"), "w") as f:
+    f.write(md)
+  scaling_model.plot(result, os.path.join(args.out, "scaling.png"))
   print("\n" + md, flush=True)
   return result
 

@@ -82,8 +82,11 @@ def _split_operands(rest: str) -> tuple[list[str], str]:
 def collectives(hlo_text: str, num_devices: int) -> list[dict]:
   """Every collective of a compiled module: kind, operand bytes (summed over a combined
   collective's operands), result bytes and group size. Async pairs count once (their
-  `-start`); operand sizes come from the operands' own result shapes in the module."""
+  `-start`, with the result of their `-done`: a start's own result is a tuple that may hold
+  the operand and context scalars too, as TPU's collective-permute-start does); operand sizes
+  come from the operands' own result shapes in the module."""
   sizes: dict[str, int] = {}
+  done: dict[str, str] = {}  # a -start's name -> the shape of its -done
   found = []
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
@@ -92,13 +95,20 @@ def collectives(hlo_text: str, num_devices: int) -> list[dict]:
     name, shape, op, rest = m.groups()
     sizes[name] = shape_bytes(shape)
     kind = op[: -len("-start")] if op.endswith("-start") else op
-    if kind not in COLLECTIVES or op.endswith("-done"):
+    if op.endswith("-done"):
+      starts, _ = _split_operands(rest)
+      if starts:
+        done[starts[0]] = shape
+      continue
+    if kind not in COLLECTIVES:
       continue
     operands, attrs = _split_operands(rest)
     group = group_size(attrs, num_devices)
-    found.append((kind, name, operands, sizes[name], group, array_shapes(shape)))
+    found.append((kind, name, operands, shape, group))
   out = []
-  for kind, name, operands, result_bytes, group, shapes in found:
+  for kind, name, operands, shape, group in found:
+    shape = done.get(name, shape)
+    result_bytes, shapes = shape_bytes(shape), array_shapes(shape)
     known = [sizes[o] for o in operands if o in sizes]
     operand_bytes = sum(known) if len(known) == len(operands) and known else None
     if operand_bytes is None:  # operands not in the text: infer from the result

@@ -169,7 +169,9 @@ def plot(result: dict, path: str) -> None:
         continue
       xs = [p["devices"] for p in sel]
       line = axes[0, col].plot(xs, [p["images_per_s"] for p in sel], "o-", label=system)[0]
-      axes[1, col].plot(xs, [p["efficiency"] or np.nan for p in sel], "o-", label=system)
+      effs = [p["efficiency"] for p in sel]
+      if any(e is not None for e in effs):  # none without a 1-device row (a TPU study from 4)
+        axes[1, col].plot(xs, [np.nan if e is None else e for e in effs], "o-", label=system)
       meas = [(p["devices"], p["measured_images_per_s"]) for p in sel if "measured_step_s" in p]
       if meas:
         axes[0, col].plot(*zip(*meas), "x", ms=10, color=line.get_color(), label="CPU measured")

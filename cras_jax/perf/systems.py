@@ -63,7 +63,7 @@ TPU_V5E = System(
     host_overhead_s=100e-6,
     memory_per_device_bytes=16 * GB,
     source=(
-        "Google Cloud TPU v5e documentation (cloud.google.com/tpu/docs/v5e): 197 TFLOP/s bf16, "
+        "Google Cloud TPU v5e documentation (https://cloud.google.com/tpu/docs/v5e): 197 TFLOP/s bf16, "
         "HBM2 16 GB at 819 GB/s, ICI 1,600 Gbps per chip = 200 GB/s (= the pod's 51.2 TB/s "
         "all-reduce bandwidth / 256 chips)"
     ),
@@ -77,12 +77,80 @@ TPU_V4 = System(
     host_overhead_s=100e-6,
     memory_per_device_bytes=32 * 2**30,
     source=(
-        "Google Cloud TPU v4 documentation (cloud.google.com/tpu/docs/v4): 275 TFLOP/s bf16, "
+        "Google Cloud TPU v4 documentation (https://cloud.google.com/tpu/docs/v4): 275 TFLOP/s bf16, "
         "HBM2 32 GiB at 1,200 GB/s; all-reduce bandwidth 1.1 PB/s per 4,096-chip pod = 268 GB/s "
         "per chip"
     ),
 )
 NAMED = (H100_SXM, H200, TPU_V5E, TPU_V4)
+
+# The TPU generations `python -m cras_jax.scaling --target=tpu:<generation>` compiles for: the
+# chip's figures from Google Cloud's page per generation (peak bf16 per chip; a float32 dot
+# runs one bf16 pass by default, so the same rate; ICI per direction = half the bidirectional
+# per-chip figure).
+TPU_V5P = System(
+    name="TPU v5p",
+    flops_per_s={"bfloat16": 459 * TFLOP, "float32": 459 * TFLOP},
+    memory_bytes_per_s=2765 * GB,
+    collective_bytes_per_s=600 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=95 * 2**30,
+    source=(
+        "https://cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16 per chip, HBM2e 95 GiB at "
+        "2,765 GB/s; https://cloud.google.com/tpu/docs/tpu7x (table of generations): ICI "
+        "1,200 GB/s bidirectional per chip = 600 GB/s per direction"
+    ),
+)
+TPU_V6E = System(
+    name="TPU v6e",
+    flops_per_s={"bfloat16": 918 * TFLOP, "float32": 918 * TFLOP},
+    memory_bytes_per_s=1638 * GB,
+    collective_bytes_per_s=400 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=32 * GB,
+    source=(
+        "https://cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16 per chip, HBM 32 GB at "
+        "1,638 GB/s, ICI 800 GB/s bidirectional per chip = 400 GB/s per direction"
+    ),
+)
+TPU_7X = System(
+    name="TPU7x",
+    flops_per_s={"bfloat16": 2307 * TFLOP, "float32": 2307 * TFLOP},
+    memory_bytes_per_s=7380 * GB,
+    collective_bytes_per_s=600 * GB,
+    collective_latency_s=10e-6,
+    host_overhead_s=100e-6,
+    memory_per_device_bytes=192 * 2**30,
+    source=(
+        "https://cloud.google.com/tpu/docs/tpu7x: 2,307 TFLOP/s bf16 per chip, HBM 192 GiB at "
+        "7,380 GB/s, ICI 1,200 GB/s bidirectional per chip = 600 GB/s per direction; two "
+        "TensorCores per chip"
+    ),
+)
+# libtpu's generation names -> the chip. TPU_V5E and TPU_V4 (above) cite
+# https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16, 16 GB at 819 GB/s, ICI 400 GB/s
+# bidirectional) and https://cloud.google.com/tpu/docs/v4 (275 TFLOP/s, 32 GiB at 1,200 GB/s).
+TPU_CHIPS = {"v4": TPU_V4, "v5e": TPU_V5E, "v5p": TPU_V5P, "v6e": TPU_V6E, "tpu7x": TPU_7X}
+
+
+def per_device(chip: System, devices_per_chip: int) -> System:
+  """A chip's figures for one of its `devices_per_chip` devices (libtpu's v4 and TPU7x
+  topologies give one device per TensorCore, two per chip): every rate and the HBM divided
+  evenly between them."""
+  if devices_per_chip == 1:
+    return chip
+  k = devices_per_chip
+  return dataclasses.replace(
+      chip,
+      name=f"{chip.name} (1 of {k} devices per chip)",
+      flops_per_s={d: f / k for d, f in chip.flops_per_s.items()},
+      memory_bytes_per_s=chip.memory_bytes_per_s / k,
+      collective_bytes_per_s=chip.collective_bytes_per_s / k,
+      memory_per_device_bytes=(chip.memory_per_device_bytes or 0) / k or None,
+      source=f"{chip.source}; each of the chip's {k} devices gets 1/{k} of every figure",
+  )
 
 
 def measured_system(

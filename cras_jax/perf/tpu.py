@@ -1,0 +1,197 @@
+"""TPU programs compiled on a host without a TPU: a generation's topology of N chips from
+libtpu (`jax.experimental.topologies`, compile-only devices), a step compiled for it
+(`rows.compile_step`), and the largest batch whose compiled memory fits a budget.
+
+libtpu is optional (requirements-tpu-compile.txt): it is imported by JAX when a topology is
+first asked for, never at import time here. What a topology is made of is libtpu's: v5e, v6e
+and v5p give one device per chip; v4 and TPU7x give two (one per TensorCore), so their steps
+are compiled for 2 N devices and every per-device figure is half a chip's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+from cras_jax.base import errors
+from cras_jax.perf import rows
+
+# Generation name (as libtpu spells it) -> the number of axes of its topology: a 2D torus
+# (v5e, v6e) or a 3D one. Topologies are named "<generation>:<x>x<y>[x<z>]" in chips.
+GENERATIONS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2, "tpu7x": 3}
+# libtpu's default chips-per-host bounds (2x2x1): smaller slices pass their own.
+_DEFAULT_HOST_BOUNDS = (2, 2, 1)
+
+
+def parse_target(target: str) -> str | None:
+  """`--target`: "cpu" (None: the host's own devices, as before) or "tpu:<generation>"."""
+  if target in ("", "cpu", "host"):
+    return None
+  kind, _, generation = target.partition(":")
+  if kind != "tpu" or generation not in GENERATIONS:
+    raise errors.UserError(
+        f"--target={target!r}: use 'cpu' or 'tpu:<generation>' with a generation of "
+        f"{sorted(GENERATIONS)}"
+    )
+  return generation
+
+
+def topology_shape(generation: str, chips: int) -> tuple[str, dict]:
+  """The topology name libtpu accepts for `chips` chips of `generation` (a power of two,
+  shaped as Cloud TPU slices are: 4 -> 2x2, 16 -> 4x4, 64 -> 8x8 on 2D tori; 4 -> 2x2x1,
+  16 -> 2x2x4, 64 -> 4x4x4 on 3D ones) and the keyword arguments it needs: slices smaller than libtpu's
+  default host (2x2x1 chips, e.g. one chip) give their own `chips_per_host_bounds`."""
+  if chips < 1 or chips & (chips - 1):
+    raise errors.UserError(f"TPU chip counts must be powers of two, got {chips}")
+  dims = [1] * GENERATIONS[generation]
+  while math.prod(dims) < chips:
+    dims[dims.index(min(dims))] *= 2
+  dims = sorted(d for d in dims if d > 1) + [d for d in dims if d == 1]  # 2x2x1, 2x2x4
+  name = f"{generation}:{'x'.join(map(str, dims))}"
+  bounds = tuple(dims + [1] * (3 - len(dims)))
+  fits_default = all(b % d == 0 for b, d in zip(bounds, _DEFAULT_HOST_BOUNDS))
+  return name, {} if fits_default else {"chips_per_host_bounds": bounds}
+
+
+def topology_devices(generation: str, chips: int) -> tuple[list, str, int]:
+  """The compile-only devices of `chips` chips of `generation`, the topology's name and the
+  devices per chip. Needs libtpu (requirements-tpu-compile.txt); no TPU."""
+  # libtpu asks a metadata server for the machine's TPU unless told not to (no TPU here), and
+  # takes a host-wide lock file that a second process compiling at the same time would fail
+  # on (no TPU is driven, so several may load it).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # here only: the path that needs libtpu
+
+  name, kwargs = topology_shape(generation, chips)
+  try:
+    devs = list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+  except Exception as e:  # noqa: BLE001 - libtpu missing or the shape refused: say which
+    raise errors.UserError(
+        f"TPU topology {name} {kwargs or ''} is not available: {e}. Compiling for TPUs needs "
+        "libtpu: pip install -r requirements-tpu-compile.txt"
+    ) from e
+  if len(devs) % chips:
+    raise errors.UserError(f"topology {name}: {len(devs)} devices for {chips} chips")
+  return devs, name, len(devs) // chips
+
+
+def libtpu_version() -> str | None:
+  try:
+    from importlib import metadata
+
+    return metadata.version("libtpu")
+  except Exception:  # noqa: BLE001 - not installed
+    return None
+
+
+def compile_for_chips(
+    mode: str, config, generation: str, chips: int, batch_per_chip: int, num_classes: int
+) -> dict:
+  """One step compiled for `chips` chips of `generation` at `batch_per_chip` images per chip
+  (split evenly over a chip's devices): `rows.compile_step`'s facts per device, with the
+  topology, the devices per chip and the per-device batch."""
+  devs, name, per_chip = topology_devices(generation, chips)
+  if batch_per_chip % per_chip:
+    raise errors.UserError(
+        f"{generation} has {per_chip} devices per chip here: the batch per chip "
+        f"({batch_per_chip}) must be a multiple of it"
+    )
+  facts = rows.compile_step(mode, config, devs, batch_per_chip * chips, num_classes)
+  return {
+      **facts,
+      "topology": name,
+      "chips": chips,
+      "devices_per_chip": per_chip,
+      "batch_per_device": batch_per_chip // per_chip,
+  }
+
+
+def per_chip(facts: dict) -> dict:
+  """A compiled step's per-device figures as per-chip ones (x devices per chip): FLOPs,
+  bytes accessed and memory footprint."""
+  k = facts.get("devices_per_chip", 1)
+  scale = lambda x: None if x is None else x * k
+  mem = facts.get("memory") or {}
+  return {
+      "flops": scale(facts.get("flops")),
+      "bytes_accessed": scale(facts.get("bytes_accessed")),
+      **{name: scale(mem.get(name)) for name in rows_memory_fields()},
+  }
+
+
+def rows_memory_fields() -> tuple[str, ...]:
+  return ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "footprint_bytes")
+
+
+def largest_fitting(footprint: Callable[[int], float], budget: float, limit: int) -> int:
+  """The largest b in 1..limit with footprint(b) <= budget (0 when b = 1 does not fit), by
+  doubling and then bisection: O(log limit) calls of `footprint`. That is the largest one
+  where `footprint` is non-decreasing in b; a compiled program's memory need not be (libtpu
+  compiled a tiny step to 16.7 MB at 4 images per device and to 13.4 MB at 32), and then the
+  answer still fits and is the largest on the search's path. Either way a larger budget never
+  gives a smaller answer: every probe that fitted still fits, so each branch taken is the
+  same one or one further right."""
+  if footprint(1) > budget:
+    return 0
+  lo, hi = 1, 2
+  while hi <= limit and footprint(hi) <= budget:
+    lo, hi = hi, hi * 2
+  hi = min(hi, limit + 1)  # lo fits; hi does not, or lies past the limit
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if footprint(mid) <= budget:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def footprint_search(
+    mode: str, config, devs, num_classes: int, multiple: int = 1
+) -> Callable[[int], float]:
+  """footprint(k): the compiled step's memory footprint per device at k x `multiple` images
+  per device on `devs` (memory analysis: arguments + outputs + temporaries - aliased), each
+  batch compiled once (cached across budgets)."""
+  cache: dict[int, float] = {}
+
+  def footprint(k: int) -> float:
+    if k not in cache:
+      b = k * multiple * len(devs)
+      facts = rows.compile_step(mode, config, devs, b, num_classes)
+      mem = facts["memory"]
+      if mem is None:
+        raise errors.UserError("this compiler gives no memory analysis: no batch limit")
+      cache[k] = mem["footprint_bytes"]
+    return cache[k]
+
+  footprint.cache = cache
+  return footprint
+
+
+def max_batch_per_chip(
+    mode: str,
+    config,
+    devs,
+    devices_per_chip: int,
+    hbm_per_chip: float,
+    num_classes: int,
+    multiple: int = 8,
+    limit_per_chip: int = 4096,
+) -> dict:
+  """The largest batch per chip (a multiple of `multiple` x devices per chip) whose compiled
+  footprint fits the chip's HBM (each device gets HBM / devices per chip), with the
+  compiles it took."""
+  footprint = footprint_search(mode, config, devs, num_classes, multiple)
+  budget = hbm_per_chip / devices_per_chip
+  limit = max(1, limit_per_chip // (multiple * devices_per_chip))
+  k = largest_fitting(footprint, budget, limit)
+  best = footprint.cache.get(k)
+  return {
+      "max_batch_per_chip": k * multiple * devices_per_chip,
+      "at_limit": k == limit,  # the search stopped at limit_per_chip: the batch may go higher
+      "footprint_per_chip_bytes": None if best is None else best * devices_per_chip,
+      "hbm_per_chip_bytes": hbm_per_chip,
+      "compiles": len(footprint.cache),
+  }
