@@ -11,9 +11,15 @@ import subprocess
 import sys
 import tempfile
 
-import jax
-import pytest
-from absl import app, flags
+# The tests are written for the CPU (simulated devices, bit-for-bit comparisons): JAX's CPU
+# backend only, in this process and in every one the tests start, also where libtpu (the TPU
+# compiler, requirements-tpu-compile.txt) or a GPU plugin is installed. The compile-only TPU
+# tests reach libtpu through its topology API, which needs no TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402 - after the platform is chosen
+import pytest  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 # Folders of this test session, made by the first process (pytest's, before its xdist workers
 # start) and inherited through the environment by the workers and every subprocess: nothing
