@@ -65,8 +65,17 @@ PRUNED_RETRIES = 50
 
 
 def _gone(mngr: ocp.CheckpointManager, step: int) -> bool:
-  """Whether `step` was removed from disk (pruned by a training) since it was listed."""
-  return not os.path.isdir(os.path.join(str(mngr.directory), str(step)))
+  """Whether `step` was superseded since it was listed: removed from disk (or being removed)
+  by a training that prunes, which it does only after saving a newer step; so also whenever a
+  newer complete step exists now (read that one instead)."""
+  folder = str(mngr.directory)
+  if not os.path.isdir(os.path.join(folder, str(step))):
+    return True
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return True
+  return any(n.isdigit() and int(n) > step for n in names)
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
