@@ -28,6 +28,38 @@ def unfold3x3(x: jax.Array, patch_size: int = 3) -> jax.Array:
   return out.reshape(b, h, w, c * k * k)
 
 
+def unfold_pool_groups(x: jax.Array, out: int, patch_size: int = 3) -> jax.Array:
+  """`adaptive_avg_pool_last(unfold3x3(x, k), out)` when k k C is a multiple of `out` (equal
+  groups of g = k k C / out consecutive entries, e.g. WideResNet50: 4608 -> 1536, g = 3),
+  without the k x k neighbourhood stack: every output is the mean of its group's shifted
+  taps, summed straight from the padded map. [B, H, W, C] -> [B, H, W, out]; nothing larger
+  than the output is formed.
+
+  Entry i = c k k + t of the unfolded vector (channel c, tap t) falls in group i // g. Over a
+  block of cb = g / gcd(k k, g) channels the pattern repeats: the block's k k cb entries fill
+  k k cb / g outputs, slot s taking tap t of the block's channel r when (k k r + t) // g == s.
+  """
+  k = patch_size
+  k2, c = k * k, x.shape[-1]
+  if (k2 * c) % out:
+    raise ValueError(f"{k2} x {c} entries do not split into {out} equal groups")
+  g = k2 * c // out
+  cb = g // np.gcd(k2, g)
+  slots = k2 * cb // g
+  pad = (k - 1) // 2
+  b, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (pad, k - 1 - pad), (pad, k - 1 - pad), (0, 0)))
+  xp = xp.reshape(b, h + k - 1, w + k - 1, c // cb, cb)
+  sums = [None] * slots
+  for r in range(cb):
+    for t in range(k2):
+      i, j = divmod(t, k)
+      tap = xp[:, i : i + h, j : j + w, :, r]  # [B, H, W, C / cb]
+      s = (k2 * r + t) // g
+      sums[s] = tap if sums[s] is None else sums[s] + tap
+  return (jnp.stack(sums, axis=-1) / g).reshape(b, h, w, out)
+
+
 def adaptive_pool_windows(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
   """Start and end indices of PyTorch's 1-D adaptive average pooling windows."""
   j = np.arange(out)
@@ -137,7 +169,10 @@ def aggregate_patches(
   which XLA runs slowly on CPUs: each level's two poolings are then one small matrix
   product (`level_projections`), applied before upsampling, and the levels' shares add up.
   That matrix form is the "cpu_tuned" kernels' form (`form`, cras_jax/backbones/layers.py);
-  with form="xla" uneven poolings stay window means (`adaptive_avg_pool_windows`).
+  with form="xla" uneven poolings stay window means (`adaptive_avg_pool_windows`), and equal
+  groups are summed from shifted taps without forming the k x k stack (`unfold_pool_groups`:
+  the largest intermediate is the pooled level, not nine copies of it; the "xla" form runs on
+  GPUs and TPUs, where that stack dominated the bytes a step moves).
   """
   grid = levels[0].shape[1:3]
   b = levels[0].shape[0]
@@ -149,8 +184,11 @@ def aggregate_patches(
   if plain or form == "xla":
     pooled = []
     for feat in levels:
-      f = unfold3x3(feat, patch_size)
-      f = adaptive_avg_pool_windows(f, pre_embed_dim)
+      if form == "xla" and (feat.shape[-1] * k2) % pre_embed_dim == 0:
+        f = unfold_pool_groups(feat, pre_embed_dim, patch_size)  # no k x k stack
+      else:
+        f = unfold3x3(feat, patch_size)
+        f = adaptive_avg_pool_windows(f, pre_embed_dim)
       if f.shape[1:3] != grid:
         f = resize_bilinear(f, grid)
       pooled.append(f)

@@ -50,15 +50,19 @@ CASES = {
     "three_levels": ([(1, 6, 9, 11), (1, 10, 5, 6), (1, 14, 3, 3)], 21, 13),
     # the paper's shapes at batch 1: WRN50-2 layer2/layer3 at 288x288, D = 1536
     "paper": ([(1, 512, 36, 36), (1, 1024, 18, 18)], 1536, 1536),
+    # equal groups of 3 and 6 taps crossing channels (144/48, 288/48), non-square grid
+    "equal_groups": ([(2, 16, 8, 6), (2, 32, 4, 3)], 48, 24),
 }
 
 
+@pytest.mark.parametrize("form", ["cpu_tuned", "xla"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_aggregate_patches_matches_torch(case):
+def test_aggregate_patches_matches_torch(case, form):
   shapes, pre, d = CASES[case]
   rng = np.random.default_rng(len(case))
   levels = [rng.standard_normal(s).astype(np.float32) for s in shapes]
   ref = torch_aggregate([torch.from_numpy(x) for x in levels], pre, d)
-  out = np.asarray(aggregate_patches([x.transpose(0, 2, 3, 1) for x in levels], pre, d))
+  levels_nhwc = [x.transpose(0, 2, 3, 1) for x in levels]
+  out = np.asarray(aggregate_patches(levels_nhwc, pre, d, form=form))
   assert out.shape == ref.shape == (shapes[0][0], shapes[0][2] * shapes[0][3], d)
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)

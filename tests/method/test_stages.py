@@ -1,5 +1,7 @@
 """Each pure function against an independent NumPy/SciPy computation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,49 @@ def test_image_score_modes():
   maps = anomaly_map.anomaly_map(patch, (16, 16), 4.0)
   np.testing.assert_allclose(anomaly_map.image_score(patch, maps, "reference"), patch.max((1, 2)))
   np.testing.assert_allclose(anomaly_map.image_score(patch, maps, "paper"), maps.max((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "c,out", [(512, 1536), (1024, 1536), (16, 48), (32, 48), (40, 120), (24, 54), (32, 8)]
+)
+def test_equal_group_pooling_of_the_taps_equals_unfold_then_pool(c, out):
+  x = jnp.asarray(np.random.default_rng(c + out).standard_normal((2, 5, 7, c)), jnp.float32)
+  ref = features.adaptive_avg_pool_last(features.unfold3x3(x), out)
+  np.testing.assert_allclose(features.unfold_pool_groups(x, out), ref, rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="equal groups"):
+    features.unfold_pool_groups(x, out + 1 if (9 * c) % (out + 1) else out + 2)
+
+
+def test_the_xla_aggregation_never_forms_the_k_by_k_stack():
+  """The "xla" form (GPUs, TPUs) compiled on this CPU: no intermediate as large as a level's
+  nine shifted copies, and less scratch memory than the unfold-then-pool program."""
+  shapes = [(2, 36, 36, 512), (2, 18, 18, 1024)]  # WideResNet50's levels 2 and 3 at 288 px
+  stack = 2 * 36 * 36 * 512 * 9
+
+  def compiled(fn):
+    args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    return jax.jit(lambda a, b: fn([a, b])).lower(*args).compile()
+
+  def largest(c):
+    dims = re.findall(r"f32\[([\d,]*)\]", c.as_text())
+    return max(int(np.prod([int(d) for d in s.split(",") if d])) for s in dims)
+
+  xla = compiled(lambda ls: features.aggregate_patches(ls, 1536, 1536, 3, "xla"))
+  assert largest(xla) < stack
+  assert largest(xla) <= 2 * 36 * 36 * 2 * 1536  # the two pooled levels side by side
+
+  def unfold_then_pool(ls):
+    pooled = [features.adaptive_avg_pool_windows(features.unfold3x3(f), 1536) for f in ls]
+    pooled[1] = features.resize_bilinear(pooled[1], (36, 36))
+    x = jnp.stack(pooled, axis=-2).reshape(2, 36 * 36, 3072)
+    return features.adaptive_avg_pool_windows(x, 1536)
+
+  before = compiled(unfold_then_pool)
+  assert largest(before) >= stack  # the check can fail: the old program forms the stack
+  assert xla.memory_analysis().temp_size_in_bytes < before.memory_analysis().temp_size_in_bytes
+  levels = [
+      np.random.default_rng(i).standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)
+  ]
+  out = jax.jit(lambda a, b: features.aggregate_patches([a, b], 1536, 1536, 3, "xla"))(*levels)
+  ref = jax.jit(lambda a, b: unfold_then_pool([a, b]))(*levels)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-6)
