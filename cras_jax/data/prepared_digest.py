@@ -9,11 +9,10 @@ prepared again (the caller says so), never read as data or left to fail inside t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from cras_jax.base import fileio
+from cras_jax.base import download, fileio
 
 DIGEST_FILE = "cras_jax_contents.json"
 
@@ -27,17 +26,9 @@ def _files(data_dir: str) -> list[str]:
   return sorted(out)
 
 
-def _sha256(path: str, chunk: int = 16 * 2**20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
 def digests(data_dir: str) -> dict[str, str]:
   """{relative path: SHA-256} of every file of the prepared directory."""
-  return {rel: _sha256(os.path.join(data_dir, rel)) for rel in _files(data_dir)}
+  return {rel: download.sha256_file(os.path.join(data_dir, rel)) for rel in _files(data_dir)}
 
 
 def record(data_dir: str) -> None:
@@ -60,7 +51,7 @@ def problem(data_dir: str) -> str | None:
   if sorted(stored) != now:
     missing = sorted(set(stored) - set(now)) + sorted(set(now) - set(stored))
     return f"its files differ from those prepared ({', '.join(missing[:3])})"
-  changed = [rel for rel in now if _sha256(os.path.join(data_dir, rel)) != stored[rel]]
+  changed = [rel for rel in now if download.sha256_file(os.path.join(data_dir, rel)) != stored[rel]]
   if changed:
     return f"{len(changed)} file(s) changed since preparation ({', '.join(changed[:3])})"
   return None

@@ -23,7 +23,7 @@ import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
 from cras_jax.base import registry
-from cras_jax.base import fileio, fs, leases
+from cras_jax.base import download, fileio, fs, leases
 
 FORMAT_VERSION = 1
 _CACHE = re.compile(r"train_[0-9a-f]+\.npy")
@@ -139,14 +139,6 @@ def _source_file(file: str) -> str:
   return file[: -len(".npy")] + ".json"
 
 
-def sha256_of(file: str, chunk: int = 16 * 2**20) -> str:
-  h = hashlib.sha256()
-  with open(file, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _changed(file: str) -> str | None:
   """Why the committed file's bytes are not the ones its record names, or None."""
   try:
@@ -156,7 +148,7 @@ def _changed(file: str) -> str | None:
     recorded = None
   if not isinstance(recorded, str):
     return "it has no record of its contents (written by an older version, or the record is lost)"
-  if sha256_of(file) != recorded:
+  if download.sha256_file(file) != recorded:
     return "its bytes differ from those recorded when it was written (changed in place)"
   return None
 
@@ -248,7 +240,7 @@ class Writer:
   def commit(self) -> np.ndarray:
     self.array.flush()
     del self.array
-    record = {"sha256": sha256_of(self.tmp)}  # what `load` checks before reusing the file
+    record = {"sha256": download.sha256_file(self.tmp)}  # what `load` checks before reusing the file
     if self.data_dir is not None:  # what the file was computed from (`prune_unused`)
       record["data_dir"] = os.path.abspath(self.data_dir)
     fileio.atomic_write_json(_source_file(self.file), record)
