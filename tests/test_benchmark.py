@@ -76,21 +76,26 @@ def check_rows(result, expect):
     assert p["flops_per_s"] > 0 and p["dtype"] == "float32"
 
 
-def test_stored_feature_step_on_one_device_in_process(tmp_path):
-  """The cheapest row (the step on stored features, one device): the fast tier's run of the
-  benchmark, its files and record."""
-  out = tmp_path / "bench"
-  result = bench.run(
+def _one_device(out, modes: str) -> dict:
+  """The benchmark in this process on one device, batch 4, float32."""
+  return bench.run(
       parse_command_flags(
           bench,
           *TINY,
           "--batch_sizes=4",
           "--devices=1",
           "--dtype=float32",
-          "--modes=train_cached",
+          f"--modes={modes}",
           f"--out={out}",
       )
   )
+
+
+def test_stored_feature_step_on_one_device_in_process(tmp_path):
+  """The cheapest row (the step on stored features, one device): the fast tier's run of the
+  benchmark, its files and record."""
+  out = tmp_path / "bench"
+  result = _one_device(out, "train_cached")
   check_rows(result, [("train_cached", 1, 4)])
   with open(out / "benchmark.json") as f:
     assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
@@ -100,17 +105,7 @@ def test_stored_feature_step_on_one_device_in_process(tmp_path):
 @pytest.mark.slow
 def test_one_device_in_process(tmp_path):
   out = tmp_path / "bench"
-  result = bench.run(
-      parse_command_flags(
-          bench,
-          *TINY,
-          "--batch_sizes=4",
-          "--devices=1",
-          "--dtype=float32",
-          "--modes=train,train_cached,score",
-          f"--out={out}",
-      )
-  )
+  result = _one_device(out, "train,train_cached,score")
   check_rows(result, [("train", 1, 4), ("train_cached", 1, 4), ("score", 1, 4)])
   # Without the backbone the step does fewer operations.
   flops = {r["mode"]: r["flops_per_step"] for r in result["rows"]}
