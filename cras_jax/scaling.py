@@ -204,16 +204,21 @@ def run(fv: flags.FlagValues) -> dict:
       "compiled": compiled,
       "projections": projections,
   }
-  with open(os.path.join(args.out, "scaling.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  md = scaling_model.markdown(result)
-  with open(os.path.join(args.out, "scaling.md"), "w") as f:
-    f.write(md)
-  scaling_model.plot(result, os.path.join(args.out, "scaling.png"))
+  md = _write(result, scaling_model.markdown(result), args.out)
   for k, v in result["calibration"]["measured_over_projected"].items():
     print(f"calibration {k}: measured / projected = {v:.2f}", flush=True)
   print("\n" + md, flush=True)
   return result
+
+
+def _write(result: dict, md: str, out: str) -> str:
+  """scaling.json, scaling.md and scaling.png of a study into `out` -> the markdown."""
+  with open(os.path.join(out, "scaling.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out, "scaling.md"), "w") as f:
+    f.write(md)
+  scaling_model.plot(result, os.path.join(out, "scaling.png"))
+  return md
 
 
 def _run_tpu(fv: flags.FlagValues, args, config, plan) -> dict:
@@ -238,12 +243,7 @@ def _run_tpu(fv: flags.FlagValues, args, config, plan) -> dict:
       "compiled": compiled,
       "projections": tpu_study.project(compiled, plan, args.generation, config.model.dtype, loader),
   }
-  with open(os.path.join(args.out, "scaling.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  md = tpu_study.markdown(result)
-  with open(os.path.join(args.out, "scaling.md"), "w") as f:
-    f.write(md)
-  scaling_model.plot(result, os.path.join(args.out, "scaling.png"))
+  md = _write(result, tpu_study.markdown(result), args.out)
   print("\n" + md, flush=True)
   return result
 
