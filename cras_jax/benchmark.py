@@ -44,6 +44,7 @@ Compile times are those of this process: if a persistent compilation cache is co
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -56,6 +57,7 @@ from ml_collections import config_flags
 
 from cras_jax import backbones, configs
 from cras_jax.base import errors, flag_checks
+from cras_jax.engine import sharding
 from cras_jax.perf import bench_report, loader_probe, probes
 from cras_jax.perf import rows as row_lib
 from cras_jax.perf.bench_report import fmt
@@ -114,6 +116,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "modes",
       ["train", "score"],
       "Comma-separated: train, train_cached (heads " "on stored features), score.",
+      flag_values=fv,
+  )
+  flags.DEFINE_list(
+      "parallelism",
+      ["jit"],
+      "Comma-separated forms of the steps (train.parallelism): jit, shard_map, pmap; each "
+      "row is timed and read in each form (README 'Parallelism').",
       flag_values=fv,
   )
   flags.DEFINE_integer("reps", 5, "Timed repetitions.", lower_bound=1, flag_values=fv)
@@ -178,6 +187,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flag_checks.bounded(fv, "steps_per_rep", 0, 10_000)
   flag_checks.bounded(fv, "matmul_size", 0, 65536)
   flag_checks.subset(fv, "modes", ("train", "train_cached", "score"))
+  flag_checks.subset(fv, "parallelism", sharding.FORMS)
   flags.register_validator(
       "modes", lambda ms: set(ms) <= set(MODES), f"--modes: each one of {MODES}", flag_values=fv
   )
@@ -196,6 +206,7 @@ _OPTIONS = (
     "levels",
     "num_classes",
     "modes",
+    "parallelism",
     "reps",
     "steps_per_rep",
     "min_rep_seconds",
@@ -288,39 +299,38 @@ def run(fv: flags.FlagValues) -> dict:
           vars_cache[key] = jax.device_get(
               backbones.load_variables(config.model.backbone, args.weights, size, args.seed)
           )
-        for n in args.devices:
-          for bs in args.batch_sizes:
-            for mode in args.modes:
-              label = row_lib.row_label(mode, config, n, bs)
-              if bs % n:
-                skipped.append({"row": label, "why": f"batch {bs} not divisible by {n} devices"})
-                print(f"skip {label}: batch not divisible by the device count", flush=True)
-                continue
-              row = row_lib.bench_row(
-                  mode, config, args, all_devices[:n], bs, num_classes, vars_cache[key], counter
-              )
-              row["peak_flops_per_s_f32"] = peak_by.get((n, "float32"))
-              row["ratio_to_peak_f32"] = (
-                  row["achieved_flops_per_s"] / row["peak_flops_per_s_f32"]
-                  if row["achieved_flops_per_s"] and row["peak_flops_per_s_f32"]
-                  else None
-              )
-              same = peak_by.get((n, dtype))
-              row["peak_flops_per_s_same_dtype"] = same
-              row["ratio_to_peak_same_dtype"] = (
-                  row["achieved_flops_per_s"] / same
-                  if row["achieved_flops_per_s"] and same
-                  else None
-              )
-              rows.append(row)
-              print(
-                  f"{label}: compile {row['lower_and_compile_s']:.2f}s, step "
-                  f"{row['median_s'] * 1e3:.1f} ms [{row['min_s'] * 1e3:.1f}–"
-                  f"{row['max_s'] * 1e3:.1f}], {row['images_per_s']:.2f} images/s, "
-                  f"{fmt(row['achieved_flops_per_s'], 1e9)} GFLOP/s "
-                  f"({fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)",
-                  flush=True,
-              )
+        for n, bs, form, mode in itertools.product(
+            args.devices, args.batch_sizes, args.parallelism, args.modes
+        ):
+          config.train.parallelism = form
+          label = row_lib.row_label(mode, config, n, bs)
+          if bs % n:
+            skipped.append({"row": label, "why": f"batch {bs} not divisible by {n} devices"})
+            print(f"skip {label}: batch not divisible by the device count", flush=True)
+            continue
+          row = row_lib.bench_row(
+              mode, config, args, all_devices[:n], bs, num_classes, vars_cache[key], counter
+          )
+          row["peak_flops_per_s_f32"] = peak_by.get((n, "float32"))
+          row["ratio_to_peak_f32"] = (
+              row["achieved_flops_per_s"] / row["peak_flops_per_s_f32"]
+              if row["achieved_flops_per_s"] and row["peak_flops_per_s_f32"]
+              else None
+          )
+          same = peak_by.get((n, dtype))
+          row["peak_flops_per_s_same_dtype"] = same
+          row["ratio_to_peak_same_dtype"] = (
+              row["achieved_flops_per_s"] / same if row["achieved_flops_per_s"] and same else None
+          )
+          rows.append(row)
+          print(
+              f"{label}: compile {row['lower_and_compile_s']:.2f}s, step "
+              f"{row['median_s'] * 1e3:.1f} ms [{row['min_s'] * 1e3:.1f}–"
+              f"{row['max_s'] * 1e3:.1f}], {row['images_per_s']:.2f} images/s, "
+              f"{fmt(row['achieved_flops_per_s'], 1e9)} GFLOP/s "
+              f"({fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)",
+              flush=True,
+          )
   finally:
     counter.close()
 

@@ -41,10 +41,11 @@ from cras_jax.runs import workdir as runs
 # ----------------------------------------------------------------------------- features
 
 
-def make_sample_step(spec: steps.ModelSpec, projection=None):
+def make_sample_step(spec: steps.ModelSpec, projection=None, axis_name: str | None = None):
   """The predict step plus "sample": the L2-normalised flattened u [B, HW*d] (after the
-  [D, d] `projection` when given), from the same backbone pass."""
-  predict_step = steps.make_predict_step(spec, with_u=True)
+  [D, d] `projection` when given), from the same backbone pass (`axis_name`: the devices'
+  per-device axis, `sharding.Devices.axis_name`)."""
+  predict_step = steps.make_predict_step(spec, with_u=True, axis_name=axis_name)
 
   def step(svars, images):
     out = predict_step(svars, images)
@@ -70,7 +71,11 @@ def score_with_features(run: trained.Run, source, batch_size: int, projection=No
   """`Scorer.predict_dataset` of `source` with the normalised sample-level features of every
   example in "sample" [N, HW*d] float32 (one pass over the split)."""
   scorer = scoring.Scorer(
-      run.spec, run.devices, batch_size, make_sample_step(run.spec, projection), state=run.state
+      run.spec,
+      run.devices,
+      batch_size,
+      make_sample_step(run.spec, projection, run.devices.axis_name),
+      state=run.state,
   )
   res = scorer.predict_dataset(source, extra_outputs=("sample",))
   res["sample"] = res["sample"].astype(np.float32)

@@ -219,6 +219,17 @@ FIELDS: tuple[Field, ...] = (
         later=True,
     ),
     F(
+        "train.parallelism",
+        "jit",
+        "How the steps use the devices (cras_jax/engine/sharding.py): jit (the whole-batch step, "
+        "partitioned by XLA with NamedShardings), shard_map (the per-device step with explicit "
+        "pmeans of the BatchNorm and DAFS statistics, gradients and metrics), pmap (the same "
+        "per-device step under jax.pmap). Equal results up to float32 rounding; populations "
+        "use jit.",
+        ("jit", "shard_map", "pmap"),
+        later=True,
+    ),
+    F(
         "train.population",
         "",
         'A population of heads trained in one compiled step (README "Populations"): '

@@ -103,7 +103,17 @@ def make_embed_fn(
   return embed
 
 
-def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig, dafs_beta=None):
+def heads_loss(
+    params,
+    batch_stats,
+    t,
+    labels,
+    centres,
+    noise,
+    cfg: HeadsConfig,
+    dafs_beta=None,
+    axis_name: str | None = None,
+):
   """One training forward pass on patch features t [B, HW, D].
 
   noise: g [B, HW, D], already scaled by sigma; dafs_beta: beta (a traced value in a
@@ -111,6 +121,11 @@ def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig,
   holds the new BatchNorm statistics and the step's metrics. The normal and the
   synthetic rows share their matched centre p, so the discriminator's p term is
   computed once for both (`heads.discriminator_split`, an exact rewrite).
+
+  `axis_name`: in per-device code (train.parallelism shard_map / pmap), the mesh axis the
+  batch is split over: BatchNorm and DAFS average their batch statistics over it (the
+  means of the batch's patches); the loss and metrics stay
+  this device's (the step averages them, and the gradients, over the axis).
   """
   # Named scopes label the stages in profiles (cras_jax/benchmark.py --breakdown).
   with jax.named_scope("adapter"):
@@ -121,7 +136,7 @@ def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig,
     # v = u + offset (DAFS); the discriminator takes u and the offset apart, so that the
     # products shared by the normal and the synthetic rows are computed once.
     beta = cfg.dafs_beta if dafs_beta is None else dafs_beta
-    offset = synthesis.dafs_offset(u, p, noise, beta, cfg.dafs_variant)
+    offset = synthesis.dafs_offset(u, p, noise, beta, cfg.dafs_variant, axis_name)
   d = u.shape[-1]
   with jax.named_scope("discriminator"):
     logits, new_stats = heads_lib.discriminator_split(
@@ -134,9 +149,10 @@ def heads_loss(params, batch_stats, t, labels, centres, noise, cfg: HeadsConfig,
         cfg.crd_input,
         train=True,
         dtype=cfg.dtype,
+        axis_name=axis_name,
+        by_row=True,  # each device's rows stay on it (no exchange of logits)
     )
-  n = u.shape[0] * u.shape[1]
-  lt, lf = logits[:n], logits[n:]
+  lt, lf = logits[:, 0], logits[:, 1]
   with jax.named_scope("loss"):
     loss_true, loss_fake = loss_lib.bce_losses(lt, lf)
   aux = {
@@ -212,11 +228,13 @@ def score_prepared(
     out_size: tuple[int, int],
     cfg: HeadsConfig,
     with_u: bool = False,
+    axis_name: str | None = None,
 ):
   """`score_features` from `prepare_scoring`'s variables (the fast inference path).
 
   -> dict(scores [B], maps [B, H, W], patch [B, h, w], cls [B]) and, with `with_u`,
-  the adapted features "u" [B, HW, D].
+  the adapted features "u" [B, HW, D]. `axis_name`: per-device code's mesh axis (the batch
+  mode of matching counts the whole batch's classes over it).
   """
   with jax.named_scope("adapter"):
     u = cfg.adapter.apply({"params": prep["adapter"]}, t)
@@ -225,7 +243,7 @@ def score_prepared(
   with jax.named_scope("matching"):
     k = matching.global_match(u, centres)
     if not cfg.per_image_matching:
-      k = matching.batch_mode_class(k, centres.shape[0])
+      k = matching.batch_mode_class(k, centres.shape[0], axis_name)
     if prep["centre_pb"] is not None:
       n_cls, hw, width = prep["centre_pb"].shape
       if cfg.hpi:

@@ -1,6 +1,23 @@
-"""Devices: the 1-D mesh every step runs on, and moving batches and state onto it."""
+"""Devices: the 1-D mesh every step runs on, moving batches and state onto it, and the form
+its steps are compiled in (`train.parallelism`, README "Parallelism: jit, shard_map, pmap"):
+
+- "jit": `jax.jit` with `NamedSharding`s; the step is written for the whole batch and XLA's
+  SPMD partitioner splits it and inserts the collectives (the default: the compiler may fuse
+  and schedule the exchanges, and the same code runs on one device, a mesh or several
+  processes).
+- "shard_map": the step written per device (`jax.shard_map`), with explicit `pmean`s of the
+  BatchNorm statistics, gradients and metrics; state replicated, batch split on 'data'.
+- "pmap": the same per-device step under `jax.pmap` (the design card's form): the batch
+  reshaped to [devices, per-device, ...], the state broadcast (`in_axes=None`) and returned
+  once (`out_axes=None`). It runs inside one `jax.jit`, which carries the donation and the
+  compiler options (JAX itself lowers pmap through jit and shard_map since 0.4.x's merge).
+
+The three give the same results to float rounding (tests/engine/test_parallelism.py).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpy as np
@@ -8,7 +25,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cras_jax.engine import determinism
+from cras_jax.engine import determinism, steps
+
+FORMS = ("jit", "shard_map", "pmap")  # schema.choices("train.parallelism")
+AXIS = "data"
 
 
 class Devices:
@@ -19,12 +39,20 @@ class Devices:
   batch (`local_slice`) and `put_batch` assembles the global array.
   """
 
-  def __init__(self, devices=None):
+  def __init__(self, devices=None, parallelism: str = "jit"):
+    if parallelism not in FORMS:
+      raise ValueError(f"parallelism {parallelism!r}: one of {', '.join(FORMS)}")
     devices = list(jax.devices() if devices is None else devices)
-    self.mesh = Mesh(np.array(devices), ("data",))
+    self.mesh = Mesh(np.array(devices), (AXIS,))
     self.count = len(devices)
+    self.parallelism = parallelism
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch = NamedSharding(self.mesh, P("data"))
+    self.batch = NamedSharding(self.mesh, P(AXIS))
+
+  @property
+  def axis_name(self) -> str | None:
+    """The mesh axis per-device steps average over (None: the jit form, whole-batch code)."""
+    return None if self.parallelism == "jit" else AXIS
 
   @staticmethod
   def local_slice(global_batch_size: int) -> slice:
@@ -68,9 +96,58 @@ class Devices:
         compiler_options=determinism.COMPILER_OPTIONS if deterministic else None,
     )
 
+  def compile_train(self, spec, deterministic: bool = False):
+    """The training step of `spec` in this mesh's form: (state, batch) -> (state, metrics),
+    batch split, state replicated and donated. The noise is drawn for the global batch by
+    the jitted program (partitioned: each device computes its rows), so the three forms
+    train on the same noise."""
+    if self.parallelism == "jit":
+      return self.jit_train(steps.make_train_step(spec), deterministic)
+    core = steps.make_train_core(spec, AXIS)
+    per_device = self._per_device(
+        core, (P(), P(AXIS), P(AXIS)), (P(), P()), (None, 0, 0), (None, None)
+    )
+
+    def train_step(state, batch):
+      noise = steps.draw_noise(spec, state, batch["label"].shape[0])
+      noise = jax.lax.with_sharding_constraint(noise, self.batch)
+      return per_device(state, batch, noise)
+
+    return self.jit_train(train_step, deterministic)
+
   def jit_predict(self, fn):
-    """(replicated variables, batch of images) -> outputs split like the batch."""
+    """(replicated variables, batch of images) -> outputs split like the batch. In the
+    per-device forms `fn` runs on each device's share: build it with `axis_name` (e.g.
+    `steps.make_predict_step(spec, axis_name=devices.axis_name)`) where it needs the batch."""
+    if self.parallelism != "jit":
+      fn = self._per_device(fn, (P(), P(AXIS)), P(AXIS), (None, 0), 0)
     return jax.jit(fn, in_shardings=(self.replicated, self.batch), out_shardings=self.batch)
+
+  def _per_device(self, fn, in_specs, out_specs, in_axes, out_axes):
+    """`fn` written per device -> the whole-batch function, by shard_map (`in_specs`,
+    `out_specs`) or pmap (`in_axes`, `out_axes`: None replicated, 0 split like the batch)."""
+    if self.parallelism == "shard_map":
+      # No replication checks: `fn` averages explicitly, and pmap's autodiff semantics (an
+      # all-reduce transposes to an all-reduce) are the ones `steps.make_train_core` assumes.
+      return jax.shard_map(
+          fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+      )
+    n = self.count
+    mapped = jax.pmap(
+        fn, axis_name=AXIS, in_axes=in_axes, out_axes=out_axes, devices=list(self.mesh.devices)
+    )
+    split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    merge = lambda x: x.reshape(n * x.shape[1], *x.shape[2:])
+
+    @functools.wraps(fn)  # the step's name in compiled modules and profiles
+    def whole(*args):
+      args = [a if ax is None else jax.tree.map(split, a) for a, ax in zip(args, in_axes)]
+      out = mapped(*args)
+      if out_axes == 0:
+        return jax.tree.map(merge, out)
+      return out
+
+    return whole
 
   def jit_prepare(self, fn):
     """Replicated state -> replicated variables (e.g. a model's scoring variables)."""

@@ -175,22 +175,34 @@ def create_state(spec: ModelSpec, backbone_vars, seed: int) -> TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
-def make_train_step(spec: ModelSpec) -> Callable:
-  """(state, batch) -> (state, metrics). The noise, DAFS and optimiser settings come from
-  `state.hparams` (a state without them: from the config), so the step vmaps over a
-  population of states (`engine.population`)."""
+def draw_noise(spec: ModelSpec, state: TrainState, batch_size: int) -> jax.Array:
+  """The step's Gaussian noise g [B, HW, D], scaled by sigma (`noise_sigma * noise_std`), from
+  `fold_in(state.rng, state.step)`. One draw for the global batch: with JAX's partitionable
+  threefry, a program whose noise is split over devices computes only each device's rows."""
+  hp = hparams_from_config(spec.config) if state.hparams is None else state.hparams
+  rng = jax.random.fold_in(state.rng, state.step)
+  sigma = hp["noise_sigma"] * state.noise_std
+  shape = (batch_size, spec.num_patches, spec.heads.embed_dim)
+  return sigma * jax.random.normal(rng, shape, jnp.float32)
+
+
+def make_train_core(spec: ModelSpec, axis_name: str | None = None) -> Callable:
+  """(state, batch, noise) -> (state, metrics): the training step on given noise.
+
+  `axis_name`: None for the whole (global) batch, as `jax.jit` partitions it; else the mesh
+  axis of per-device code (`shard_map`, `pmap`: engine/sharding.py), which sees its share of
+  the batch and averages over the axis, explicitly, the BatchNorm statistics, the gradients
+  and the metrics."""
   cfg = spec.heads
   defaults = hparams_from_config(spec.config)
+  mean = (lambda x: x) if axis_name is None else (lambda x: jax.lax.pmean(x, axis_name))
 
-  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+  def train_core(state: TrainState, batch, noise) -> tuple[TrainState, dict]:
     hp = defaults if state.hparams is None else state.hparams
-    rng = jax.random.fold_in(state.rng, state.step)
     if "features" in batch:  # cached frozen-backbone features
       t = batch["features"].astype(jnp.float32)
     else:
       t = spec.features(state.backbone, batch["image"])
-    sigma = hp["noise_sigma"] * state.noise_std
-    noise = sigma * jax.random.normal(rng, t.shape[:2] + (cfg.embed_dim,), jnp.float32)
     grad_fn = jax.value_and_grad(model.heads_loss, has_aux=True)
     (_, aux), grads = grad_fn(
         state.params,
@@ -201,16 +213,33 @@ def make_train_step(spec: ModelSpec) -> Callable:
         noise,
         cfg,
         hp["dafs_beta"],
+        axis_name,
     )
+    # Per-device code: each device's gradient of its own loss, averaged (under pmap and
+    # shard_map without replication checks, the BatchNorm all-reduce transposes to an
+    # all-reduce, so the mean of these gradients is the whole batch's).
+    grads = mean(grads)
     tx = make_optimizer(hp["lr_adapter"], hp["wd_adapter"], hp["lr_disc"], hp["wd_disc"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(aux["metrics"])
+    metrics = mean(dict(aux["metrics"]))
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=aux["batch_stats"], opt_state=opt_state
     )
     return new_state, metrics
+
+  return train_core
+
+
+def make_train_step(spec: ModelSpec) -> Callable:
+  """(state, batch) -> (state, metrics) on the whole batch (the `jax.jit` form). The noise,
+  DAFS and optimiser settings come from `state.hparams` (a state without them: from the
+  config), so the step vmaps over a population of states (`engine.population`)."""
+  core = make_train_core(spec)
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    return core(state, batch, draw_noise(spec, state, batch["label"].shape[0]))
 
   return train_step
 
@@ -229,14 +258,16 @@ def make_prepare_step(spec: ModelSpec) -> Callable:
   return prepare_step
 
 
-def make_predict_step(spec: ModelSpec, with_u: bool = False) -> Callable:
-  """(scoring variables, uint8 images) -> dict(scores, maps, patch, cls[, u])."""
+def make_predict_step(
+    spec: ModelSpec, with_u: bool = False, axis_name: str | None = None
+) -> Callable:
+  """(scoring variables, uint8 images) -> dict(scores, maps, patch, cls[, u]); `axis_name`:
+  per-device code's mesh axis (`Devices.axis_name`), None for the whole batch."""
 
   def predict_step(svars, images):
     t = spec.features(svars["backbone"], images)
-    return model.score_prepared(
-        svars["heads"], t, spec.grid, (spec.image_size, spec.image_size), spec.heads, with_u
-    )
+    size = (spec.image_size, spec.image_size)
+    return model.score_prepared(svars["heads"], t, spec.grid, size, spec.heads, with_u, axis_name)
 
   return predict_step
 

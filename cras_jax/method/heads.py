@@ -63,6 +63,9 @@ class TorchBatchNorm(nn.Module):
 
   momentum: float = 0.1
   epsilon: float = 1e-5
+  # Per-device code (train.parallelism shard_map / pmap): the mesh axis the batch is split
+  # over; the batch mean and variance are then averaged over it (equal shares per device).
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -76,7 +79,12 @@ class TorchBatchNorm(nn.Module):
       axes = tuple(range(xf.ndim - 1))
       n = math.prod(xf.shape[:-1])
       mean = xf.mean(axes)
+      if self.axis_name is not None:
+        n *= jax.lax.axis_size(self.axis_name)
+        mean = jax.lax.pmean(mean, self.axis_name)
       var = jnp.square(xf - mean).mean(axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
       # One value of the batch statistics for the normalisation and the running update: left
       # to fusion, XLA may compute the variance twice, summed in orders that differ between
       # programs (a population member would then not be bit-identical to its run alone).
@@ -170,6 +178,8 @@ def discriminator_split(
     crd_input: str = "raw_residual",
     train: bool = True,
     dtype=jnp.float32,
+    axis_name: str | None = None,
+    by_row: bool = False,
 ):
   """The Discriminator on the rows crd_inputs([u; u + o_1; ...], p), sharing products.
 
@@ -179,7 +189,11 @@ def discriminator_split(
   (u + o) @ A as u @ A + o @ A, so the backward pass takes the gradient of u through A
   once for all rows instead of once per row. Returns (logits [(1 + len(offsets)) * N],
   new batch_stats or None), as Discriminator.apply on the concatenated rows up to
-  float32 rounding.
+  float32 rounding. `axis_name`: the mesh axis of per-device code (`TorchBatchNorm`).
+  `by_row`: the logits as [N, 1 + len(offsets)] instead (row i's normal and synthetic logits
+  side by side), which is the order the rows were computed in: with the batch split over
+  devices, reordering them to [u; v] moves logits between devices (an all-to-all and
+  collective-permutes in the partitioned program, forward and backward).
   """
   d = u.shape[-1]
   first = params[_first_name(n_layers)]
@@ -197,7 +211,10 @@ def discriminator_split(
   if "bias" in first:
     h = h + first["bias"].astype(h.dtype)
   parts = len(hs)
-  row_major = lambda z: z.reshape(-1, parts).T.reshape(-1)  # interleaved -> [u; v; ...]
+  if by_row:
+    row_major = lambda z: z.reshape(-1, parts)
+  else:
+    row_major = lambda z: z.reshape(-1, parts).T.reshape(-1)  # interleaved -> [u; v; ...]
   if n_layers == 1:
     return row_major(h[..., 0].astype(jnp.float32)), None
   new_stats = {}
@@ -208,7 +225,8 @@ def discriminator_split(
       h = matmul(h, fc["kernel"], dtype) + fc["bias"].astype(h.dtype)
     bn_vars = {"params": params[f"{name}_bn"], "batch_stats": batch_stats[f"{name}_bn"]}
     if train:
-      h, upd = TorchBatchNorm().apply(bn_vars, h, True, mutable=["batch_stats"])
+      bn = TorchBatchNorm(axis_name=axis_name)
+      h, upd = bn.apply(bn_vars, h, True, mutable=["batch_stats"])
       new_stats[f"{name}_bn"] = upd["batch_stats"]
     else:
       h = TorchBatchNorm().apply(bn_vars, h, False)

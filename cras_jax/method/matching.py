@@ -70,9 +70,12 @@ def global_match(u: jax.Array, centres: jax.Array) -> jax.Array:
   return jnp.argmax(jnp.einsum("bd,kd->bk", uf, cf, precision=_HIGHEST), axis=-1)
 
 
-def batch_mode_class(k: jax.Array, num_classes: int) -> jax.Array:
-  """The reference's batch mode: the most frequent k* of the batch for all images."""
+def batch_mode_class(k: jax.Array, num_classes: int, axis_name: str | None = None) -> jax.Array:
+  """The reference's batch mode: the most frequent k* of the batch for all images
+  (`axis_name`: per-device code's mesh axis, over which the batch's counts are summed)."""
   counts = jnp.zeros((num_classes,), jnp.int32).at[k].add(1)
+  if axis_name is not None:
+    counts = jax.lax.psum(counts, axis_name)
   return jnp.full_like(k, jnp.argmax(counts))
 
 

@@ -17,6 +17,7 @@ def dafs_alpha(
     beta: float,
     variant: str = "default",
     eps: float = 1e-8,
+    axis_name: str | None = None,
 ) -> jax.Array:
   """Per-patch noise scale alpha [B, HW] from u, p, g [B, HW, D].
 
@@ -24,7 +25,8 @@ def dafs_alpha(
   of the batch, alpha = beta (s - 1) + 1. Variants (paper Table 6):
   "no_scaling" alpha = s; "inv_r" uses s = 1/r; "inv_g_r" s = 1/(n r), each
   mean-normalised and then mixed by beta like the default. "none" is the
-  "w/o DAFS" ablation: alpha = 1, fixed-variance noise.
+  "w/o DAFS" ablation: alpha = 1, fixed-variance noise. `axis_name`: per-device code's mesh
+  axis, over which the mean of s is taken (the whole batch's, as in the jit form).
   """
   if variant == "none":
     return jnp.ones(u.shape[:-1], u.dtype)
@@ -38,17 +40,25 @@ def dafs_alpha(
     s = 1.0 / jnp.maximum(n * r, eps)
   else:
     raise ValueError(f"unknown DAFS variant {variant!r}; choose one of {VARIANTS}")
-  s = s / jnp.mean(s)
+  mean = jnp.mean(s)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  s = s / mean
   if variant == "no_scaling":
     return s
   return beta * (s - 1.0) + 1.0
 
 
 def dafs_offset(
-    u: jax.Array, p: jax.Array, g: jax.Array, beta: float, variant: str = "default"
+    u: jax.Array,
+    p: jax.Array,
+    g: jax.Array,
+    beta: float,
+    variant: str = "default",
+    axis_name: str | None = None,
 ) -> jax.Array:
   """alpha * g, the step from u to the synthetic anomaly; it carries no gradient."""
-  alpha = jax.lax.stop_gradient(dafs_alpha(u, p, g, beta, variant))
+  alpha = jax.lax.stop_gradient(dafs_alpha(u, p, g, beta, variant, axis_name=axis_name))
   return alpha[..., None] * jax.lax.stop_gradient(g)
 
 

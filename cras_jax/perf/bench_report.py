@@ -15,6 +15,51 @@ def fmt(x, scale=1.0, digits=1):
   return f"{v:.{digits}f}"
 
 
+def _mode(row: dict) -> str:
+  """The row's mode, with its parallelism form where that is not jit."""
+  form = row.get("parallelism", "jit")
+  return row["mode"] if form == "jit" else f"{row['mode']} ({form})"
+
+
+def collectives_text(collectives: dict) -> str:
+  """{kind: {count, operand_bytes}} -> "all-reduce 2× 1.3 MB" (per device, summed operands)."""
+  parts = [
+      f"{k} {v['count']}× {v['operand_bytes'] / 1e6:.3g} MB"
+      for k, v in sorted((collectives or {}).items())
+  ]
+  return ", ".join(parts) or "none"
+
+
+def forms_table(rows: list[dict]) -> list[str]:
+  """Where the rows hold more than one `train.parallelism` form: the forms side by side, with
+  the images/s relative to the jit form of the same mode, devices and batch (same run)."""
+  if len({r.get("parallelism", "jit") for r in rows}) < 2:
+    return []
+  jit = {
+      (r["mode"], r["devices"], r["batch_size"], r["image_size"], r["dtype"]): r["images_per_s"]
+      for r in rows
+      if r.get("parallelism", "jit") == "jit"
+  }
+  lines = [
+      "",
+      "Parallelism forms (train.parallelism; collectives per device and step, from the compiled "
+      "HLO: count × operand bytes summed):",
+      "",
+      "| mode | form | dev | batch | compile s | images/s | vs jit | XLA mem MiB | collectives |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---|",
+  ]
+  for r in rows:
+    base = jit.get((r["mode"], r["devices"], r["batch_size"], r["image_size"], r["dtype"]))
+    lines.append(
+        f"| {r['mode']} | {r.get('parallelism', 'jit')} | {r['devices']} | {r['batch_size']} | "
+        f"{fmt(r['lower_and_compile_s'], digits=2)} | {r['images_per_s']:.2f} | "
+        f"{fmt(r['images_per_s'] / base if base else None, digits=2)} | "
+        f"{fmt(r['xla_memory_bytes_per_device'], 2**20, 0)} | "
+        f"{collectives_text(r.get('collectives'))} |"
+    )
+  return lines
+
+
 def markdown(result: dict) -> str:
   lines = [
       f"Benchmark: {result['config']} on {result['environment']['device_count']} x "
@@ -37,7 +82,7 @@ def markdown(result: dict) -> str:
         " (cache)" if r["compile_cache_hit"] else ""
     )
     lines.append(
-        f"| {r['mode']} | {r['backbone']} | {r['image_size']} | {r['embed_dim']} | {r['dtype']} | "
+        f"| {_mode(r)} | {r['backbone']} | {r['image_size']} | {r['embed_dim']} | {r['dtype']} | "
         f"{r['devices']} | {r['batch_size']} | {compile_s} | {step} | "
         f"{r['images_per_s']:.2f} | {fmt(r['flops_per_step'], 1e9)} | "
         f"{fmt(r['achieved_flops_per_s'], 1e9)} | {fmt(r['peak_flops_per_s_f32'], 1e9)} | "
@@ -49,6 +94,7 @@ def markdown(result: dict) -> str:
         )
         + f" | {fmt(r.get('matmul_time_share'), 0.01, 0)} |"
     )
+  lines += forms_table(result["rows"])
   peaks = result["matmul_peaks"]
   if peaks:
     lines += [

@@ -61,7 +61,7 @@ def bench_row(
     backbone_vars,
     counter: probes.CompileCounter,
 ) -> dict:
-  devices = sharding.Devices(devices=list(devs))
+  devices = sharding.Devices(list(devs), config.train.get("parallelism", "jit"))
   spec = steps.ModelSpec(config, num_classes)
   size = spec.image_size
   rng = np.random.default_rng(args.seed)
@@ -77,7 +77,7 @@ def bench_row(
   ]
   if mode == "train":
     inputs = [devices.put_batch(b) for b in host_batches]
-    jitted = devices.jit_train(steps.make_train_step(spec))
+    jitted = devices.compile_train(spec)
   elif mode == "train_cached":
     dtype = np.dtype(config.train.feature_cache_dtype)
     shape = (batch_size, spec.num_patches, spec.heads.embed_dim)
@@ -87,7 +87,7 @@ def bench_row(
         )
         for b in host_batches
     ]
-    jitted = devices.jit_train(steps.make_train_step(spec))
+    jitted = devices.compile_train(spec)
   else:  # how every command scores: the Scorer's jitted predict step on its prepared variables
     scorer = scoring.Scorer(spec, devices, batch_size, state=state)  # prepared once, not timed
     inputs = [devices.put_batch({"image": b["image"]})["image"] for b in host_batches]
@@ -167,6 +167,7 @@ def bench_row(
   flops_total = flops_per_device * devices.count if flops_per_device else None
   row = {
       "mode": mode,
+      "parallelism": devices.parallelism,
       "backbone": config.model.backbone,
       "image_size": size,
       "embed_dim": int(config.model.embed_dim),
@@ -209,9 +210,10 @@ def bench_row(
 
 
 def row_label(mode, config, n_devices, batch_size) -> str:
+  form = config.train.get("parallelism", "jit")
   return (
       f"{mode}_{config.model.backbone}_{config.data.crop}px_{config.model.dtype}"
-      f"_{n_devices}dev_b{batch_size}"
+      f"_{n_devices}dev_b{batch_size}" + ("" if form == "jit" else f"_{form}")
   )
 
 
@@ -238,7 +240,7 @@ def compile_step(mode: str, config, devs, batch_size: int, num_classes: int) -> 
   """Compiles one mode's step on abstract inputs (shapes only: no weights, no data) for the
   devices `devs`, as the benchmark and training shard it; returns `compiled_facts` and the
   lower and compile seconds."""
-  devices = sharding.Devices(devices=list(devs))
+  devices = sharding.Devices(list(devs), config.train.get("parallelism", "jit"))
   spec = steps.ModelSpec(config, num_classes)
   size = spec.image_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -248,7 +250,7 @@ def compile_step(mode: str, config, devs, batch_size: int, num_classes: int) -> 
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=devices.batch)
   images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8, sharding=devices.batch)
   if mode == "train":
-    fn, args = devices.jit_train(steps.make_train_step(spec)), (
+    fn, args = devices.compile_train(spec), (
         state,
         {"image": images, "label": labels},
     )
@@ -257,13 +259,14 @@ def compile_step(mode: str, config, devs, batch_size: int, num_classes: int) -> 
     feats = jax.ShapeDtypeStruct(
         shape, jnp.dtype(config.train.feature_cache_dtype), sharding=devices.batch
     )
-    fn, args = devices.jit_train(steps.make_train_step(spec)), (
+    fn, args = devices.compile_train(spec), (
         state,
         {"features": feats, "label": labels},
     )
   else:
     svars = _abstract(jax.eval_shape(steps.make_prepare_step(spec), state), devices.replicated)
-    fn, args = devices.jit_predict(steps.make_predict_step(spec)), (svars, images)
+    predict = steps.make_predict_step(spec, axis_name=devices.axis_name)
+    fn, args = devices.jit_predict(predict), (svars, images)
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   t1 = time.perf_counter()

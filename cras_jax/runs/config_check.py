@@ -166,6 +166,12 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   _seed(p, config, "train.data_seed", -1)  # -1: `seed`
   if "synthetic" in config.data:
     _seed(p, config, "data.synthetic.seed")
+  _choice(p, config, "train.parallelism")
+  if get(config, "train.parallelism") in ("shard_map", "pmap") and get(config, "train.population"):
+    p.append(
+        f"train.parallelism={get(config, 'train.parallelism')!r}: a population "
+        f"(train.population) trains with jit only; use train.parallelism='jit'"
+    )
   _int_at_least(p, config, "train.population_model_shards", 1)
   _choice(p, config, "train.population_batching")
   shards = get(config, "train.population_model_shards")

@@ -48,7 +48,9 @@ class Scorer:
   """Scores batches of images with one trained model, in batches of `batch_size`.
 
   step_fn: (scoring variables, uint8 images) -> dict of outputs; default
-  `steps.make_predict_step(spec)` (scores, maps, patch, cls). The scorer jits it once
+  `steps.make_predict_step(spec)` (scores, maps, patch, cls; a `step_fn` of one's own is built
+  with `axis_name=devices.axis_name`, as in the per-device forms it sees a device's share of
+  the batch). The scorer jits it once
   (`Devices.jit_predict`); `set_state` prepares the variables of a (new) trained state with
   a prepare step jitted once too, so scoring after more training compiles nothing again.
   """
@@ -62,7 +64,7 @@ class Scorer:
       state: steps.TrainState | None = None,
   ):
     self.spec, self.devices, self.batch_size = spec, devices, int(batch_size)
-    self.step_fn = step_fn or steps.make_predict_step(spec)
+    self.step_fn = step_fn or steps.make_predict_step(spec, axis_name=devices.axis_name)
     self.predict_step = devices.jit_predict(self.step_fn)
     self._prepare = devices.jit_prepare(steps.make_prepare_step(spec))
     self.svars, self.model_step = None, None

@@ -77,6 +77,7 @@ NON_RESULT_FIELDS = (
     "train.feature_cache_dir",
     "train.population_model_shards",
     "train.population_batching",
+    "train.parallelism",
     "data.max_image_pixels",
     "data.max_aspect_ratio",
     "eval.",
@@ -188,7 +189,7 @@ def initial(
   """The model spec, the devices and a fresh replicated state with the frozen backbone
   (`grid`: the patch grid a run's meta records, sparing a trace of the backbone)."""
   spec = steps.ModelSpec(config, num_classes, grid)
-  devices = sharding.Devices()
+  devices = sharding.Devices(parallelism=config.train.get("parallelism", "jit"))
   backbone_vars = backbones.load_variables(
       config.model.backbone,
       config.model.weights,

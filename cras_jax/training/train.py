@@ -253,9 +253,7 @@ def _train_and_evaluate(
   bs = config.train.batch_size
   steps_per_epoch = math.ceil(n / bs)
   total = config.train.epochs * steps_per_epoch
-  train_step = devices.jit_train(
-      steps.make_train_step(spec), deterministic=config.train.get("deterministic", True)
-  )
+  train_step = devices.compile_train(spec, deterministic=config.train.get("deterministic", True))
   scorer = scoring.Scorer(spec, devices, config.eval.batch_size)  # compiled once, when used
   protocol = config.eval.protocol
   reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
