@@ -14,7 +14,9 @@ Writes into `--output_dir` (default `<sweep dir>/report` for one sweep directory
 - `spread_<tag>.md` / `.csv` when a setting has several seeds (a population run, or a sweep
   with `--seeds`): per setting the mean ± std over seeds and the 95 % interval of the mean, each
   setting against the first by a Wilcoxon signed-rank test paired over (seed, class)
-  (`runs.spread`), and per class the mean ± std;
+  (`runs.spread`), and per class the mean ± std; each setting names what its seeds vary
+  (`variance_sources`: "initialisation + noise", or "initialisation + noise + data order" with
+  a per-member data order, `train.member_data_order`);
 - with `--curve=FIELD` (e.g. `model.noise_sigma`, repeatable): `curve_<FIELD>_<tag>.png` and
   `.csv`, `--curve_metrics` against the field's value. A run's value comes from the config in
   its results, else its latest checkpoint, else its `sweep_run.json`. In a sweep, only the runs
@@ -183,19 +185,32 @@ def _cell(d: Mapping, digits: int) -> str:
   return spread.pct(d, digits) + ("" if ci == "-" else f" {ci}")
 
 
+def sources_line(groups, sources: Mapping[str, str]) -> str:
+  """'Variance sources: ...' of the settings: one label for all, or each setting's."""
+  labels = [sources.get(name, report_inputs.NOT_RECORDED) for name, _ in groups]
+  if len(set(labels)) == 1:
+    return f"Variance sources (what the seeds vary): {labels[0]}"
+  each = "; ".join(f"{name}: {label}" for (name, _), label in zip(groups, labels))
+  return f"Variance sources (what the seeds vary): {each}"
+
+
 def spread_markdown(
     groups: Sequence[tuple[str, list[dict]]],
     metrics: Sequence[str],
     class_metrics: Sequence[str],
     digits: int = 1,
     tag: str = "final",
+    sources: Mapping[str, str] | None = None,
 ) -> str:
   """Settings over their seeds: mean ± std [95 % interval] of the mean row; each setting
   against the first (`spread.compare`: the difference in points, its p, * where it exceeds
-  the seed spread at 5 %); per class, mean ± std."""
+  the seed spread at 5 %); per class, mean ± std. `sources`: {setting: what its seeds vary}
+  (`report_inputs.variance_sources`), said under the title."""
   sps = [(name, len(t), spread.spread(t, list({*metrics, *class_metrics}))) for name, t in groups]
   lines = [
       f"Over seeds (metrics_{tag}.json): mean ± std [95 % interval of the mean, t], %",
+      "",
+      sources_line(groups, sources or {}),
       "",
       "| setting | seeds | " + " | ".join(NAMES.get(m, m) for m in metrics) + " |",
       "|---|---:|" + "---:|" * len(metrics),
@@ -232,14 +247,19 @@ def spread_markdown(
   return "\n".join(lines) + "\n"
 
 
-def write_spread_csv(groups, path: str, metrics: Sequence[str]) -> None:
-  """setting, class, metric, mean, std, lo95, hi95, n (fractions)."""
+def write_spread_csv(
+    groups, path: str, metrics: Sequence[str], sources: Mapping[str, str] | None = None
+) -> None:
+  """setting, variance_sources, class, metric, mean, std, lo95, hi95, n (fractions)."""
+  sources = sources or {}
   with fileio.atomic_write(path, "w", newline="") as f:
     w = csv_cells.writer(f)
-    w.writerow(["setting", "class", "metric", "mean", "std", "lo95", "hi95", "n"])
+    head = ["setting", "variance_sources", "class", "metric", "mean", "std", "lo95", "hi95", "n"]
+    w.writerow(head)
     for name, tables in groups:
+      label = sources.get(name, report_inputs.NOT_RECORDED)
       for row in spread.rows(spread.spread(tables, metrics), metrics):
-        w.writerow([name, *row])
+        w.writerow([name, label, *row])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -292,13 +312,14 @@ def report(
   files.append(os.path.join(output_dir, f"per_class_{tag}.csv"))
   write_per_class_csv(runs, files[-1], cmetrics)
   groups = report_inputs.settings(runs)
+  sources = report_inputs.variance_sources(runs)
   spread_md = None
   if any(len(t) > 1 for _, t in groups):
-    spread_md = spread_markdown(groups, mlist, cmetrics, digits, tag)
+    spread_md = spread_markdown(groups, mlist, cmetrics, digits, tag, sources)
     files.append(os.path.join(output_dir, f"spread_{tag}.md"))
     fileio.atomic_write_text(files[-1], spread_md)
     files.append(os.path.join(output_dir, f"spread_{tag}.csv"))
-    write_spread_csv(groups, files[-1], mlist)
+    write_spread_csv(groups, files[-1], mlist, sources)
   curve_out = []
   for field in curves:
     field = field.split("=", 1)[1] if field.startswith("param=") else field
@@ -325,6 +346,7 @@ def report(
       "summary_md": summary,
       "per_class_md": per_class,
       "spread_md": spread_md,
+      "variance_sources": sources,
       "curves": curve_out,
       "files": files,
       "notes": notes,

@@ -23,7 +23,9 @@ passed to the running child, which checkpoints and exits; the sweep then stops (
 
 Seeds: `--seeds=N` repeats every run over N seeds (`runs.sweep_plan.with_seeds`): as one
 population run (`train.population=seed=...`: one process, one compile, the backbone once)
-where the run allows it, else as N runs `<name>_seed<k>`; the report shows mean ± std.
+where the run allows it, else as N runs `<name>_seed<k>`; the seeds share the base seed's data
+order or draw each their own as a population's members do (`train.member_data_order`); the
+report shows mean ± std and what the seeds vary (`variance_sources`).
 
 Examples (from the repository root):
   python -m cras_jax.sweep --sweep=configs/sweeps/ablations.py --sweep_dir=runs/ablations

@@ -3,7 +3,8 @@
 `default_config()` builds the default `ConfigDict` (cras_jax/configs/mvtec.py starts from it);
 `choices(field)` is the list `config_check` accepts and the code that switches on the field
 reads; `default(field)` the value a run of the default config gets; `LATER_DEFAULTS` the
-values of the fields added after the first runs were saved (their stored configs lack them);
+values of the fields added after the first runs were saved (their stored configs lack them:
+the default, or `absent` where the code before the field behaved otherwise);
 `markdown()` the field table of docs/config.md (`python -m cras_jax.base.schema > docs/config.md`).
 Imports nothing of the package and nothing heavy.
 """
@@ -27,11 +28,17 @@ class Field:
   doc: str
   choices: tuple | None = None
   later: bool = False  # added after the first runs were saved: older configs lack it
+  absent: Any = None  # later fields: what a config lacking it means, where not the default
 
 
 F = Field
 FIELDS: tuple[Field, ...] = (
-    F("seed", 0, "Seed of the heads' initialisation, the noise and the data order."),
+    F(
+        "seed",
+        0,
+        "Seed of the heads' initialisation, the noise and the data order (see "
+        "`train.data_seed`, `train.member_data_order`).",
+    ),
     F(
         "setting",
         "multi_class",
@@ -240,8 +247,26 @@ FIELDS: tuple[Field, ...] = (
     F(
         "train.data_seed",
         -1,
-        "Seed of the data order (and of a random backbone); -1: `seed`.",
+        "Seed of a random backbone and, with a shared data order, of the data order; -1: "
+        "`seed`. A value >= 0 pins one order: a population's members then share it "
+        "(`train.member_data_order` `auto` resolves to `shared`; `per_member` is refused unless "
+        "`model.weights='random'`, whose backbone it then seeds).",
         later=True,
+    ),
+    F(
+        "train.member_data_order",
+        "auto",
+        'The data order of a population\'s members (README "Populations"): shared (every '
+        "member draws the base config's order, `train.data_seed`, -1: `seed`), per_member "
+        "(member k draws its own seed's order: it equals the single run `seed=k`; a random "
+        "backbone stays shared), auto (per_member with `train.cache_features`, where each member "
+        "gathers its own batch of stored features, unless `train.data_seed` >= 0; shared when "
+        "the backbone runs in the step, where per-member batches cost the backbone once per "
+        "member). A single run's order is `seed`'s either way unless `train.data_seed` >= 0. "
+        "Configs saved before this field: shared.",
+        ("auto", "shared", "per_member"),
+        later=True,
+        absent="shared",
     ),
     F(
         "train.population_model_shards",
@@ -290,7 +315,9 @@ FIELDS: tuple[Field, ...] = (
 del F
 
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
-LATER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in FIELDS if f.later}
+LATER_DEFAULTS: dict[str, Any] = {
+    f.name: f.default if f.absent is None else f.absent for f in FIELDS if f.later
+}
 
 
 def field(name: str) -> Field:

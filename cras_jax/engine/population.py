@@ -2,9 +2,13 @@
 
 Only the heads (adapter, discriminator, their optimiser states, centres, noise scale, rng and
 the `steps.HPARAMS` they train with) differ between members; the frozen backbone is shared.
-A population step runs the backbone once per batch and the single-run train step
-(`steps.make_train_step`) for every member, in one of two forms (`BATCHINGS`, config
-`train.population_batching`):
+A population step runs the single-run train step (`steps.make_train_step`) for every member
+on one shared batch, or, with a per-member data order (`train.member_data_order`), on each
+member's own batch: a batch with a leading member axis (`per_member=True`; labels, images or
+stored features per member, laid out by `PopulationDevices.put_member_batch`). A shared batch
+of images goes through the backbone once; per-member batches of images go through it once per
+member (S times the backbone's cost: why "auto" shares the order when the backbone runs in the
+step). It runs in one of two forms (`BATCHINGS`, config `train.population_batching`):
 
 - "map": the single run's compiled step, once per member (`make_member_loop`). Every member
   runs the very program of its run alone, so it is bit-identical to it (tested; on images,
@@ -74,16 +78,20 @@ def resolve_batching(batching: str, model_shards: int = 1, platform: str | None 
 # ----------------------------------------------------------------------------- "vmap"
 
 
-def make_population_step(spec: steps.ModelSpec) -> Callable:
+def make_population_step(spec: steps.ModelSpec, per_member: bool = False) -> Callable:
   """The "vmap" form: (stacked state, batch) -> (stacked state, metrics [S]), one pure
-  function to jit. Batches of images go through the frozen backbone once; every member trains
-  on the same features."""
-  members_step = jax.vmap(steps.make_train_step(spec), in_axes=(0, None))
+  function to jit. A shared batch of images goes through the frozen backbone once and every
+  member trains on the same features; with `per_member`, the batch has a leading member axis
+  and member k trains on its row (images: the backbone vmapped over the members)."""
+  members_step = jax.vmap(steps.make_train_step(spec), in_axes=(0, 0 if per_member else None))
 
   def population_step(state: steps.TrainState, batch) -> tuple[steps.TrainState, dict]:
     backbone = state.backbone
     if "features" not in batch:
-      batch = {"features": spec.features(backbone, batch["image"]), "label": batch["label"]}
+      embed = lambda images: spec.features(backbone, images)
+      if per_member:
+        embed = jax.vmap(embed)
+      batch = {"features": embed(batch["image"]), "label": batch["label"]}
     new, metrics = members_step(state.replace(backbone=None), batch)
     return new.replace(backbone=backbone), metrics
 
@@ -112,28 +120,38 @@ def stack_trees(trees: list):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def make_member_loop(member_step: Callable, embed: Callable | None = None) -> Callable:
+def make_member_loop(
+    member_step: Callable, embed: Callable | None = None, per_member: bool = False
+) -> Callable:
   """The "map" form, run from the host: (stacked state, batch) -> (stacked state, metrics [S]).
 
   member_step: the single run's compiled train step (`steps.make_train_step`, jitted as a
-  single run jits it), called once per member on the shared batch, so every member runs the
-  very program of its run alone and is bit-identical to it. (One program over all members,
-  `jax.lax.map` inside a jit, is not: XLA:CPU contracts multiply-adds into FMAs differently in
-  another program.) A batch of images goes through `embed` (backbone variables, images ->
-  features) once, and every member trains on its features."""
+  single run jits it), called once per member on the shared batch (with `per_member`, on the
+  member's row of a batch with a leading member axis), so every member runs the very program
+  of its run alone and is bit-identical to it. (One program over all members, `jax.lax.map`
+  inside a jit, is not: XLA:CPU contracts multiply-adds into FMAs differently in another
+  program.) A batch of images goes through `embed` (backbone variables, images -> features):
+  a shared batch once, per-member batches once per member."""
 
   def population_step(state: steps.TrainState, batch) -> tuple[steps.TrainState, dict]:
     backbone = state.backbone
-    if "features" not in batch:
-      batch = {"features": embed(backbone, batch["image"]), "label": batch["label"]}
-    heads, metrics = [], []
-    for m in split(state.replace(backbone=None)):
+    heads = split(state.replace(backbone=None))
+    if per_member:
+      batches = split(batch)
+    else:
+      if "features" not in batch:
+        batch = {"features": embed(backbone, batch["image"]), "label": batch["label"]}
+      batches = [batch] * len(heads)
+    new_heads, metrics = [], []
+    for m, b in zip(heads, batches):
+      if "features" not in b:
+        b = {"features": embed(backbone, b["image"]), "label": b["label"]}
       # The single step donates its state, the backbone too: pass on the one it returns.
-      new, met = member_step(m.replace(backbone=backbone), batch)
+      new, met = member_step(m.replace(backbone=backbone), b)
       backbone = new.backbone
-      heads.append(new.replace(backbone=None))
+      new_heads.append(new.replace(backbone=None))
       metrics.append(met)
-    return stack_trees(heads).replace(backbone=backbone), stack_trees(metrics)
+    return stack_trees(new_heads).replace(backbone=backbone), stack_trees(metrics)
 
   return population_step
 
@@ -149,8 +167,9 @@ def make_member_centre_loop(centre_step: Callable) -> Callable:
 
 class PopulationDevices(sharding.Devices):
   """A 2-D mesh ("model", "data"): `model_shards` devices along the members, the rest along
-  the batch. Batches split on "data" (replicated along "model"); a stacked state splits its
-  members on "model" and its shared backbone is replicated."""
+  the batch. Batches split on "data" (replicated along "model"; a per-member batch, with a
+  leading member axis, splits its second axis on "data"); a stacked state splits its members on
+  "model" and its shared backbone is replicated."""
 
   def __init__(self, model_shards: int = 1, devices=None):
     devices = list(jax.devices() if devices is None else devices)
@@ -165,7 +184,17 @@ class PopulationDevices(sharding.Devices):
     self.model_shards = model_shards
     self.replicated = NamedSharding(self.mesh, P())
     self.batch = NamedSharding(self.mesh, P("data"))
+    self.member_batch = NamedSharding(self.mesh, P(None, "data"))
     self.members = NamedSharding(self.mesh, P("model"))
+
+  def put_member_batch(self, batch: dict):
+    """Host arrays [members, this process's share of the batch, ...] -> global arrays split
+    on "data" along their second axis (every member's batch beside the others')."""
+    return {
+        k: jax.make_array_from_process_local_data(self.member_batch, v)
+        for k, v in batch.items()
+        if isinstance(v, np.ndarray)
+    }
 
   def state_shardings(self, state: steps.TrainState):
     """Members split on "model", the backbone replicated (a pytree of shardings)."""
@@ -183,24 +212,34 @@ class PopulationDevices(sharding.Devices):
         shardings,
     )
 
-  def jit_population(self, fn, state: steps.TrainState, deterministic: bool = False):
-    """(stacked state, batch) -> (stacked state, metrics [S]): state donated."""
+  def jit_population(
+      self, fn, state: steps.TrainState, deterministic: bool = False, per_member: bool = False
+  ):
+    """(stacked state, batch) -> (stacked state, metrics [S]): state donated; `per_member`:
+    the batch has a leading member axis (`put_member_batch`)."""
     shardings = self.state_shardings(state)
     return jax.jit(
         fn,
-        in_shardings=(shardings, self.batch),
+        in_shardings=(shardings, self.member_batch if per_member else self.batch),
         out_shardings=(shardings, self.members),
         donate_argnums=0,
         compiler_options=determinism.COMPILER_OPTIONS if deterministic else None,
     )
 
   def population_step(
-      self, spec: steps.ModelSpec, state, batching: str, deterministic: bool = False
+      self,
+      spec: steps.ModelSpec,
+      state,
+      batching: str,
+      deterministic: bool = False,
+      per_member: bool = False,
   ) -> Callable:
     """The compiled population step in the form `batching` (`resolve_batching`): "map" runs
     the single run's step (`jit_train`, as `training.train` compiles it) once per member;
-    "vmap" one vmapped program over the members."""
+    "vmap" one vmapped program over the members. `per_member`: batches with a leading member
+    axis, one data order per member (`training.loop.train_batches`)."""
     if resolve_batching(batching, self.model_shards) == "vmap":
-      return self.jit_population(make_population_step(spec), state, deterministic)
+      step = make_population_step(spec, per_member)
+      return self.jit_population(step, state, deterministic, per_member)
     member = self.jit_train(steps.make_train_step(spec), deterministic)
-    return make_member_loop(member, self.jit_predict(spec.features))
+    return make_member_loop(member, self.jit_predict(spec.features), per_member)

@@ -144,6 +144,23 @@ def _levels(problems, config) -> None:
     )
 
 
+def _data_order(problems, config) -> None:
+  """`train.member_data_order='per_member'` with `train.data_seed` >= 0: the order follows each
+  member's `seed`, so the data seed would seed nothing but a random backbone; refused unless
+  the backbone is random (`runs.population.member_config` writes that pair for one)."""
+  data_seed = get(config, "train.data_seed")
+  if get(config, "train.member_data_order") != "per_member" or isinstance(data_seed, bool):
+    return
+  if isinstance(data_seed, int) and data_seed >= 0 and config.model.weights != "random":
+    problems.append(
+        f"train.member_data_order='per_member' with train.data_seed={data_seed}: a per-member "
+        f"order follows each member's seed, so train.data_seed would change nothing (it seeds "
+        f"only a random backbone); set train.data_seed=-1 for per-member orders, or "
+        f"train.member_data_order='shared' for one order of seed {data_seed} shared by the "
+        f"members"
+    )
+
+
 def problems_of(config, check_files: bool = True) -> list[str]:
   """Every problem of `config` (module docstring); `check_files`: also the weights file and
   the data root."""
@@ -174,6 +191,8 @@ def problems_of(config, check_files: bool = True) -> list[str]:
     )
   _int_at_least(p, config, "train.population_model_shards", 1)
   _choice(p, config, "train.population_batching")
+  _choice(p, config, "train.member_data_order")
+  _data_order(p, config)
   shards = get(config, "train.population_model_shards")
   if get(config, "train.population_batching") == "map" and isinstance(shards, int) and shards > 1:
     p.append(

@@ -51,7 +51,7 @@ class CacheSpec:
 
   backbone: str
   weights: str
-  seed: int  # the seed that draws random weights (`population.data_seed`)
+  seed: int  # the seed that draws random weights (`population.backbone_seed`)
   levels: tuple[int, ...]
   patch_size: int
   pre_embed_dim: int

@@ -4,10 +4,19 @@ The field is a string of `;`-separated `field=v1,v2,...` (e.g. `"seed=0,1,2,3"` 
 `"seed=0,1;model.noise_sigma=0.1,0.2"`); the members are every combination, the first field
 varying slowest. Only `FIELDS` may vary: they change the heads' initialisation and noise
 (`seed`), the noise and DAFS (`model.noise_sigma`, `model.dafs_beta`) or the optimiser
-(`train.lr_*`, `train.wd_*`), never the data, the backbone or the shapes, so one batch of
-backbone features serves every member. The data order (and a random backbone) follow
-`train.data_seed` (-1: the base config's `seed`), shared by the members: member k equals a
-single run of `member_configs(config)[k]`.
+(`train.lr_*`, `train.wd_*`), never the data, the backbone or the shapes, so the members share
+one backbone. Member k equals the single run of `member_configs(config)[k]`.
+
+The data order (`train.member_data_order`, `data_order`): "shared", every member draws the
+base config's order (`train.data_seed`, -1: the base `seed`), so a spread over the members spans
+the initialisation and the noise only; "per_member", member k draws its own seed's order (the
+single run `seed=k`), so the spread spans the data order too (`variance_sources` says which).
+"auto" is per_member on stored features (`train.cache_features`: each member gathers its own
+batch from the cache, a cheap host gather) and shared when the backbone runs in the step (there
+per-member batches run the backbone once per member: S times the step's dominant cost). A
+`train.data_seed` >= 0 pins one shared order under "auto". A random backbone
+(`model.weights='random'`) follows `train.data_seed` (-1: `seed`, `backbone_seed`) and stays
+shared by the members under either order.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import ast
 import itertools
 
 import ml_collections
+
+from cras_jax.base import schema
 
 FIELDS = (
     "seed",
@@ -29,10 +40,80 @@ FIELDS = (
 SUMMARY = "population"  # results/population_<tag>.{json,md,csv}
 
 
-def data_seed(config) -> int:
-  """The seed of the data order and of a random backbone (`train.data_seed`, else `seed`)."""
-  s = config.train.get("data_seed", -1)
-  return config.seed if s is None or s < 0 else s
+ORDERS = ("auto", "shared", "per_member")  # `train.member_data_order` (base/schema.py)
+INIT_NOISE = "initialisation + noise"  # what distinct `seed`s vary
+DATA_ORDER = "data order"
+
+
+def _get(config, dotted: str):
+  """A field of a config (ConfigDict or plain dict), `schema.LATER_DEFAULTS` where it lacks it."""
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return schema.LATER_DEFAULTS.get(dotted)
+    node = node[part]
+  return node
+
+
+def _int(value, fallback: int) -> int:
+  return value if isinstance(value, int) and not isinstance(value, bool) else fallback
+
+
+def backbone_seed(config) -> int:
+  """The seed of a random backbone, and of a shared data order (`train.data_seed`, else
+  `seed`)."""
+  s = _int(_get(config, "train.data_seed"), -1)
+  return _int(_get(config, "seed"), 0) if s < 0 else s
+
+
+def data_order(config) -> str:
+  """`train.member_data_order` resolved: "shared" or "per_member" ("auto": per_member with
+  `train.cache_features` unless `train.data_seed` >= 0 pins an order; an unknown value is
+  shared, and the config check names it)."""
+  order = _get(config, "train.member_data_order")
+  if order == "auto":
+    pinned = _int(_get(config, "train.data_seed"), -1) >= 0
+    return "per_member" if _get(config, "train.cache_features") and not pinned else "shared"
+  return "per_member" if order == "per_member" else "shared"
+
+
+def order_seed(config) -> int:
+  """The seed of a (single-run) config's data order: `seed` with a per-member order, else
+  `backbone_seed` (`train.data_seed`, else `seed`). A member's is its member config's."""
+  if data_order(config) == "per_member":
+    return _int(_get(config, "seed"), 0)
+  return backbone_seed(config)
+
+
+def effective_data_order(config) -> str:
+  """`data_order` where it changes a run's batches: a population's, or a single run's whose
+  order seed differs from its data seed; else "shared" (a single run's order is one seed's
+  either way). What a resumed run must not change (`runs.workdir.config_differences`)."""
+  order = data_order(config)
+  if not _get(config, "train.population") and order_seed(config) == backbone_seed(config):
+    return "shared"
+  return order
+
+
+def variance_sources(configs) -> str:
+  """What differs between runs of `configs` (a population's members, a setting's seeds):
+  "initialisation + noise" (their seeds), "data order" (their orders' seeds), a random backbone,
+  and any other population field by name; joined by " + " ("none" if nothing)."""
+  configs = list(configs)
+
+  def differ(fn) -> bool:
+    return len({repr(fn(c)) for c in configs}) > 1
+
+  parts = []
+  if differ(lambda c: _get(c, "seed")):
+    parts.append(INIT_NOISE)
+  if differ(order_seed):
+    parts.append(DATA_ORDER)
+  random = [c for c in configs if _get(c, "model.weights") == "random"]
+  if random and (len(random) < len(configs) or differ(backbone_seed)):
+    parts.append("random backbone")
+  parts += [f for f in FIELDS[1:] if differ(lambda c, f=f: _get(c, f))]
+  return " + ".join(parts) or "none"
 
 
 def _value(text: str):
@@ -99,9 +180,12 @@ def member_name(values: dict) -> str:
 
 def member_config(config, values: dict) -> ml_collections.ConfigDict:
   """The single-run config member `values` equals: the base config with those values, no
-  population, and the population's data seed."""
+  population, and its data order (`data_order`): shared, the base config's order
+  (`train.data_seed` = `backbone_seed`); per member, its own seed's (`train.data_seed` = -1,
+  the single run `seed=k`; with a random backbone `train.data_seed` keeps the base config's
+  backbone seed, and `train.member_data_order='per_member'` keeps the order its seed's)."""
   cfg = ml_collections.ConfigDict(config.to_dict())
-  shared = data_seed(config)
+  order, shared = data_order(config), backbone_seed(config)
   for field, v in values.items():
     node = cfg
     *path, key = field.split(".")
@@ -109,7 +193,9 @@ def member_config(config, values: dict) -> ml_collections.ConfigDict:
       node = node[p]
     node[key] = v
   cfg.train.population = ""
-  cfg.train.data_seed = shared
+  cfg.train.member_data_order = order
+  random = _get(config, "model.weights") == "random"
+  cfg.train.data_seed = shared if order == "shared" or random else -1
   return cfg
 
 

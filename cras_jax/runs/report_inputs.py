@@ -5,7 +5,8 @@ A run is a workdir with `results/metrics_<tag>.json`; a sweep directory holds ru
 population run (`train.population`) also holds one table per member
 (`results/<member>/metrics_<tag>.json`); `settings` gathers the tables of one setting over its
 seeds: a population's members that differ only in `seed`, or the separate runs a sweep with
-`--seeds` recorded under one group.
+`--seeds` recorded under one group; `variance_sources` says what each setting's seeds vary
+(their configs: a member's `results/<member>/member.json`, a seeded run's `sweep_run.json`).
 """
 
 from __future__ import annotations
@@ -77,17 +78,21 @@ def load_run(name: str, workdir: str, tag: str = "final") -> dict:
   table = dict(res["metrics"])
   if MEAN not in table:
     table = metrics_lib.summarise(table)
-  members = []
+  members, member_configs = [], []
   for m in res.get("members", []) if res.get("population") else []:
     sub = _read_json(os.path.join(workdir, "results", m, f"metrics_{tag}.json"))
     if sub is None or "metrics" not in sub:
       raise ReportError(f"{workdir}: member {m} has no readable metrics_{tag}.json")
     members.append((m, sub["metrics"]))
+    member_configs.append(
+        (_read_json(os.path.join(workdir, "results", m, "member.json")) or {}).get("config")
+    )
   return {
       "name": name,
       "workdir": workdir,
       "metrics": table,
       "members": members,
+      "member_configs": member_configs,  # each member's single-run config, None if unrecorded
       "protocol": res.get("protocol") or "unknown",
       "results": res,
       "record": _read_json(os.path.join(workdir, "sweep_run.json")),
@@ -126,3 +131,33 @@ def settings(runs: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     group = (r["record"] or {}).get("group") or r["name"]
     out.setdefault(group, []).append(r["metrics"])
   return list(out.items())
+
+
+NOT_RECORDED = "not recorded"
+
+
+def variance_sources(runs: Sequence[dict]) -> dict[str, str]:
+  """{setting: what its seeds vary} for the settings of `settings` (`population.
+  variance_sources` of their configs: "initialisation + noise", "initialisation + noise + data
+  order"); "not recorded" where a run's config is not."""
+  configs: dict[str, list] = {}
+  recorded: dict[str, str] = {}  # a population of seeds alone: its own label, if it has one
+  for r in runs:
+    if r["members"]:
+      values = population.members(r["results"]["population"])
+      if all(list(v) == ["seed"] for v in values) and r["results"].get("variance_sources"):
+        recorded[r["name"]] = r["results"]["variance_sources"]
+      for v, cfg in zip(values, r.get("member_configs") or [None] * len(values)):
+        rest = population.member_name({k: x for k, x in v.items() if k != "seed"})
+        configs.setdefault(f"{r['name']}:{rest}" if rest else r["name"], []).append(cfg)
+      continue
+    record = r["record"] or {}
+    configs.setdefault(record.get("group") or r["name"], []).append(record.get("config"))
+  return {
+      name: (
+          recorded.get(name, NOT_RECORDED)
+          if any(c is None for c in cfgs)
+          else population.variance_sources(cfgs)
+      )
+      for name, cfgs in configs.items()
+  }

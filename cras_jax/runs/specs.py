@@ -59,7 +59,7 @@ def cache_spec(config) -> feature_cache.CacheSpec:
   return feature_cache.CacheSpec(
       backbone=m.backbone,
       weights=m.weights,
-      seed=population.data_seed(config),
+      seed=population.backbone_seed(config),
       levels=tuple(m.levels),
       patch_size=m.patch_size,
       pre_embed_dim=m.pre_embed_dim,

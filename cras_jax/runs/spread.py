@@ -97,15 +97,16 @@ def interval(d: Mapping, digits: int = 1) -> str:
   return f"[{100 * d['lo']:.{digits}f}, {100 * d['hi']:.{digits}f}]"
 
 
-def markdown(sp: Mapping, metrics: Sequence[str], names: Mapping[str, str], n: int) -> str:
-  """Classes as rows; per metric 'mean ± std' and its 95 % interval (percent)."""
+def markdown(
+    sp: Mapping, metrics: Sequence[str], names: Mapping[str, str], n: int, sources: str = ""
+) -> str:
+  """Classes as rows; per metric 'mean ± std' and its 95 % interval (percent); `sources`:
+  what the seeds vary (`runs.population.variance_sources`), said under the title."""
   head = " | ".join(f"{names.get(m, m)} | 95% CI" for m in metrics)
-  lines = [
-      f"Mean ± std over {n} seeds and the 95 % interval of the mean (t), %",
-      "",
-      f"| class | {head} |",
-      "|---|" + "---:|---:|" * len(metrics),
-  ]
+  lines = [f"Mean ± std over {n} seeds and the 95 % interval of the mean (t), %", ""]
+  if sources:
+    lines += [f"Variance sources: {sources}", ""]
+  lines += [f"| class | {head} |", "|---|" + "---:|---:|" * len(metrics)]
   for c, row in sp.items():
     cells = " | ".join(f"{pct(row[m])} | {interval(row[m])}" for m in metrics)
     lines.append(f"| {md.cell(c)} | {cells} |")

@@ -4,7 +4,8 @@ Overrides are written `--config.model.hpi=False` or just `model.hpi=False`; `pla
 runs into entries (workdir, command, resolved config) and `is_done` says which to skip.
 `with_seeds` repeats every run over N seeds: one population run
 (`train.population=seed=...`, `runs.population`) where the run allows it, else N separate
-runs `<name>_seed<k>` with the data order of the base seed, grouped for the report.
+runs `<name>_seed<k>`, grouped for the report; either way the seeds share the base seed's data
+order or draw each their own, as a population's members would (`train.member_data_order`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from absl import flags
 from cras_jax import configs
 
 from cras_jax.base import errors, fileio
+from cras_jax.runs import population
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -253,8 +255,12 @@ def with_seeds(
   """Every run over `seeds` seeds (the base seed and the next ones) -> (runs, {run: group}).
 
   A multi-class run whose population does not vary `seed` already becomes one population
-  (`train.population` gains `seed=...`); any other becomes separate runs `<name>_seed<k>`
-  (`seed=k`, `train.data_seed` = the base seed, as a population's members have)."""
+  (`train.population` gains `seed=...`, its data order as its config says); any other becomes
+  separate runs `<name>_seed<k>` (`seed=k`) with the data order a population's members would
+  have (`runs.population.data_order` of the run's config): shared, `train.data_seed` pinned to
+  the base config's (`backbone_seed`); per member, each its own seed's (nothing pinned; a
+  random backbone keeps the base's seed, `train.data_seed`, with
+  `train.member_data_order=per_member`)."""
   if seeds <= 1:
     return {k: list(v) for k, v in runs.items()}, {}
   path = str(REPO_ROOT / find_config(base_config))
@@ -271,8 +277,12 @@ def with_seeds(
       out[name] = [*overrides, f"--config.train.population={spec}"]
       groups[name] = name
       continue
+    pin = [f"--config.train.data_seed={population.backbone_seed(cfg)}"]
+    if population.data_order(cfg) == "per_member":
+      random = cfg["model"].get("weights") == "random"
+      pin = [*pin, "--config.train.member_data_order=per_member"] if random else []
     for i in range(seeds):
       sub = f"{name}_seed{base + i}"
-      out[sub] = [*overrides, f"--config.seed={base + i}", f"--config.train.data_seed={base}"]
+      out[sub] = [*overrides, f"--config.seed={base + i}", *pin]
       groups[sub] = name
   return out, groups

@@ -133,9 +133,11 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ())
   """Result-changing fields that differ between a saved and a new config (fields added
   later count as their default where a config lacks them)."""
   a, b = _flatten(saved), _flatten(current)
-  for d in (a, b):
+  for d, nested in ((a, saved), (b, current)):
     for key, value in config_check.LATER_DEFAULTS.items():
       d.setdefault(key, value)
+    # "auto" resolved (it follows train.cache_features, a field that changes nothing else).
+    d["train.member_data_order"] = population.effective_data_order(nested)
   diffs = []
   for key in sorted(a.keys() | b.keys()):
     if _matches(key, NON_RESULT_FIELDS + tuple(ignore)):
@@ -194,7 +196,7 @@ def initial(
       config.model.backbone,
       config.model.weights,
       config.data.crop,
-      population.data_seed(config),
+      population.backbone_seed(config),
       cache_dir=user_cache.root(config),
       weights_url=config.model.get("weights_url", ""),
   )

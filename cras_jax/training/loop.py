@@ -1,7 +1,8 @@
 """The step loop a single run and a population share (`training.train`, `training.population`).
 
 The data order is a pure function of (seed, epoch) (`epoch_order`, `batch_indices`), so a
-resumed run sees the batches it would have seen. `run_steps` takes the steps from a given one
+resumed run sees the batches it would have seen; a population's members draw one order or
+each their own (`train_batches`). `run_steps` takes the steps from a given one
 to the end: a checkpoint at every epoch end, every `train.checkpoint_every_steps`, at the last
 step and on a stop request (SIGINT/SIGTERM between steps: exit 130/143, the run resumes from
 it); a training-log window every `train.log_every` steps and before every checkpoint, its NaN
@@ -69,23 +70,37 @@ def prefetch(iterator, size: int = 2):
 
 
 def train_batches(
-    start: int, total: int, seed: int, batch_size: int, devices, labels, cache=None, reader=None
+    start: int, total: int, seed, batch_size: int, devices, labels, cache=None, reader=None
 ) -> Iterator[tuple[int, dict]]:
   """(step, batch on the devices) from step `start` to `total`: stored features (`cache`,
   the training images' features in train order) or images (`reader`, a `loader.BatchReader`);
-  this process's share of each global batch."""
+  this process's share of each global batch.
+
+  seed: the seed of the data order (an int), or one seed per member of a population
+  (a sequence: `train.member_data_order` "per_member"): then every member's batch is the one a
+  single run of its seed reads at that step, stacked on a leading member axis
+  (`devices.put_member_batch`)."""
   n = len(labels)
+  per_member = not isinstance(seed, (int, np.integer))
+  seeds = [int(s) for s in seed] if per_member else [int(seed)]
   for s in range(start, total):
-    _, idx = batch_indices(seed, s, n, batch_size, devices.count)
-    idx = idx[devices.local_slice(len(idx))]
-    if cache is not None:
-      batch = {
-          "features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
-          "label": labels[idx],
-      }
+    parts = []
+    for order in seeds:
+      _, idx = batch_indices(order, s, n, batch_size, devices.count)
+      idx = idx[devices.local_slice(len(idx))]
+      if cache is not None:
+        parts.append(
+            {
+                "features": np.asarray(cache[np.sort(idx)])[np.argsort(np.argsort(idx))],
+                "label": labels[idx],
+            }
+        )
+      else:
+        parts.append(reader.read(idx, ("image", "label")))
+    if per_member:
+      yield s, devices.put_member_batch({k: np.stack([p[k] for p in parts]) for k in parts[0]})
     else:
-      batch = reader.read(idx, ("image", "label"))
-    yield s, devices.put_batch(batch)
+      yield s, devices.put_batch(parts[0])
 
 
 @dataclasses.dataclass
@@ -122,7 +137,7 @@ def run_steps(
   for s, batch in prefetch(batches):
     t0 = time.time()
     state, metrics = train_step(state, batch)
-    window.append((metrics, batch["label"].shape[0], t0))
+    window.append((metrics, batch["label"].shape[-1], t0))  # images a member saw
     done = s + 1
     end_of_epoch = done % steps_per_epoch == 0
     save_now = (

@@ -1,14 +1,16 @@
 """Training a population of heads (`train.population`): one compiled step for every member.
 
-The members (`runs.population.member_configs`) share the data, the data order and the frozen
-backbone; their states are stacked on a leading axis and trained by the single-run
-step (`engine.population`, members one after another or vmapped: `train.population_batching`),
-on a 2-D mesh ("model", "data"). One checkpoint holds the whole
-population and resumes exactly like a single run; the NaN guard stops at the first member
-that diverges, naming it. Each member is evaluated like a single run into
-`<workdir>/results/<member>/` (metrics, scores, thresholds, train log), and the spread over
-the members into `<workdir>/results/population_<tag>.{json,md,csv}`, their mean into
-`<workdir>/results/metrics_<tag>.json` (what a sweep and the report read).
+The members (`runs.population.member_configs`) share the data and the frozen backbone, and
+one data order or each their own (`train.member_data_order`, `runs.population.data_order`:
+member k then reads its single run's batches, stacked on a member axis); their states are
+stacked on a leading axis and trained by the single-run step (`engine.population`, members one
+after another or vmapped: `train.population_batching`), on a 2-D mesh ("model", "data"). One
+checkpoint holds the whole population and resumes exactly like a single run; the NaN guard
+stops at the first member that diverges, naming it. Each member is evaluated like a single run
+into `<workdir>/results/<member>/` (metrics, scores, thresholds, train log), and the spread over
+the members into `<workdir>/results/population_<tag>.{json,md,csv}` (naming what it spans:
+`variance_sources`), their mean into `<workdir>/results/metrics_<tag>.json` (what a sweep and
+the report read).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def open_population(config, workdir: str):
       config.model.backbone,
       config.model.weights,
       config.data.crop,
-      population_lib.data_seed(config),
+      population_lib.backbone_seed(config),
   )
   states = [
       steps.create_state(spec, backbone, cfg.seed).replace(hparams=steps.hparams_from_config(cfg))
@@ -214,31 +216,38 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         )
     )
   _close_boards([(r.member, r.config) for r in members], workdir)
-  return write_summary(tables, [r.member for r in members], workdir, "eval", config)
+  sources = population_lib.variance_sources(r.config for r in members)
+  return write_summary(tables, [r.member for r in members], workdir, "eval", config, sources)
 
 
-def write_summary(tables, names, workdir: str, tag: str, config) -> dict:
-  """results/population_<tag>.{json,md,csv}: mean ± std and 95 % intervals over the members.
-  -> the mean table."""
+def write_summary(tables, names, workdir: str, tag: str, config, sources: str) -> dict:
+  """results/population_<tag>.{json,md,csv}: mean ± std and 95 % intervals over the members,
+  and what they span (`sources`: `runs.population.variance_sources`, e.g. "initialisation +
+  noise + data order"). -> the mean table."""
   metrics = list(metrics_lib.METRIC_KEYS)
   sp = spread.spread(tables, metrics)
   out = os.path.join(workdir, "results")
-  text = spread.markdown(sp, metrics, metrics_lib.METRIC_NAMES, len(tables))
+  text = spread.markdown(sp, metrics, metrics_lib.METRIC_NAMES, len(tables), sources)
   text = f"Population {config.train.population!r}: {', '.join(names)}\n\n" + text
   if jax.process_index() == 0:
     base = os.path.join(out, f"{population_lib.SUMMARY}_{tag}")
-    record = {"population": config.train.population, "members": names, "spread": sp}
+    record = {
+        "population": config.train.population,
+        "members": names,
+        "variance_sources": sources,
+        "spread": sp,
+    }
     fileio.atomic_write_json(base + ".json", jsonio.json_safe(record), allow_nan=False)
     fileio.atomic_write_text(base + ".md", text)
     with fileio.atomic_write(base + ".csv", "w", newline="") as f:
       w = csv_cells.writer(f)
-      w.writerow(["class", "metric", "mean", "std", "lo95", "hi95", "n"])
-      w.writerows(spread.rows(sp, metrics))
+      w.writerow(["class", "metric", "mean", "std", "lo95", "hi95", "n", "variance_sources"])
+      w.writerows([*row, sources] for row in spread.rows(sp, metrics))
   print("\n" + text, flush=True)
   table = {c: {m: row[m]["mean"] for m in metrics} for c, row in sp.items()}
   first = _read_json(os.path.join(out, names[0], f"metrics_{tag}.json"))
   extra = {k: first[k] for k in ("step", "protocol", "score_mode", "matching") if k in first}
-  extra.update(population=config.train.population, members=names)
+  extra.update(population=config.train.population, members=names, variance_sources=sources)
   extra["protocol"] = extra.get("protocol", "final epoch")
   if jax.process_index() == 0:  # the sweep's and the report's view: the mean over the members
     results.write_results(table, out, tag, extra)
@@ -256,7 +265,14 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
   batching = pop.resolve_batching(
       config.train.population_batching, config.train.population_model_shards
   )
-  print(f"population: {len(names)} members, batching {batching!r}", flush=True)
+  # One data order, or each member its own single run's (`runs.population.data_order`).
+  orders = [population_lib.order_seed(cfg) for _, cfg in members]
+  per_member = len(set(orders)) > 1
+  print(
+      f"population: {len(names)} members, batching {batching!r}, data order "
+      + ("per member" if per_member else "shared"),
+      flush=True,
+  )
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   meta = {
       **runs.run_meta(config, dataset.class_names, spec, dataset.identity),
@@ -290,13 +306,17 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
   steps_per_epoch = math.ceil(len(dataset.train) / bs)
   total = config.train.epochs * steps_per_epoch
   train_step = devices.population_step(
-      spec, state, batching, deterministic=config.train.get("deterministic", True)
+      spec,
+      state,
+      batching,
+      deterministic=config.train.get("deterministic", True),
+      per_member=per_member,
   )
   evaluator = _Evaluator(spec, state, config, members)
   protocol = config.eval.protocol
   reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
   step = int(state.step[0])
-  seed = population_lib.data_seed(config)
+  seed = orders if per_member else orders[0]
   batches = loop.train_batches(step, total, seed, bs, devices, train_labels, cache, reader)
 
   def evaluate_epoch(state, epoch: int) -> None:
@@ -332,4 +352,5 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
         for name in names
     ]
   _close_boards(members, workdir)
-  return write_summary(tables, names, workdir, "final", config)
+  sources = population_lib.variance_sources(cfg for _, cfg in members)
+  return write_summary(tables, names, workdir, "final", config, sources)

@@ -259,7 +259,7 @@ def _train_and_evaluate(
   reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
   step = int(state.step)
   batches = loop.train_batches(
-      step, total, population_lib.data_seed(config), bs, devices, train_labels, cache, reader
+      step, total, population_lib.order_seed(config), bs, devices, train_labels, cache, reader
   )
   history_path = (
       os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull

@@ -80,6 +80,7 @@ def test_later_defaults_come_from_the_schema():
       "train.deterministic": True,
       "train.population": "",
       "train.data_seed": -1,
+      "train.member_data_order": "shared",  # runs saved before the field shared the order
       "train.population_model_shards": 1,
       "train.population_batching": "auto",
       "data.data_dir": "",

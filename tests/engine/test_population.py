@@ -1,7 +1,8 @@
 """A population of heads: member k of the population step equals the single-run step of the
 same seed and settings (bit for bit with the members mapped, up to float32 rounding with them
-vmapped), the centre step likewise, and the population sharded on 4 simulated devices (mesh
-("model", "data")) equals it on 1."""
+vmapped), on one shared batch or on its own batches (a per-member data order), the centre step
+likewise, and the population sharded on 4 simulated devices (mesh ("model", "data")) equals it
+on 1."""
 
 import os
 import subprocess
@@ -73,17 +74,21 @@ def assert_member_matches(got: dict, want: dict, hparams: dict, n_steps: int, la
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
 
 
-def member_setup():
-  spec = steps.ModelSpec(tiny_config(), 3)
-  rng = np.random.default_rng(0)
-  centres = jnp.asarray(rng.normal(size=(3, spec.num_patches, 32)), jnp.float32)
-  batches = [
+def feature_batches(spec, rng, n: int = 3) -> list[dict]:
+  return [
       {
           "features": rng.normal(size=(8, spec.num_patches, 32)).astype(np.float32),
           "label": rng.integers(0, 3, 8).astype(np.int32),
       }
-      for _ in range(3)
+      for _ in range(n)
   ]
+
+
+def member_setup():
+  spec = steps.ModelSpec(tiny_config(), 3)
+  rng = np.random.default_rng(0)
+  centres = jnp.asarray(rng.normal(size=(3, spec.num_patches, 32)), jnp.float32)
+  batches = feature_batches(spec, rng)
   members = []
   for values in MEMBERS:
     cfg = tiny_config(values)
@@ -93,39 +98,66 @@ def member_setup():
 
 
 def single_runs(centres, batches):
-  """Each member's config trained alone (its own spec, hyper-parameters from its config)."""
+  """Each member's config trained alone (its own spec, hyper-parameters from its config) on
+  `batches`, or on `batches[k]` for member k where it is a list per member."""
   out = []
-  for values in MEMBERS:
+  for k, values in enumerate(MEMBERS):
     alone_spec = steps.ModelSpec(tiny_config(values), 3)
     alone = steps.create_state(alone_spec, None, values["seed"]).replace(centres=centres)
     alone_step = jax.jit(steps.make_train_step(alone_spec))
-    for b in batches:
+    for b in batches[k] if isinstance(batches[0], list) else batches:
       alone, metrics = alone_step(alone, b)
     out.append((alone, metrics))
   return out
 
 
-def train_population(spec, state, batches, batching):
+def own_batches(spec):
+  """A per-member data order: member k's own batches, and the population's batches (member k's
+  on row k of a leading member axis)."""
+  rng = np.random.default_rng(1)
+  own = [feature_batches(spec, rng) for _ in MEMBERS]
+  stacked = [
+      {key: np.stack([own[k][i][key] for k in range(len(MEMBERS))]) for key in own[0][i]}
+      for i in range(len(own[0]))
+  ]
+  return own, stacked
+
+
+def train_population(spec, state, batches, batching, per_member=False):
   if batching == "map":  # the single run's step (jitted as a single run jits it) per member
-    step = population.make_member_loop(jax.jit(steps.make_train_step(spec)))
+    step = population.make_member_loop(jax.jit(steps.make_train_step(spec)), per_member=per_member)
   else:
-    step = jax.jit(population.make_population_step(spec))
+    step = jax.jit(population.make_population_step(spec, per_member))
   for b in batches:
     state, metrics = step(state, b)
   return state, metrics
 
 
-def test_mapped_member_is_bit_identical_to_its_single_run():
-  spec, centres, batches, state = member_setup()
-  state, metrics = train_population(spec, state, batches, "map")
-  assert metrics["loss"].shape == (len(MEMBERS),)
-  for k, (alone, alone_metrics) in enumerate(single_runs(centres, batches)):
+def assert_bit_identical(state, metrics, alone_runs):
+  for k, (alone, alone_metrics) in enumerate(alone_runs):
     got, want = flat(population.member(state, k).checkpointable()), flat(alone.checkpointable())
     assert got.keys() == want.keys()
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=f"member {k}: {key}")
     for key, v in alone_metrics.items():
       np.testing.assert_array_equal(metrics[key][k], v, err_msg=f"member {k}: {key}")
+
+
+def test_mapped_member_is_bit_identical_to_its_single_run():
+  spec, centres, batches, state = member_setup()
+  state, metrics = train_population(spec, state, batches, "map")
+  assert metrics["loss"].shape == (len(MEMBERS),)
+  assert_bit_identical(state, metrics, single_runs(centres, batches))
+
+
+def test_mapped_member_on_its_own_batches_is_bit_identical_to_its_single_run():
+  """A per-member data order: member k trains on row k of each batch, as its single run
+  trains on its own batches, bit for bit."""
+  spec, centres, _, state = member_setup()
+  own, stacked = own_batches(spec)
+  state, metrics = train_population(spec, state, stacked, "map", per_member=True)
+  assert metrics["loss"].shape == (len(MEMBERS),)
+  assert_bit_identical(state, metrics, single_runs(centres, own))
 
 
 @pytest.mark.slow
@@ -137,6 +169,48 @@ def test_vmapped_member_equals_its_single_run_up_to_rounding():
     got = flat(population.member(state, k).checkpointable())
     hp = {k: float(v) for k, v in steps.hparams_from_config(tiny_config(values)).items()}
     assert_member_matches(got, flat(alone.checkpointable()), hp, len(batches), f"member {k}")
+
+
+@pytest.mark.slow
+def test_vmapped_member_on_its_own_batches_equals_its_single_run_up_to_rounding():
+  spec, centres, _, state = member_setup()
+  own, stacked = own_batches(spec)
+  state, metrics = train_population(spec, state, stacked, "vmap", per_member=True)
+  assert metrics["loss"].shape == (len(MEMBERS),)
+  for k, (values, (alone, _)) in enumerate(zip(MEMBERS, single_runs(centres, own))):
+    got = flat(population.member(state, k).checkpointable())
+    hp = {k: float(v) for k, v in steps.hparams_from_config(tiny_config(values)).items()}
+    assert_member_matches(got, flat(alone.checkpointable()), hp, len(stacked), f"member {k}")
+
+
+@pytest.mark.slow
+def test_per_member_images_go_through_the_backbone_once_per_member():
+  """Training on images with a per-member order ("map" on the population's devices): member k
+  equals its single-run step on the backbone's features of its own images, bit for bit."""
+  from tests import tiny_step
+
+  spec, _, state, batch = tiny_step.setup()
+  members = [state] + [
+      steps.create_state(spec, state.backbone, s).replace(centres=state.centres) for s in (1, 2)
+  ]
+  devices = population.PopulationDevices(1)
+  pstate = devices.put_population(jax.device_get(population.stack(members)))
+  rng = np.random.default_rng(2)
+  images = np.stack([rng.permutation(batch["image"]) for _ in members])
+  labels = np.stack([rng.permutation(batch["label"]) for _ in members])
+  step = devices.population_step(spec, pstate, "map", per_member=True)
+  pstate, metrics = step(pstate, devices.put_member_batch({"image": images, "label": labels}))
+  embed = devices.jit_predict(spec.features)
+  single = devices.jit_train(steps.make_train_step(spec))
+  for k, alone in enumerate(members):
+    features = embed(alone.backbone, devices.put_batch({"image": images[k]})["image"])
+    b = {"features": features, "label": devices.put_batch({"label": labels[k]})["label"]}
+    alone, alone_metrics = single(devices.put_replicated(jax.device_get(alone)), b)
+    got = flat(population.member(pstate, k).checkpointable())
+    want = flat(alone.checkpointable())
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"member {k}: {key}")
+    np.testing.assert_array_equal(metrics["loss"][k], alone_metrics["loss"])
 
 
 def test_mapped_centre_step_equals_the_single_one_per_member():
@@ -171,7 +245,7 @@ import jax, numpy as np
 from cras_jax.engine import population, steps
 from tests import tiny_step
 
-shards = int(sys.argv[2])
+shards, per_member = int(sys.argv[2]), sys.argv[3] == "per_member"
 spec, _, state, batch = tiny_step.setup()
 members = [state] + [
     steps.create_state(spec, state.backbone, s).replace(centres=state.centres)
@@ -180,8 +254,14 @@ members = [state] + [
 devices = population.PopulationDevices(shards)
 pstate = devices.put_population(jax.device_get(population.stack(members)))
 assert len(pstate.params["adapter"]["fc0"]["kernel"].sharding.device_set) == jax.device_count()
-step = devices.population_step(spec, pstate, "vmap")
-pstate, metrics = step(pstate, devices.put_batch(batch))
+step = devices.population_step(spec, pstate, "vmap", per_member=per_member)
+if per_member:  # member k's own batch: the shared one's rows in k's order
+  rng = np.random.default_rng(0)
+  orders = [rng.permutation(len(batch["label"])) for _ in members]
+  batch = {key: np.stack([v[o] for o in orders]) for key, v in batch.items()}
+  pstate, metrics = step(pstate, devices.put_member_batch(batch))
+else:
+  pstate, metrics = step(pstate, devices.put_batch(batch))
 flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
     {"params": pstate.params, "batch_stats": pstate.batch_stats, "metrics": metrics})}
 np.savez(sys.argv[1], **flat)
@@ -189,12 +269,12 @@ print("devices", jax.device_count(), "mesh", dict(devices.mesh.shape))
 """
 
 
-def run(n, shards, path):
+def run(n, shards, path, order="shared"):
   env = dict(
       os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
   )
   out = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(path), str(shards)],
+      [sys.executable, "-c", SCRIPT, str(path), str(shards), order],
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -207,9 +287,10 @@ def run(n, shards, path):
 
 
 @pytest.mark.slow
-def test_population_on_four_devices_equals_one(tmp_path):
-  one = run(1, 1, tmp_path / "one.npz")
-  grid = run(4, 2, tmp_path / "grid.npz")  # 2 members per device pair, batch split in two
+@pytest.mark.parametrize("order", ["shared", "per_member"])
+def test_population_on_four_devices_equals_one(tmp_path, order):
+  one = run(1, 1, tmp_path / "one.npz", order)
+  grid = run(4, 2, tmp_path / "grid.npz", order)  # 2 members per device pair, batch split in two
   t = tiny_config().train
   golden.assert_one_step_equal(grid, one, t.lr_adapter, t.lr_disc)
   assert grid["['metrics']['loss']"].shape == (4,)

@@ -16,7 +16,8 @@ def test_with_seeds_makes_populations_where_allowed():
       "seeded": ["--config.train.population=seed=5,6"],
       "per_class": ["--config.setting=single_class"],
   }
-  out, groups = sweep_plan.with_seeds(runs, 3, "configs/demo.py", ["--config.seed=4"])
+  common = ["--config.seed=4", "--config.train.member_data_order=shared"]
+  out, groups = sweep_plan.with_seeds(runs, 3, "configs/demo.py", common)
   assert out["full"] == ["--config.train.population=seed=4,5,6"]
   assert out["sigma"][-1] == "--config.train.population=model.noise_sigma=0.1,0.2;seed=4,5,6"
   for name, base in (("seeded", runs["seeded"]), ("per_class", runs["per_class"])):
@@ -27,6 +28,28 @@ def test_with_seeds_makes_populations_where_allowed():
       assert groups[sub] == name
   assert groups["full"] == "full"
   assert sweep_plan.with_seeds(runs, 1, "configs/demo.py", []) == (runs, {})
+
+
+def test_seeded_runs_draw_their_own_data_order_where_a_population_would():
+  """The demo trains on stored features: `train.member_data_order` "auto" is per member, so the
+  separate seeded runs do not pin the data seed; a random backbone keeps the base seed."""
+  runs = {"per_class": ["--config.setting=single_class"]}
+  out, _ = sweep_plan.with_seeds(runs, 2, "configs/demo.py", ["--config.seed=4"])
+  assert out == {
+      "per_class_seed4": [*runs["per_class"], "--config.seed=4"],
+      "per_class_seed5": [*runs["per_class"], "--config.seed=5"],
+  }
+  uncached = ["--config.train.cache_features=False"]
+  out, _ = sweep_plan.with_seeds(runs, 2, "configs/demo.py", uncached)
+  assert out["per_class_seed1"][-1] == "--config.train.data_seed=0"  # backbone in the step: shared
+  random = ["--config.seed=4", "--config.model.weights=random"]
+  out, _ = sweep_plan.with_seeds(runs, 2, "configs/demo.py", random)
+  assert out["per_class_seed5"] == [
+      *runs["per_class"],
+      "--config.seed=5",
+      "--config.train.data_seed=4",
+      "--config.train.member_data_order=per_member",
+  ]
 
 
 @pytest.mark.parametrize(

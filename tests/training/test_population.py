@@ -1,5 +1,7 @@
 """A population run end to end on the tiny demo: every member's results, an exact resume after
-SIGKILL, member k against the single run of its config, and the config check's refusals."""
+SIGKILL, member k against the single run of its config (its own data order on the demo's
+stored features, or the base seed's shared one), what the spread spans, and the config
+check's refusals."""
 
 import json
 import os
@@ -11,6 +13,8 @@ import pytest
 
 from cras_jax.configs import demo
 from cras_jax.runs import config_check, trained
+from cras_jax.runs import population as population_lib
+from cras_jax.training import loop
 from tests.training.test_train import final_params, run_main
 
 POP = ["--config.train.population=seed=0,1", "--config.train.epochs=2"]
@@ -44,6 +48,12 @@ def test_population_writes_each_members_results(population_run):
     assert log[-1]["step"] == 6 and np.isfinite(log[-1]["loss"])
   summary = json.load(open(results / "population_final.json"))
   assert summary["members"] == ["seed0", "seed1"]
+  # The demo trains on stored features: each member draws its own data order.
+  assert summary["variance_sources"] == "initialisation + noise + data order"
+  assert (
+      "Variance sources: initialisation + noise + data order"
+      in (results / "population_final.md").read_text()
+  )
   per = [json.load(open(results / m / "metrics_final.json"))["metrics"] for m in ("seed0", "seed1")]
   for c, row in summary["spread"].items():
     want = [p[c]["i_auroc"] for p in per]
@@ -82,31 +92,117 @@ def test_population_sigkill_then_rerun_ends_bit_identical(population_run):
 
 
 @pytest.mark.slow
-def test_member_is_bit_identical_to_the_single_run_of_its_config(population_run):
+@pytest.mark.parametrize(
+    "order,alone_args",
+    [
+        ("per_member", []),  # member seed1 reads the batches of the run `seed=1` alone
+        ("shared", ["--config.train.data_seed=0"]),  # ... of the base seed 0
+    ],
+)
+def test_member_is_bit_identical_to_the_single_run_of_its_config(population_run, order, alone_args):
   """On the CPU the population runs the single run's compiled step per member
   (`train.population_batching` "auto" -> "map"): centres, training and scores are the run
-  alone's, bit for bit."""
+  alone's, bit for bit, with a per-member data order (the demo's default on stored features)
+  and with a shared one."""
   base = population_run
+  pop_dir = base / "pop"
+  if order == "shared":
+    pop_dir = base / "pop_shared"
+    run_main(
+        pop_dir, base / "data", base / "cache", *POP, "--config.train.member_data_order=shared"
+    )
+  alone_dir = base / ("alone" if order == "per_member" else "alone_shared")
   out = run_main(
-      base / "alone",
+      alone_dir,
       base / "data",
       base / "cache",
       "--config.train.epochs=2",
       "--config.seed=1",
-      "--config.train.data_seed=0",
+      *alone_args,
   )
   assert "resumed" not in out
-  _, pop = final_params(base / "pop")
-  _, alone = final_params(base / "alone")
+  summary = json.load(open(pop_dir / "results" / "population_final.json"))
+  want = "initialisation + noise" + (" + data order" if order == "per_member" else "")
+  assert summary["variance_sources"] == want
+  _, pop = final_params(pop_dir)
+  _, alone = final_params(alone_dir)
   member = flat(jax.tree.map(lambda x: np.asarray(x)[1], pop))
   alone = flat(alone)
   assert member.keys() == alone.keys()
   for key in alone:
     np.testing.assert_array_equal(member[key], alone[key], err_msg=key)
-  got = json.load(open(base / "pop" / "results" / "seed1" / "metrics_final.json"))["metrics"]
-  assert got == json.load(open(base / "alone" / "results" / "metrics_final.json"))["metrics"]
-  scores = (base / "pop" / "results" / "seed1" / "scores_final.csv").read_text()
-  assert scores == (base / "alone" / "results" / "scores_final.csv").read_text()
+  got = json.load(open(pop_dir / "results" / "seed1" / "metrics_final.json"))["metrics"]
+  assert got == json.load(open(alone_dir / "results" / "metrics_final.json"))["metrics"]
+  scores = (pop_dir / "results" / "seed1" / "scores_final.csv").read_text()
+  assert scores == (alone_dir / "results" / "scores_final.csv").read_text()
+
+
+class _HostDevices:
+  """One process, one device; batches stay host arrays."""
+
+  count = 1
+  local_slice = staticmethod(lambda n: slice(0, n))
+  put_batch = put_member_batch = staticmethod(lambda batch: batch)
+
+
+def test_per_member_batches_are_each_members_single_run_batches():
+  """With one data-order seed per member, row k of every batch (stored features and labels)
+  is the batch the single run of seed k reads at that step, across an epoch's end."""
+  n, bs = 13, 4
+  cache = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+  labels = np.arange(n, dtype=np.int32) % 3
+  devices = _HostDevices()
+  batches = list(loop.train_batches(2, 7, [5, 6, 7], bs, devices, labels, cache))
+  singles = {s: list(loop.train_batches(2, 7, s, bs, devices, labels, cache)) for s in (5, 6, 7)}
+  assert [step for step, _ in batches] == list(range(2, 7))
+  for i, (_, batch) in enumerate(batches):
+    assert batch["features"].shape[0] == batch["label"].shape[0] == 3
+    for k, s in enumerate((5, 6, 7)):
+      want = singles[s][i][1]
+      np.testing.assert_array_equal(batch["features"][k], want["features"])
+      np.testing.assert_array_equal(batch["label"][k], want["label"])
+  assert not all(np.array_equal(b["label"][0], b["label"][1]) for _, b in batches)
+
+
+def test_per_member_order_is_the_default_only_on_stored_features():
+  cfg = demo.get_config()
+  cfg.train.population = "seed=0,1,2"
+  assert cfg.train.cache_features and population_lib.data_order(cfg) == "per_member"
+  members = population_lib.member_configs(cfg)
+  assert [population_lib.order_seed(c) for _, c in members] == [0, 1, 2]
+  assert all(c.train.data_seed == -1 for _, c in members)  # each the single run `seed=k`
+  cfg.train.cache_features = False  # the backbone in the step: per-member batches cost it S times
+  assert population_lib.data_order(cfg) == "shared"
+  assert [population_lib.order_seed(c) for _, c in population_lib.member_configs(cfg)] == [0] * 3
+  cfg.train.cache_features, cfg.train.data_seed = True, 5  # a pinned data seed: one order
+  assert population_lib.data_order(cfg) == "shared"
+  cfg.train.member_data_order, cfg.model.weights = "per_member", "random"
+  members = population_lib.member_configs(cfg)
+  assert [population_lib.order_seed(c) for _, c in members] == [0, 1, 2]
+  assert [population_lib.backbone_seed(c) for _, c in members] == [5] * 3  # one random backbone
+
+
+def test_population_tables_name_what_the_spread_spans(tmp_path):
+  from cras_jax.training import population
+
+  cfg = demo.get_config()
+  cfg.train.population = "seed=0,1"
+  names = ["seed0", "seed1"]
+  tables = [{"a": {"i_auroc": v}, "mean": {"i_auroc": v}} for v in (0.8, 0.9)]
+  (tmp_path / "results" / "seed0").mkdir(parents=True)
+  (tmp_path / "results" / "seed0" / "metrics_final.json").write_text('{"step": 6}')
+  sources = population_lib.variance_sources(c for _, c in population_lib.member_configs(cfg))
+  assert sources == "initialisation + noise + data order"
+  population.write_summary(tables, names, str(tmp_path), "final", cfg, sources)
+  results = tmp_path / "results"
+  assert json.load(open(results / "population_final.json"))["variance_sources"] == sources
+  assert json.load(open(results / "metrics_final.json"))["variance_sources"] == sources
+  assert f"Variance sources: {sources}" in (results / "population_final.md").read_text()
+  rows = (results / "population_final.csv").read_text().splitlines()
+  assert rows[0].endswith(",n,variance_sources") and rows[1].endswith(f",{sources}")
+  cfg.train.member_data_order = "shared"
+  shared = population_lib.variance_sources(c for _, c in population_lib.member_configs(cfg))
+  assert shared == "initialisation + noise"
 
 
 def test_config_check_refuses_fields_a_population_cannot_vary():
@@ -124,6 +220,29 @@ def test_config_check_refuses_fields_a_population_cannot_vary():
   cfg.train.population = "seed=0,1"
   cfg.setting = "single_class"
   assert any("one multi-class model per member" in p for p in config_check.problems_of(cfg, False))
+
+
+@pytest.mark.parametrize("value", ["per-member", "PER_MEMBER", "", None])
+def test_config_check_names_a_bad_data_order(value):
+  cfg = demo.get_config()
+  cfg.train.population = "seed=0,1"
+  cfg.train.member_data_order = value
+  (problem,) = config_check.problems_of(cfg, check_files=False)
+  assert problem == (
+      f"train.member_data_order={value!r}: choose one of 'auto', 'shared', 'per_member'"
+  )
+
+
+def test_config_check_refuses_a_per_member_order_with_a_pinned_data_seed():
+  cfg = demo.get_config()
+  cfg.train.population = "seed=0,1"
+  cfg.train.member_data_order = "per_member"
+  cfg.train.data_seed = 3
+  (problem,) = config_check.problems_of(cfg, check_files=False)
+  assert problem.startswith("train.member_data_order='per_member' with train.data_seed=3:")
+  assert "set train.data_seed=-1" in problem and "train.member_data_order='shared'" in problem
+  cfg.model.weights = "random"  # then the data seed seeds the members' one random backbone
+  assert config_check.problems_of(cfg, check_files=False) == []
 
 
 @pytest.mark.slow
@@ -247,3 +366,24 @@ def test_population_centres_and_noise_scale_are_each_members_single_run_values()
     want = train.compute_centres(one, tuple(x[i] for x in acc), dataset, config)
     np.testing.assert_array_equal(np.asarray(got["noise_std"])[i], np.asarray(want["noise_std"]))
     np.testing.assert_array_equal(np.asarray(got["centres"])[i], np.asarray(want["centres"]))
+
+
+def test_a_population_saved_before_the_data_order_switch_keeps_its_shared_order():
+  """A run saved without `train.member_data_order` had a shared order: resuming it under
+  "auto" on stored features (per member) is a result-changing difference; "auto" following
+  `train.cache_features` changes nothing for a single run, whose order is its seed's."""
+  from cras_jax.runs import workdir
+
+  cfg = demo.get_config()
+  cfg.train.population = "seed=0,1"
+  saved = cfg.to_dict()
+  del saved["train"]["member_data_order"]
+  assert workdir.config_differences(saved, cfg.to_dict()) == [
+      "train.member_data_order: saved 'shared', now 'per_member'"
+  ]
+  cfg.train.member_data_order = "shared"
+  assert workdir.config_differences(saved, cfg.to_dict()) == []
+  single = demo.get_config()
+  uncached = demo.get_config()
+  uncached.train.cache_features = False
+  assert workdir.config_differences(single.to_dict(), uncached.to_dict()) == []
