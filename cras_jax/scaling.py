@@ -27,6 +27,7 @@ Writes scaling.json, scaling.md and scaling.png into --out. Examples:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax.base import errors
+from cras_jax.engine import sharding
 from cras_jax.perf import probes, rows, scaling_model, systems, tpu, tpu_study
 
 MODES = rows.MODES
@@ -87,8 +89,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "max_batch_multiple", 8, "--max_batch: batches per device searched in this step.",
       flag_values=fv,
   )  # fmt: skip
+  flags.DEFINE_list(
+      "parallelism", ["jit"],
+      "Forms of the steps (train.parallelism): jit, shard_map, pmap. With several, one study "
+      "per form in OUT/<form>/ and the forms side by side in OUT/forms.md (and .json).",
+      flag_values=fv,
+  )  # fmt: skip
   flags.DEFINE_integer("worker_devices", 0, "Internal: run one device count.", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
+  flags.register_validator(
+      "parallelism",
+      lambda fs: bool(fs) and set(fs) <= set(sharding.FORMS),
+      f"--parallelism: one or more of {', '.join(sharding.FORMS)}",
+      flag_values=fv,
+  )
   flags.register_validator(
       "modes", lambda ms: set(ms) <= set(MODES), f"--modes: each one of {MODES}", flag_values=fv
   )
@@ -115,6 +129,7 @@ def options(fv: flags.FlagValues):
   )  # fmt: skip
   dtype = fv.dtype or base.model.dtype
   config = rows.configure(base, args, fv.image_size or int(base.data.crop), dtype)
+  config.train.parallelism = fv.parallelism[0]
   args.generation = tpu.parse_target(fv.target)
   if args.generation and config.model.kernels == "auto":
     config.model.kernels = "xla"  # what "auto" gives on a TPU (this host's backend is the CPU)
@@ -144,6 +159,8 @@ def _counts(args, platform: str) -> tuple[list[dict], bool]:
   out = []
   for n in args.devices:
     cmd = [sys.executable, "-m", "cras_jax.scaling", *sys.argv[1:], f"--worker_devices={n}"]
+    # This form's study (the last of a repeated flag wins).
+    cmd += [f"--parallelism={args.config.train.parallelism}", f"--out={args.out}"]
     print(f"--- {n} simulated device(s)", flush=True)
     subprocess.run(cmd, env=scaling_model.worker_env(n), check=True)
     with open(os.path.join(args.out, f"worker_{n}.json")) as f:
@@ -153,7 +170,25 @@ def _counts(args, platform: str) -> tuple[list[dict], bool]:
 
 
 def run(fv: flags.FlagValues) -> dict:
+  """The study of each form in --parallelism (one: in --out; several: in --out/<form>/, and
+  their comparison in --out/forms.md)."""
+  forms = list(dict.fromkeys(fv.parallelism))
+  if len(forms) == 1 or fv.worker_devices:
+    return _run_form(fv, forms[0], fv.out)
+  results = {form: _run_form(fv, form, os.path.join(fv.out, form)) for form in forms}
+  table = scaling_model.forms_markdown(results)
+  with open(os.path.join(fv.out, "forms.json"), "w") as f:
+    json.dump(scaling_model.forms_rows(results), f, indent=1)
+  with open(os.path.join(fv.out, "forms.md"), "w") as f:
+    f.write(table)
+  print("\n" + table, flush=True)
+  return {"forms": results}
+
+
+def _run_form(fv: flags.FlagValues, form: str, out: str) -> dict:
   args, config, plan = options(fv)
+  args.out = out
+  config.train.parallelism = form
   os.makedirs(args.out, exist_ok=True)
   if args.generation:
     return _run_tpu(fv, args, config, plan)
@@ -162,10 +197,7 @@ def run(fv: flags.FlagValues) -> dict:
     return {}
   env = probes.environment()
   devs = jax.devices()
-  peak = probes.matmul_peak(
-      devs[:1], 2048 if devs[0].platform == "cpu" else 8192, "float32", 3, 0.3
-  )
-  bw = probes.memory_bandwidth(devs[0])
+  peak, bw = _calibration(devs[0])
   here = systems.measured_system(
       "this CPU" if devs[0].platform == "cpu" else f"this {devs[0].device_kind}",
       peak["flops_per_s"], bw["bytes_per_s"], shared=devs[0].platform == "cpu",
@@ -182,8 +214,8 @@ def run(fv: flags.FlagValues) -> dict:
   projections = scaling_model.project_all(compiled, plan, system_list, config.model.dtype, loader)
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
-      "model": f"{config.model.backbone} {config.data.crop}px {config.model.dtype}, "
-      f"D={config.model.embed_dim}, K={args.num_classes}, kernels={config.model.kernels}",
+      "model": _model(config, args),
+      "parallelism": config.train.parallelism,
       "environment": env,
       "simulated": simulated,
       "modes": args.modes,
@@ -211,6 +243,22 @@ def run(fv: flags.FlagValues) -> dict:
   return result
 
 
+@functools.cache
+def _calibration(device) -> tuple[dict, dict]:
+  """This host's matmul peak and memory bandwidth, measured once per process (the forms of
+  one study are projected on the same figures, so they compare by their programs alone)."""
+  peak = probes.matmul_peak([device], 2048 if device.platform == "cpu" else 8192, "float32", 3, 0.3)
+  return peak, probes.memory_bandwidth(device)
+
+
+def _model(config, args) -> str:
+  return (
+      f"{config.model.backbone} {config.data.crop}px {config.model.dtype}, "
+      f"D={config.model.embed_dim}, K={args.num_classes}, kernels={config.model.kernels}, "
+      f"parallelism={config.train.parallelism}"
+  )
+
+
 def _write(result: dict, md: str, out: str) -> str:
   """scaling.json, scaling.md and scaling.png of a study into `out` -> the markdown."""
   with open(os.path.join(out, "scaling.json"), "w") as f:
@@ -230,8 +278,8 @@ def _run_tpu(fv: flags.FlagValues, args, config, plan) -> dict:
   chip = systems.TPU_CHIPS[args.generation]
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
-      "model": f"{config.model.backbone} {config.data.crop}px {config.model.dtype}, "
-      f"D={config.model.embed_dim}, K={args.num_classes}, kernels={config.model.kernels}",
+      "model": _model(config, args),
+      "parallelism": config.train.parallelism,
       "target": fv.target,
       "libtpu": tpu.libtpu_version(),
       "environment": probes.environment(),

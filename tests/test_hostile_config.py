@@ -79,6 +79,11 @@ BAD_FIELDS = [
     ({"data.mask_rule": "any_nonzero"}, "data.mask_rule='any_nonzero'"),
     ({"eval.protocol": "best"}, "eval.protocol='best'"),
     ({"train.epochs": 0}, "train.epochs=0"),
+    ({"train.parallelism": "pjit"}, "train.parallelism='pjit'"),
+    (
+        {"train.parallelism": "pmap", "train.population": "seed=0,1"},
+        "a population (train.population) trains with jit only",
+    ),
 ]
 
 

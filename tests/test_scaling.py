@@ -93,3 +93,35 @@ def test_weak_and_strong_series():
       ("strong B6", 1, 6),
       ("strong B6", 2, 6),  # 4 does not divide 6
   ]
+
+
+@pytest.mark.slow
+def test_parallelism_forms_side_by_side(tmp_path):
+  """--parallelism=jit,shard_map,pmap: one study per form and forms.md / forms.json; the
+  explicit forms exchange the gradient tree plus the BatchNorm and DAFS statistics and the
+  metrics (a few KB), the same in both; the jit form's partitioner exchanges at least that."""
+  out = tmp_path / "forms"
+  run_module(
+      "cras_jax.scaling",
+      "--config=configs/demo.py",
+      "--image_size=64",
+      "--embed_dim=32",
+      "--pre_embed_dim=48",
+      "--num_classes=3",
+      "--devices=2",
+      "--batch_per_device=2",
+      "--modes=train_cached",
+      "--measure=",
+      "--parallelism=jit,shard_map,pmap",
+      f"--out={out}",
+      timeout=1200,
+  )
+  rows = json.loads((out / "forms.json").read_text())
+  assert (out / "forms.md").read_text().count("| train_cached |") == 3
+  for form in ("jit", "shard_map", "pmap"):
+    assert json.loads((out / form / "scaling.json").read_text())["parallelism"] == form
+  reduced = {r["form"]: r["collectives"]["all-reduce"]["operand_bytes"] for r in rows}
+  _, grad_bytes = _gradients(32, 3)
+  assert reduced["shard_map"] == reduced["pmap"]
+  assert grad_bytes <= reduced["shard_map"] < grad_bytes + 4096
+  assert reduced["jit"] >= reduced["shard_map"]

@@ -182,6 +182,7 @@ class PopulationDevices(sharding.Devices):
     self.mesh = Mesh(grid, ("model", "data"))
     self.count = grid.shape[1]  # batches are padded to a multiple of the data axis
     self.model_shards = model_shards
+    self.parallelism = "jit"  # populations train with jit only (train.parallelism)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch = NamedSharding(self.mesh, P("data"))
     self.member_batch = NamedSharding(self.mesh, P(None, "data"))

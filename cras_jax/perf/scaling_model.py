@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from cras_jax import backbones
-from cras_jax.perf import probes, roofline, rows
+from cras_jax.perf import probes, roofline, rows, tpu
+from cras_jax.perf.bench_report import collectives_text
 
 OPTIMISER_NOTE = (
     "Optimiser semantics: the loss is a mean over the global batch (the gradient all-reduce "
@@ -197,3 +198,70 @@ def worker_env(n: int) -> dict:
   flags_ = [f for f in flags_ if not f.startswith("--xla_force_host_platform_device_count")]
   flags_.append(f"--xla_force_host_platform_device_count={n}")
   return dict(os.environ, XLA_FLAGS=" ".join(flags_), JAX_PLATFORMS="cpu")
+
+
+def forms_rows(results: dict[str, dict]) -> list[dict]:
+  """The studies of several `train.parallelism` forms ({form: result}) as one row per form
+  and compiled step: per device (per chip on a TPU target) memory, bytes accessed, the
+  collectives, the compile time and the projected images/s on the study's first system."""
+  out = []
+  for form, result in results.items():
+    system = result["systems"][0]["name"]
+    proj = {
+        (p["mode"], p["devices"], p["global_batch"]): p
+        for p in result["projections"]
+        if p["system"] == system
+    }
+    for r in result["compiled"]:
+      f = r["facts"]
+      count = r.get("chips", r["devices"])
+      per = tpu.per_chip(f) if "chips" in r else {**(f.get("memory") or {}), **f}
+      p = proj.get((r["mode"], count, r["global_batch"]), {})
+      out.append({
+          "form": form,
+          "mode": r["mode"],
+          "count": count,
+          "unit": "chips" if "chips" in r else "devices",
+          "global_batch": r["global_batch"],
+          "compile_s": f["lower_s"] + f["compile_s"],
+          "footprint_bytes": per.get("footprint_bytes"),
+          "bytes_accessed": per.get("bytes_accessed"),
+          "collectives": f["collectives"],
+          "system": system,
+          "images_per_s": p.get("images_per_s"),
+          "binding": p.get("binding"),
+      })  # fmt: skip
+  return out
+
+
+def forms_markdown(results: dict[str, dict]) -> str:
+  """`forms_rows` as a table, the projected images/s also relative to the jit form's."""
+  rows_ = forms_rows(results)
+  first = next(iter(results.values()))
+  jit = {
+      (r["mode"], r["count"], r["global_batch"]): r["images_per_s"]
+      for r in rows_
+      if r["form"] == "jit"
+  }
+  unit = rows_[0]["unit"] if rows_ else "devices"
+  per = "chip" if unit == "chips" else "device"
+  lines = [
+      f"Parallelism forms: {first['config']} ({first['model'].rsplit(', parallelism=', 1)[0]}),"
+      f" {first.get('target', 'cpu')}; per {per}; projected on {rows_[0]['system'] if rows_ else '–'}"
+      " (cras_jax/perf/roofline.py); collectives: count × operand bytes summed, per device.",
+      "",
+      f"| mode | form | {unit} | global batch | compile s | memory/{per} GB | GB accessed/{per} "
+      "| collectives | images/s | vs jit | binding |",
+      "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+  ]
+  for r in sorted(rows_, key=lambda r: (r["mode"], r["count"], r["global_batch"])):
+    base = jit.get((r["mode"], r["count"], r["global_batch"]))
+    ips = r["images_per_s"]
+    lines.append(
+        f"| {r['mode']} | {r['form']} | {r['count']} | {r['global_batch']} | "
+        f"{r['compile_s']:.1f} | {_f(r['footprint_bytes'] and r['footprint_bytes'] / 1e9, 3)} | "
+        f"{_f(r['bytes_accessed'] and r['bytes_accessed'] / 1e9, 3)} | "
+        f"{collectives_text(r['collectives'])} | {_f(ips, 1)} | "
+        f"{_f(ips / base if ips and base else None, 2)} | {r['binding'] or '–'} |"
+    )
+  return "\n".join(lines) + "\n"
