@@ -174,3 +174,45 @@ def memory(compiled) -> dict | None:
       out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
   )
   return out
+
+
+# Top-level instructions that write no new buffer (views, tuples, parameters, constants), and
+# the -start halves of async pairs (their -done is counted).
+_NO_WRITE = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all")
+
+
+def largest_writes(hlo_text: str, k: int = 8) -> dict:
+  """Where a compiled step's bytes go: the top-level instructions of the entry computation
+  (fusions, convolutions, copies, collectives, ...) by the bytes of their results, the k
+  largest with their source op name (HLO metadata, the JAX code's name scope) and their share
+  of all the bytes the entry computation's instructions write. Instructions inside fusions and
+  loop bodies are not counted apart: a fusion's result is what it writes to memory.
+  -> {"total_bytes", "ops": [{"name", "op", "shape", "bytes", "share", "source"}]}."""
+  lines = hlo_text.splitlines()
+  start = next((i for i, l in enumerate(lines) if l.startswith("ENTRY")), None)
+  if start is None:
+    return {"total_bytes": 0, "ops": []}
+  found, total = [], 0
+  for line in lines[start + 1 :]:
+    if line.startswith("}"):
+      break
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, op, _ = m.groups()
+    if op in _NO_WRITE or op.endswith("-start"):
+      continue
+    b = shape_bytes(shape)
+    total += b
+    src = re.search(r'op_name="([^"]*)"', line)
+    found.append({
+        "name": name,
+        "op": op,
+        "shape": " ".join(array_shapes(shape))[:120],
+        "bytes": b,
+        "source": src.group(1) if src else "",
+    })  # fmt: skip
+  found.sort(key=lambda r: -r["bytes"])
+  for r in found:
+    r["share"] = r["bytes"] / total if total else 0.0
+  return {"total_bytes": total, "ops": found[:k]}

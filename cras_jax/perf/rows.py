@@ -193,6 +193,7 @@ def bench_row(
       "xla_memory_bytes_per_device": xla_mem,
       "bytes_accessed_per_device": facts["bytes_accessed"],
       "collectives": facts["collectives"],
+      "largest_writes": facts["largest_writes"],
       "device_peak_bytes": probes.device_peak_bytes(devs),
       "compiles_on_first_call": first_call_compiles,
       "recompiles_during_timing": recompiles,
@@ -222,13 +223,16 @@ def row_label(mode, config, n_devices, batch_size) -> str:
 
 def compiled_facts(compiled, n_devices: int) -> dict:
   """What the scaling model reads from a compiled step, per device: FLOPs and bytes accessed
-  (cost analysis), memory (memory analysis) and the collectives of the optimised HLO."""
-  items = hlo.collectives(compiled.as_text(), n_devices)
+  (cost analysis), memory (memory analysis), the collectives of the optimised HLO and its
+  largest top-level writes (`hlo.largest_writes`: where the bytes go)."""
+  text = compiled.as_text()
+  items = hlo.collectives(text, n_devices)
   return {
       **hlo.cost(compiled),
       "memory": hlo.memory(compiled),
       "collectives": hlo.summarise_collectives(items),
       "collective_list": items,
+      "largest_writes": hlo.largest_writes(text),
   }
 
 

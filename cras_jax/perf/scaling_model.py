@@ -146,6 +146,7 @@ def markdown(result: dict) -> str:
         + f"; XLA memory {(r['facts']['memory'] or {}).get('footprint_bytes', 0) / 2**20:.4g} MiB"
         f"/device; compile {r['facts']['compile_s']:.1f} s"
     )
+  lines += writes_tables(result)
   lines += ["", "Sources of the system figures:", ""]
   lines += [f"- {s['name']}: {s['source']}" for s in result["systems"]]
   return "\n".join(lines) + "\n"
@@ -265,3 +266,36 @@ def forms_markdown(results: dict[str, dict]) -> str:
         f"{_f(ips / base if ips and base else None, 2)} | {r['binding'] or '–'} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def writes_tables(result: dict, k: int = 6) -> list[str]:
+  """Where the bytes go: for each mode, the largest top-level writes of its compiled step at
+  the largest device count and batch (`hlo.largest_writes`), with the cost analysis's bytes
+  accessed beside them (per device)."""
+  lines = []
+  for mode in result["modes"]:
+    recs = [r for r in result["compiled"] if r["mode"] == mode and "largest_writes" in r["facts"]]
+    if not recs:
+      continue
+    r = max(recs, key=lambda r: (r["devices"], r["global_batch"]))
+    f, lw = r["facts"], r["facts"]["largest_writes"]
+    per = r["global_batch"] / r["devices"]
+    count = f"{r['chips']} chips" if "chips" in r else f"{r['devices']} devices"
+    lines += [
+        "",
+        f"Where the bytes go, {mode} ({count}, batch {r['global_batch']}; per device): "
+        f"top-level writes {lw['total_bytes'] / 1e9:.3g} GB, cost analysis "
+        f"{_f(f.get('bytes_accessed') and f['bytes_accessed'] / 1e9, 3)} GB accessed "
+        f"({_f(f.get('bytes_accessed') and f['bytes_accessed'] / per / 1e9, 3)} GB per image), "
+        f"{_f(f.get('flops') and f['flops'] / per / 1e9, 1)} GFLOP per image.",
+        "",
+        "| op | shape | MB written | share | source (JAX name scope) |",
+        "|---|---|---:|---:|---|",
+    ]
+    for op in lw["ops"][:k]:
+      src = op["source"].split("/")
+      lines.append(
+          f"| {op['op']} | `{op['shape']}` | {op['bytes'] / 1e6:.4g} | {op['share'] * 100:.1f} % | "
+          f"{'/'.join(src[-3:])} |"
+      )
+  return lines

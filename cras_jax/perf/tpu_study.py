@@ -126,6 +126,7 @@ def markdown(result: dict) -> str:
           f"{'–' if mb is None else ('≥' if mb['at_limit'] else '') + str(mb['max_batch_per_chip'])} |"
       )
     lines.append("")
+  lines += scaling_model.writes_tables(result) + [""]
   lines += ["Source of the chip's figures:", ""]
   lines += [f"- {s['name']}: {s['source']}" for s in result["systems"]]
   return "\n".join(lines) + "\n"

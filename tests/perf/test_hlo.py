@@ -1,6 +1,10 @@
 """cras_jax/perf/hlo.py on the forms of TPU-optimised HLO (written as libtpu prints them:
 tiled layouts, mesh replica groups, async start/done pairs whose start returns a tuple)."""
 
+import jax
+import jax.numpy as jnp
+import pytest
+
 from cras_jax.perf import hlo
 
 TPU_HLO = """
@@ -49,3 +53,43 @@ def test_an_async_pair_counts_once_with_the_result_of_its_done():
   summary = hlo.summarise_collectives(hlo.collectives(TPU_HLO, 4))
   assert summary["collective-permute"] == {"count": 1, "operand_bytes": 512}
   assert summary["all-reduce"]["count"] == 3
+
+
+LARGEST_WRITES_HLO = """HloModule m, entry_computation_layout={(f32[8,16]{1,0})->f32[8,16]{1,0}}
+
+%fused (p: f32[8,16]) -> f32[8,16,4] {
+  %p = f32[8,16]{1,0} parameter(0)
+  ROOT %b = f32[8,16,4]{2,1,0} broadcast(%p), dimensions={0,1}
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  %stack = f32[8,16,4]{2,1,0} fusion(%x), kind=kLoop, calls=%fused, metadata={op_name="jit(step)/aggregate/stack"}
+  %ar-start = f32[8,16]{1,0} all-reduce-start(%x), replica_groups={}, to_apply=%add
+  %ar-done = f32[8,16]{1,0} all-reduce-done(%ar-start)
+  %t = (f32[8,16]{1,0}, f32[]) tuple(%ar-done, %c)
+  %g = f32[8,16]{1,0} get-tuple-element(%t), index=0
+  ROOT %out = bf16[8,16]{1,0} convert(%g), metadata={op_name="jit(step)/convert_element_type"}
+}
+"""
+
+
+def test_largest_writes_counts_the_entry_computations_new_buffers():
+  """Fusions, collectives (their -done) and converts write; parameters, constants, tuples and
+  views do not; instructions inside fused computations are not counted apart."""
+  lw = hlo.largest_writes(LARGEST_WRITES_HLO, k=2)
+  assert lw["total_bytes"] == 8 * 16 * 4 * 4 + 8 * 16 * 4 + 8 * 16 * 2
+  assert [(o["op"], o["bytes"], o["source"]) for o in lw["ops"]] == [
+      ("fusion", 2048, "jit(step)/aggregate/stack"),
+      ("all-reduce-done", 512, ""),
+  ]
+  assert lw["ops"][0]["share"] == pytest.approx(2048 / (2048 + 512 + 256))
+
+
+def test_largest_writes_of_a_compiled_program_name_its_source():
+  x = jax.ShapeDtypeStruct((128, 256), jnp.float32)
+  compiled = jax.jit(lambda x: jnp.sin(x) * 2).lower(x).compile()
+  lw = hlo.largest_writes(compiled.as_text())
+  assert lw["ops"][0]["bytes"] == 128 * 256 * 4
+  assert "sin" in lw["ops"][0]["source"] or "mul" in lw["ops"][0]["source"]
