@@ -15,8 +15,8 @@ from PIL import Image
 
 from cras_jax.base import errors
 from cras_jax.configs import demo
-from cras_jax.runs import checkpoint, config_check, trained
-from cras_jax.runs import workdir as runs
+from cras_jax.runs.state import checkpoint, config_check, trained
+from cras_jax.runs.state import workdir as runs
 from cras_jax.training import train
 from tests.conftest import ROOT, TINY
 
