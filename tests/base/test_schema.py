@@ -83,6 +83,7 @@ def test_later_defaults_come_from_the_schema():
       "train.member_data_order": "shared",  # runs saved before the field shared the order
       "train.population_model_shards": 1,
       "train.population_batching": "auto",
+      "train.parallelism": "jit",  # runs saved before the field were jit-partitioned
       "data.data_dir": "",
       "data.download_url": "",
       "data.download_sha256": "",
