@@ -35,8 +35,8 @@ import sys
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, errors, flag_checks
-from cras_jax.runs import scoring, trained
-from cras_jax.runs.exporting import (  # noqa: F401 - the library, re-exported for its users
+from cras_jax.runs.scoring import scoring
+from cras_jax.runs.scoring.exporting import (  # noqa: F401 - the library, re-exported for its users
     FORMAT,
     FORMAT_VERSION,
     OUTPUTS,
@@ -47,6 +47,7 @@ from cras_jax.runs.exporting import (  # noqa: F401 - the library, re-exported f
     used_weights,
     write_npz,
 )
+from cras_jax.runs.state import trained
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -35,8 +35,10 @@ from absl import app, flags, logging
 from cras_jax.base import compile_cache, errors, fileio, flag_checks, markdown
 from cras_jax.base import stop as stop_lib
 from cras_jax.engine import steps
-from cras_jax.runs import evaluate, plots, scoring, trained
-from cras_jax.runs import workdir as runs
+from cras_jax.runs.reporting import plots
+from cras_jax.runs.scoring import evaluate, scoring
+from cras_jax.runs.state import trained
+from cras_jax.runs.state import workdir as runs
 
 # ----------------------------------------------------------------------------- features
 

@@ -33,8 +33,9 @@ from absl import app, flags, logging
 from cras_jax.base import compile_cache, flag_checks
 from cras_jax.base import errors as errors_lib
 from cras_jax.base import stop as stop_lib
-from cras_jax.runs import config_bounds, predicting, scoring, trained
-from cras_jax.runs.predict_inputs import find_images
+from cras_jax.runs.scoring import predicting, scoring
+from cras_jax.runs.scoring.predict_inputs import find_images
+from cras_jax.runs.state import config_bounds, trained
 
 # ----------------------------------------------------------------------------- command line
 

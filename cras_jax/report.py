@@ -14,7 +14,7 @@ Writes into `--output_dir` (default `<sweep dir>/report` for one sweep directory
 - `spread_<tag>.md` / `.csv` when a setting has several seeds (a population run, or a sweep
   with `--seeds`): per setting the mean ± std over seeds and the 95 % interval of the mean, each
   setting against the first by a Wilcoxon signed-rank test paired over (seed, class)
-  (`runs.spread`), and per class the mean ± std; each setting names what its seeds vary
+  (`runs.reporting.spread`), and per class the mean ± std; each setting names what its seeds vary
   (`variance_sources`: "initialisation + noise", or "initialisation + noise + data order" with
   a per-member data order, `train.member_data_order`);
 - with `--curve=FIELD` (e.g. `model.noise_sigma`, repeatable): `curve_<FIELD>_<tag>.png` and
@@ -44,15 +44,15 @@ from absl import app, flags
 
 from cras_jax.base import csv_cells, errors, fileio, flag_checks, markdown
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import report_inputs, spread
-from cras_jax.runs.report_curves import (  # noqa: F401 - the tool's names, as before the split
+from cras_jax.runs.reporting import report_inputs, spread
+from cras_jax.runs.reporting.report_curves import (  # noqa: F401 - the tool's names, as before the split
     _lookup,
     curve_data,
     param_value,
     plot_curve,
     write_curve_csv,
 )
-from cras_jax.runs.report_inputs import (  # noqa: F401 - the tool's names, as before the split
+from cras_jax.runs.reporting.report_inputs import (  # noqa: F401 - the tool's names, as before the split
     ReportError,
     check_protocols,
     find_runs,

@@ -40,8 +40,9 @@ from cras_jax.base import markdown as md
 from cras_jax.base import stop as stop_lib
 from cras_jax.data.perturbations import FILL_MODES, PERTURBATIONS, PerturbedSource, Settings
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs import evaluate, results, scoring, trained
-from cras_jax.runs import workdir as runs
+from cras_jax.runs.scoring import evaluate, scoring
+from cras_jax.runs.state import results, trained
+from cras_jax.runs.state import workdir as runs
 
 METRICS = ("i_auroc", "i_ap", "p_auroc", "p_ap", "aupro", "match_acc")
 

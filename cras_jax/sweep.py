@@ -21,7 +21,7 @@ sweep goes on with the next; the exit status is 1 if any run failed. Ctrl-C (or 
 passed to the running child, which checkpoints and exits; the sweep then stops (exit status
 130 / 143) and the same command resumes it.
 
-Seeds: `--seeds=N` repeats every run over N seeds (`runs.sweep_plan.with_seeds`): as one
+Seeds: `--seeds=N` repeats every run over N seeds (`runs.reporting.sweep_plan.with_seeds`): as one
 population run (`train.population=seed=...`: one process, one compile, the backbone once)
 where the run allows it, else as N runs `<name>_seed<k>`; the seeds share the base seed's data
 order or draw each their own as a population's members do (`train.member_data_order`); the
@@ -52,8 +52,8 @@ from collections.abc import Mapping, Sequence
 from absl import app, flags
 
 from cras_jax.base import errors, fileio
-from cras_jax.runs import sweep_plan
-from cras_jax.runs.sweep_plan import (  # noqa: F401 - the tool's names, as before the split
+from cras_jax.runs.reporting import sweep_plan
+from cras_jax.runs.reporting.sweep_plan import (  # noqa: F401 - the tool's names, as before the split
     _OVERRIDE,
     DEFAULT_CONFIG,
     RECORD,

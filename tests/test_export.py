@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cras_jax import export
-from cras_jax.runs import scoring, thresholds
+from cras_jax.runs.scoring import scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
 
@@ -109,7 +109,7 @@ def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
 
 
 def test_exported_file_names_its_run_and_a_content_checksum(exported, tiny_run):
-  from cras_jax.runs import checkpoint
+  from cras_jax.runs.state import checkpoint
 
   meta = exported["meta"]
   saved = checkpoint.restore_meta(checkpoint.manager(str(tiny_run["workdir"]), read_only=True))

@@ -59,7 +59,7 @@ def test_spread_tables_name_what_the_seeds_vary(tmp_path):
   """A population with a per-member data order spans the data order too; seeded runs that
   share the base seed's order do not; a run without recorded configs says so."""
   from cras_jax.configs import demo
-  from cras_jax.runs import population
+  from cras_jax.runs.state import population
 
   sw = tmp_path / "sw"
   base = demo.get_config()

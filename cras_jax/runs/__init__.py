@@ -1,1 +1,6 @@
-"""Runs and scoring: a workdir, its config check and checkpoints, the one Scorer, evaluation and result files."""
+"""Runs and scoring, in three sub-packages layered state <- scoring <- reporting.
+
+`state`: a workdir, its config check, checkpoints and specs, a trained run, its result files.
+`scoring`: the one Scorer, evaluation, thresholds, predicting new images, the export.
+`reporting`: results over seeds, a sweep's plan, the report's inputs and curves, plots.
+"""

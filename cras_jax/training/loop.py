@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cras_jax.base import stop as stop_lib
-from cras_jax.runs import checkpoint, results
+from cras_jax.runs.state import checkpoint, results
 
 StopRequest = stop_lib.StopRequest  # SIGINT/SIGTERM -> stop between steps
 

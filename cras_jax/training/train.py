@@ -8,7 +8,7 @@ train on. The step loop, shared with populations, is `training.loop`: the data o
 function of (seed, epoch), so a resumed run repeats an uninterrupted one exactly; SIGINT/SIGTERM
 stop between steps.
 In the single-class setting `train_and_evaluate` and `evaluate_checkpoint` (`--mode=eval`) loop
-over the classes here, one model each, and gather one table (`runs/single_class.py`).
+over the classes here, one model each, and gather one table (`runs/state/single_class.py`).
 """
 
 from __future__ import annotations
@@ -29,20 +29,18 @@ from cras_jax.base import stop as stop_lib
 from cras_jax.data import loader
 from cras_jax.engine import population, sharding, steps
 from cras_jax.method import centres as centres_lib
-from cras_jax.runs import (
+from cras_jax.runs.scoring import evaluate, scoring, summaries
+from cras_jax.runs.state import (
     checkpoint,
     config_check,
-    evaluate,
     feature_cache,
     named_inputs,
     results,
-    scoring,
     single_class,
     specs,
-    summaries,
 )
-from cras_jax.runs import population as population_lib
-from cras_jax.runs import workdir as runs
+from cras_jax.runs.state import population as population_lib
+from cras_jax.runs.state import workdir as runs
 from cras_jax.training import loop
 
 

@@ -9,7 +9,7 @@ import pytest
 from cras_jax import report
 from cras_jax.base import markdown
 from cras_jax.method import metrics
-from cras_jax.runs import spread
+from cras_jax.runs.reporting import spread
 
 
 def _cells(line: str) -> list[str]:

@@ -9,7 +9,7 @@ from cras_jax.configs import mvtec
 from cras_jax.data import preprocess
 from cras_jax.engine import model
 from cras_jax.method import centres, loss, synthesis
-from cras_jax.runs import config_check
+from cras_jax.runs.state import config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,6 +83,7 @@ def test_later_defaults_come_from_the_schema():
       "train.member_data_order": "shared",  # runs saved before the field shared the order
       "train.population_model_shards": 1,
       "train.population_batching": "auto",
+      "train.parallelism": "jit",  # runs saved before the field were jit-partitioned
       "data.data_dir": "",
       "data.download_url": "",
       "data.download_sha256": "",

@@ -1,0 +1,1 @@
+"""Reporting: results over seeds, a sweep's plan, the report's inputs and curves, plots."""

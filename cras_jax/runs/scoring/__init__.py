@@ -1,0 +1,1 @@
+"""Scoring: the one Scorer, evaluation, thresholds, predicting new images and their files, the export."""

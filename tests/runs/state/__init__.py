@@ -1,0 +1,1 @@
+"""Tests of cras_jax/runs/state/."""
