@@ -54,8 +54,7 @@ def classes(tables: Sequence[Mapping]) -> list[str]:
 def spread(tables: Sequence[Mapping], metrics: Sequence[str]) -> dict:
   """{class: {metric: describe(values over the tables)}}, the mean row included."""
   return {
-      c: {m: describe([_value(t, c, m) for t in tables]) for m in metrics}
-      for c in classes(tables)
+      c: {m: describe([_value(t, c, m) for t in tables]) for m in metrics} for c in classes(tables)
   }
 
 

@@ -22,10 +22,8 @@ from pathlib import Path
 from absl import flags
 
 from cras_jax import configs
-
 from cras_jax.base import errors, fileio
 from cras_jax.runs.state import population
-
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = "configs/demo.py"
@@ -59,7 +57,9 @@ def normalise(override: str) -> str:
     return "--" + o
   if "=" in o:
     return "--config." + o
-  raise errors.UserValueError(f"override {override!r}: write it as field=value, e.g. model.hpi=False")
+  raise errors.UserValueError(
+      f"override {override!r}: write it as field=value, e.g. model.hpi=False"
+  )
 
 
 def override_key(override: str) -> str:
@@ -87,7 +87,9 @@ def parse_run_flag(spec: str) -> tuple[str, list[str]]:
   """'name:model.hpi=False,model.levels=(2,3)' -> ('name', [...])."""
   name, sep, rest = spec.partition(":")
   if not sep:
-    raise errors.UserValueError(f"--run={spec!r}: write it as name:override,override (or name: for none)")
+    raise errors.UserValueError(
+        f"--run={spec!r}: write it as name:override,override (or name: for none)"
+    )
   rest = rest.strip()
   return name.strip(), [normalise(o) for o in _SPLIT.split(rest) if o.strip()] if rest else []
 

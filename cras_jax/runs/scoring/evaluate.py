@@ -17,14 +17,10 @@ import time
 
 import jax
 
-from cras_jax.runs.scoring import scoring, summaries
-from cras_jax.runs.state import config_check, named_inputs, results, specs
-from cras_jax.runs.state import trained
-from cras_jax.runs.state import workdir as runs
 from cras_jax.base import fileio, progress
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs.scoring import scoring, summaries
-from cras_jax.runs.state import config_check, results, single_class
+from cras_jax.runs.state import config_check, named_inputs, results, specs, trained
 from cras_jax.runs.state import workdir as runs
 
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
@@ -177,8 +173,8 @@ def checkpoint_protocol(run: trained.Run, dataset) -> dict:
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training (`--mode=eval`); the config must
-  agree with the run's in the fields that change scoring (`trained.check_eval_config`). One model:
-the single-class setting's loop over the classes is `train.evaluate_checkpoint`'s."""
+    agree with the run's in the fields that change scoring (`trained.check_eval_config`). One model:
+  the single-class setting's loop over the classes is `train.evaluate_checkpoint`'s."""
   config_check.check(config)
   progress.configure(config)
   named_inputs.ensure(config)  # weights and data named by the config: fetched once

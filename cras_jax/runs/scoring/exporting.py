@@ -19,9 +19,7 @@ import cras_jax
 from cras_jax import run_exported
 from cras_jax.base import errors, fileio
 from cras_jax.runs.scoring import scoring
-from cras_jax.runs.state import results
-from cras_jax.runs.state import trained
-from cras_jax.runs.state import workdir as runs
+from cras_jax.runs.state import results, trained
 
 FORMAT = "cras_jax.exported_scoring"
 FORMAT_VERSION = 2  # 2: a content checksum, the run id and config in the meta

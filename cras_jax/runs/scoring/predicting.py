@@ -23,13 +23,10 @@ import numpy as np
 
 from cras_jax.base import errors as errors_lib
 from cras_jax.base import stop as stop_lib
-from cras_jax.data import preprocess
 from cras_jax.runs.scoring import scoring, writers
-from cras_jax.runs.state import results, specs
 from cras_jax.runs.scoring import thresholds as thr_lib
-from cras_jax.runs.state import trained
-from cras_jax.runs.state import workdir as runs
 from cras_jax.runs.scoring.predict_inputs import find_images, output_stems, read_images
+from cras_jax.runs.state import results, specs, trained
 
 
 @dataclasses.dataclass
@@ -178,7 +175,9 @@ def predict_paths(
   try:
     read = read_images(paths, cfg.data.resize, cfg.data.crop, workers, limits)
     for records in score_images(scorer, thr, run.class_names, read, paths, names):
-      stop_lib.poll("predict", f"the rows written so far (their files exist) are in {out.partial_path}")
+      stop_lib.poll(
+          "predict", f"the rows written so far (their files exist) are in {out.partial_path}"
+      )
       for r in records:
         rows[r.index] = r.row
         if r.image is None:  # unreadable

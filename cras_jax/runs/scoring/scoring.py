@@ -21,9 +21,9 @@ import numpy as np
 
 from cras_jax import data as data_lib
 from cras_jax.base import stop as stop_lib
+from cras_jax.engine import sharding, steps
 from cras_jax.runs.scoring import thresholds
 from cras_jax.runs.state import results
-from cras_jax.engine import sharding, steps
 
 OUTPUTS = ("scores", "maps", "cls")  # what a scored batch returns by default
 

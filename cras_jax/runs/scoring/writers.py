@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image
 
 from cras_jax.base import csv_cells, errors, fileio, fs, jsonio
-from cras_jax.runs.scoring import thresholds as thr_lib
 from cras_jax.runs.state import render
 
 OVERLAY_ALPHA = 0.45
@@ -78,7 +77,9 @@ def claim_partial(path: str):
   with open(path, newline="") as f:
     rows = max(sum(1 for _ in f) - 1, 0)  # the header is not a row
   if rows:
-    stem = os.path.join(os.path.dirname(path), f"results.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = os.path.join(
+        os.path.dirname(path), f"results.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     kept, n = f"{stem}.csv", 1
     while os.path.exists(kept):  # never over an earlier one
       kept, n = f"{stem}-{n}.csv", n + 1

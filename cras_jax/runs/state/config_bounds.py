@@ -82,7 +82,9 @@ def bound_problems(config) -> list[str]:
   for field, (low, high, why) in SIZE_BOUNDS.items():
     v = _get(config, field)
     if isinstance(v, int) and not isinstance(v, bool) and not low <= v <= high:
-      p.append(f"{field}={v}: must be an integer from {low} to {high}" + (f" ({why})" if why else ""))
+      p.append(
+          f"{field}={v}: must be an integer from {low} to {high}" + (f" ({why})" if why else "")
+      )
   for field, (low, strict, high, why) in SCALE_BOUNDS.items():
     v = _get(config, field)
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):

@@ -14,12 +14,10 @@ import re
 from collections.abc import Sequence
 
 from cras_jax import backbones
-from cras_jax.base import compile_cache, registry
-from cras_jax.runs.state import population
-from cras_jax.runs.state import config_bounds, population
 from cras_jax.backbones import efficientnet_lite_weights
-from cras_jax.base import errors, schema
+from cras_jax.base import compile_cache, errors, registry, schema
 from cras_jax.data import layout
+from cras_jax.runs.state import config_bounds, population
 
 LEVELS = registry.ALL_LEVELS  # every backbone's own are in its registry entry
 # Defaults of fields added after the first runs were saved (their configs lack them).
@@ -167,7 +165,7 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   p: list[str] = []
   _choice(p, config, "setting")
   _choice(p, config, "eval.protocol")
-  d, m = config.data, config.model
+  d = config.data
   for f in ("data.resize", "data.crop", "model.patch_size", "model.pre_embed_dim"):
     _int_at_least(p, config, f, 1)
   for f in ("model.embed_dim", "model.adapter_layers", "model.disc_layers"):

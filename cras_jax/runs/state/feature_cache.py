@@ -22,8 +22,7 @@ import re
 import numpy as np
 
 from cras_jax.backbones import efficientnet_lite_weights
-from cras_jax.base import registry
-from cras_jax.base import download, fileio, fs, leases
+from cras_jax.base import download, fileio, fs, leases, registry
 
 FORMAT_VERSION = 1
 _CACHE = re.compile(r"train_[0-9a-f]+\.npy")
@@ -225,7 +224,9 @@ class Writer:
         "set --config.train.feature_cache_dir (or data.cache_dir) to a writable directory",
     )
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    fs.check_free_space(folder, nbytes, f"the feature cache ({describe_size(shape, dtype)})", self.FIX)
+    fs.check_free_space(
+        folder, nbytes, f"the feature cache ({describe_size(shape, dtype)})", self.FIX
+    )
     self.file, self.tmp = file, f"{file}.tmp-{os.getpid()}.npy"
     self.data_dir = data_dir
     self.array = np.lib.format.open_memmap(
@@ -240,7 +241,9 @@ class Writer:
   def commit(self) -> np.ndarray:
     self.array.flush()
     del self.array
-    record = {"sha256": download.sha256_file(self.tmp)}  # what `load` checks before reusing the file
+    record = {
+        "sha256": download.sha256_file(self.tmp)
+    }  # what `load` checks before reusing the file
     if self.data_dir is not None:  # what the file was computed from (`prune_unused`)
       record["data_dir"] = os.path.abspath(self.data_dir)
     fileio.atomic_write_json(_source_file(self.file), record)

@@ -3,8 +3,6 @@ the training progress line and the versions every results file records."""
 
 from __future__ import annotations
 
-import json
-import csv
 import math
 import os
 import platform

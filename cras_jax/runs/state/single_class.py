@@ -16,9 +16,10 @@ import jax
 import ml_collections
 
 from cras_jax import data as data_lib
+from cras_jax.data import datasets, layout
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.runs.state import results, specs
-from cras_jax.data import datasets, layout
+
 
 def single_class_configs(config, workdir: str) -> dict:
   """The per-class runs of the single-class setting: class -> (config, sub-workdir)."""

@@ -19,11 +19,11 @@ from cras_jax.engine import population as population_engine
 from cras_jax.engine import sharding, steps
 from cras_jax.runs.state import checkpoint, config_check, population, specs
 from cras_jax.runs.state.workdir import (
-  TRAINING_ONLY_FIELDS,
-  config_differences,
-  config_from_meta,
-  initial,
-  restore_latest,
+    TRAINING_ONLY_FIELDS,
+    config_differences,
+    config_from_meta,
+    initial,
+    restore_latest,
 )
 
 

@@ -39,8 +39,13 @@ def test_spread_per_class_and_mean_row():
 def test_compare_is_a_wilcoxon_over_seed_class_pairs():
   rng = np.random.default_rng(0)
   classes = ["c0", "c1", "c2", "c3"]
-  a = [{c: {"i_auroc": float(x)} for c, x in zip(classes, rng.uniform(0.7, 0.9, 4))} for _ in range(4)]
-  shifted = [{c: {"i_auroc": r[c]["i_auroc"] + 0.05 + 0.001 * i} for i, c in enumerate(classes)} for r in a]
+  a = [
+      {c: {"i_auroc": float(x)} for c, x in zip(classes, rng.uniform(0.7, 0.9, 4))}
+      for _ in range(4)
+  ]
+  shifted = [
+      {c: {"i_auroc": r[c]["i_auroc"] + 0.05 + 0.001 * i} for i, c in enumerate(classes)} for r in a
+  ]
   out = spread.compare(a, shifted, "i_auroc")
   xs = [r[c]["i_auroc"] for r in a for c in classes]
   ys = [r[c]["i_auroc"] for r in shifted for c in classes]
@@ -48,5 +53,8 @@ def test_compare_is_a_wilcoxon_over_seed_class_pairs():
   assert out["p"] == pytest.approx(stats.wilcoxon(ys, xs).pvalue) and out["significant"]
   same = spread.compare(a, a, "i_auroc")
   assert same["p"] == 1.0 and not same["significant"]
-  noise = [{c: {"i_auroc": r[c]["i_auroc"] + float(e)} for c, e in zip(classes, rng.normal(0, 0.01, 4))} for r in a]
+  noise = [
+      {c: {"i_auroc": r[c]["i_auroc"] + float(e)} for c, e in zip(classes, rng.normal(0, 0.01, 4))}
+      for r in a
+  ]
   assert not spread.compare(a, noise, "i_auroc")["significant"]

@@ -92,7 +92,9 @@ def test_predict_with_malformed_thresholds_exits_2_with_one_line(tiny_run, tmp_p
 @pytest.mark.parametrize("stored", ["another-run", None])
 def test_thresholds_of_another_run_or_of_no_named_run_are_refused(tmp_path, stored):
   _write(tmp_path, {**_valid(), "run_id": stored})
-  with pytest.raises(errors.UserValueError, match=r"(?s)thresholds\.json.*(this run's id|this one)"):
+  with pytest.raises(
+      errors.UserValueError, match=r"(?s)thresholds\.json.*(this run's id|this one)"
+  ):
     thresholds.load(str(tmp_path), CLASSES, run_id="this-run")
   _write(tmp_path, {**_valid(), "run_id": "this-run"})
   assert thresholds.load(str(tmp_path), CLASSES, run_id="this-run").image_threshold == 1.2

@@ -39,7 +39,9 @@ def test_member_names_keep_their_short_form_where_it_is_exact():
   assert population.member_name(values) == "seed3_noise_sigma0.2_dafs_beta1e-05"
 
 
-@pytest.mark.parametrize("spec", ["model.noise_sigma=1,1.0", "seed=2,2", "model.noise_sigma=0.5,5e-1"])
+@pytest.mark.parametrize(
+    "spec", ["model.noise_sigma=1,1.0", "seed=2,2", "model.noise_sigma=0.5,5e-1"]
+)
 def test_a_value_given_twice_is_refused(spec):
   (problem,) = _problems(spec)
   assert "are the same value" in problem and "give each value once" in problem

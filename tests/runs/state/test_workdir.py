@@ -12,8 +12,7 @@ from PIL import Image
 from cras_jax.base import errors
 from cras_jax.data import identity, layout
 from cras_jax.runs.scoring import evaluate
-from cras_jax.runs.state import checkpoint
-from cras_jax.runs.state import trained
+from cras_jax.runs.state import checkpoint, trained
 from cras_jax.runs.state import workdir as runs
 from tests.conftest import ROOT, TINY
 
