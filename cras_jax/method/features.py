@@ -181,6 +181,25 @@ def aggregate_patches(
   plain = all(
       _is_reshape_mean(f.shape[-1] * k2, pre_embed_dim) for f in levels
   ) and _is_reshape_mean(n * pre_embed_dim, embed_dim)
+  g2 = n * pre_embed_dim // embed_dim
+  if (
+      form == "xla"
+      and all((f.shape[-1] * k2) % pre_embed_dim == 0 for f in levels)
+      and (n * pre_embed_dim) % embed_dim == 0
+      and pre_embed_dim % g2 == 0
+  ):
+    # Both poolings are equal groups and the final one never mixes two levels (WideResNet50:
+    # 4608 -> 1536 in threes, then pairs): level l's share of t is its own columns, the mean
+    # of groups of g1 g2 consecutive unfolded entries. Each level is pooled straight to that
+    # share (`unfold_pool_groups`), upsampled at that width, and the shares are concatenated:
+    # no [B, H, W, n_levels, pre] stack, no copy of it.
+    shares = []
+    for feat in levels:
+      f = unfold_pool_groups(feat, pre_embed_dim // g2, patch_size)
+      if f.shape[1:3] != grid:
+        f = resize_bilinear(f, grid)
+      shares.append(f)
+    return jnp.concatenate(shares, axis=-1).reshape(b, grid[0] * grid[1], embed_dim)
   if plain or form == "xla":
     pooled = []
     for feat in levels:
