@@ -14,15 +14,21 @@ timed, and the measured step is compared with this machine's projection (the cal
 
 With `--target=tpu:<generation>` (v4, v5e, v5p, v6e, tpu7x) the steps are compiled instead by
 libtpu for that generation's topology of each chip count in `--devices`, on this host without a
-TPU (requirements-tpu-compile.txt; cras_jax/perf/tpu_study.py): `--batch_per_device` is then
+TPU (requirements-tpu-compile.txt; cras_jax/perf/target_study.py): `--batch_per_device` is then
 images per chip, nothing is timed, and the projection is on that chip; `--max_batch` adds the
-largest batch per chip whose compiled memory fits its HBM (more compiles).
+largest batch per chip whose compiled memory fits its HBM (more compiles). With
+`--target=gpu:h100` (or `gpu:h200`) the same is done for NVIDIA GPUs by JAX's CUDA plugin
+(requirements-gpu-compile.txt; cras_jax/perf/gpu.py), no GPU or CUDA needed; the GPU compiler
+gives no FLOPs or bytes accessed, so those are `--cost_from`'s (XLA:CPU's by default) for the
+same step at the same batch per GPU, and the tables say so.
 
 Writes scaling.json, scaling.md and scaling.png into --out. Examples:
   python -m cras_jax.scaling --config=configs/mvtec.py --devices=1,2,4,8 \\
       --batch_per_device=8 --global_batch=32 --out=runs/scaling
   python -m cras_jax.scaling --config=configs/mvtec.py --target=tpu:v5e --devices=4,16 \\
       --batch_per_device=32 --dtype=bfloat16 --out=runs/scaling_v5e
+  python -m cras_jax.scaling --config=configs/mvtec.py --target=gpu:h100 --devices=1,8 \\
+      --batch_per_device=32 --dtype=bfloat16 --out=runs/scaling_h100
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ml_collections import config_flags
 
 from cras_jax.base import errors
 from cras_jax.engine import sharding
-from cras_jax.perf import probes, rows, scaling_model, systems, tpu, tpu_study
+from cras_jax.perf import probes, rows, scaling_model, systems, target_study, targets, tpu
 
 MODES = rows.MODES
 
@@ -76,13 +82,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
       "target", "cpu",
       "'cpu': this host's devices (simulated on a CPU); 'tpu:<generation>' (v4, v5e, v5p, v6e, "
-      "tpu7x): compile for that TPU with libtpu on this host, --devices counting chips.",
+      "tpu7x): compile for that TPU with libtpu on this host, --devices counting chips; "
+      "'gpu:<kind>' (h100, h200): compile for those NVIDIA GPUs with JAX's CUDA plugin on this "
+      "host, --devices counting GPUs.",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_string(
+      "cost_from", "cpu",
+      "GPU targets: whose cost analysis gives the FLOPs and bytes accessed per GPU (the GPU "
+      "compiler gives none), for the same step at the same batch per GPU: 'cpu' (XLA:CPU) or "
+      "'tpu:<generation>' (libtpu, one chip).",
       flag_values=fv,
   )  # fmt: skip
   flags.DEFINE_boolean(
       "max_batch", False,
-      "TPU targets: also find the largest batch per chip whose compiled memory fits the "
-      "chip's HBM (bisection over compiled batch sizes; about 2 log2(batch) compiles per step).",
+      "TPU and GPU targets: also find the largest batch per chip whose compiled memory fits "
+      "the chip's HBM (bisection over compiled batch sizes; about 2 log2(batch) compiles per "
+      "step).",
       flag_values=fv,
   )  # fmt: skip
   flags.DEFINE_integer(
@@ -130,9 +146,9 @@ def options(fv: flags.FlagValues):
   dtype = fv.dtype or base.model.dtype
   config = rows.configure(base, args, fv.image_size or int(base.data.crop), dtype)
   config.train.parallelism = fv.parallelism[0]
-  args.generation = tpu.parse_target(fv.target)
-  if args.generation and config.model.kernels == "auto":
-    config.model.kernels = "xla"  # what "auto" gives on a TPU (this host's backend is the CPU)
+  args.target = targets.parse(fv.target)
+  if args.target and config.model.kernels == "auto":
+    config.model.kernels = "xla"  # what "auto" gives on a TPU or GPU (this host's is the CPU)
   plan = scaling_model.series(args.devices, args.batch_per_device, args.global_batch)
   return args, config, plan
 
@@ -190,8 +206,8 @@ def _run_form(fv: flags.FlagValues, form: str, out: str) -> dict:
   args.out = out
   config.train.parallelism = form
   os.makedirs(args.out, exist_ok=True)
-  if args.generation:
-    return _run_tpu(fv, args, config, plan)
+  if args.target:
+    return _run_target(fv, args, config, plan)
   if fv.worker_devices:
     _worker(fv, args, config, plan)
     return {}
@@ -269,19 +285,24 @@ def _write(result: dict, md: str, out: str) -> str:
   return md
 
 
-def _run_tpu(fv: flags.FlagValues, args, config, plan) -> dict:
-  """--target=tpu:<generation>: compile-only on this host (cras_jax/perf/tpu_study.py)."""
-  compiled = tpu_study.compile_counts(
-      args, config, plan, args.generation, fv.max_batch, fv.max_batch_multiple
+def _run_target(fv: flags.FlagValues, args, config, plan) -> dict:
+  """--target=tpu:<generation> or gpu:<kind>: compile-only on this host
+  (cras_jax/perf/target_study.py)."""
+  target = args.target
+  compiled = target_study.compile_counts(
+      args, config, plan, target, fv.max_batch, fv.max_batch_multiple, fv.cost_from
   )
   loader = fv.loader_images_per_s or None
-  chip = systems.TPU_CHIPS[args.generation]
+  chip = target.chip
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
       "model": _model(config, args),
       "parallelism": config.train.parallelism,
-      "target": fv.target,
-      "libtpu": tpu.libtpu_version(),
+      "target": target.spec,
+      "compiler": target.compiler(),
+      # where the FLOPs and bytes accessed came from (a GPU compiler gives none)
+      "cost_source": "; ".join(sorted({r["facts"]["cost_source"] for r in compiled})),
+      **({"libtpu": tpu.libtpu_version()} if target.platform == "tpu" else {}),
       "environment": probes.environment(),
       "simulated": False,
       "modes": args.modes,
@@ -289,9 +310,9 @@ def _run_tpu(fv: flags.FlagValues, args, config, plan) -> dict:
       "loader_images_per_s": loader,
       "systems": [{"name": chip.name, "source": chip.source}],
       "compiled": compiled,
-      "projections": tpu_study.project(compiled, plan, args.generation, config.model.dtype, loader),
+      "projections": target_study.project(compiled, plan, chip, config.model.dtype, loader),
   }
-  md = _write(result, tpu_study.markdown(result), args.out)
+  md = _write(result, target_study.markdown(result), args.out)
   print("\n" + md, flush=True)
   return result
 

@@ -222,7 +222,11 @@ def forms_rows(results: dict[str, dict]) -> list[dict]:
           "form": form,
           "mode": r["mode"],
           "count": count,
-          "unit": "chips" if "chips" in r else "devices",
+          "unit": (
+              ("GPUs" if str(result.get("target", "")).startswith("gpu") else "chips")
+              if "chips" in r
+              else "devices"
+          ),
           "global_batch": r["global_batch"],
           "compile_s": f["lower_s"] + f["compile_s"],
           "footprint_bytes": per.get("footprint_bytes"),
@@ -245,7 +249,7 @@ def forms_markdown(results: dict[str, dict]) -> str:
       if r["form"] == "jit"
   }
   unit = rows_[0]["unit"] if rows_ else "devices"
-  per = "chip" if unit == "chips" else "device"
+  per = {"chips": "chip", "GPUs": "GPU"}.get(unit, "device")
   lines = [
       f"Parallelism forms: {first['config']} ({first['model'].rsplit(', parallelism=', 1)[0]}),"
       f" {first.get('target', 'cpu')}; per {per}; projected on {rows_[0]['system'] if rows_ else '–'}"
@@ -280,7 +284,8 @@ def writes_tables(result: dict, k: int = 6) -> list[str]:
     r = max(recs, key=lambda r: (r["devices"], r["global_batch"]))
     f, lw = r["facts"], r["facts"]["largest_writes"]
     per = r["global_batch"] / r["devices"]
-    count = f"{r['chips']} chips" if "chips" in r else f"{r['devices']} devices"
+    unit = "GPUs" if str(result.get("target", "")).startswith("gpu") else "chips"
+    count = f"{r['chips']} {unit}" if "chips" in r else f"{r['devices']} devices"
     lines += [
         "",
         f"Where the bytes go, {mode} ({count}, batch {r['global_batch']}; per device): "

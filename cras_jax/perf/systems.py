@@ -133,6 +133,8 @@ TPU_7X = System(
 # https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16, 16 GB at 819 GB/s, ICI 400 GB/s
 # bidirectional) and https://cloud.google.com/tpu/docs/v4 (275 TFLOP/s, 32 GiB at 1,200 GB/s).
 TPU_CHIPS = {"v4": TPU_V4, "v5e": TPU_V5E, "v5p": TPU_V5P, "v6e": TPU_V6E, "tpu7x": TPU_7X}
+# The GPUs `--target=gpu:<kind>` compiles for (cras_jax/perf/gpu.py: their target configs).
+GPU_CHIPS = {"h100": H100_SXM, "h200": H200}
 
 
 def per_device(chip: System, devices_per_chip: int) -> System:

@@ -12,7 +12,7 @@ import pytest
 from cras_jax.base import errors
 from cras_jax.configs import demo
 from cras_jax.engine import steps
-from cras_jax.perf import rows, scaling_model, tpu, tpu_study
+from cras_jax.perf import rows, scaling_model, systems, target_study, tpu
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -179,7 +179,7 @@ def test_study_from_four_chips_projects_and_plots_without_efficiency(tmp_path):
       {"mode": "train", "devices": n, "chips": n, "global_batch": g, "facts": facts}
       for _, n, g in plan
   ]
-  ps = tpu_study.project(compiled, plan, "v5e", "bfloat16", None)
+  ps = target_study.project(compiled, plan, systems.TPU_V5E, "bfloat16", None)
   assert [p["devices"] for p in ps] == [4, 16] and all(p["system"] == "TPU v5e" for p in ps)
   assert all(p["efficiency"] is None for p in ps)  # no 1-chip row to compare with
   assert ps[1]["images_per_s"] > 3.9 * ps[0]["images_per_s"]  # same per-chip step

@@ -1,0 +1,169 @@
+"""The scaling study for an accelerator compiled on a host without it
+(`python -m cras_jax.scaling --target=tpu:<generation>` or `--target=gpu:<kind>`): every chip
+count's steps compiled by libtpu (cras_jax/perf/tpu.py) or by JAX's CUDA plugin
+(cras_jax/perf/gpu.py), their figures per chip, the roofline on the chip
+(cras_jax/perf/systems.py) and, as an option, the largest batch per chip that fits its memory.
+The GPU compiler gives no cost analysis: a GPU step's FLOPs and bytes accessed are another
+compiler's for the same step (gpu.borrowed_cost), and the results name it."""
+
+from __future__ import annotations
+
+import time
+
+from cras_jax.perf import gpu, roofline, rows, scaling_model, systems, tpu
+from cras_jax.perf.targets import Target
+
+GB = 1e9
+
+
+def compile_counts(
+    args, config, plan, target: Target, max_batch: bool, multiple: int, cost_from: str = "cpu"
+):
+  """Every (chips, global batch, mode) of `plan` compiled for `target` (`args.devices` are
+  chip counts, the plan's batches global ones): records as scaling_model.run_count's, with
+  `devices` the topology's devices and `chips` the chips. On a GPU target the FLOPs and bytes
+  accessed per device are `cost_from`'s (gpu.borrowed_cost) at the same batch per device."""
+  chip = target.chip
+  cost = None
+  if target.platform == "gpu":
+    cost = gpu.borrowed_cost(cost_from, config, args.num_classes)
+  out = []
+  for n in args.devices:
+    devs, name, per_chip = target.devices(n)
+    for g in sorted({g for _, m, g in plan if m == n}):
+      if g % len(devs):
+        print(f"skip {name}, batch {g}: not divisible by its {len(devs)} devices", flush=True)
+        continue
+      for mode in args.modes:
+        t0 = time.perf_counter()
+        facts = rows.compile_step(mode, config, devs, g, args.num_classes)
+        facts.update(topology=name, chips=n, devices_per_chip=per_chip)
+        rec = {
+            "mode": mode,
+            "devices": len(devs),
+            "chips": n,
+            "global_batch": g,
+            "facts": facts,
+            "compile_wall_s": time.perf_counter() - t0,
+        }
+        if cost is None:
+          facts["cost_source"] = f"{target.compiler()} cost analysis"
+        else:  # the other compiler's seconds are its own (cost_compile_s)
+          facts.update(cost(mode, g // len(devs)))
+        if max_batch and g == min(gb for _, m, gb in plan if m == n):
+          rec["max_batch"] = tpu.max_batch_per_chip(
+              mode, config, devs, per_chip, chip.memory_per_device_bytes, args.num_classes,
+              multiple,
+          )  # fmt: skip
+        out.append(rec)
+        pc, u = tpu.per_chip(facts), target.unit
+        print(
+            f"{name} ({n} {u}s), batch {g}, {mode}: {(pc['flops'] or 0) / 1e12:.3g} TFLOP/{u}, "
+            f"{(pc['bytes_accessed'] or 0) / GB:.3g} GB accessed/{u} ({facts['cost_source']}), "
+            f"{(pc['footprint_bytes'] or 0) / GB:.3g} GB memory/{u}, collectives "
+            f"{facts['collectives']}, compile {rec['compile_wall_s']:.1f} s"
+            + (f", max batch/{u} {rec['max_batch']}" if "max_batch" in rec else ""),
+            flush=True,
+        )
+  return out
+
+
+def project(compiled: list[dict], plan, chip: systems.System, dtype: str, loader) -> list[dict]:
+  """Each compiled step on its target's `chip` (each device 1/k of it where a chip has k
+  devices); `devices` in the projections are chips, the efficiency against one chip."""
+  by_key = {(r["mode"], r["chips"], r["global_batch"]): r for r in compiled}
+  out = []
+  for scaling, n, g in plan:
+    for mode in sorted({r["mode"] for r in compiled}):
+      rec = by_key.get((mode, n, g))
+      if rec is None:
+        continue
+      system = systems.per_device(chip, rec["facts"]["devices_per_chip"])
+      p = roofline.project(rec["facts"], system, dtype, rec["devices"], g, loader)
+      p.update(mode=mode, scaling=scaling, system=chip.name, devices=n)
+      out.append(p)
+  return roofline.add_efficiency(out)
+
+
+def _gb(x) -> str:
+  return "–" if x is None else f"{x / GB:.3g}"
+
+
+def _exchanges(facts: dict) -> str:
+  parts = [
+      f"{k} {v['count']}× {v['operand_bytes'] / v['count'] / 1e6:.3g} MB"
+      for k, v in sorted(facts["collectives"].items())
+  ]
+  return ", ".join(parts) or "none"
+
+
+def _seconds(s: float) -> str:
+  return f"{s:.0f}" if s >= 10 else f"{s:.1f}"
+
+
+def cost_note(result: dict) -> str:
+  """Where a study's FLOPs and bytes accessed came from (each compiled step records it)."""
+  sources = sorted({r["facts"].get("cost_source") or "–" for r in result["compiled"]})
+  text = "; ".join(sources) or "–"
+  if not result["target"].startswith("gpu:"):
+    return f"FLOPs and bytes accessed: {text}."
+  return (
+      f"FLOPs and bytes accessed per GPU: {text} of the same step compiled at the same batch "
+      "per device (the GPU compiler gives no cost analysis). The arithmetic is the step's; "
+      "the bytes are that compiler's fusion's, not the GPU program's, so the memory term "
+      "(and a memory binding) is an estimate. Memory, collectives and compile time are the "
+      "GPU program's."
+  )
+
+
+def markdown(result: dict) -> str:
+  """The study as tables: per mode, one row per compiled step (figures per chip)."""
+  env = result["environment"]
+  gpu_target = result["target"].startswith("gpu:")
+  u = "GPU" if gpu_target else "chip"
+  compiler = result.get("compiler") or f"libtpu {result['libtpu']}"
+  lines = [
+      f"{'GPU' if gpu_target else 'TPU'} scaling model: {result['config']} ({result['model']}), "
+      f"{result['target']} compiled on {env['platform']} without a {'GPU' if gpu_target else 'TPU'}"
+      f" by {compiler} (jax {env['jax']}): compile-only topologies, figures per {u}"
+      + ("." if gpu_target else " (a chip's devices summed)."),
+      "",
+      "Projection: step = max(compute, memory, collectives) + host overhead "
+      f"(cras_jax/perf/roofline.py) on the {u} of cras_jax/perf/systems.py; efficiency = "
+      f"images/s at n {u}s / (n x images/s at 1 {u}).",
+      "",
+      cost_note(result),
+      "",
+      result["optimiser_note"],
+      "",
+  ]
+  by_key = {(r["mode"], r["chips"], r["global_batch"]): r for r in result["compiled"]}
+  for mode in result["modes"]:
+    ps = [p for p in result["projections"] if p["mode"] == mode]
+    lines += [
+        f"### {mode}",
+        "",
+        f"| scaling | topology | {u}s | global batch | compile s | TFLOP/{u} | GB accessed/{u} "
+        f"| memory/{u} GB (args / out / temp / footprint) | exchanges per step (count × MB each)"
+        f" | step ms | images/s | efficiency | binding | fits HBM | max batch/{u} |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|---:|",
+    ]
+    for p in ps:
+      r = by_key[(mode, p["devices"], p["global_batch"])]
+      f, pc = r["facts"], tpu.per_chip(r["facts"])
+      mb = r.get("max_batch")
+      lines.append(
+          f"| {p['scaling']} | {f['topology']} | {r['chips']} | {r['global_batch']} | "
+          f"{_seconds(f['lower_s'] + f['compile_s'])} | {(pc['flops'] or 0) / 1e12:.3g} | "
+          f"{_gb(pc['bytes_accessed'])} | {_gb(pc['argument_bytes'])} / {_gb(pc['output_bytes'])}"
+          f" / {_gb(pc['temp_bytes'])} / {_gb(pc['footprint_bytes'])} | {_exchanges(f)} | "
+          f"{p['step_s'] * 1e3:.3g} | {p['images_per_s']:.4g} | "
+          f"{scaling_model._f(p['efficiency'], 2)} | {p['binding']} | "
+          f"{'–' if p['fits_memory'] is None else ('yes' if p['fits_memory'] else 'no')} | "
+          f"{'–' if mb is None else ('≥' if mb['at_limit'] else '') + str(mb['max_batch_per_chip'])} |"
+      )
+    lines.append("")
+  lines += scaling_model.writes_tables(result) + [""]
+  lines += [f"Source of the {u}'s figures:", ""]
+  lines += [f"- {s['name']}: {s['source']}" for s in result["systems"]]
+  return "\n".join(lines) + "\n"
