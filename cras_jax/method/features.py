@@ -199,7 +199,11 @@ def aggregate_patches(
       if f.shape[1:3] != grid:
         f = resize_bilinear(f, grid)
       shares.append(f)
-    return jnp.concatenate(shares, axis=-1).reshape(b, grid[0] * grid[1], embed_dim)
+    t = jnp.concatenate(shares, axis=-1).reshape(b, grid[0] * grid[1], embed_dim)
+    # The GPU compiler (XLA in jaxlib 0.10.2, compile-only for H100) fails on the training step
+    # when it fuses this concatenation into the adapter's gradient product ("Couldn't find
+    # output tile sizes", tests/perf/test_gpu.py): t is formed as its own buffer.
+    return jax.lax.optimization_barrier(t)
   if plain or form == "xla":
     pooled = []
     for feat in levels:

@@ -14,7 +14,7 @@ import pytest
 
 from cras_jax import scaling
 from cras_jax.base import errors
-from cras_jax.configs import demo
+from cras_jax.configs import demo, mvtec
 from cras_jax.engine import steps
 from cras_jax.perf import gpu, rows, systems, targets, tpu
 from tests.conftest import ROOT, run_command
@@ -194,3 +194,15 @@ def test_gpu_study_in_every_parallelism_form(tmp_path):
     result = json.loads((out / form / "scaling.json").read_text())
     assert result["parallelism"] == form and result["target"] == "gpu:h200"
   assert "gpu:h200" in (out / "forms.md").read_text()
+
+
+@needs_cuda_plugin
+def test_wideresnet50_training_step_compiles_for_an_h100():
+  """The paper's model (WideResNet50-2 at 288 px, D 1536) trains through the "xla"
+  aggregation: the GPU compiler must build the step (it failed to tile the adapter's gradient
+  product when it fused the level-shares concatenation into it)."""
+  config = mvtec.get_config()
+  config.model.kernels = "xla"
+  devs, _, _ = gpu.topology_devices("h100", 1)
+  facts = rows.compile_step("train", config, devs, 2, 3)
+  assert facts["memory"]["footprint_bytes"] > 0
