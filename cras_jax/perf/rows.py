@@ -103,11 +103,11 @@ def bench_row(
   cache_hit = counter.cache_hits > hits0
   flops_per_device = probes.cost_flops(compiled)
   xla_mem = probes.memory_bytes(compiled)
-  facts = compiled_facts(compiled, devices.count)
-  text = compiled.as_text() if args.breakdown else ""
+  text = compiled.as_text()  # read once: the facts and the breakdown's op maps
+  facts = compiled_facts(compiled, devices.count, text)
   stages = probes.op_stages(text) if args.breakdown else {}
   matmuls = probes.matmul_ops(text) if args.breakdown else set()
-  del lowered, compiled
+  del lowered, compiled, text
 
   # The state is donated in training: thread it through every call.
   holder = {"state": state}
@@ -221,11 +221,11 @@ def row_label(mode, config, n_devices, batch_size) -> str:
 # ----------------------------------------------------------------------------- compile only
 
 
-def compiled_facts(compiled, n_devices: int) -> dict:
+def compiled_facts(compiled, n_devices: int, text: str | None = None) -> dict:
   """What the scaling model reads from a compiled step, per device: FLOPs and bytes accessed
   (cost analysis), memory (memory analysis), the collectives of the optimised HLO and its
   largest top-level writes (`hlo.largest_writes`: where the bytes go)."""
-  text = compiled.as_text()
+  text = compiled.as_text() if text is None else text
   items = hlo.collectives(text, n_devices)
   return {
       **hlo.cost(compiled),
