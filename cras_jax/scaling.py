@@ -145,7 +145,6 @@ def options(fv: flags.FlagValues):
   )  # fmt: skip
   dtype = fv.dtype or base.model.dtype
   config = rows.configure(base, args, fv.image_size or int(base.data.crop), dtype)
-  config.train.parallelism = fv.parallelism[0]
   args.target = targets.parse(fv.target)
   if args.target and config.model.kernels == "auto":
     config.model.kernels = "xla"  # what "auto" gives on a TPU or GPU (this host's is the CPU)
