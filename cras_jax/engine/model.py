@@ -150,7 +150,6 @@ def heads_loss(
         train=True,
         dtype=cfg.dtype,
         axis_name=axis_name,
-        by_row=True,  # each device's rows stay on it (no exchange of logits)
     )
   lt, lf = logits[:, 0], logits[:, 1]
   with jax.named_scope("loss"):

@@ -179,7 +179,6 @@ def discriminator_split(
     train: bool = True,
     dtype=jnp.float32,
     axis_name: str | None = None,
-    by_row: bool = False,
 ):
   """The Discriminator on the rows crd_inputs([u; u + o_1; ...], p), sharing products.
 
@@ -187,13 +186,12 @@ def discriminator_split(
   alpha * g, so that u + o is the synthetic feature v). The first layer is
   `u @ A + p @ B + b` (`crd_first_layer`): p @ B is computed once for all rows, and
   (u + o) @ A as u @ A + o @ A, so the backward pass takes the gradient of u through A
-  once for all rows instead of once per row. Returns (logits [(1 + len(offsets)) * N],
-  new batch_stats or None), as Discriminator.apply on the concatenated rows up to
-  float32 rounding. `axis_name`: the mesh axis of per-device code (`TorchBatchNorm`).
-  `by_row`: the logits as [N, 1 + len(offsets)] instead (row i's normal and synthetic logits
-  side by side), which is the order the rows were computed in: with the batch split over
-  devices, reordering them to [u; v] moves logits between devices (an all-to-all and
-  collective-permutes in the partitioned program, forward and backward).
+  once for all rows instead of once per row. Returns (logits [N, 1 + len(offsets)], new
+  batch_stats or None): column 0 is Discriminator.apply on crd_inputs(u, p), column k on
+  crd_inputs(u + o_k, p), up to float32 rounding. Row i's logits stay side by side, the order
+  the rows were computed in: with the batch split over devices, reordering them to [u; v]
+  moved logits between devices (an all-to-all and collective-permutes in the partitioned
+  program, forward and backward). `axis_name`: per-device code's mesh axis (`TorchBatchNorm`).
   """
   d = u.shape[-1]
   first = params[_first_name(n_layers)]
@@ -205,18 +203,13 @@ def discriminator_split(
   # the parts' cotangents (a tiled term's transpose became a slow reduction on CPU).
   hs = [hu] + [hu + matmul(o, a, dtype) for o in offsets]
   # Rows interleaved (u_0, v_0, u_1, v_1, ...): with the batch split over devices, each device
-  # keeps its own rows (a concatenation [u; v] made XLA move half of them between devices);
-  # the logits are put back in [u; v] order at the end (a move of scalars only).
+  # keeps its own rows (a concatenation [u; v] made XLA move half of them between devices).
   h = jnp.stack(hs, axis=1).reshape(-1, hu.shape[-1]) if len(hs) > 1 else hs[0]
   if "bias" in first:
     h = h + first["bias"].astype(h.dtype)
-  parts = len(hs)
-  if by_row:
-    row_major = lambda z: z.reshape(-1, parts)
-  else:
-    row_major = lambda z: z.reshape(-1, parts).T.reshape(-1)  # interleaved -> [u; v; ...]
+  by_row = lambda z: z.reshape(-1, len(hs))  # [N * parts] interleaved -> [N, parts]
   if n_layers == 1:
-    return row_major(h[..., 0].astype(jnp.float32)), None
+    return by_row(h[..., 0].astype(jnp.float32)), None
   new_stats = {}
   for i in range(n_layers - 1):
     name = f"block{i + 1}"
@@ -232,7 +225,7 @@ def discriminator_split(
       h = TorchBatchNorm().apply(bn_vars, h, False)
     h = nn.leaky_relu(h, 0.2)
   logits = matmul(h, params["tail"]["kernel"], dtype)[..., 0].astype(jnp.float32)
-  return row_major(logits), (new_stats if train else None)
+  return by_row(logits), (new_stats if train else None)
 
 
 def fold_discriminator(

@@ -46,7 +46,8 @@ def test_discriminator_split_equals_module(mode, n_layers):
     return disc.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
 
   def split(params, u):
-    return heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, True)
+    logits, new = heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, True)
+    return logits.T.reshape(-1), new  # [N, 2] -> the plain module's [u; v] order
 
   ref, upd = plain(params, u)
   got, new_stats = split(params, u)
@@ -64,8 +65,8 @@ def test_discriminator_split_equals_module(mode, n_layers):
   x = jnp.concatenate([loss_lib.crd_inputs(u, p, mode), loss_lib.crd_inputs(u + o, p, mode)])
   ref = disc.apply(variables, x, train=False)
   got, none = heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, False)
-  assert none is None
-  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  assert none is None and got.shape == (n, 2)
+  np.testing.assert_allclose(got.T.reshape(-1), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
