@@ -11,6 +11,15 @@ from cras_jax.engine import steps
 from cras_jax.perf import scaling_model
 from tests.conftest import run_module
 
+# The tiny model every command-line study here compiles (64 px, D 32, 3 classes).
+TINY = (
+    "--config=configs/demo.py",
+    "--image_size=64",
+    "--embed_dim=32",
+    "--pre_embed_dim=48",
+    "--num_classes=3",
+)
+
 
 def _gradients(embed_dim: int, num_classes: int) -> tuple[list[str], int]:
   """The adapter's leaves as HLO shapes (its gradients have the same), and the bytes of the
@@ -30,11 +39,7 @@ def test_scaling_tiny_on_simulated_devices(tmp_path):
   out = tmp_path / "scaling"
   log = run_module(
       "cras_jax.scaling",
-      "--config=configs/demo.py",
-      "--image_size=64",
-      "--embed_dim=32",
-      "--pre_embed_dim=48",
-      "--num_classes=3",
+      *TINY,
       "--devices=1,2,4",
       "--batch_per_device=2",
       "--modes=train_cached",
@@ -103,11 +108,7 @@ def test_parallelism_forms_side_by_side(tmp_path):
   out = tmp_path / "forms"
   run_module(
       "cras_jax.scaling",
-      "--config=configs/demo.py",
-      "--image_size=64",
-      "--embed_dim=32",
-      "--pre_embed_dim=48",
-      "--num_classes=3",
+      *TINY,
       "--devices=2",
       "--batch_per_device=2",
       "--modes=train_cached",

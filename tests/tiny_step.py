@@ -4,6 +4,8 @@ Imported by the scripts those tests run in subprocesses (after any
 `jax.distributed.initialize`), so every run builds exactly the same inputs.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import numpy as np
 from cras_jax import backbones
 from cras_jax.configs import demo
 from cras_jax.engine import sharding, steps
+from cras_jax.perf import rows
 
 
 def setup():
@@ -31,3 +34,14 @@ def setup():
       "label": np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32),
   }
   return spec, devices, state, batch
+
+
+def compile_config():
+  """The tiny model (64 px, D 32, pre 48) as the compile-only TPU and GPU tests compile it:
+  float32, kernels "xla" (what "auto" gives on an accelerator)."""
+  args = types.SimpleNamespace(
+      backbone=None, embed_dim=32, pre_embed_dim=48, levels=None, weights="random"
+  )
+  config = rows.configure(demo.get_config(), args, 64, "float32")
+  config.model.kernels = "xla"
+  return config

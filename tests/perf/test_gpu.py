@@ -7,16 +7,16 @@ import dataclasses
 import json
 import os
 import tomllib
-import types
 
 import jax
 import pytest
 
 from cras_jax import scaling
 from cras_jax.base import errors
-from cras_jax.configs import demo, mvtec
+from cras_jax.configs import mvtec
 from cras_jax.engine import steps
 from cras_jax.perf import gpu, rows, systems, targets, tpu
+from tests import tiny_step
 from tests.conftest import ROOT, run_command
 
 needs_cuda_plugin = pytest.mark.skipif(
@@ -77,18 +77,9 @@ def test_missing_plugin_names_the_requirements_file(monkeypatch):
 # ----------------------------------------------------------------------------- the plugin
 
 
-def _tiny_config():
-  args = types.SimpleNamespace(
-      backbone=None, embed_dim=32, pre_embed_dim=48, levels=None, weights="random"
-  )
-  config = rows.configure(demo.get_config(), args, 64, "float32")
-  config.model.kernels = "xla"
-  return config
-
-
 @pytest.fixture(scope="module")
 def two_h100s():
-  config = _tiny_config()
+  config = tiny_step.compile_config()
   devs, name, per_gpu = gpu.topology_devices("h100", 2)
   facts = rows.compile_step("train_cached", config, devs, 4, NUM_CLASSES)
   return config, devs, name, per_gpu, facts
@@ -130,7 +121,7 @@ def test_gpu_memory_analysis_is_positive_and_cost_comes_from_the_cpu(two_h100s):
 @pytest.mark.skipif(tpu.libtpu_version() is None, reason="libtpu is not installed")
 @pytest.mark.slow
 def test_gpu_cost_from_a_tpu_chip_names_libtpu():
-  cost = gpu.borrowed_cost("tpu:v5e", _tiny_config(), NUM_CLASSES)
+  cost = gpu.borrowed_cost("tpu:v5e", tiny_step.compile_config(), NUM_CLASSES)
   got = cost("train_cached", 2)
   assert got["flops"] > 0 and got["cost_source"].startswith("libtpu ")
 

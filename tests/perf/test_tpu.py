@@ -3,16 +3,15 @@ batch-limit search, and a tiny model compiled by libtpu for 4 v5e chips. The lib
 skipped, with the reason, where libtpu is not installed (requirements-tpu-compile.txt)."""
 
 import importlib.util
-import types
 
 import jax
 import numpy as np
 import pytest
 
 from cras_jax.base import errors
-from cras_jax.configs import demo
 from cras_jax.engine import steps
 from cras_jax.perf import rows, scaling_model, systems, target_study, tpu
+from tests import tiny_step
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -85,22 +84,13 @@ def test_largest_fitting_batch_grows_with_the_budget_even_where_memory_is_not_mo
 # ----------------------------------------------------------------------------- libtpu
 
 
-def _tiny_config():
-  args = types.SimpleNamespace(
-      backbone=None, embed_dim=32, pre_embed_dim=48, levels=None, weights="random"
-  )
-  config = rows.configure(demo.get_config(), args, 64, "float32")
-  config.model.kernels = "xla"
-  return config
-
-
 def _size(hlo_shape: str) -> int:
   return int(np.prod([int(d) for d in hlo_shape[hlo_shape.index("[") + 1 : -1].split(",") if d]))
 
 
 @pytest.fixture(scope="module")
 def v5e_four_chips():
-  config = _tiny_config()
+  config = tiny_step.compile_config()
   facts = tpu.compile_for_chips("train_cached", config, "v5e", 4, 2, NUM_CLASSES)
   return config, facts
 
@@ -144,7 +134,7 @@ def test_tpu_memory_and_cost_analysis_are_positive(v5e_four_chips):
 
 @needs_libtpu
 def test_v4_topology_has_two_devices_per_chip_and_per_chip_figures_sum_them():
-  config = _tiny_config()
+  config = tiny_step.compile_config()
   facts = tpu.compile_for_chips("train_cached", config, "v4", 1, 2, NUM_CLASSES)
   assert facts["devices_per_chip"] == 2 and facts["batch_per_device"] == 1
   assert tpu.per_chip(facts)["flops"] == 2 * facts["flops"]
@@ -155,7 +145,7 @@ def test_v4_topology_has_two_devices_per_chip_and_per_chip_figures_sum_them():
 @needs_libtpu
 @pytest.mark.slow
 def test_batch_limit_never_shrinks_when_the_hbm_budget_grows():
-  config = _tiny_config()
+  config = tiny_step.compile_config()
   devs, _, _ = tpu.topology_devices("v5e", 4)
   footprint = tpu.footprint_search("train_cached", config, devs, NUM_CLASSES, multiple=4)
   sizes = [footprint(k) for k in (1, 2, 4, 8)]
