@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -17,6 +18,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cras_jax.base import errors
+
+_T = TypeVar("_T")
 
 
 def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -38,10 +41,12 @@ def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.
   if read_only:  # orbax warns "Given directory is read only" on every reader
     logging.set_verbosity(logging.ERROR)
   try:
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
-        options=options,
-        item_names=("state", "meta"),
+    return _listing(
+        lambda: ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            options=options,
+            item_names=("state", "meta"),
+        )
     )
   finally:
     logging.set_verbosity(verbosity)
@@ -62,6 +67,25 @@ def save(mngr: ocp.CheckpointManager, step: int, state_tree: Any, meta: dict) ->
 # step that is deleted while it reads it: it then lists the steps again and takes the newest,
 # up to this many times (a pruned step is not a damaged one).
 PRUNED_RETRIES = 50
+
+
+def _listing(read: Callable[[], _T]) -> _T:
+  """`read()` (a listing of the steps: opening a manager, `reload`), again when a step it
+  listed vanished before its metadata was read (pruned by a training meanwhile; orbax then
+  raises FileNotFoundError or NotADirectoryError), up to PRUNED_RETRIES times."""
+  for attempt in range(PRUNED_RETRIES):
+    try:
+      return read()
+    except (FileNotFoundError, NotADirectoryError):  # orbax raises the latter without errno
+      if attempt == PRUNED_RETRIES - 1:
+        raise
+      time.sleep(0.05)
+  raise AssertionError("unreachable")
+
+
+def reload(mngr: ocp.CheckpointManager) -> None:
+  """`mngr.reload()` that survives a step pruned while the steps are listed (`_listing`)."""
+  _listing(mngr.reload)
 
 
 def _gone(mngr: ocp.CheckpointManager, step: int) -> bool:
@@ -97,7 +121,7 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict |
     if not pruned:
       return None
     time.sleep(0.1)
-    mngr.reload()
+    reload(mngr)
   return None
 
 
@@ -132,7 +156,7 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: b
   only, the workdir locked): those are moved to corrupted_checkpoints/; readers move nothing.
   """
   for _ in range(PRUNED_RETRIES):
-    mngr.reload()  # the steps on disk now (another process may have saved, or pruned)
+    reload(mngr)  # the steps on disk now (another process may have saved, or pruned)
     found = _restore_newest(mngr, abstract_state, quarantine)
     if found is not None:
       return found
