@@ -35,7 +35,7 @@ import sys
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, errors, flag_checks
-from cras_jax.runs.scoring import scoring
+from cras_jax.runs.scoring import onnx_export, scoring
 from cras_jax.runs.scoring.exporting import (  # noqa: F401 - the library, re-exported for its users
     FORMAT,
     FORMAT_VERSION,
@@ -49,14 +49,31 @@ from cras_jax.runs.scoring.exporting import (  # noqa: F401 - the library, re-ex
 )
 from cras_jax.runs.state import trained
 
+# jax stays the default: the format of every earlier export and of `cras_jax/run_exported.py`,
+# and exact to the scorer by construction; onnx is for machines without JAX (docs/deploy.md).
+FORMATS = ["jax", "onnx"]
+SUFFIX = {"jax": "npz", "onnx": "onnx"}
+
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
   flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
   flag_checks.define_member_flag(fv)
+  flags.DEFINE_enum(
+      "format",
+      "jax",
+      FORMATS,
+      "jax: an .npz of the function serialised by jax.export, run with jax "
+      "(cras_jax/run_exported.py); onnx: one .onnx file run without JAX by onnxruntime or "
+      "OpenVINO (python -m cras_jax.run_onnx).",
+      flag_values=fv,
+  )
   flags.DEFINE_string(
-      "output", None, "The .npz file to write (default <workdir>/exported.npz).", flag_values=fv
+      "output",
+      None,
+      "The file to write (default <workdir>/exported.npz, or exported.onnx with --format=onnx).",
+      flag_values=fv,
   )
   flags.DEFINE_list(
       "platforms",
@@ -85,7 +102,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   home = os.path.join(fv.workdir, "results", fv.member) if fv.member else fv.workdir
-  output = fv.output or os.path.join(home, "exported.npz")
+  output = fv.output or os.path.join(home, f"exported.{SUFFIX[fv.format]}")
+  wrong = [f for f, suffix in SUFFIX.items() if f != fv.format and output.endswith(f".{suffix}")]
+  if wrong:
+    raise errors.UserValueError(
+        f"--output={output}: a .{SUFFIX[wrong[0]]} name for --format={fv.format}; pass "
+        f"--format={wrong[0]}, or name the file .{SUFFIX[fv.format]}"
+    )
   check_output_and_platforms(output, fv.platforms)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = trained.load_run(fv.workdir, member=fv.member)
@@ -97,7 +120,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         "stored thresholds are absent; pass thresholds to the exported function.",
         file=sys.stderr,
     )
-  export_run(run, thr, output, fv.platforms)
+  if fv.format == "onnx":
+    onnx_export.export_onnx(run, thr, output)
+  else:
+    export_run(run, thr, output, fv.platforms)
   return 0
 
 

@@ -92,28 +92,11 @@ def export_run(run: trained.Run, thr, output: str, platforms=("cpu", "cuda")) ->
   """Exports a loaded run (`trained.load_run`) with thresholds `thr` (`thresholds.Thresholds`)
   to `output` (.npz). Returns the meta."""
   t0 = time.time()
-  scorer = scoring.Scorer.for_run(run, per_image=True)
-  cfg = scorer.spec.config
-  # The scorer's variables (folded BatchNorm, per-centre terms), prepared once, are stored;
-  # the exported function is its predict step on them.
-  svars = jax.device_get(scorer.svars)
-  tree = {
-      "svars": svars,
-      "loc": np.asarray(thr.loc, np.float32),
-      "scale": np.asarray(thr.scale, np.float32),
-  }
+  scorer, tree = score_tree(run, thr)
   leaves, treedef = jax.tree.flatten(tree)
   leaves = [np.asarray(x) for x in leaves]
-  for x in leaves:
-    if x.dtype.kind not in "fiub":  # e.g. bfloat16 (kind 'V') has no portable .npy form
-      raise TypeError(f"cannot store a weight of dtype {x.dtype} in a portable file")
-  check_finite_weights(
-      [p for p, _ in jax.tree_util.tree_leaves_with_path(tree)],
-      leaves,
-      f"the run's weights (step {int(run.state.step)})",
-  )
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  crop = int(cfg.data.crop)
+  crop = int(run.config.data.crop)
   platforms = tuple(platforms)
   # Only the weights the function reads are stored and passed (a shape-polymorphic export
   # keeps every argument, used or not: e.g. the backbone's classifier head).
@@ -130,6 +113,41 @@ def export_run(run: trained.Run, thr, output: str, platforms=("cpu", "cuda")) ->
       "format": FORMAT,
       "format_version": FORMAT_VERSION,
       "function": "score(weights, images, image_threshold, pixel_threshold) -> dict",
+      **run_meta(run, thr),
+      "num_weights": len(kept),
+      "weights_bytes": int(sum(x.nbytes for x in kept)),
+      "weights_dropped_unused": len(leaves) - len(kept),
+      "platforms": list(platforms),
+  }
+  meta["checksum"] = {
+      # over the meta as loading reads it back (JSON: tuples as lists, keys as strings)
+      "sha256": run_exported.content_checksum(bytes(blob), kept, json.loads(json.dumps(meta))),
+      "covers": run_exported.CHECKSUM_COVERS,
+  }
+  arrays = {
+      "exported": np.frombuffer(bytes(blob), np.uint8),
+      "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
+  }
+  arrays.update({f"w{i:06d}": x for i, x in enumerate(kept)})
+  os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
+  write_npz(output, arrays)
+  size = os.path.getsize(output)
+  print(
+      f"exported {len(kept)} weight arrays ({meta['weights_bytes'] / 2**20:.1f} MiB; "
+      f"{meta['weights_dropped_unused']} unused left out) and the scoring function "
+      f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}, batch size symbolic) "
+      f"to {output}: {size / 2**20:.2f} MiB in {time.time() - t0:.1f}s",
+      flush=True,
+  )
+  return meta
+
+
+def run_meta(run: trained.Run, thr) -> dict:
+  """What every export records of its run: class names, input and preprocessing, outputs,
+  thresholds, normalisation, step, backbone, run id, config and the versions exporting."""
+  cfg = run.config
+  crop = int(cfg.data.crop)
+  return {
       "class_names": run.class_names,
       "input": {
           "shape": ["b", crop, crop, 3],
@@ -154,10 +172,6 @@ def export_run(run: trained.Run, thr, output: str, platforms=("cpu", "cuda")) ->
           "scale": np.asarray(thr.scale).tolist(),
           "definition": "z = (s - loc[c]) / scale[c], c = matched class",
       },
-      "num_weights": len(kept),
-      "weights_bytes": int(sum(x.nbytes for x in kept)),
-      "weights_dropped_unused": len(leaves) - len(kept),
-      "platforms": list(platforms),
       "step": int(run.state.step),
       "score_mode": cfg.model.score_mode,
       "backbone": cfg.model.backbone,
@@ -166,27 +180,29 @@ def export_run(run: trained.Run, thr, output: str, platforms=("cpu", "cuda")) ->
       "config": run.meta.get("config"),
       "versions": {**results.versions(), "cras_jax": cras_jax.__version__, "jax": jax.__version__},
   }
-  meta["checksum"] = {
-      # over the meta as loading reads it back (JSON: tuples as lists, keys as strings)
-      "sha256": run_exported.content_checksum(bytes(blob), kept, json.loads(json.dumps(meta))),
-      "covers": run_exported.CHECKSUM_COVERS,
+
+
+def score_tree(run: trained.Run, thr) -> tuple[scoring.Scorer, dict]:
+  """(the run's per-image scorer, the tree its exported function reads: the scorer's prepared
+  variables and the per-class normalisation), the weights checked finite."""
+  scorer = scoring.Scorer.for_run(run, per_image=True)
+  # The scorer's variables (folded BatchNorm, per-centre terms), prepared once, are stored;
+  # the exported function is its predict step on them.
+  tree = {
+      "svars": jax.device_get(scorer.svars),
+      "loc": np.asarray(thr.loc, np.float32),
+      "scale": np.asarray(thr.scale, np.float32),
   }
-  arrays = {
-      "exported": np.frombuffer(bytes(blob), np.uint8),
-      "meta": np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8),
-  }
-  arrays.update({f"w{i:06d}": x for i, x in enumerate(kept)})
-  os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
-  write_npz(output, arrays)
-  size = os.path.getsize(output)
-  print(
-      f"exported {len(kept)} weight arrays ({meta['weights_bytes'] / 2**20:.1f} MiB; "
-      f"{meta['weights_dropped_unused']} unused left out) and the scoring function "
-      f"({len(blob) / 1024:.0f} KiB, platforms {', '.join(platforms)}, batch size symbolic) "
-      f"to {output}: {size / 2**20:.2f} MiB in {time.time() - t0:.1f}s",
-      flush=True,
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  for x in leaves:
+    if x.dtype.kind not in "fiub":  # e.g. bfloat16 (kind 'V') has no portable form
+      raise TypeError(f"cannot store a weight of dtype {x.dtype} in a portable file")
+  check_finite_weights(
+      [p for p, _ in jax.tree_util.tree_leaves_with_path(tree)],
+      leaves,
+      f"the run's weights (step {int(run.state.step)})",
   )
-  return meta
+  return scorer, tree
 
 
 def write_npz(output: str, arrays: dict) -> None:
