@@ -25,6 +25,8 @@ COMMANDS = {
     "cras-jax-scaling": "scaling",
     "cras-jax-accelerator-check": "accelerator_check",
     "cras-jax-population-bench": "population_bench",
+    "cras-jax-run-onnx": "run_onnx",
+    "cras-jax-deploy-bench": "deploy_bench",
 }
 
 
@@ -90,3 +92,11 @@ def accelerator_check() -> None:
 
 def population_bench() -> None:
   _run("population_bench")
+
+
+def run_onnx() -> None:
+  _run("run_onnx")
+
+
+def deploy_bench() -> None:
+  _run("deploy_bench")

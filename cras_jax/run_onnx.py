@@ -175,7 +175,11 @@ def _onnxruntime(data: bytes, path: str, threads: int):
   names = [o.name for o in session.get_outputs()]
 
   def run(images, ithr, pthr):
-    feed = {"images": images, "image_threshold": np.asarray(ithr), "pixel_threshold": np.asarray(pthr)}
+    feed = {
+        "images": images,
+        "image_threshold": np.asarray(ithr),
+        "pixel_threshold": np.asarray(pthr),
+    }
     return dict(zip(names, session.run(names, feed)))
 
   return run
@@ -317,6 +321,13 @@ def inputs_to_crops(inputs: list[str], meta: dict) -> tuple[np.ndarray, list[str
       raise ExportError(f"{inputs[0]}: not a readable .npy array ({e})") from None
     if crops.ndim >= 1 and len(crops) == 0:
       raise ExportError(f"{inputs[0]}: holds no images (N = 0): give at least one crop")
+    crop = meta["input"]["crop"]
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (crop, crop, 3):
+      raise ExportError(
+          f"{inputs[0]}: expected uint8 images [N, {crop}, {crop}, 3] (the model's crop), got "
+          f"{crops.dtype} {list(crops.shape)}: give image files instead (preprocessed here), "
+          f"or crops written by python -m cras_jax.predict --save_crops"
+      )
     return crops, [f"{inputs[0]}[{i}]" for i in range(len(crops))]
   files = _image_files(inputs)
   resize, crop = meta["input"]["resize"], meta["input"]["crop"]
@@ -358,9 +369,7 @@ def main(argv=None) -> dict:
   try:
     model = load(args.model, args.runtime, args.threads)
     crops, names = inputs_to_crops(args.inputs, model["meta"])
-    out = score(
-        model, crops, args.batch_size or None, args.image_threshold, args.pixel_threshold
-    )
+    out = score(model, crops, args.batch_size or None, args.image_threshold, args.pixel_threshold)
     if args.output:
       save_outputs(args.output, out)
   except (ExportError, OSError) as e:  # the user's files: one message, status 2

@@ -98,4 +98,3 @@ def stamp(model: onnx.ModelProto, meta: dict) -> bytes:
   out = data.replace(run_onnx.PLACEHOLDER.encode(), digest.encode())
   assert run_onnx.file_checksum(out, digest) == digest
   return out
-

@@ -160,6 +160,7 @@ class _Graph:
 
 
 class _Converter:
+
   def __init__(self, graph: _Graph):
     self.g = graph
 
@@ -335,7 +336,9 @@ class _Converter:
 
   def _stack(self, eqn, ins, axis):
     axes = self.g.ints([int(axis)])
-    parts = [self.g.node("Unsqueeze", [self.name(x, v.aval), axes]) for x, v in zip(ins, eqn.invars)]
+    parts = [
+        self.g.node("Unsqueeze", [self.name(x, v.aval), axes]) for x, v in zip(ins, eqn.invars)
+    ]
     return self.g.node("Concat", parts, axis=int(axis))
 
   def _pad(self, eqn, ins, padding_config):
@@ -411,8 +414,10 @@ class _Converter:
     if not lb and len(lc) == 1 and lc[0] == nl - 1 and nr == 2 and len(rc) == 1:
       # x @ W (or W^T): MatMul, the weight transposed once here when it is a constant.
       if rc[0] == 1:
-        rhs = rhs.T.copy() if isinstance(rhs, np.ndarray) else self.g.node(
-            "Transpose", [rhs], perm=[1, 0]
+        rhs = (
+            rhs.T.copy()
+            if isinstance(rhs, np.ndarray)
+            else self.g.node("Transpose", [rhs], perm=[1, 0])
         )
       out = self.g.node("MatMul", [self.name(lhs, la), self.name(rhs, ra)])
     else:
@@ -511,8 +516,6 @@ class _Converter:
     oshape = eqn.invars[0].aval.shape
     dn = dimension_numbers
     mode_name = str(mode).rsplit(".", 1)[-1]
-    if mode_name == "FILL_OR_DROP":
-      raise UnsupportedPrimitive(f"gather with mode fill ({_describe(eqn)})")
     if isinstance(indices, np.ndarray) and not dn.operand_batching_dims:
       return self._static_gather(eqn, operand, indices, dn, slice_sizes)
     # Index components over axes sliced whole are 0 after clamping: drop them.
@@ -539,14 +542,33 @@ class _Converter:
     if cols != list(range(ishape[-1])):
       idx = self.g.node("Gather", [idx, self.g.ints(cols)], axis=len(ishape) - 1)
     idx = self.g.node("Cast", [idx], to=TensorProto.INT64)
-    if mode_name == "CLIP":
-      hi = [int(oshape[a]) - 1 for a in taken]
-      idx = self.g.node("Max", [self.g.node("Min", [idx, self.g.ints(hi)]), self.g.ints([0])])
+    hi = self.g.ints([int(oshape[a]) - 1 for a in taken])
+    valid = None
+    if mode_name == "FILL_OR_DROP":  # out of bounds: the fill value (JAX's default: NaN / min)
+      ok = self.g.node(
+          "And",
+          [
+              self.g.node("GreaterOrEqual", [idx, self.g.ints([0])]),
+              self.g.node("LessOrEqual", [idx, hi]),
+          ],
+      )
+      ok = self.g.node("Cast", [ok], to=TensorProto.INT32)
+      valid = self.g.node("ReduceMin", [ok, self.g.ints([-1])], keepdims=0)
+    if mode_name in ("CLIP", "FILL_OR_DROP"):
+      idx = self.g.node("Max", [self.g.node("Min", [idx, hi]), self.g.ints([0])])
     out = self.g.node("GatherND", [self.name(operand, eqn.invars[0].aval), idx], batch_dims=nb)
     kept = [a for a in taken if a not in dn.collapsed_slice_dims]
     if kept:  # sliced to size 1 but not collapsed: a unit axis in the output
       first = n_idx_batch
       out = self.g.node("Unsqueeze", [out, self.g.ints([first + i for i in range(len(kept))])])
+    if valid is not None:
+      trailing = list(range(n_idx_batch, out_rank))
+      valid = self.g.node("Cast", [valid], to=TensorProto.BOOL)
+      if trailing:
+        valid = self.g.node("Unsqueeze", [valid, self.g.ints(trailing)])
+      dtype = _np_dtype(eqn.outvars[0].aval)
+      fill = _fill(dtype) if fill_value is None else fill_value
+      out = self.g.node("Where", [valid, out, self.g.const(np.asarray(fill, dtype))])
     return out
 
   def _static_gather(self, eqn, operand, indices, dn, slice_sizes):
@@ -569,6 +591,15 @@ class _Converter:
     if dn.collapsed_slice_dims:
       out = self.g.node("Squeeze", [out, self.g.ints(dn.collapsed_slice_dims)])
     return out
+
+
+def _fill(dtype: np.dtype):
+  """JAX's fill value of an out-of-bounds gather: NaN, the minimum integer, or True."""
+  if dtype.kind == "f":
+    return np.nan
+  if dtype.kind in "iu":
+    return np.iinfo(dtype).min
+  return True
 
 
 def _same_dim(a, b) -> bool:
@@ -631,7 +662,12 @@ def to_onnx(
       _value_info(n, core.ShapedArray(s.shape, s.dtype), batch_name) for n, s in inputs.items()
   ]
   g = helper.make_graph(
-      graph.nodes, graph_name, onnx_inputs, nodes_out, initializer=graph.initializers, doc_string=doc
+      graph.nodes,
+      graph_name,
+      onnx_inputs,
+      nodes_out,
+      initializer=graph.initializers,
+      doc_string=doc,
   )
   model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
   model.ir_version = 8  # opset 18; readable by onnxruntime >= 1.14 and OpenVINO >= 2023

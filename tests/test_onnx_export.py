@@ -1,0 +1,272 @@
+"""The ONNX export: the whole scoring function as one .onnx file, scored by onnxruntime (and
+OpenVINO) in a process where JAX cannot be imported, equal to the JAX scorer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from cras_jax import run_onnx
+from cras_jax.configs import demo
+from cras_jax.data import preprocess
+from cras_jax.runs.scoring import exporting, onnx_export, scoring, thresholds
+from cras_jax.runs.state import trained
+from tests import predict_helpers
+from tests.conftest import ROOT
+
+# Float32 parity with the JAX scorer, relative to each output's largest magnitude.
+RTOL = 1e-4
+
+# Run in a fresh process in which `import jax` fails: scores crops.npy, saves every output, and
+# prints the top-level modules it loaded.
+NO_JAX = """
+import json, runpy, sys
+sys.modules["jax"] = None  # any import of jax now raises ImportError
+model, crops, out, runtime = sys.argv[1:5]
+sys.argv = ["run_onnx", model, crops, f"--output={out}", f"--runtime={runtime}", "--batch_size=3", "--quiet"]
+try:
+  runpy.run_module("cras_jax.run_onnx", run_name="__main__")
+except SystemExit as e:
+  assert e.code in (0, None), e.code
+print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in sys.modules if sys.modules[m]})))
+"""
+FORBIDDEN = ("jax", "jaxlib", "flax", "optax", "orbax", "tensorflow", "torch", "onnx")
+
+
+def _close(got: dict, want: dict, image_threshold: float):
+  assert set(got) == set(want)
+  for name, value in want.items():
+    value = np.asarray(value)
+    assert got[name].shape == value.shape and got[name].dtype == value.dtype, name
+    if value.dtype.kind == "f":
+      scale = max(float(np.abs(value).max()), 1e-6)
+      np.testing.assert_allclose(got[name], value, rtol=0, atol=RTOL * scale, err_msg=name)
+  np.testing.assert_array_equal(got["cls"], want["cls"])
+  # A decision may flip only where the normalised score lies within tolerance of the threshold.
+  z = want["normalised_scores"]
+  flipped = got["is_anomaly"] != want["is_anomaly"]
+  near = np.abs(z - image_threshold) <= RTOL * max(float(np.abs(z).max()), 1e-6)
+  assert not (flipped & ~near).any(), (z[flipped], image_threshold)
+  # Pixels likewise (their normalised values are not an output): at most 0.1% of them.
+  assert (got["masks"] != want["masks"]).mean() <= 1e-3
+
+
+def _no_jax_run(model: str, crops: str, out: str, runtime: str = "onnxruntime") -> dict:
+  res = subprocess.run(
+      [sys.executable, "-c", NO_JAX, model, crops, out, runtime],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert res.returncode == 0, res.stderr[-3000:]
+  modules = json.loads(res.stdout.split("MODULES ", 1)[1])
+  assert not set(FORBIDDEN) & set(modules), set(FORBIDDEN) & set(modules)
+  with np.load(out) as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+  """The tiny demo run (EfficientNet-Lite0) exported as ONNX, its test crops and the JAX
+  scorer's outputs on them (the export's function, with the run's thresholds)."""
+  workdir = str(tiny_run["workdir"])
+  run = predict_helpers.loaded_run(workdir)
+  images, _ = predict_helpers.reference_outputs(workdir, str(tiny_run["data_root"]))
+  tmp = tmp_path_factory.mktemp("onnx")
+  thr = scoring.load_thresholds(run, workdir)
+  meta = onnx_export.export_onnx(run, thr, str(tmp / "model.onnx"))
+  np.save(tmp / "crops.npy", images)
+  return {
+      "dir": tmp,
+      "meta": meta,
+      "thr": thr,
+      "images": images,
+      "want": _jax_outputs(run, thr, images),
+  }
+
+
+def _jax_outputs(run, thr, images) -> dict:
+  """The JAX export's function (cras_jax.export) on `images`: the predict step plus the
+  normalisation and decisions at the stored thresholds."""
+  scorer, tree = exporting.score_tree(run, thr)
+  leaves, treedef = jax.tree.flatten(tree)
+  fn = jax.jit(exporting.make_score_fn(scorer.step_fn, treedef))
+  ithr = np.float32(np.nan if thr.image_threshold is None else thr.image_threshold)
+  pthr = np.float32(np.nan if thr.pixel_threshold is None else thr.pixel_threshold)
+  return {k: np.asarray(v) for k, v in fn(leaves, images, ithr, pthr).items()}
+
+
+def test_onnx_file_holds_the_run_meta_and_a_symbolic_batch(exported, tiny_run):
+  path = exported["dir"] / "model.onnx"
+  model = onnx.load(str(path))
+  onnx.checker.check_model(model, full_check=True)
+  props = {p.key: p.value for p in model.metadata_props}
+  meta = json.loads(props[run_onnx.META_KEY])
+  assert meta == json.loads(json.dumps(exported["meta"]))
+  assert meta["class_names"] == ["chip", "fabric", "gear", "granite"]
+  assert meta["input"]["resize"] == 73 and meta["input"]["crop"] == 64
+  d = thresholds.load_dict(os.path.join(tiny_run["workdir"], "thresholds.json"))
+  assert meta["thresholds"]["image"] == pytest.approx(d["image_threshold"])
+  assert meta["run_id"] and meta["versions"]["onnx"] == onnx.__version__
+  images = model.graph.input[0]
+  assert images.name == "images" and images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+  assert images.type.tensor_type.shape.dim[0].dim_param == "b"
+  assert {o.name for o in model.graph.output} == set(meta["outputs"])
+  # the metadata as the no-JAX reader parses it from the bytes, and the checksum holds
+  data = path.read_bytes()
+  assert run_onnx.metadata_props(data) == props
+  assert run_onnx.file_checksum(data, props[run_onnx.SUM_KEY]) == props[run_onnx.SUM_KEY]
+
+
+def test_onnxruntime_without_jax_equals_the_jax_scorer(exported):
+  """Lite0: every output within 1e-4 (relative to its scale) of the JAX export's function, in
+  batches of 3 (the last one short), in a process where JAX cannot be imported."""
+  tmp = exported["dir"]
+  got = _no_jax_run(str(tmp / "model.onnx"), str(tmp / "crops.npy"), str(tmp / "ort.npz"))
+  _close(got, exported["want"], exported["thr"].image_threshold)
+  assert len(set(got["cls"].tolist())) > 1  # several classes matched: the gather is exercised
+
+
+def test_openvino_runs_the_same_file(exported):
+  pytest.importorskip("openvino", reason="OpenVINO is optional (requirements-openvino.txt)")
+  tmp = exported["dir"]
+  got = _no_jax_run(
+      str(tmp / "model.onnx"), str(tmp / "crops.npy"), str(tmp / "ov.npz"), "openvino"
+  )
+  _close(got, exported["want"], exported["thr"].image_threshold)
+
+
+def test_resnet_backbone_converts_exactly(tmp_path):
+  """ResNet-18 (max pooling, strided convolutions, residual adds; random weights and centres):
+  onnxruntime equals the JAX scorer at two batch sizes."""
+  cfg = demo.get_config()
+  cfg.model.backbone, cfg.model.weights = "resnet18", "random"
+  cfg.data.resize, cfg.data.crop = 73, 64
+  cfg.model.pre_embed_dim, cfg.model.embed_dim = 48, 32
+  names = ["a", "b", "c"]
+  spec, devices, state = trained.initial(cfg, len(names))
+  rng = np.random.default_rng(1)
+  state = state.replace(centres=jnp.asarray(rng.normal(size=state.centres.shape), jnp.float32))
+  run = trained.Run(cfg, spec, devices, state, {"class_names": names, "run_id": "resnet-test"})
+  thr = thresholds.Thresholds(names, np.zeros(3, np.float32), np.ones(3, np.float32), 0.6, 0.6)
+  onnx_export.export_onnx(run, thr, str(tmp_path / "r18.onnx"))
+  model = run_onnx.load(str(tmp_path / "r18.onnx"))
+  images = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+  want = _jax_outputs(run, thr, images)
+  for bs in (2, 5):
+    _close(run_onnx.score(model, images, batch_size=bs), want, thr.image_threshold)
+
+
+def test_preprocess_helper_gives_the_loaders_pixels(tiny_run):
+  """run_onnx.preprocess (numpy and Pillow only) equals the training's loader, pixel for pixel,
+  on the demo images, a wide and a small image (padded by the centre crop)."""
+  paths = predict_helpers.image_paths(tiny_run["data_root"])[:4]
+  tmp = tiny_run["workdir"].parent / "preprocess_check"
+  tmp.mkdir(exist_ok=True)
+  rng = np.random.default_rng(2)
+  for name, size in (("wide.png", (130, 75)), ("small.png", (40, 50))):
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp / name)
+    paths.append(str(tmp / name))
+  for p in paths:
+    want = preprocess.load_example(p, None, 73, 64)[0]
+    np.testing.assert_array_equal(run_onnx.preprocess(p, 73, 64), want, err_msg=p)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _cli(*args, env=None, pre=""):
+  code = pre + "import runpy, sys; sys.argv = ['run_onnx', *sys.argv[1:]]; "
+  code += "runpy.run_module('cras_jax.run_onnx', run_name='__main__')"
+  return subprocess.run(
+      [sys.executable, "-c", code, *map(str, args)],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+  )
+
+
+def test_bad_files_and_inputs_give_one_message_and_status_2(exported, tmp_path):
+  good = exported["dir"] / "model.onnx"
+  crops = exported["dir"] / "crops.npy"
+  data = good.read_bytes()
+  empty = tmp_path / "empty.onnx"
+  empty.write_bytes(b"")
+  tampered = tmp_path / "tampered.onnx"
+  raw = bytearray(data)
+  raw[len(raw) // 2] ^= 0x01  # one bit inside the weights
+  tampered.write_bytes(bytes(raw))
+  other = tmp_path / "other.onnx"
+  node = onnx.helper.make_node("Identity", ["x"], ["y"])
+  info = onnx.helper.make_tensor_value_info
+  graph = onnx.helper.make_graph(
+      [node],
+      "g",
+      [info("x", onnx.TensorProto.FLOAT, [1])],
+      [info("y", onnx.TensorProto.FLOAT, [1])],
+  )
+  onnx.save(onnx.helper.make_model(graph), str(other))
+  garbage = tmp_path / "garbage.onnx"
+  garbage.write_bytes(b"\xff" * 100)
+  wrong_shape = tmp_path / "wrong.npy"
+  np.save(wrong_shape, np.zeros((2, 32, 32, 3), np.uint8))
+  floats = tmp_path / "floats.npy"
+  np.save(floats, exported["images"].astype(np.float32))
+  cases = [
+      ((empty, crops), "empty (0 bytes)"),
+      ((tampered, crops), "do not match the checksum"),
+      ((other, crops), "not written by cras_jax"),
+      ((garbage, crops), "not an ONNX file"),
+      ((good, wrong_shape), "expected uint8 images [N, 64, 64, 3]"),
+      ((good, floats), "expected uint8 images"),
+      ((good, crops, "--image_threshold=nan"), "must be a finite number"),
+      ((good, tmp_path / "missing.png"), "no such file or folder"),
+      ((tmp_path / "missing.onnx", crops), "cannot be read"),
+  ]
+  for args, message in cases:
+    res = _cli(*args)
+    assert res.returncode == 2, (args, res.stderr[-2000:])
+    assert message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    named = [
+        str(a) for a in args if str(a) in res.stderr or f"--{str(a).lstrip('-')}" in res.stderr
+    ]
+    assert named, (args, res.stderr)  # the message names the file or the flag
+
+
+def test_a_missing_runtime_names_the_install(exported):
+  res = _cli(
+      exported["dir"] / "model.onnx",
+      exported["dir"] / "crops.npy",
+      pre="import sys; sys.modules['onnxruntime'] = None; ",
+  )
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert "pip install onnxruntime==1.32.0" in res.stderr
+
+
+def test_export_command_refuses_an_output_of_the_other_format(tiny_run, tmp_path):
+  res = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "cras_jax.export",
+          f"--workdir={tiny_run['workdir']}",
+          "--format=onnx",
+          f"--output={tmp_path / 'model.npz'}",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert res.returncode == 2 and "--format=jax" in res.stderr and "Traceback" not in res.stderr
+  assert not (tmp_path / "model.npz").exists()
