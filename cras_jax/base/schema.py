@@ -182,6 +182,16 @@ FIELDS: tuple[Field, ...] = (
     F("model.map_sigma", 4.0, "Gaussian smoothing of the anomaly map (pixels)."),
     F("model.dtype", "float32", "Compute dtype of the heads.", ("float32", "bfloat16")),
     F(
+        "model.aggregate_dtype",
+        "float32",
+        "Dtype of the backbone's levels in the patch aggregation: float32 (the levels cast up "
+        "before it, as the reference) or compute (kept in model.dtype: with bfloat16 the "
+        "aggregation reads and writes half the bytes, its sums still in float32; "
+        "docs/performance.md). Same thing with model.dtype=float32.",
+        ("float32", "compute"),
+        later=True,
+    ),
+    F(
         "model.kernels",
         "auto",
         "Convolution and pooling forms (cras_jax/backbones/layers.py, docs/performance.md): "

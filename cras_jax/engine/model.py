@@ -87,18 +87,24 @@ def make_embed_fn(
     embed_dim: int,
     patch_size: int = 3,
     form: str = "cpu_tuned",
+    aggregate_dtype: str = "float32",
 ) -> Callable:
-  """Returns embed(backbone_vars, images_normalised) -> t [B, HW, D], (h, w); `form` is the
-  aggregation's kernels form (backbones/layers.py FORMS)."""
+  """Returns embed(backbone_vars, images_normalised) -> t [B, HW, D] float32, (h, w); `form`
+  is the aggregation's kernels form (backbones/layers.py FORMS); `aggregate_dtype`
+  ("float32", "compute": `model.aggregate_dtype`) the dtype the levels are aggregated in."""
   max_level = max(levels)
 
   def embed(backbone_vars, x):
     with jax.named_scope("backbone"):
       feats = backbone.apply(backbone_vars, x, max_level=max_level)
-      maps = [feats[f"level{l}"].astype(jnp.float32) for l in levels]
+      maps = [feats[f"level{l}"] for l in levels]
+      if aggregate_dtype == "float32":
+        maps = [f.astype(jnp.float32) for f in maps]
     with jax.named_scope("aggregate"):
       t = features.aggregate_patches(maps, pre_embed_dim, embed_dim, patch_size, form)
-    return t, maps[0].shape[1:3]
+    # float32 for what follows (in a bfloat16 aggregation the cast fuses into t's consumers,
+    # the adapter's product rounding it back to bfloat16)
+    return t.astype(jnp.float32), maps[0].shape[1:3]
 
   return embed
 

@@ -122,7 +122,13 @@ class ModelSpec:
     self.kernels = layers.resolve_kernels(m.get("kernels", "auto"))
     self.backbone = backbones.build_module(m.backbone, m.dtype, self.kernels)
     self.embed = model.make_embed_fn(
-        self.backbone, tuple(m.levels), m.pre_embed_dim, m.embed_dim, m.patch_size, self.kernels
+        self.backbone,
+        tuple(m.levels),
+        m.pre_embed_dim,
+        m.embed_dim,
+        m.patch_size,
+        self.kernels,
+        m.get("aggregate_dtype", "float32"),
     )
     self.tx = optimizer_from_config(config)
     self.image_size = config.data.crop

@@ -54,10 +54,13 @@ def unfold_pool_groups(x: jax.Array, out: int, patch_size: int = 3) -> jax.Array
   for r in range(cb):
     for t in range(k2):
       i, j = divmod(t, k)
-      tap = xp[:, i : i + h, j : j + w, :, r]  # [B, H, W, C / cb]
+      # summed in float32 whatever x's dtype (bfloat16 levels: read and written in bfloat16,
+      # the sums fused in between)
+      tap = xp[:, i : i + h, j : j + w, :, r].astype(jnp.float32)  # [B, H, W, C / cb]
       s = (k2 * r + t) // g
       sums[s] = tap if sums[s] is None else sums[s] + tap
-  return (jnp.stack(sums, axis=-1) / g).reshape(b, h, w, out)
+  # each slot's mean in x's dtype before the stack (the fusion then writes x's dtype)
+  return jnp.stack([(v / g).astype(x.dtype) for v in sums], axis=-1).reshape(b, h, w, out)
 
 
 def adaptive_pool_windows(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:

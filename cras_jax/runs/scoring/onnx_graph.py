@@ -73,8 +73,14 @@ _REDUCE = {
     "reduce_prod": "ReduceProd",
 }
 # Calls whose body is inlined.
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
-_CUSTOM = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+}
 _IDENTITY = {"copy", "copy_p", "reduce_precision", "optimization_barrier"}
 # A folded result may be this much larger than its inputs (broadcasts of weights are left to
 # the runtime, not stored).
@@ -197,10 +203,8 @@ class _Converter:
 
   def eqn(self, eqn, ins) -> list:
     prim = eqn.primitive.name
-    if prim in _CALLS or prim in _CUSTOM:
-      closed = eqn.params[_CALLS.get(prim) or _CUSTOM[prim]]
-      if prim in _CUSTOM:
-        ins = ins[eqn.params.get("num_consts", 0) :] if prim == "custom_vjp_call" else ins
+    if prim in _CALLS:
+      closed = eqn.params[_CALLS[prim]]  # a function of all the inputs
       inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
       consts = closed.consts if hasattr(closed, "consts") else []
       return self.run(inner, consts, ins)
@@ -516,6 +520,9 @@ class _Converter:
     oshape = eqn.invars[0].aval.shape
     dn = dimension_numbers
     mode_name = str(mode).rsplit(".", 1)[-1]
+    taken = self._take(eqn, operand, indices, dn, slice_sizes, mode_name)
+    if taken is not None:
+      return taken
     if isinstance(indices, np.ndarray) and not dn.operand_batching_dims:
       return self._static_gather(eqn, operand, indices, dn, slice_sizes)
     # Index components over axes sliced whole are 0 after clamping: drop them.
@@ -570,6 +577,37 @@ class _Converter:
       fill = _fill(dtype) if fill_value is None else fill_value
       out = self.g.node("Where", [valid, out, self.g.const(np.asarray(fill, dtype))])
     return out
+
+  def _take(self, eqn, operand, indices, dn, slice_sizes, mode_name):
+    """A gather of whole slices along one axis (`jnp.take`, e.g. channels chosen by a constant
+    table): ONNX Gather on that axis, or None for another form."""
+    oshape = eqn.invars[0].aval.shape
+    ishape = eqn.invars[1].aval.shape
+    if len(dn.start_index_map) != 1 or dn.operand_batching_dims:
+      return None
+    (a,) = dn.start_index_map
+    whole = all(_same_dim(slice_sizes[i], oshape[i]) for i in range(len(oshape)) if i != a)
+    if tuple(dn.collapsed_slice_dims) != (a,) or int(slice_sizes[a]) != 1 or not whole:
+      return None
+    n_idx_batch = len(ishape) - 1
+    out_rank = len(eqn.outvars[0].aval.shape)
+    if tuple(dn.offset_dims) != tuple(range(a)) + tuple(range(a + n_idx_batch, out_rank)):
+      return None
+    size = int(oshape[a])
+    if isinstance(indices, np.ndarray):
+      idx = indices[..., 0].astype(np.int64)
+      if mode_name == "FILL_OR_DROP" and ((idx < 0) | (idx >= size)).any():
+        return None
+      idx = self.g.const(np.clip(idx, 0, size - 1))
+    else:
+      if mode_name == "FILL_OR_DROP":
+        return None
+      idx = self.name(indices, eqn.invars[1].aval)
+      idx = self.g.node("Squeeze", [idx, self.g.ints([n_idx_batch])])
+      idx = self.g.node("Cast", [idx], to=TensorProto.INT64)
+      hi = self.g.ints([size - 1])
+      idx = self.g.node("Max", [self.g.node("Min", [idx, hi]), self.g.ints([0])])
+    return self.g.node("Gather", [self.name(operand, eqn.invars[0].aval), idx], axis=a)
 
   def _static_gather(self, eqn, operand, indices, dn, slice_sizes):
     """A gather at constant indices that selects one window: a slice."""

@@ -66,6 +66,14 @@ def _match(c, x):
   }
 
 
+@jax.custom_vjp
+def _doubled(x):
+  return 2.0 * x
+
+
+_doubled.defvjp(lambda x: (2.0 * x, None), lambda _, g: (2.0 * g,))
+
+
 def _elementwise(c, x):
   y = jnp.clip(x, -0.5, 0.7)
   z = jnp.where(x > 0, jax.nn.sigmoid(x), jnp.exp(-jnp.abs(x)))
@@ -79,6 +87,7 @@ def _elementwise(c, x):
       "stack": s,
       "r": r,
       "u8": (x > 0.1).astype(jnp.uint8),
+      "custom": _doubled(jnp.tanh(x) + jax.nn.relu(x)),
       "bcast": jnp.broadcast_to(c["table"][None, :, None], (x.shape[0], 3, 5)),
   }
 
