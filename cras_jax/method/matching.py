@@ -25,6 +25,29 @@ def unit_centres(centres: jax.Array) -> jax.Array:
   return _normalise(centres)
 
 
+def local_match(
+    u: jax.Array, centre: jax.Array, hpi: bool = True, centre_unit: jax.Array | None = None
+):
+  """One image. u [HW, D], centre [HW, D] -> (index [HW], p [HW, D]).
+
+  index[n] = argmax_m cos(u_n, c_m). The factor 1 / |u_n| is the same positive
+  number for every m, so the argmax is taken over u_n . c_m / |c_m| without
+  normalising u (the same index; on CPUs it also keeps XLA from fusing two
+  normalisations into the matrix product, which made that product 4x slower at
+  the paper's sizes). centre_unit: `unit_centres(centre)` when precomputed.
+  hpi=False is the "w/o HPI" ablation: each patch takes the centre vector at
+  its own position.
+  """
+  if not hpi:
+    idx = jnp.arange(u.shape[0])
+    return idx, centre
+  if centre_unit is None:
+    centre_unit = jax.lax.optimization_barrier(_normalise(centre))
+  sim = jnp.einsum("nd,md->nm", u, centre_unit, precision=_HIGHEST)
+  idx = jnp.argmax(sim, axis=-1)
+  return idx, centre[idx]
+
+
 def match_known(
     u: jax.Array,
     centres: jax.Array,
@@ -32,29 +55,12 @@ def match_known(
     hpi: bool = True,
     centres_unit: jax.Array | None = None,
 ):
-  """Matching to known classes. u [B, HW, D], centres [K, HW, D], labels [B] -> (idx [B, HW],
-  p [B, HW, D]): each patch n of image b takes the patch m of its class's centre c with
-  idx[b, n] = argmax_m cos(u_bn, c_m), and p[b, n] = c_idx.
+  """Training matching. u [B, HW, D], centres [K, HW, D], labels [B] -> (idx, p).
 
-  The factor 1 / |u_bn| is the same positive number for every m, so the argmax is taken over
-  u_bn . c_m / |c_m| without normalising u (the same index; on CPUs it also keeps XLA from
-  fusing two normalisations into the matrix product, which made that product 4x slower at
-  the paper's sizes). hpi=False is the "w/o HPI" ablation: each patch takes the centre vector
-  at its own position.
-
-  Batched rather than per image: the unit centres are gathered by class ([B, HW, D], the
-  similarity's operand) and p is gathered straight from the centres at (class, index), so
-  the chosen centre itself is never formed per image (on a TPU that per-image gather was a
-  loop carrying all the centres, the largest writes of the scoring step).
   centres_unit: `unit_centres(centres)` when precomputed (scoring)."""
-  if not hpi:
-    idx = jnp.broadcast_to(jnp.arange(u.shape[1]), u.shape[:2])
-    return idx, centres[labels]
   if centres_unit is None:
-    centres_unit = jax.lax.optimization_barrier(unit_centres(centres))
-  sim = jnp.einsum("bnd,bmd->bnm", u, centres_unit[labels], precision=_HIGHEST)
-  idx = jnp.argmax(sim, axis=-1)
-  return idx, centres[labels[:, None], idx]
+    return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi))(u, labels)
+  return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi, centres_unit[k]))(u, labels)
 
 
 def global_match(u: jax.Array, centres: jax.Array) -> jax.Array:

@@ -106,7 +106,7 @@ class _Graph:
     self.nodes: list[onnx.NodeProto] = []
     self.initializers: list[onnx.TensorProto] = []
     self._ids = itertools.count()
-    self._consts: dict[int, str] = {}
+    self._consts: dict[Any, str] = {}
     self.batch_source = batch_source  # an input whose dimension 0 is the symbolic size
     self.batch_name = batch_name
     self._batch: str | None = None
@@ -116,16 +116,19 @@ class _Graph:
   def fresh(self, hint: str) -> str:
     return f"{hint}_{next(self._ids)}"
 
-  def node(self, op: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> Any:
-    outs = [self.fresh(op.lower()) for _ in range(n_out)]
-    self.nodes.append(helper.make_node(op, list(inputs), outs, name=outs[0], **attrs))
-    return outs[0] if n_out == 1 else outs
+  def node(self, op: str, inputs: Sequence[str], **attrs) -> str:
+    out = self.fresh(op.lower())
+    self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+    return out
 
   def const(self, value: np.ndarray, hint: str = "c") -> str:
     value = np.asarray(value)
     if value.dtype not in _ONNX_TYPES:
       raise UnsupportedPrimitive(f"a constant of dtype {value.dtype} has no ONNX type here")
-    key = id(value)
+    # small constants (shapes, axes, scalars) by content, so each is stored once; others by
+    # identity (the same weight array named twice is one initializer)
+    small = value.nbytes <= 1024
+    key = (value.dtype.str, value.shape, value.tobytes()) if small else id(value)
     if key in self._consts:
       return self._consts[key]
     name = self.fresh(hint)
