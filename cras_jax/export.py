@@ -1,7 +1,13 @@
-"""A portable export of the whole scoring function: one .npz file, run with jax and numpy only.
+"""A portable export of the whole scoring function: one .npz file, run with jax and numpy only
+(`--format=jax`, the default), or one .onnx file run without JAX (`--format=onnx`).
 
     python -m cras_jax.export --workdir=<trained run> --output=model.npz
     python -m cras_jax.run_exported model.npz crops.npy
+    python -m cras_jax.export --workdir=<trained run> --format=onnx     # <run>/exported.onnx
+    python -m cras_jax.run_onnx <run>/exported.onnx images/ [--runtime=openvino]
+
+The ONNX file and its reader: cras_jax/runs/scoring/onnx_export.py, cras_jax/run_onnx.py,
+docs/deploy.md. What follows is the .npz format.
 
 The function `score(weights, images, image_threshold, pixel_threshold)` (backbone, adapter,
 matching, discriminator, anomaly map, per-class normalisation and the two decisions) is
