@@ -13,7 +13,8 @@ from tests.conftest import ROOT
 
 CASES = [
     ("cras_jax.predict", ["--member", "--workdir", "--image_threshold"]),
-    ("cras_jax.export", ["--member", "--workdir", "--output"]),
+    ("cras_jax.export", ["--member", "--workdir", "--output", "--format"]),
+    ("cras_jax.deploy_bench", ["--setups", "--batch_sizes", "--runtimes"]),
     ("cras_jax.robustness", ["--member", "--workdir"]),
     ("cras_jax.figures", ["--member", "--workdir"]),
     ("cras_jax.data.synthetic", ["--root", "--image_size", "--n_train"]),

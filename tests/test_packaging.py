@@ -10,6 +10,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from cras_jax import run_onnx
 from tests.conftest import ROOT
 
 PYTHONS = ("3.11", "3.12")
@@ -84,10 +85,21 @@ def test_pyproject_names_every_runtime_requirement_and_pins_none():
 
 def test_accelerator_extras_take_the_installed_jax():
   extras = _project()["optional-dependencies"]
-  assert set(extras) == {"cuda12", "cuda13", "tpu"}
-  for extra, reqs in extras.items():
-    (req,) = map(Requirement, reqs)
+  assert set(extras) == {"cuda12", "cuda13", "tpu", "openvino"}
+  for extra in ("cuda12", "cuda13", "tpu"):
+    (req,) = map(Requirement, extras[extra])
     assert (req.name, req.extras, str(req.specifier)) == ("jax", {extra}, "")
+
+
+def test_openvino_extra_holds_the_tested_version():
+  """The optional runtime of `run_onnx`: the extra's lower bound is the version CI installs
+  (requirements-openvino.txt) and `run_onnx` names in its message when it is missing."""
+  (req,) = map(Requirement, _project()["optional-dependencies"]["openvino"])
+  (pin,) = _requirements("requirements-openvino.txt")
+  (version,) = [s.version for s in pin.specifier]
+  assert req.name == pin.name == "openvino" and str(req.specifier) == f">={version}"
+  assert run_onnx.PINS["openvino"] == f"openvino=={version}"
+  assert run_onnx.PINS["onnxruntime"] in open(os.path.join(ROOT, "requirements.txt")).read()
 
 
 @pytest.mark.parametrize("python", PYTHONS)
