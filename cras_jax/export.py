@@ -115,6 +115,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         f"--output={output}: a .{SUFFIX[wrong[0]]} name for --format={fv.format}; pass "
         f"--format={wrong[0]}, or name the file .{SUFFIX[fv.format]}"
     )
+  if fv.format == "onnx" and fv["platforms"].present:
+    raise errors.UserValueError(
+        "--platforms applies to --format=jax (what jax.export lowers for); an ONNX file runs "
+        "wherever its runtime does: drop --platforms"
+    )
   check_output_and_platforms(output, fv.platforms)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = trained.load_run(fv.workdir, member=fv.member)

@@ -253,20 +253,28 @@ def test_a_missing_runtime_names_the_install(exported):
   assert "pip install onnxruntime==1.32.0" in res.stderr
 
 
-def test_export_command_refuses_an_output_of_the_other_format(tiny_run, tmp_path):
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--format=onnx", "--output={tmp}/model.npz"], "pass --format=jax"),
+        pytest.param(["--output={tmp}/model.onnx"], "pass --format=onnx", marks=pytest.mark.slow),
+        (["--format=onnx", "--platforms=cpu"], "drop --platforms"),
+        pytest.param(["--format=tflite"], "one of <jax|onnx>", marks=pytest.mark.slow),
+    ],
+)
+def test_export_command_refuses_flags_of_the_other_format(tiny_run, tmp_path, flags, message):
   res = subprocess.run(
       [
           sys.executable,
           "-m",
           "cras_jax.export",
           f"--workdir={tiny_run['workdir']}",
-          "--format=onnx",
-          f"--output={tmp_path / 'model.npz'}",
+          *[f.format(tmp=tmp_path) for f in flags],
       ],
       cwd=ROOT,
       capture_output=True,
       text=True,
       timeout=300,
   )
-  assert res.returncode == 2 and "--format=jax" in res.stderr and "Traceback" not in res.stderr
-  assert not (tmp_path / "model.npz").exists()
+  assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+  assert not list(tmp_path.iterdir())
