@@ -116,6 +116,20 @@ def cost_note(result: dict) -> str:
   )
 
 
+def compile_total(result: dict) -> str:
+  """One line: the rows' compile seconds (lowering + compiling) in all and per step."""
+  per_mode = {m: 0.0 for m in result["modes"]}
+  for r in result["compiled"]:
+    per_mode[r["mode"]] = (
+        per_mode.get(r["mode"], 0.0) + r["facts"]["lower_s"] + r["facts"]["compile_s"]
+    )
+  parts = ", ".join(f"{m} {_seconds(t)}" for m, t in per_mode.items())
+  return (
+      f"Compile time of the {len(result['compiled'])} rows (lowering + compiling, this host): "
+      f"{_seconds(sum(per_mode.values()))} s in all ({parts} s)."
+  )
+
+
 def markdown(result: dict) -> str:
   """The study as tables: per mode, one row per compiled step (figures per chip)."""
   env = result["environment"]
@@ -163,6 +177,7 @@ def markdown(result: dict) -> str:
           f"{'–' if mb is None else ('≥' if mb['at_limit'] else '') + str(mb['max_batch_per_chip'])} |"
       )
     lines.append("")
+  lines += [compile_total(result), ""]
   lines += scaling_model.writes_tables(result) + [""]
   lines += [f"Source of the {u}'s figures:", ""]
   lines += [f"- {s['name']}: {s['source']}" for s in result["systems"]]
