@@ -77,6 +77,7 @@ def test_later_defaults_come_from_the_schema():
       "data.allow_crop_padding": False,
       "data.workers": 0,
       "model.kernels": "auto",
+      "model.aggregate_dtype": "float32",  # runs saved before the field aggregated in float32
       "train.deterministic": True,
       "train.population": "",
       "train.data_seed": -1,

@@ -225,7 +225,13 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   _levels(p, config)
   for f in ("model.centre", "model.dafs_variant", "model.crd_input", "model.matching"):
     _choice(p, config, f)
-  for f in ("model.score_mode", "model.dtype", "train.feature_cache_dtype", "data.mask_rule"):
+  for f in (
+      "model.score_mode",
+      "model.dtype",
+      "model.aggregate_dtype",
+      "train.feature_cache_dtype",
+      "data.mask_rule",
+  ):
     _choice(p, config, f)
   for f in ("data.data_dir", "data.download_url", "model.weights_url", "cache.dir"):
     if not isinstance(get(config, f), str):
