@@ -159,7 +159,13 @@ def footprint_search(
   def footprint(k: int) -> float:
     if k not in cache:
       b = k * multiple * len(devs)
-      facts = rows.compile_step(mode, config, devs, b, num_classes)
+      try:
+        facts = rows.compile_step(mode, config, devs, b, num_classes)
+      except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
+        if not out_of_memory(e):
+          raise
+        cache[k] = math.inf  # libtpu refuses to compile a step that cannot fit its HBM
+        return cache[k]
       mem = facts["memory"]
       if mem is None:
         raise errors.UserError("this compiler gives no memory analysis: no batch limit")
@@ -168,6 +174,13 @@ def footprint_search(
 
   footprint.cache = cache
   return footprint
+
+
+def out_of_memory(e: Exception) -> bool:
+  """Whether a compile failed because the step cannot fit the device's memory (libtpu:
+  "RESOURCE_EXHAUSTED: ... CompileTimeHbmOom: Ran out of memory on HBM")."""
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text and ("HbmOom" in text or "out of memory" in text.lower())
 
 
 def max_batch_per_chip(

@@ -178,6 +178,32 @@ def test_study_from_four_chips_projects_and_plots_without_efficiency(tmp_path):
   assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
+def test_a_batch_the_compiler_refuses_for_memory_does_not_fit(monkeypatch):
+  """libtpu refuses to compile a step larger than the HBM (RESOURCE_EXHAUSTED,
+  CompileTimeHbmOom) instead of reporting its footprint: the search counts that batch as not
+  fitting; any other compile error still propagates."""
+
+  def fake_compile(mode, config, devs, batch, num_classes):
+    per_device = batch // len(devs)
+    if per_device > 40:
+      raise RuntimeError(
+          "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+          "memory required for HLO temporaries (23.38G) exceeds available HBM (15.75G)."
+      )
+    return {"memory": {"footprint_bytes": 1e5 * per_device}}
+
+  monkeypatch.setattr(rows, "compile_step", fake_compile)
+  got = tpu.max_batch_per_chip("train", None, [object()], 1, 1e12, 3, multiple=8)
+  assert got["max_batch_per_chip"] == 40 and not got["at_limit"]
+
+  def broken(mode, config, devs, batch, num_classes):
+    raise RuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(rows, "compile_step", broken)
+  with pytest.raises(RuntimeError, match="something else"):
+    tpu.max_batch_per_chip("train", None, [object()], 1, 1e12, 3, multiple=8)
+
+
 def test_max_batch_per_chip_searches_per_device_multiples_and_reports_the_limit(monkeypatch):
   compiled = []
 
