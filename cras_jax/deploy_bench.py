@@ -9,13 +9,12 @@ Example (from the repository root):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from cras_jax.base import errors
+from cras_jax.base import errors, fileio
 from cras_jax.perf import deploy_bench as bench
 from cras_jax.perf import population_bench
 
@@ -60,10 +59,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   print(text)
   if fv.out:
     os.makedirs(fv.out, exist_ok=True)
-    with open(os.path.join(fv.out, "deploy_bench.json"), "w") as f:
-      json.dump(rows, f, indent=1)
-    with open(os.path.join(fv.out, "deploy_bench.md"), "w") as f:
-      f.write(text)
+    fileio.atomic_write_json(os.path.join(fv.out, "deploy_bench.json"), rows, indent=1)
+    fileio.atomic_write_text(os.path.join(fv.out, "deploy_bench.md"), text)
   return 0
 
 

@@ -11,13 +11,12 @@ Examples (from the repository root):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from cras_jax.base import errors
+from cras_jax.base import errors, fileio
 from cras_jax.perf import population_bench as bench
 
 
@@ -83,10 +82,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   print("\n" + text)
   if fv.out:
     os.makedirs(fv.out, exist_ok=True)
-    with open(os.path.join(fv.out, "population_bench.json"), "w") as f:
-      json.dump({"rows": rows, "ratios": ratios}, f, indent=2)
-    with open(os.path.join(fv.out, "population_bench.md"), "w") as f:
-      f.write(text)
+    fileio.atomic_write_json(os.path.join(fv.out, "population_bench.json"), {"rows": rows, "ratios": ratios}, indent=2)
+    fileio.atomic_write_text(os.path.join(fv.out, "population_bench.md"), text)
   return 0
 
 
