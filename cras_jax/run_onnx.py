@@ -147,7 +147,7 @@ def load(path: str, runtime: str = "onnxruntime", threads: int = 0) -> dict:
   if runtime == "onnxruntime":
     run = _onnxruntime(data, path, threads)
   else:
-    run = _openvino(data, path, threads)
+    run = _openvino(data, path, threads, list(meta["outputs"]))
   return {"meta": meta, "runtime": runtime, "run": run, "path": path}
 
 
@@ -185,7 +185,7 @@ def _onnxruntime(data: bytes, path: str, threads: int):
   return run
 
 
-def _openvino(data: bytes, path: str, threads: int):
+def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
   try:
     import openvino as ov  # noqa: PLC0415 - optional: imported only when chosen
   except ImportError:
@@ -201,7 +201,7 @@ def _openvino(data: bytes, path: str, threads: int):
   except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
     raise ExportError(f"{path}: OpenVINO cannot load it ({str(e)[:300]})") from None
   request = compiled.create_infer_request()
-  wanted = set(json.loads(metadata_props(data)[META_KEY])["outputs"])
+  wanted = set(outputs)
   ports = {(set(o.get_names()) & wanted).pop(): o for o in compiled.outputs}
 
   def run(images, ithr, pthr):
