@@ -82,7 +82,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   print("\n" + text)
   if fv.out:
     os.makedirs(fv.out, exist_ok=True)
-    fileio.atomic_write_json(os.path.join(fv.out, "population_bench.json"), {"rows": rows, "ratios": ratios}, indent=2)
+    fileio.atomic_write_json(
+        os.path.join(fv.out, "population_bench.json"), {"rows": rows, "ratios": ratios}, indent=2
+    )
     fileio.atomic_write_text(os.path.join(fv.out, "population_bench.md"), text)
   return 0
 
