@@ -196,8 +196,9 @@ FIELDS: tuple[Field, ...] = (
         "auto",
         "Convolution and pooling forms (cras_jax/backbones/layers.py, docs/performance.md): "
         "cpu_tuned (shifted depthwise, 1x1 as dot, poolings as matrices: fast on XLA:CPU), xla "
-        "(plain grouped convolutions and window means: GPUs, TPUs), auto (cpu_tuned on the CPU "
-        "backend, xla elsewhere).",
+        "(plain grouped convolutions, the patch aggregation as one convolution per level, class "
+        "centres by one-hot products: GPUs, TPUs), auto (cpu_tuned on the CPU backend, xla "
+        "elsewhere).",
         ("auto", "cpu_tuned", "xla"),
         later=True,
     ),

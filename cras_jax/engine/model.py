@@ -40,6 +40,14 @@ class HeadsConfig:
   score_mode: str = schema.default("model.score_mode")
   map_sigma: float = schema.default("model.map_sigma")
   dtype: Any = DTYPES[schema.default("model.dtype")]
+  # The resolved `model.kernels` form ("cpu_tuned" or "xla": set by the model spec). "xla" takes
+  # each image's class centres by a one-hot product, not a gather (`matching.class_rows`), and
+  # holds the discriminator's normal and synthetic rows parts-leading (`discriminator_split`).
+  kernels: str = "cpu_tuned"
+
+  @property
+  def one_hot_classes(self) -> bool:
+    return self.kernels == "xla"
 
   @classmethod
   def from_config(cls, model_cfg) -> HeadsConfig:
@@ -98,10 +106,11 @@ def make_embed_fn(
     with jax.named_scope("backbone"):
       feats = backbone.apply(backbone_vars, x, max_level=max_level)
       maps = [feats[f"level{l}"] for l in levels]
-      if aggregate_dtype == "float32":
-        maps = [f.astype(jnp.float32) for f in maps]
     with jax.named_scope("aggregate"):
-      t = features.aggregate_patches(maps, pre_embed_dim, embed_dim, patch_size, form)
+      # float32: the levels (bfloat16 in a bfloat16 model) are aggregated into float32 t; the
+      # "xla" form reads them as they are and sums in float32, the "cpu_tuned" form casts first
+      dtype = jnp.float32 if aggregate_dtype == "float32" else None
+      t = features.aggregate_patches(maps, pre_embed_dim, embed_dim, patch_size, form, dtype)
     # float32 for what follows (in a bfloat16 aggregation the cast fuses into t's consumers,
     # the adapter's product rounding it back to bfloat16)
     return t.astype(jnp.float32), maps[0].shape[1:3]
@@ -137,7 +146,7 @@ def heads_loss(
   with jax.named_scope("adapter"):
     u = cfg.adapter.apply({"params": params["adapter"]}, t)
   with jax.named_scope("matching"):
-    _, p = matching.match_known(u, centres, labels, cfg.hpi)
+    _, p = matching.match_known(u, centres, labels, cfg.hpi, one_hot=cfg.one_hot_classes)
   with jax.named_scope("synthesis"):
     # v = u + offset (DAFS); the discriminator takes u and the offset apart, so that the
     # products shared by the normal and the synthetic rows are computed once.
@@ -156,6 +165,7 @@ def heads_loss(
         train=True,
         dtype=cfg.dtype,
         axis_name=axis_name,
+        parts_leading=cfg.kernels == "xla",
     )
   lt, lf = logits[:, 0], logits[:, 1]
   with jax.named_scope("loss"):
@@ -189,7 +199,7 @@ def score_features(
 ):
   """Inference on patch features: -> dict(scores [B], maps [B, H, W], patch [B, h, w], cls [B])."""
   u = adapt(params, t, cfg)
-  k, _, p = matching.match_infer(u, centres, cfg.hpi, cfg.per_image_matching)
+  k, _, p = matching.match_infer(u, centres, cfg.hpi, cfg.per_image_matching, cfg.one_hot_classes)
   y = loss_lib.crd_inputs(u, p, cfg.crd_input)
   logits = cfg.discriminator.apply(
       {"params": params["disc"], "batch_stats": batch_stats["disc"]}, y, train=False
@@ -252,7 +262,9 @@ def score_prepared(
     if prep["centre_pb"] is not None:
       n_cls, hw, width = prep["centre_pb"].shape
       if cfg.hpi:
-        idx, _ = matching.match_known(u, centres, k, True, prep["centres_unit"])
+        idx, _ = matching.match_known(
+            u, centres, k, True, prep["centres_unit"], cfg.one_hot_classes
+        )
       else:
         idx = jnp.broadcast_to(jnp.arange(hw), (u.shape[0], hw))
       pb = prep["centre_pb"].reshape(n_cls * hw, width)[k[:, None] * hw + idx]

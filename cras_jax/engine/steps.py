@@ -7,6 +7,7 @@ that `sharding.Devices` jits and shards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -117,9 +118,9 @@ class ModelSpec:
     m = config.model
     self.config = config
     self.num_classes = num_classes
-    self.heads = model.HeadsConfig.from_config(m)
     # "auto" kernels: the form for JAX's default backend, fixed when the spec is built.
     self.kernels = layers.resolve_kernels(m.get("kernels", "auto"))
+    self.heads = dataclasses.replace(model.HeadsConfig.from_config(m), kernels=self.kernels)
     self.backbone = backbones.build_module(m.backbone, m.dtype, self.kernels)
     self.embed = model.make_embed_fn(
         self.backbone,

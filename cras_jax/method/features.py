@@ -28,41 +28,6 @@ def unfold3x3(x: jax.Array, patch_size: int = 3) -> jax.Array:
   return out.reshape(b, h, w, c * k * k)
 
 
-def unfold_pool_groups(x: jax.Array, out: int, patch_size: int = 3) -> jax.Array:
-  """`adaptive_avg_pool_last(unfold3x3(x, k), out)` when k k C is a multiple of `out` (equal
-  groups of g = k k C / out consecutive entries, e.g. WideResNet50: 4608 -> 1536, g = 3),
-  without the k x k neighbourhood stack: every output is the mean of its group's shifted
-  taps, summed straight from the padded map. [B, H, W, C] -> [B, H, W, out]; nothing larger
-  than the output is formed.
-
-  Entry i = c k k + t of the unfolded vector (channel c, tap t) falls in group i // g. Over a
-  block of cb = g / gcd(k k, g) channels the pattern repeats: the block's k k cb entries fill
-  k k cb / g outputs, slot s taking tap t of the block's channel r when (k k r + t) // g == s.
-  """
-  k = patch_size
-  k2, c = k * k, x.shape[-1]
-  if (k2 * c) % out:
-    raise ValueError(f"{k2} x {c} entries do not split into {out} equal groups")
-  g = k2 * c // out
-  cb = g // np.gcd(k2, g)
-  slots = k2 * cb // g
-  pad = (k - 1) // 2
-  b, h, w, _ = x.shape
-  xp = jnp.pad(x, ((0, 0), (pad, k - 1 - pad), (pad, k - 1 - pad), (0, 0)))
-  xp = xp.reshape(b, h + k - 1, w + k - 1, c // cb, cb)
-  sums = [None] * slots
-  for r in range(cb):
-    for t in range(k2):
-      i, j = divmod(t, k)
-      # summed in float32 whatever x's dtype (bfloat16 levels: read and written in bfloat16,
-      # the sums fused in between)
-      tap = xp[:, i : i + h, j : j + w, :, r].astype(jnp.float32)  # [B, H, W, C / cb]
-      s = (k2 * r + t) // g
-      sums[s] = tap if sums[s] is None else sums[s] + tap
-  # each slot's mean in x's dtype before the stack (the fusion then writes x's dtype)
-  return jnp.stack([(v / g).astype(x.dtype) for v in sums], axis=-1).reshape(b, h, w, out)
-
-
 def adaptive_pool_windows(length: int, out: int) -> tuple[np.ndarray, np.ndarray]:
   """Start and end indices of PyTorch's 1-D adaptive average pooling windows."""
   j = np.arange(out)
@@ -85,22 +50,6 @@ def adaptive_avg_pool_last(x: jax.Array, out: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], out, length // out).mean(-1)
   m = jnp.asarray(adaptive_pool_matrix(length, out), x.dtype)
   return jnp.dot(x, m, precision=jax.lax.Precision.HIGHEST)
-
-
-def adaptive_avg_pool_windows(x: jax.Array, out: int) -> jax.Array:
-  """`adaptive_avg_pool_last` as plain XLA ops: a gather of every window (padded to the
-  widest) and a masked mean; no matrix. The "xla" kernels' form (`aggregate_patches`)."""
-  length = x.shape[-1]
-  if _is_reshape_mean(length, out):
-    return adaptive_avg_pool_last(x, out)
-  start, end = adaptive_pool_windows(length, out)
-  width = int((end - start).max())
-  idx = np.minimum(start[:, None] + np.arange(width)[None, :], end[:, None] - 1)
-  mask = (start[:, None] + np.arange(width)[None, :] < end[:, None]).astype(np.float32)
-  taps = jnp.take(x, jnp.asarray(idx.reshape(-1)), axis=-1)
-  taps = taps.reshape(*x.shape[:-1], out, width)
-  weights = jnp.asarray(mask / (end - start)[:, None], x.dtype)
-  return (taps * weights).sum(-1)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -148,14 +97,97 @@ def level_projections(
   return out
 
 
+# Input channels per group of the "xla" form's pooling convolution where its inputs are
+# float32 (each product then costs several passes of the matrix units: TPUs run float32 at
+# HIGHEST precision as six bfloat16 passes). Fewer groups multiply more zeros, more groups cost
+# bytes (the TPU compiler re-lays out small groups). 16-bit levels with 0/1 weights run in one
+# group: the zeros cost less than the bytes of any split. TPU v5e compile, WideResNet50 at
+# 288 px, batch 32 per chip (docs/performance.md "The aggregation as a convolution").
+FLOAT32_GROUP_CHANNELS = 64
+
+
+def pooling_kernel(
+    m: np.ndarray, channels: int, patch_size: int = 3, group_channels: int | None = None
+) -> tuple[np.ndarray, int, int | None]:
+  """A level's projection M_l [C k k, n] (`level_projections`) as a convolution kernel.
+
+  Entry (channel c, tap i k + j) of the unfolded vector is x[y + i - pad, x + j - pad, c], so
+  M_l reshaped to [k, k, C, n] is the kernel of a stride-1, zero-padded cross-correlation
+  that unfolds and pools in one operation. Returns (kernel [k, k, C / G, n] HWIO, G, div):
+  G feature groups (1 when `group_channels` is None; else the fewest equal blocks of M_l's
+  block-diagonal structure with at most `group_channels` input channels each, or the most
+  there are); div, when every nonzero weight is the same 1 / div (equal-group means:
+  WideResNet50's 1/6 and 1/12), with the kernel's weights 1 so that they are exact in any
+  float dtype, else None (weights as they are, float32)."""
+  k = patch_size
+  n = m.shape[1]
+  w = np.asarray(m, np.float64).reshape(channels, k, k, n).transpose(1, 2, 0, 3)
+
+  def blocks(g: int) -> bool:
+    ci, co = channels // g, n // g
+    inside = np.zeros(w.shape, bool)
+    for q in range(g):
+      inside[:, :, q * ci : (q + 1) * ci, q * co : (q + 1) * co] = True
+    return not np.any(w[~inside])
+
+  groups = 1
+  if group_channels is not None:
+    shared = np.gcd(channels, n)
+    valid = [g for g in range(1, shared + 1) if shared % g == 0 and blocks(g)]
+    small = [g for g in valid if channels // g <= group_channels]
+    groups = min(small) if small else max(valid)
+  ci, co = channels // groups, n // groups
+  kernel = np.concatenate(
+      [w[:, :, q * ci : (q + 1) * ci, q * co : (q + 1) * co] for q in range(groups)], axis=-1
+  )
+  nonzero = np.abs(kernel[kernel != 0])
+  div = None
+  if nonzero.size and np.all(kernel >= 0) and np.ptp(nonzero) == 0:
+    inv = 1.0 / nonzero[0]
+    if abs(inv - round(inv)) < 1e-5 * inv:  # m is float32: 1 / float32(1 / 6) is 6 - 4e-8
+      div = int(round(inv))
+      kernel = (kernel != 0).astype(np.float64)
+  return kernel.astype(np.float32), groups, div
+
+
+def pool_conv(x: jax.Array, m: np.ndarray, patch_size: int = 3, dtype=None) -> jax.Array:
+  """`unfold3x3(x) @ m` as one convolution (`pooling_kernel`), summed in float32:
+  [B, H, W, C] -> [B, H, W, n] in `dtype` (default x's). Nothing larger than the output is
+  formed. With 0/1 weights the products are exact in x's dtype (bfloat16 levels are read as
+  they are; one group) and the sums are divided by the group size in float32; other weights,
+  and float32 levels, run in float32 in groups of at most `FLOAT32_GROUP_CHANNELS` channels."""
+  out_dtype = x.dtype if dtype is None else dtype
+  kernel, groups, div = pooling_kernel(m, x.shape[-1], patch_size)
+  if div is None or jnp.dtype(x.dtype).itemsize > 2:
+    kernel, groups, div = pooling_kernel(m, x.shape[-1], patch_size, FLOAT32_GROUP_CHANNELS)
+  if div is None:
+    x = x.astype(jnp.float32)
+  pad = (patch_size - 1) // 2
+  y = jax.lax.conv_general_dilated(
+      x,
+      jnp.asarray(kernel, x.dtype),
+      (1, 1),
+      ((pad, patch_size - 1 - pad),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups,
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32,
+  )
+  if div is not None:
+    y = y / div
+  return y.astype(out_dtype)
+
+
 def aggregate_patches(
     levels: Sequence[jax.Array],
     pre_embed_dim: int,
     embed_dim: int,
     patch_size: int = 3,
     form: str = "cpu_tuned",
+    dtype=None,
 ) -> jax.Array:
-  """Fuses backbone levels into patch features t [B, H0 * W0, embed_dim].
+  """Fuses backbone levels into patch features t [B, H0 * W0, embed_dim] in `dtype` (default:
+  the levels' dtype).
 
   levels: NHWC maps, the first one sets the grid (docs/method.md §2: level 2, stride 8).
   Per level: unfold k x k, upsample to the first level's grid, pool C*k*k to
@@ -166,61 +198,60 @@ def aggregate_patches(
   and far cheaper (level 3 is upsampled at pre_embed_dim instead of C*k*k
   channels); tests check it against the reference order.
 
-  When every pooling is a plain mean of equal consecutive groups (e.g. WideResNet50:
-  4608 -> 1536 -> ...), the poolings are reshape-means. Otherwise (uneven windows, or
-  pre_embed_dim above C k k as for EfficientNet-Lite levels), a pooling would be a gather,
-  which XLA runs slowly on CPUs: each level's two poolings are then one small matrix
-  product (`level_projections`), applied before upsampling, and the levels' shares add up.
-  That matrix form is the "cpu_tuned" kernels' form (`form`, cras_jax/backbones/layers.py);
-  with form="xla" uneven poolings stay window means (`adaptive_avg_pool_windows`), and equal
-  groups are summed from shifted taps without forming the k x k stack (`unfold_pool_groups`:
-  the largest intermediate is the pooled level, not nine copies of it; the "xla" form runs on
-  GPUs and TPUs, where that stack dominated the bytes a step moves).
+  Each level's two poolings are one linear map of its unfolded vector (`level_projections`).
+  Forms (`form`, the kernels of cras_jax/backbones/layers.py):
+  - "xla" (GPUs, TPUs): per level, that map as one grouped convolution (`pool_conv`), which
+    unfolds and pools without forming the k x k stack and runs on the matrix units; the
+    shares are upsampled at their width and concatenated (or added where a final window
+    spans two levels).
+  - "cpu_tuned": when every pooling is a plain mean of equal consecutive groups (e.g.
+    WideResNet50: 4608 -> 1536 -> ...), unfold and reshape-means; otherwise (uneven windows,
+    or pre_embed_dim above C k k as for EfficientNet-Lite levels) unfold and one small matrix
+    product per level, whose shares add up.
   """
   grid = levels[0].shape[1:3]
   b = levels[0].shape[0]
   k2 = patch_size * patch_size
   n = len(levels)
-  plain = all(
-      _is_reshape_mean(f.shape[-1] * k2, pre_embed_dim) for f in levels
-  ) and _is_reshape_mean(n * pre_embed_dim, embed_dim)
-  g2 = n * pre_embed_dim // embed_dim
-  if (
-      form == "xla"
-      and all((f.shape[-1] * k2) % pre_embed_dim == 0 for f in levels)
-      and (n * pre_embed_dim) % embed_dim == 0
-      and pre_embed_dim % g2 == 0
-  ):
-    # Both poolings are equal groups and the final one never mixes two levels (WideResNet50:
-    # 4608 -> 1536 in threes, then pairs): level l's share of t is its own columns, the mean
-    # of groups of g1 g2 consecutive unfolded entries. Each level is pooled straight to that
-    # share (`unfold_pool_groups`), upsampled at that width, and the shares are concatenated:
-    # no [B, H, W, n_levels, pre] stack, no copy of it.
+  if form == "xla":
+    projections = level_projections(
+        [f.shape[-1] for f in levels], pre_embed_dim, embed_dim, patch_size
+    )
+    out_dtype = levels[0].dtype if dtype is None else dtype
     shares = []
-    for feat in levels:
-      f = unfold_pool_groups(feat, pre_embed_dim // g2, patch_size)
+    for feat, (m, _, _) in zip(levels, projections):
+      f = pool_conv(feat, m, patch_size, out_dtype)
       if f.shape[1:3] != grid:
         f = resize_bilinear(f, grid)
       shares.append(f)
-    t = jnp.concatenate(shares, axis=-1).reshape(b, grid[0] * grid[1], embed_dim)
+    spans = [(c0, c1) for _, c0, c1 in projections]
+    if all(a[1] == b_[0] for a, b_ in zip(spans, spans[1:])) and spans[-1][1] == embed_dim:
+      t = jnp.concatenate(shares, axis=-1)  # the levels' columns side by side (WideResNet50)
+    else:
+      t = sum(
+          jnp.pad(f, ((0, 0), (0, 0), (0, 0), (c0, embed_dim - c1)))
+          for f, (c0, c1) in zip(shares, spans)
+      )
+    t = t.reshape(b, grid[0] * grid[1], embed_dim)
     # The GPU compiler (XLA in jaxlib 0.10.2, compile-only for H100) fails on the training step
     # when it fuses this concatenation into the adapter's gradient product ("Couldn't find
     # output tile sizes", tests/perf/test_gpu.py): t is formed as its own buffer.
     return jax.lax.optimization_barrier(t)
-  if plain or form == "xla":
+  if dtype is not None:
+    levels = [f.astype(dtype) for f in levels]
+  plain = all(
+      _is_reshape_mean(f.shape[-1] * k2, pre_embed_dim) for f in levels
+  ) and _is_reshape_mean(n * pre_embed_dim, embed_dim)
+  if plain:
     pooled = []
     for feat in levels:
-      if form == "xla" and (feat.shape[-1] * k2) % pre_embed_dim == 0:
-        f = unfold_pool_groups(feat, pre_embed_dim, patch_size)  # no k x k stack
-      else:
-        f = unfold3x3(feat, patch_size)
-        f = adaptive_avg_pool_windows(f, pre_embed_dim)
+      f = adaptive_avg_pool_last(unfold3x3(feat, patch_size), pre_embed_dim)
       if f.shape[1:3] != grid:
         f = resize_bilinear(f, grid)
       pooled.append(f)
     x = jnp.stack(pooled, axis=-2)  # [B, H, W, n_levels, pre]
     x = x.reshape(b, grid[0] * grid[1], n * pre_embed_dim)
-    return adaptive_avg_pool_windows(x, embed_dim)
+    return adaptive_avg_pool_last(x, embed_dim)
   projections = level_projections(
       [f.shape[-1] for f in levels], pre_embed_dim, embed_dim, patch_size
   )

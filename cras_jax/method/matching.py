@@ -48,26 +48,66 @@ def local_match(
   return idx, centre[idx]
 
 
+def class_rows(x: jax.Array, k: jax.Array, one_hot: bool = False) -> jax.Array:
+  """x[k]: each image's slice of a per-class array (x [K, ...], k [B] -> [B, ...]).
+
+  one_hot: as the product of k's one-hot matrix with x, exact (every output is one entry of x
+  times 1 plus zeros; x must be finite). The "xla" kernels' form: on TPUs the gather of whole
+  [HW, D] slices compiles to a loop of dynamic slices whose result is written and copied,
+  the product to one pass over x."""
+  if not one_hot:
+    return x[k]
+  oh = jax.nn.one_hot(k, x.shape[0], dtype=x.dtype)
+  return jnp.einsum("bk,k...->b...", oh, x, precision=_HIGHEST)
+
+
 def match_known(
     u: jax.Array,
     centres: jax.Array,
     labels: jax.Array,
     hpi: bool = True,
     centres_unit: jax.Array | None = None,
+    one_hot: bool = False,
 ):
   """Training matching. u [B, HW, D], centres [K, HW, D], labels [B] -> (idx, p).
 
-  centres_unit: `unit_centres(centres)` when precomputed (scoring)."""
-  if centres_unit is None:
-    return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi))(u, labels)
-  return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi, centres_unit[k]))(u, labels)
+  centres_unit: `unit_centres(centres)` when precomputed (scoring). one_hot: the classes'
+  centres taken by `class_rows`' product, normalised once for all classes (the "xla" form);
+  else gathered per image and normalised there (fewer bytes when the batch holds fewer images
+  than there are classes, as on CPUs)."""
+  if not one_hot:
+    if centres_unit is None:
+      return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi))(u, labels)
+    return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi, centres_unit[k]))(u, labels)
+  b, hw, d = u.shape
+  if not hpi:
+    return jnp.broadcast_to(jnp.arange(hw), (b, hw)), class_rows(centres, labels, True)
+  cu = unit_centres(centres) if centres_unit is None else centres_unit
+  sim = jnp.einsum("bnd,bmd->bnm", u, class_rows(cu, labels, True), precision=_HIGHEST)
+  idx = jnp.argmax(sim, axis=-1)
+  return idx, matched_rows(centres, labels, idx)
+
+
+def matched_rows(centres: jax.Array, k: jax.Array, idx: jax.Array) -> jax.Array:
+  """centres[k_b, idx_b[n]] for every image b and patch n: [K, HW, D], k [B], idx [B, HW] ->
+  [B, HW, D], one gather from the flattened centres (no per-image [HW, D] slice)."""
+  kk, hw, d = centres.shape
+  return centres.reshape(kk * hw, d)[k[:, None] * hw + idx]
 
 
 def global_match(u: jax.Array, centres: jax.Array) -> jax.Array:
-  """k* = argmax_k cos(vec(u_b), vec(c_k)) per image. u [B, HW, D] -> [B]."""
-  uf = _normalise(u.reshape(u.shape[0], -1))
-  cf = _normalise(centres.reshape(centres.shape[0], -1))
-  return jnp.argmax(jnp.einsum("bd,kd->bk", uf, cf, precision=_HIGHEST), axis=-1)
+  """k* = argmax_k cos(vec(u_b), vec(c_k)) per image. u [B, HW, D] -> [B].
+
+  1 / |vec(u_b)| is the same positive factor for every k: the argmax is taken over
+  vec(u_b) . vec(c_k) / |vec(c_k)|, without a normalised copy of u."""
+  cn = jnp.linalg.norm(centres.reshape(centres.shape[0], -1), axis=-1)
+  dots = jnp.einsum(
+      "bd,kd->bk",
+      u.reshape(u.shape[0], -1),
+      centres.reshape(centres.shape[0], -1),
+      precision=_HIGHEST,
+  )
+  return jnp.argmax(dots / jnp.maximum(cn, 1e-8), axis=-1)
 
 
 def batch_mode_class(k: jax.Array, num_classes: int, axis_name: str | None = None) -> jax.Array:
@@ -79,10 +119,16 @@ def batch_mode_class(k: jax.Array, num_classes: int, axis_name: str | None = Non
   return jnp.full_like(k, jnp.argmax(counts))
 
 
-def match_infer(u: jax.Array, centres: jax.Array, hpi: bool = True, per_image: bool = True):
+def match_infer(
+    u: jax.Array,
+    centres: jax.Array,
+    hpi: bool = True,
+    per_image: bool = True,
+    one_hot: bool = False,
+):
   """Inference matching -> (class k* [B], idx [B, HW], p [B, HW, D])."""
   k = global_match(u, centres)
   if not per_image:
     k = batch_mode_class(k, centres.shape[0])
-  idx, p = match_known(u, centres, k, hpi)
+  idx, p = match_known(u, centres, k, hpi, one_hot=one_hot)
   return k, idx, p

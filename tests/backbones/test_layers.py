@@ -65,14 +65,6 @@ def test_pointwise_forms_equal_forward_and_backward():
     _allclose(u, w, 1e-4)
 
 
-def test_window_pooling_equals_matrix_pooling():
-  rng = np.random.default_rng(2)
-  for length, out in [(360, 256), (100, 7), (45, 45), (96, 32), (10, 23)]:
-    x = jnp.asarray(rng.standard_normal((3, length), np.float32))
-    want = x @ jnp.asarray(features.adaptive_pool_matrix(length, out), jnp.float32)
-    _allclose(features.adaptive_avg_pool_windows(x, out), want, 1e-5)
-
-
 def test_aggregation_forms_equal_forward_and_backward():
   rng = np.random.default_rng(3)
   # uneven poolings (40 * 9 = 360 -> 48; 2 * 48 -> 32): the matrix form on cpu_tuned

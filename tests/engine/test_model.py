@@ -34,7 +34,8 @@ def _disc_vars(n_layers, width, seed=0):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
-def test_discriminator_split_equals_module(mode, n_layers):
+@pytest.mark.parametrize("parts_leading", [False, True])  # the cpu_tuned and xla layouts
+def test_discriminator_split_equals_module(mode, n_layers, parts_leading):
   d, n = 12, 40
   width = d * (1 if mode in ("raw", "residual") else 2)
   disc, params, stats = _disc_vars(n_layers, width)
@@ -46,7 +47,9 @@ def test_discriminator_split_equals_module(mode, n_layers):
     return disc.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
 
   def split(params, u):
-    logits, new = heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, True)
+    logits, new = heads.discriminator_split(
+        params, stats, u, p, [o], n_layers, mode, True, parts_leading=parts_leading
+    )
     return logits.T.reshape(-1), new  # [N, 2] -> the plain module's [u; v] order
 
   ref, upd = plain(params, u)
@@ -64,7 +67,9 @@ def test_discriminator_split_equals_module(mode, n_layers):
   # Inference mode: the running statistics.
   x = jnp.concatenate([loss_lib.crd_inputs(u, p, mode), loss_lib.crd_inputs(u + o, p, mode)])
   ref = disc.apply(variables, x, train=False)
-  got, none = heads.discriminator_split(params, stats, u, p, [o], n_layers, mode, False)
+  got, none = heads.discriminator_split(
+      params, stats, u, p, [o], n_layers, mode, False, parts_leading=parts_leading
+  )
   assert none is None and got.shape == (n, 2)
   np.testing.assert_allclose(got.T.reshape(-1), ref, rtol=1e-5, atol=1e-5)
 

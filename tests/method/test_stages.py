@@ -119,6 +119,25 @@ def test_local_and_known_matching_brute_force():
     np.testing.assert_allclose(p[b], c[labels[b]][ref])
 
 
+@pytest.mark.parametrize("hpi", [True, False])
+def test_one_hot_class_rows_match_as_the_gather_does(hpi):
+  """The "xla" form's matching (each image's centres by a one-hot product, normalised once for
+  all classes, p gathered from the flattened centres) gives the gather form's indices and
+  exactly its matched vectors."""
+  u = RNG.normal(size=(4, 10, 6)).astype(np.float32)
+  c = RNG.normal(size=(3, 10, 6)).astype(np.float32)
+  labels = jnp.array([2, 0, 2, 1])
+  np.testing.assert_array_equal(matching.class_rows(jnp.asarray(c), labels, True), c[[2, 0, 2, 1]])
+  ref = matching.match_known(jnp.asarray(u), jnp.asarray(c), labels, hpi)
+  got = jax.jit(lambda u, c: matching.match_known(u, c, labels, hpi, one_hot=True))(
+      jnp.asarray(u), jnp.asarray(c)
+  )
+  np.testing.assert_array_equal(got[0], ref[0])
+  np.testing.assert_array_equal(got[1], ref[1])
+  k, idx, p = matching.match_infer(jnp.asarray(u), jnp.asarray(c), hpi, one_hot=True)
+  np.testing.assert_array_equal(p, c[np.asarray(k)[:, None], np.asarray(idx)])
+
+
 def test_without_hpi_takes_same_position():
   u = RNG.normal(size=(2, 10, 6)).astype(np.float32)
   c = RNG.normal(size=(2, 10, 6)).astype(np.float32)
@@ -204,14 +223,48 @@ def test_image_score_modes():
 
 
 @pytest.mark.parametrize(
-    "c,out", [(512, 1536), (1024, 1536), (16, 48), (32, 48), (40, 120), (24, 54), (32, 8)]
+    "c,pre,d,level,groups,div",
+    [
+        (512, 1536, 1536, 0, 8, 6),  # WideResNet50 level 2: means of 6 -> columns 0..767
+        (1024, 1536, 1536, 1, 16, 12),  # level 3: means of 12 -> columns 768..1535
+        (40, 256, 256, 0, 1, None),  # EfficientNet-Lite0 (demo): uneven, overlapping windows
+        (112, 256, 256, 1, 2, None),  # two blocks of 56 channels
+        (32, 48, 48, 0, 1, 12),  # equal groups, fewer channels than a group holds
+    ],
 )
-def test_equal_group_pooling_of_the_taps_equals_unfold_then_pool(c, out):
-  x = jnp.asarray(np.random.default_rng(c + out).standard_normal((2, 5, 7, c)), jnp.float32)
-  ref = features.adaptive_avg_pool_last(features.unfold3x3(x), out)
-  np.testing.assert_allclose(features.unfold_pool_groups(x, out), ref, rtol=0, atol=1e-6)
-  with pytest.raises(ValueError, match="equal groups"):
-    features.unfold_pool_groups(x, out + 1 if (9 * c) % (out + 1) else out + 2)
+def test_the_pooling_convolution_equals_unfold_then_pool(c, pre, d, level, groups, div):
+  """`pool_conv` (the "xla" form's one convolution per level) against the unfolded vector
+  times the level's projection matrix, in float32 to 1e-6, in one group and in the groups
+  float32 levels run in."""
+  channels = [c, c] if level == 0 else [c // 2, c]
+  m, c0, c1 = features.level_projections(channels, pre, d)[level]
+  kernel, g, dv = features.pooling_kernel(m, c, 3, features.FLOAT32_GROUP_CHANNELS)
+  assert (g, dv) == (groups, div)
+  assert kernel.shape == (3, 3, c // g, c1 - c0)
+  assert features.pooling_kernel(m, c)[1:] == (1, div)
+  x = jnp.asarray(np.random.default_rng(c + pre).standard_normal((2, 5, 7, c)), jnp.float32)
+  ref = np.asarray(features.unfold3x3(x), np.float64) @ m.astype(np.float64)
+  got = jax.jit(lambda x: features.pool_conv(x, m))(x)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-6)
+  if div is not None:  # bfloat16 levels: one group, read as they are, summed in float32
+    xb = x.astype(jnp.bfloat16)
+    got = jax.jit(lambda x: features.pool_conv(x, m, dtype=jnp.float32))(xb)
+    ref = np.asarray(features.unfold3x3(xb.astype(jnp.float32)), np.float64) @ m.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-6)
+
+
+def test_the_pooling_convolution_reads_bfloat16_levels_exactly():
+  """bfloat16 levels aggregated to float32 (`model.aggregate_dtype=float32`): the same sums as
+  the levels cast to float32 first (0/1 weights, float32 accumulation), to float32 rounding."""
+  rng = np.random.default_rng(5)
+  levels = [
+      jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in [(2, 8, 8, 512), (2, 4, 4, 1024)]
+  ]
+  agg = jax.jit(lambda a, b: features.aggregate_patches([a, b], 1536, 1536, 3, "xla", jnp.float32))
+  got = agg(*levels)
+  assert got.dtype == jnp.float32
+  ref = agg(*[f.astype(jnp.float32) for f in levels])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-6)
 
 
 def test_the_xla_aggregation_never_forms_the_k_by_k_stack():
@@ -233,10 +286,10 @@ def test_the_xla_aggregation_never_forms_the_k_by_k_stack():
   assert largest(xla) <= 2 * 36 * 36 * 2 * 1536  # the two pooled levels side by side
 
   def unfold_then_pool(ls):
-    pooled = [features.adaptive_avg_pool_windows(features.unfold3x3(f), 1536) for f in ls]
+    pooled = [features.adaptive_avg_pool_last(features.unfold3x3(f), 1536) for f in ls]
     pooled[1] = features.resize_bilinear(pooled[1], (36, 36))
     x = jnp.stack(pooled, axis=-2).reshape(2, 36 * 36, 3072)
-    return features.adaptive_avg_pool_windows(x, 1536)
+    return features.adaptive_avg_pool_last(x, 1536)
 
   before = compiled(unfold_then_pool)
   assert largest(before) >= stack  # the check can fail: the old program forms the stack
