@@ -48,15 +48,12 @@ def local_match(
   return idx, centre[idx]
 
 
-def class_rows(x: jax.Array, k: jax.Array, one_hot: bool = False) -> jax.Array:
-  """x[k]: each image's slice of a per-class array (x [K, ...], k [B] -> [B, ...]).
-
-  one_hot: as the product of k's one-hot matrix with x, exact (every output is one entry of x
-  times 1 plus zeros; x must be finite). The "xla" kernels' form: on TPUs the gather of whole
-  [HW, D] slices compiles to a loop of dynamic slices whose result is written and copied,
-  the product to one pass over x."""
-  if not one_hot:
-    return x[k]
+def class_rows(x: jax.Array, k: jax.Array) -> jax.Array:
+  """x[k], each image's slice of a per-class array (x [K, ...], k [B] -> [B, ...]), as the
+  product of k's one-hot matrix with x: exact (every output is one entry of x times 1 plus
+  zeros; x finite, as checkpoints are checked to be). The "xla" kernels' form: on TPUs the
+  gather of whole [HW, D] slices compiles to a loop of dynamic slices whose result is written
+  and copied, the product to one pass over x."""
   oh = jax.nn.one_hot(k, x.shape[0], dtype=x.dtype)
   return jnp.einsum("bk,k...->b...", oh, x, precision=_HIGHEST)
 
@@ -81,9 +78,9 @@ def match_known(
     return jax.vmap(lambda ui, k: local_match(ui, centres[k], hpi, centres_unit[k]))(u, labels)
   b, hw, d = u.shape
   if not hpi:
-    return jnp.broadcast_to(jnp.arange(hw), (b, hw)), class_rows(centres, labels, True)
+    return jnp.broadcast_to(jnp.arange(hw), (b, hw)), class_rows(centres, labels)
   cu = unit_centres(centres) if centres_unit is None else centres_unit
-  sim = jnp.einsum("bnd,bmd->bnm", u, class_rows(cu, labels, True), precision=_HIGHEST)
+  sim = jnp.einsum("bnd,bmd->bnm", u, class_rows(cu, labels), precision=_HIGHEST)
   idx = jnp.argmax(sim, axis=-1)
   return idx, matched_rows(centres, labels, idx)
 

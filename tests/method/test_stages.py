@@ -127,7 +127,7 @@ def test_one_hot_class_rows_match_as_the_gather_does(hpi):
   u = RNG.normal(size=(4, 10, 6)).astype(np.float32)
   c = RNG.normal(size=(3, 10, 6)).astype(np.float32)
   labels = jnp.array([2, 0, 2, 1])
-  np.testing.assert_array_equal(matching.class_rows(jnp.asarray(c), labels, True), c[[2, 0, 2, 1]])
+  np.testing.assert_array_equal(matching.class_rows(jnp.asarray(c), labels), c[[2, 0, 2, 1]])
   ref = matching.match_known(jnp.asarray(u), jnp.asarray(c), labels, hpi)
   got = jax.jit(lambda u, c: matching.match_known(u, c, labels, hpi, one_hot=True))(
       jnp.asarray(u), jnp.asarray(c)
