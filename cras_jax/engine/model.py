@@ -260,14 +260,14 @@ def score_prepared(
     if not cfg.per_image_matching:
       k = matching.batch_mode_class(k, centres.shape[0], axis_name)
     if prep["centre_pb"] is not None:
-      n_cls, hw, width = prep["centre_pb"].shape
+      hw = prep["centre_pb"].shape[1]
       if cfg.hpi:
         idx, _ = matching.match_known(
             u, centres, k, True, prep["centres_unit"], cfg.one_hot_classes
         )
       else:
         idx = jnp.broadcast_to(jnp.arange(hw), (u.shape[0], hw))
-      pb = prep["centre_pb"].reshape(n_cls * hw, width)[k[:, None] * hw + idx]
+      pb = matching.matched_rows(prep["centre_pb"], k, idx)
   with jax.named_scope("discriminator"):
     logits = heads_lib.apply_folded_discriminator(prep["disc"], u, pb, cfg.dtype)
   with jax.named_scope("anomaly_map"):
