@@ -105,7 +105,8 @@ def _gone(mngr: ocp.CheckpointManager, step: int) -> bool:
 def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
   """The meta item of `step`, or (step None) of the newest checkpoint whose meta is readable
   (a step with a missing or damaged meta item is passed over, as `restore_good` does; one
-  pruned while it was read: the steps are listed again)."""
+  pruned while it was read: the steps are listed again). None when no step has one; a
+  UserValueError when every listing's steps were pruned before their meta was read."""
   if step is not None:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   for _ in range(PRUNED_RETRIES):
@@ -122,7 +123,10 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict |
       return None
     time.sleep(0.1)
     reload(mngr)
-  return None
+  raise errors.UserValueError(
+      f"{mngr.directory}: every checkpoint's meta was removed while it was read, "
+      f"{PRUNED_RETRIES} times (a training saving and pruning very fast?); try again"
+  )
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None):

@@ -27,6 +27,11 @@ def test_readers_survive_steps_pruned_while_they_list_them(tmp_path):
       checkpoint.save(writer, step, TREE, META)
       saved.append(step)
       step += 1
+      # A save every 20 ms at most: a writer that saves faster than a loaded reader lists and
+      # reads starves every reader (each listed step is pruned before it is read: the reader
+      # then says so, `restore_meta` and `restore_good`'s UserValueError). Trainings save
+      # seconds apart; at this pace the prunes still land inside the readers' listings.
+      time.sleep(0.02)
 
   thread = threading.Thread(target=train)
   thread.start()
