@@ -140,14 +140,21 @@ def pooling_kernel(
   kernel = np.concatenate(
       [w[:, :, q * ci : (q + 1) * ci, q * co : (q + 1) * co] for q in range(groups)], axis=-1
   )
-  nonzero = np.abs(kernel[kernel != 0])
-  div = None
-  if nonzero.size and np.all(kernel >= 0) and np.ptp(nonzero) == 0:
-    inv = 1.0 / nonzero[0]
-    if abs(inv - round(inv)) < 1e-5 * inv:  # m is float32: 1 / float32(1 / 6) is 6 - 4e-8
-      div = int(round(inv))
-      kernel = (kernel != 0).astype(np.float64)
+  div = _mean_size(kernel)
+  if div is not None:
+    kernel = (kernel != 0).astype(np.float64)
   return kernel.astype(np.float32), groups, div
+
+
+def _mean_size(w: np.ndarray) -> int | None:
+  """g when every nonzero weight of `w` is the same 1 / g (a mean of g entries), else None."""
+  nonzero = w[w != 0]
+  if not nonzero.size or np.any(w < 0) or np.ptp(nonzero) != 0:
+    return None
+  inv = 1.0 / nonzero[0]
+  if abs(inv - round(inv)) < 1e-5 * inv:  # m is float32: 1 / float32(1 / 6) is 6 - 4e-8
+    return int(round(inv))
+  return None
 
 
 def pool_conv(x: jax.Array, m: np.ndarray, patch_size: int = 3, dtype=None) -> jax.Array:
@@ -157,9 +164,9 @@ def pool_conv(x: jax.Array, m: np.ndarray, patch_size: int = 3, dtype=None) -> j
   they are; one group) and the sums are divided by the group size in float32; other weights,
   and float32 levels, run in float32 in groups of at most `FLOAT32_GROUP_CHANNELS` channels."""
   out_dtype = x.dtype if dtype is None else dtype
-  kernel, groups, div = pooling_kernel(m, x.shape[-1], patch_size)
-  if div is None or jnp.dtype(x.dtype).itemsize > 2:
-    kernel, groups, div = pooling_kernel(m, x.shape[-1], patch_size, FLOAT32_GROUP_CHANNELS)
+  one_group = _mean_size(m) is not None and jnp.dtype(x.dtype).itemsize <= 2
+  group_channels = None if one_group else FLOAT32_GROUP_CHANNELS
+  kernel, groups, div = pooling_kernel(m, x.shape[-1], patch_size, group_channels)
   if div is None:
     x = x.astype(jnp.float32)
   pad = (patch_size - 1) // 2

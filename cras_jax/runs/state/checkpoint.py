@@ -123,10 +123,7 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict |
       return None
     time.sleep(0.1)
     reload(mngr)
-  raise errors.UserValueError(
-      f"{mngr.directory}: every checkpoint's meta was removed while it was read, "
-      f"{PRUNED_RETRIES} times (a training saving and pruning very fast?); try again"
-  )
+  raise _pruned_while_read(mngr)
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None):
@@ -165,7 +162,12 @@ def restore_good(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine: b
     if found is not None:
       return found
     time.sleep(0.1)  # every step we listed was pruned while we read it: list them again
-  raise errors.UserValueError(
+  raise _pruned_while_read(mngr)
+
+
+def _pruned_while_read(mngr: ocp.CheckpointManager) -> errors.UserValueError:
+  """The error of a reader whose every listing lost its steps to a training's pruning."""
+  return errors.UserValueError(
       f"{mngr.directory}: every checkpoint was removed while it was read, {PRUNED_RETRIES} "
       f"times (a training saving and pruning very fast?); try again"
   )
