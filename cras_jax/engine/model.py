@@ -41,12 +41,22 @@ class HeadsConfig:
   map_sigma: float = schema.default("model.map_sigma")
   dtype: Any = DTYPES[schema.default("model.dtype")]
   # The resolved `model.kernels` form ("cpu_tuned" or "xla": set by the model spec). "xla" takes
-  # each image's class centres by a one-hot product, not a gather (`matching.class_rows`), and
-  # holds the discriminator's normal and synthetic rows parts-leading (`discriminator_split`).
+  # each image's class centres by a one-hot product, not a gather (`matching.class_rows`),
+  # holds the discriminator's normal and synthetic rows parts-leading and takes its BatchNorm
+  # statistics in one pass (`discriminator_split`): each saves bytes on accelerators, where
+  # the steps are memory-bound; on CPUs the other forms are faster or the reference's sums.
   kernels: str = "cpu_tuned"
 
   @property
   def one_hot_classes(self) -> bool:
+    return self.kernels == "xla"
+
+  @property
+  def parts_leading(self) -> bool:
+    return self.kernels == "xla"
+
+  @property
+  def one_pass_stats(self) -> bool:
     return self.kernels == "xla"
 
   @classmethod
@@ -147,6 +157,10 @@ def heads_loss(
     u = cfg.adapter.apply({"params": params["adapter"]}, t)
   with jax.named_scope("matching"):
     _, p = matching.match_known(u, centres, labels, cfg.hpi, one_hot=cfg.one_hot_classes)
+    # p in the compute dtype: the discriminator reads it so, and DAFS's r = |u - p| then reads
+    # the same copy (in a bfloat16 model a float32 p was written, read twice and converted:
+    # 1.3 of the 18 GB a v5e chip moved per training step). A float32 model is unchanged.
+    p = p.astype(cfg.dtype)
   with jax.named_scope("synthesis"):
     # v = u + offset (DAFS); the discriminator takes u and the offset apart, so that the
     # products shared by the normal and the synthetic rows are computed once.
@@ -165,7 +179,8 @@ def heads_loss(
         train=True,
         dtype=cfg.dtype,
         axis_name=axis_name,
-        parts_leading=cfg.kernels == "xla",
+        parts_leading=cfg.parts_leading,
+        one_pass_stats=cfg.one_pass_stats,
     )
   lt, lf = logits[:, 0], logits[:, 1]
   with jax.named_scope("loss"):

@@ -66,6 +66,13 @@ class TorchBatchNorm(nn.Module):
   # Per-device code (train.parallelism shard_map / pmap): the mesh axis the batch is split
   # over; the batch mean and variance are then averaged over it (equal shares per device).
   axis_name: str | None = None
+  # The batch statistics in one pass over x (the "xla" kernels' form): the mean and mean
+  # square of x - shift, shift being the running mean (the same on every device, no gradient),
+  # var = E[(x - s)^2] - E[x - s]^2. The two-pass form reads x twice (mean, then the squares
+  # about it): on accelerators a read of the discriminator's widest activations per step. The
+  # shift keeps the difference well conditioned once the running mean tracks the batch's
+  # (at the first step it is zero: the plain one-pass form, float32 sums).
+  one_pass: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -78,13 +85,11 @@ class TorchBatchNorm(nn.Module):
     if train:
       axes = tuple(range(xf.ndim - 1))
       n = math.prod(xf.shape[:-1])
-      mean = xf.mean(axes)
       if self.axis_name is not None:
         n *= jax.lax.axis_size(self.axis_name)
-        mean = jax.lax.pmean(mean, self.axis_name)
-      var = jnp.square(xf - mean).mean(axes)
-      if self.axis_name is not None:
-        var = jax.lax.pmean(var, self.axis_name)
+      mean, var = (_one_pass_stats if self.one_pass else _two_pass_stats)(
+          xf, axes, ra_mean.value, self.axis_name
+      )
       # One value of the batch statistics for the normalisation and the running update: left
       # to fusion, XLA may compute the variance twice, summed in orders that differ between
       # programs (a population member would then not be bit-identical to its run alone).
@@ -98,6 +103,24 @@ class TorchBatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
     return y.astype(x.dtype)
+
+
+def _pmean(x, axis_name: str | None):
+  return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def _two_pass_stats(xf, axes, shift, axis_name):
+  """The batch mean, then the mean square about it (PyTorch's biased variance)."""
+  del shift
+  mean = _pmean(xf.mean(axes), axis_name)
+  return mean, _pmean(jnp.square(xf - mean).mean(axes), axis_name)
+
+
+def _one_pass_stats(xf, axes, shift, axis_name):
+  """The same statistics from one pass over x - shift (`TorchBatchNorm.one_pass`)."""
+  d = xf - shift
+  m1, m2 = _pmean((d.mean(axes), jnp.square(d).mean(axes)), axis_name)
+  return shift + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
 
 
 class Adapter(nn.Module):
@@ -180,6 +203,7 @@ def discriminator_split(
     dtype=jnp.float32,
     axis_name: str | None = None,
     parts_leading: bool = False,
+    one_pass_stats: bool = False,
 ):
   """The Discriminator on the rows crd_inputs([u; u + o_1; ...], p), sharing products.
 
@@ -194,6 +218,7 @@ def discriminator_split(
   all-to-all and collective-permutes in the partitioned program, forward and backward).
   `axis_name`: per-device code's mesh axis (`TorchBatchNorm`). `parts_leading`: the rows held
   as [parts, N, H] instead of interleaved [N * parts, H] (the "xla" kernels' layout).
+  `one_pass_stats`: the BatchNorms' batch statistics in one pass (`TorchBatchNorm.one_pass`).
   """
   d = u.shape[-1]
   first = params[_first_name(n_layers)]
@@ -228,7 +253,7 @@ def discriminator_split(
       h = matmul(h, fc["kernel"], dtype) + fc["bias"].astype(h.dtype)
     bn_vars = {"params": params[f"{name}_bn"], "batch_stats": batch_stats[f"{name}_bn"]}
     if train:
-      bn = TorchBatchNorm(axis_name=axis_name)
+      bn = TorchBatchNorm(axis_name=axis_name, one_pass=one_pass_stats)
       h, upd = bn.apply(bn_vars, h, True, mutable=["batch_stats"])
       new_stats[f"{name}_bn"] = upd["batch_stats"]
     else:

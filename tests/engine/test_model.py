@@ -34,10 +34,11 @@ def _disc_vars(n_layers, width, seed=0):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
-    "n_layers,parts_leading",  # interleaved rows (cpu_tuned) and parts-leading (xla)
+    # interleaved rows and two-pass statistics (cpu_tuned), parts-leading and one-pass (xla)
+    "n_layers,xla",
     [(1, False), (2, False), (3, False), (1, True), (3, True)],
 )
-def test_discriminator_split_equals_module(mode, n_layers, parts_leading):
+def test_discriminator_split_equals_module(mode, n_layers, xla):
   d, n = 12, 40
   width = d * (1 if mode in ("raw", "residual") else 2)
   disc, params, stats = _disc_vars(n_layers, width)
@@ -50,7 +51,7 @@ def test_discriminator_split_equals_module(mode, n_layers, parts_leading):
 
   def split(params, u):
     logits, new = heads.discriminator_split(
-        params, stats, u, p, [o], n_layers, mode, True, parts_leading=parts_leading
+        params, stats, u, p, [o], n_layers, mode, True, parts_leading=xla, one_pass_stats=xla
     )
     return logits.T.reshape(-1), new  # [N, 2] -> the plain module's [u; v] order
 
@@ -70,10 +71,50 @@ def test_discriminator_split_equals_module(mode, n_layers, parts_leading):
   x = jnp.concatenate([loss_lib.crd_inputs(u, p, mode), loss_lib.crd_inputs(u + o, p, mode)])
   ref = disc.apply(variables, x, train=False)
   got, none = heads.discriminator_split(
-      params, stats, u, p, [o], n_layers, mode, False, parts_leading=parts_leading
+      params, stats, u, p, [o], n_layers, mode, False, parts_leading=xla
   )
   assert none is None and got.shape == (n, 2)
   np.testing.assert_allclose(got.T.reshape(-1), ref, rtol=1e-5, atol=1e-5)
+
+
+def _batch_norm_train(x, ra_mean, one_pass, axis_name=None):
+  bn = heads.TorchBatchNorm(axis_name=axis_name, one_pass=one_pass)
+  c = x.shape[-1]
+  variables = {
+      "params": {"scale": jnp.full((c,), 1.5), "bias": jnp.full((c,), 0.25)},
+      "batch_stats": {"mean": ra_mean, "var": jnp.full((c,), 2.0)},
+  }
+  y, upd = bn.apply(variables, x, True, mutable=["batch_stats"])
+  return y, upd["batch_stats"]
+
+
+@pytest.mark.parametrize("offset", [0.0, 40.0])
+def test_one_pass_batch_statistics_equal_the_two_pass_ones(offset):
+  # Channels with means far from zero (offset, in units of their spread): the running mean
+  # as the shift keeps the one-pass variance as accurate as the two-pass one; from a zero
+  # running mean (the first step) it is the plain one-pass form, still within float32's
+  # reach at this offset.
+  c = 6
+  x = jnp.asarray(RNG.normal(offset, RNG.uniform(0.5, 2.0, c), size=(4, 50, c)), jnp.float32)
+  near = jnp.asarray(offset + RNG.normal(0.0, 0.3, c), jnp.float32)
+  y2, s2 = _batch_norm_train(x, near, one_pass=False)
+  x64 = np.asarray(x, np.float64).reshape(-1, c)
+  np.testing.assert_allclose(s2["var"], 0.9 * 2.0 + 0.1 * x64.var(0, ddof=1), rtol=1e-6)
+  # From a zero shift the variance loses about float32's epsilon x (mean / spread)^2.
+  for ra_mean, err in ((near, 0.0), (jnp.zeros((c,)), 5e-7 * offset**2)):
+    y1, s1 = _batch_norm_train(x, ra_mean, one_pass=True)
+    np.testing.assert_allclose(s1["var"], s2["var"], rtol=1e-6 + err)
+    mean_ref = 0.9 * np.asarray(ra_mean, np.float64) + 0.1 * x64.mean(0)
+    np.testing.assert_allclose(s1["mean"], mean_ref, rtol=1e-6, atol=1e-6)
+    # y itself: x - mean rounds at the size of x (float32's epsilon x offset), either way.
+    np.testing.assert_allclose(y1, y2, rtol=0, atol=1e-5 + 1e-6 * offset + 3 * err)
+  # Per-device code: each device's sums averaged over the axis are the whole batch's (the
+  # shift, the running mean, is the same on every device).
+  y4, s4 = jax.vmap(lambda xs: _batch_norm_train(xs, near, True, "d"), axis_name="d")(x)
+  _, s1 = _batch_norm_train(x, near, one_pass=True)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(s4[k], np.broadcast_to(s1[k], s4[k].shape), rtol=1e-6)
+  np.testing.assert_allclose(y4, y2, rtol=0, atol=1e-5 + 1e-6 * offset)
 
 
 @pytest.mark.parametrize("mode", MODES)
