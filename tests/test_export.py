@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cras_jax import export
-from cras_jax.runs.scoring import scoring, thresholds
+from cras_jax.runs.scoring import exporting, scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
 
@@ -67,8 +69,22 @@ def test_exported_file_holds_function_weights_and_settings(exported, tiny_run):
   assert meta["thresholds"]["image"] == pytest.approx(d["image_threshold"])
   assert meta["thresholds"]["pixel"] == pytest.approx(d["pixel_threshold"])
   np.testing.assert_allclose(meta["normalisation"]["loc"], thr.loc, rtol=1e-6)
-  assert meta["weights_dropped_unused"] > 0  # the backbone's unused head is not stored
+  # The run's state holds only the backbone stages its levels use: nothing left to drop.
+  assert meta["weights_dropped_unused"] == 0
   assert set(meta["platforms"]) == {"cpu", "cuda"}
+
+
+def test_only_the_weights_the_traced_function_reads_are_kept():
+  def fn(leaves, images, image_thr, pixel_thr):
+    del pixel_thr
+    return {"score": images.astype(jnp.float32).sum() * leaves[0].sum() + leaves[2] + image_thr}
+
+  shapes = [
+      jax.ShapeDtypeStruct((3,), jnp.float32),
+      jax.ShapeDtypeStruct((5, 5), jnp.float32),  # never read: the classifier head of old runs
+      jax.ShapeDtypeStruct((), jnp.float32),
+  ]
+  assert exporting.used_weights(fn, shapes, crop=4) == [0, 2]
 
 
 def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
