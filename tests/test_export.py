@@ -81,7 +81,7 @@ def test_only_the_weights_the_traced_function_reads_are_kept():
 
   shapes = [
       jax.ShapeDtypeStruct((3,), jnp.float32),
-      jax.ShapeDtypeStruct((5, 5), jnp.float32),  # never read: the classifier head of old runs
+      jax.ShapeDtypeStruct((5, 5), jnp.float32),  # never read
       jax.ShapeDtypeStruct((), jnp.float32),
   ]
   assert exporting.used_weights(fn, shapes, crop=4) == [0, 2]

@@ -99,7 +99,8 @@ def export_run(run: trained.Run, thr, output: str, platforms=("cpu", "cuda")) ->
   crop = int(run.config.data.crop)
   platforms = tuple(platforms)
   # Only the weights the function reads are stored and passed (a shape-polymorphic export
-  # keeps every argument, used or not: e.g. the backbone's classifier head).
+  # keeps every argument, used or not). The training state already leaves out the backbone's
+  # unused stages (`ModelSpec.used_backbone`); this keeps any other unread leaf out.
   keep = used_weights(make_score_fn(scorer.step_fn, treedef), shapes, crop)
   exp = _export(
       make_score_fn(scorer.step_fn, treedef, keep, shapes),
