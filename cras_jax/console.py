@@ -1,102 +1,73 @@
-"""The console scripts of `pip install .` (pyproject.toml [project.scripts]).
+"""The one console script of `pip install .`: `cras-jax <command> [flags]`.
 
-Each runs one command module exactly as `python -m cras_jax.<command>` does (its flags, its
-exit status): `cras-jax` is cras_jax.main, `cras-jax-<name>` is cras_jax.<name>.
+`cras-jax <command>` runs `python -m cras_jax.<command>` (the same flags, output and exit
+status); `cras-jax train` is `python -m cras_jax.main`. `cras-jax --help` lists the commands,
+`cras-jax <command> --help` a command's flags.
 """
 
 from __future__ import annotations
 
 import runpy
+import sys
 
-# script name -> the command module under cras_jax
-COMMANDS = {
-    "cras-jax": "main",
-    "cras-jax-predict": "predict",
-    "cras-jax-export": "export",
-    "cras-jax-run-exported": "run_exported",
-    "cras-jax-benchmark": "benchmark",
-    "cras-jax-sweep": "sweep",
-    "cras-jax-report": "report",
-    "cras-jax-robustness": "robustness",
-    "cras-jax-figures": "figures",
-    "cras-jax-convert-torchvision": "convert_torchvision",
-    "cras-jax-convert-visa": "convert_visa",
-    "cras-jax-synthetic": "data.synthetic",
-    "cras-jax-scaling": "scaling",
-    "cras-jax-accelerator-check": "accelerator_check",
-    "cras-jax-population-bench": "population_bench",
-    "cras-jax-run-onnx": "run_onnx",
-    "cras-jax-deploy-bench": "deploy_bench",
+# command -> (module under cras_jax, what it does in one line); the order of `--help`
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": (
+        "main",
+        "train a run (resuming from its workdir) and evaluate it; --mode=eval scores it",
+    ),
+    "predict": (
+        "predict",
+        "score new images and folders with a trained run: scores, heatmaps, decisions",
+    ),
+    "export": ("export", "write a run's scoring function as one file (jax.export .npz or ONNX)"),
+    "run_exported": ("run_exported", "score images with an exported .npz (JAX and NumPy only)"),
+    "run_onnx": (
+        "run_onnx",
+        "score images with an exported .onnx, without JAX (onnxruntime or OpenVINO)",
+    ),
+    "synthetic": ("synthetic", "write the demo's synthetic dataset (MVTec layout) to a folder"),
+    "sweep": ("sweep", "run a sweep of configs (ablations, seeds, parameters) into one folder"),
+    "report": ("report", "tables and curves over runs, sweeps and seeds"),
+    "robustness": ("robustness", "score a trained run on perturbed test images"),
+    "figures": ("figures", "the paper's figures from a trained run (t-SNE, heatmaps, histograms)"),
+    "benchmark": ("benchmark", "images/s of the steps on this machine's devices"),
+    "scaling": (
+        "scaling",
+        "compiled programs and projections for GPUs and TPUs (no device needed)",
+    ),
+    "accelerator_check": ("accelerator_check", "the prepared check of a GPU or TPU machine"),
+    "population_bench": (
+        "population_bench",
+        "a population's step against its members run one by one",
+    ),
+    "deploy_bench": ("deploy_bench", "images/s of the exports under JAX, onnxruntime and OpenVINO"),
 }
 
 
-def _run(module: str) -> None:
+def usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = [
+      "usage: cras-jax <command> [flags]     (the same as python -m cras_jax.<command>;",
+      "                                       train is python -m cras_jax.main)",
+      "",
+      "commands:",
+  ]
+  lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
+  lines += ["", "cras-jax <command> --help lists a command's flags."]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ("-h", "--help", "help", "--helpshort"):
+    print(usage())
+    sys.exit(0 if argv else 2)
+  name = argv[0].replace("-", "_")
+  if name not in COMMANDS:
+    hint = " (name the command first: cras-jax train --config=...)" if name.startswith("__") else ""
+    print(f"cras-jax: unknown command {argv[0]!r}{hint}\n\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  module = COMMANDS[name][0]
+  sys.argv = [f"cras-jax {name}", *argv[1:]]
   runpy.run_module(f"cras_jax.{module}", run_name="__main__", alter_sys=True)
-
-
-def main() -> None:
-  _run("main")
-
-
-def predict() -> None:
-  _run("predict")
-
-
-def export() -> None:
-  _run("export")
-
-
-def run_exported() -> None:
-  _run("run_exported")
-
-
-def benchmark() -> None:
-  _run("benchmark")
-
-
-def sweep() -> None:
-  _run("sweep")
-
-
-def report() -> None:
-  _run("report")
-
-
-def robustness() -> None:
-  _run("robustness")
-
-
-def figures() -> None:
-  _run("figures")
-
-
-def convert_torchvision() -> None:
-  _run("convert_torchvision")
-
-
-def convert_visa() -> None:
-  _run("convert_visa")
-
-
-def synthetic() -> None:
-  _run("data.synthetic")
-
-
-def scaling() -> None:
-  _run("scaling")
-
-
-def accelerator_check() -> None:
-  _run("accelerator_check")
-
-
-def population_bench() -> None:
-  _run("population_bench")
-
-
-def run_onnx() -> None:
-  _run("run_onnx")
-
-
-def deploy_bench() -> None:
-  _run("deploy_bench")

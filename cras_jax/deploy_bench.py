@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Images/s of the exported scorer in JAX, onnxruntime and OpenVINO, in one run
-(`cras_jax.perf.deploy_bench`; a benchmark, not a test).
+(`cras_jax.deploy.bench`; a benchmark, not a test).
 
 Example (from the repository root):
   python -m cras_jax.deploy_bench --setups=lite0_160,wrn50_288 --batch_sizes=1,8 \\
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from cras_jax.base import errors, fileio
-from cras_jax.perf import deploy_bench as bench
+from cras_jax.deploy import bench
 from cras_jax.perf import population_bench
 
 

@@ -6,7 +6,7 @@
     python -m cras_jax.export --workdir=<trained run> --format=onnx     # <run>/exported.onnx
     python -m cras_jax.run_onnx <run>/exported.onnx images/ [--runtime=openvino]
 
-The ONNX file and its reader: cras_jax/runs/scoring/onnx_export.py, cras_jax/run_onnx.py,
+The ONNX file and its reader: cras_jax/deploy/onnx_export.py, cras_jax/run_onnx.py,
 docs/deploy.md. What follows is the .npz format.
 
 The function `score(weights, images, image_threshold, pixel_threshold)` (backbone, adapter,
@@ -41,8 +41,8 @@ import sys
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, errors, flag_checks
-from cras_jax.runs.scoring import onnx_export, scoring
-from cras_jax.runs.scoring.exporting import (  # noqa: F401 - the library, re-exported for its users
+from cras_jax.deploy import onnx_export
+from cras_jax.deploy.exporting import (  # noqa: F401 - the library, re-exported for its users
     FORMAT,
     FORMAT_VERSION,
     OUTPUTS,
@@ -53,7 +53,8 @@ from cras_jax.runs.scoring.exporting import (  # noqa: F401 - the library, re-ex
     used_weights,
     write_npz,
 )
-from cras_jax.runs.state import trained
+from cras_jax.runs import trained
+from cras_jax.scoring import scoring
 
 # jax stays the default: the format of every earlier export and of `cras_jax/run_exported.py`,
 # and exact to the scorer by construction; onnx is for machines without JAX (docs/deploy.md).

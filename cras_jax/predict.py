@@ -33,9 +33,10 @@ from absl import app, flags, logging
 from cras_jax.base import compile_cache, flag_checks
 from cras_jax.base import errors as errors_lib
 from cras_jax.base import stop as stop_lib
-from cras_jax.runs.scoring import predicting, scoring
-from cras_jax.runs.scoring.predict_inputs import find_images
-from cras_jax.runs.state import config_bounds, trained
+from cras_jax.config import bounds as config_bounds
+from cras_jax.runs import trained
+from cras_jax.scoring import predicting, scoring
+from cras_jax.scoring.predict_inputs import find_images
 
 # ----------------------------------------------------------------------------- command line
 

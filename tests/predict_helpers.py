@@ -8,8 +8,8 @@ import os
 import numpy as np
 
 from cras_jax.data import preprocess
-from cras_jax.runs.scoring import scoring
-from cras_jax.runs.state import trained
+from cras_jax.runs import trained
+from cras_jax.scoring import scoring
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cras_jax import benchmark as bench
+from cras_jax.perf import benchmark as bench
 from cras_jax.perf import probes as benchmark_probes
 from tests.conftest import parse_command_flags
 

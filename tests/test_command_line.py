@@ -154,7 +154,7 @@ def test_a_locale_without_utf8_is_refused_with_the_fix(tmp_path):
       os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONPATH=ROOT
   )
   out = subprocess.run(
-      [sys.executable, "-m", "cras_jax.convert_visa", str(tmp_path / "é"), str(tmp_path / "o")],
+      [sys.executable, "-m", "tools.convert_visa", str(tmp_path / "é"), str(tmp_path / "o")],
       cwd=ROOT,
       env=env,
       capture_output=True,

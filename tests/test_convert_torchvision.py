@@ -1,4 +1,4 @@
-"""cras_jax.convert_torchvision: torchvision -> Flax conversion, checked against torchvision.
+"""tools.convert_torchvision: torchvision -> Flax conversion, checked against torchvision.
 
 Parity uses RANDOMLY initialised torchvision models (no download) with randomised BatchNorm
 affine parameters and running statistics, in eval mode. Tests that need torch/torchvision
@@ -21,11 +21,11 @@ import jax
 import numpy as np
 import pytest
 
-from cras_jax import convert_torchvision as conv
 from cras_jax.backbones import load_variables
 from cras_jax.backbones.resnet import ResNet, flax_path_to_torch_key, init_random
 from tests import reference
 from tests.conftest import run_command
+from tools import convert_torchvision as conv
 
 REPO = Path(__file__).resolve().parents[1]
 RESNETS = ("resnet18", "resnet50", "wide_resnet50_2", "wide_resnet101_2")
@@ -284,7 +284,7 @@ def test_round_trip_through_cli(tmp_path):
   code = (
       "import sys, runpy; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
       f"sys.argv = ['convert_torchvision.py', '--arch=resnet18', '--input={pth}', "
-      f"'--output={out}']; runpy.run_module('cras_jax.convert_torchvision', run_name='__main__')"
+      f"'--output={out}']; runpy.run_module('tools.convert_torchvision', run_name='__main__')"
   )
   res = subprocess.run(
       [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax import convert_visa
 from cras_jax.data import layout
+from tools import convert_visa
 
 
 def _visa(tmp_path, rows):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cras_jax import export
-from cras_jax.runs.scoring import exporting, scoring, thresholds
+from cras_jax.deploy import exporting
+from cras_jax.scoring import scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
 
@@ -125,7 +126,7 @@ def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
 
 
 def test_exported_file_names_its_run_and_a_content_checksum(exported, tiny_run):
-  from cras_jax.runs.state import checkpoint
+  from cras_jax.runs import checkpoint
 
   meta = exported["meta"]
   saved = checkpoint.restore_meta(checkpoint.manager(str(tiny_run["workdir"]), read_only=True))
@@ -154,7 +155,7 @@ def _tampered(src, dst, change: str) -> None:
 
 @pytest.mark.parametrize("change", ["weight", "function", "meta"])
 def test_an_export_changed_after_writing_is_refused(exported, change, capsys):
-  from cras_jax import run_exported
+  from cras_jax.deploy import run_exported
 
   model = exported["dir"] / f"tampered_{change}.npz"
   _tampered(exported["dir"] / "model.npz", model, change)
@@ -169,7 +170,7 @@ def test_an_export_changed_after_writing_is_refused(exported, change, capsys):
 @pytest.mark.parametrize("flag", ["image_threshold", "pixel_threshold"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_non_finite_threshold_is_refused_before_any_file_is_read(flag, value, tmp_path, capsys):
-  from cras_jax import run_exported
+  from cras_jax.deploy import run_exported
 
   missing = tmp_path / "none.npz"  # never opened: the flag is refused first
   with pytest.raises(SystemExit) as e:
@@ -180,7 +181,7 @@ def test_a_non_finite_threshold_is_refused_before_any_file_is_read(flag, value, 
 
 
 def test_a_non_finite_threshold_given_to_the_scorer_is_refused(exported):
-  from cras_jax import run_exported
+  from cras_jax.deploy import run_exported
 
   model = run_exported.load(str(exported["dir"] / "model.npz"))
   with pytest.raises(ValueError, match="must be a finite number"):
@@ -189,7 +190,7 @@ def test_a_non_finite_threshold_given_to_the_scorer_is_refused(exported):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_a_zip", "member_missing"])
 def test_a_damaged_export_file_is_one_message_not_a_traceback(exported, damage, tmp_path, capsys):
-  from cras_jax import run_exported
+  from cras_jax.deploy import run_exported
 
   good = (exported["dir"] / "model.npz").read_bytes()
   path = tmp_path / f"{damage}.npz"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax import figures
+from cras_jax.experiments import figures
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ CASES = [
     ("cras_jax.deploy_bench", ["--setups", "--batch_sizes", "--runtimes"]),
     ("cras_jax.robustness", ["--member", "--workdir"]),
     ("cras_jax.figures", ["--member", "--workdir"]),
-    ("cras_jax.data.synthetic", ["--root", "--image_size", "--n_train"]),
+    ("cras_jax.synthetic", ["--root", "--image_size", "--n_train"]),
 ]
 
 

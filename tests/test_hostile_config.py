@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from cras_jax.base import errors
+from cras_jax.config import check as config_check
 from cras_jax.configs import demo
-from cras_jax.runs.state import checkpoint, config_check, trained
-from cras_jax.runs.state import workdir as runs
+from cras_jax.runs import checkpoint, trained
+from cras_jax.runs import workdir as runs
 from cras_jax.training import train
 from tests.conftest import ROOT, TINY
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cras_jax.backbones import torch_pickle
 from cras_jax.data import layout, preprocess, validate
-from cras_jax.runs.scoring import predict_inputs
+from cras_jax.scoring import predict_inputs
 
 # ----------------------------------------------------------------------------- helpers
 

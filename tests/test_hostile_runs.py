@@ -13,11 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from cras_jax import export, run_exported
+from cras_jax import export
 from cras_jax.base import errors
+from cras_jax.deploy import run_exported
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs.scoring import predicting, writers
-from cras_jax.runs.state import feature_cache, results, trained
+from cras_jax.results import tables as results
+from cras_jax.results import writers
+from cras_jax.runs import feature_cache, trained
+from cras_jax.scoring import predicting
 from tests.conftest import ROOT, TINY
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,7 +107,7 @@ def test_predict_that_fails_late_keeps_every_scored_row(tiny_run, tmp_path, monk
 
   run = predict_helpers.loaded_run(str(tiny_run["workdir"]))
   paths = predict_helpers.image_paths(tiny_run["data_root"])[:3]
-  from cras_jax.runs.scoring import scoring
+  from cras_jax.scoring import scoring
 
   thr = scoring.load_thresholds(run, str(tiny_run["workdir"]))
 
@@ -198,7 +201,7 @@ def test_non_finite_weights_are_refused_when_exporting_and_loading(tiny_run, tmp
   leaf.flat[0] = np.nan
   broken = jax.tree.unflatten(jax.tree.structure(params), [leaf, *jax.tree.leaves(params)[1:]])
   bad_run = run._replace(state=run.state.replace(params=broken))
-  from cras_jax.runs.scoring import scoring
+  from cras_jax.scoring import scoring
 
   thr = scoring.load_thresholds(run, str(tiny_run["workdir"]))
   with pytest.raises(errors.UserValueError, match="NaN or inf"):
@@ -257,7 +260,7 @@ def test_rows_of_a_killed_predict_are_kept_and_a_running_one_is_not_disturbed(tm
   """kill -9 leaves results.csv.partial with the rows scored so far: the next predict into the
   folder keeps them beside it and says so; while a predict holds the folder, another is
   refused (it would truncate the first's rows)."""
-  from cras_jax.runs.scoring import writers
+  from cras_jax.results import writers
 
   partial = tmp_path / writers.PARTIAL_CSV
   header = ",".join(writers.CSV_FIELDS)

@@ -13,11 +13,11 @@ import onnx
 import pytest
 from PIL import Image
 
-from cras_jax import run_onnx
 from cras_jax.configs import demo
 from cras_jax.data import preprocess
-from cras_jax.runs.scoring import exporting, onnx_export, scoring, thresholds
-from cras_jax.runs.state import trained
+from cras_jax.deploy import exporting, onnx_export, run_onnx
+from cras_jax.runs import trained
+from cras_jax.scoring import scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
 

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from cras_jax.base import progress
 from cras_jax.data.synthetic import writing
-from cras_jax.runs.scoring import summaries
+from cras_jax.results import summaries
 from tests.conftest import ROOT, run_module
 
 # Shrinks configs/folder.py for test speed only (sizes, epochs, logging).
@@ -182,7 +182,7 @@ def test_progress_switch(monkeypatch):
 
 
 def test_sweep_eta(tmp_path):
-  from cras_jax import sweep
+  from cras_jax.experiments import sweep
 
   pending = [{"workdir": str(tmp_path / n)} for n in ("c", "d", "e")]
   assert sweep._eta({}, pending) == ""
@@ -208,7 +208,7 @@ def test_two_processes_write_one_event_file(tmp_path, monkeypatch):
 
 def test_training_loads_no_tensorboard_tensorflow_or_torch():
   code = (
-      "import sys, cras_jax.main, cras_jax.training.train, cras_jax.runs.scoring.summaries; "
+      "import sys, cras_jax.main, cras_jax.training.train, cras_jax.results.summaries; "
       "print(sorted(m for m in ('torch', 'tensorflow', 'tensorboard', 'tensorboardX') "
       "if m in sys.modules))"
   )

@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from cras_jax import run_onnx
+from cras_jax.deploy import run_onnx
 from tests.conftest import ROOT
 
 PYTHONS = ("3.11", "3.12")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax.runs.scoring import predicting, scoring, thresholds
+from cras_jax.scoring import predicting, scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT, run_module
 

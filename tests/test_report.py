@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cras_jax import report
+from cras_jax.experiments import report
 
 
 def write(path, metrics, **extra):
@@ -58,8 +58,8 @@ def test_no_spread_table_for_single_seeds(tmp_path):
 def test_spread_tables_name_what_the_seeds_vary(tmp_path):
   """A population with a per-member data order spans the data order too; seeded runs that
   share the base seed's order do not; a run without recorded configs says so."""
+  from cras_jax.config import population
   from cras_jax.configs import demo
-  from cras_jax.runs.state import population
 
   sw = tmp_path / "sw"
   base = demo.get_config()

@@ -248,8 +248,8 @@ def test_a_stop_request_ends_robustness_with_143_and_writes_nothing(
 ):
   from absl import flags
 
-  from cras_jax import robustness
   from cras_jax.base import stop
+  from cras_jax.experiments import robustness
 
   monkeypatch.setattr(stop, "requested", lambda: signal.SIGTERM)  # as if SIGTERM had come
   fv = flags.FlagValues()

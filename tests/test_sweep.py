@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cras_jax import report, sweep
+from cras_jax.experiments import report, sweep
 from tests.conftest import ROOT, TINY, run_command, run_module
 
 FINAL = "final epoch"

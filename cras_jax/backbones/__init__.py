@@ -8,7 +8,7 @@ Weights come from one config field, `model.weights`:
             it is an error naming the ways to get weights.
 - "random"  random initialisation, only when asked for by name (tests, timing).
 - a path    a torchvision/PyTorch state dict (.pth/.pt, read without torch) or
-            a converted Flax file (.msgpack from cras_jax/convert_torchvision.py).
+            a converted Flax file (.msgpack from tools/convert_torchvision.py).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def build_module(name: str, dtype: str = "float32", kernels: str = "cpu_tuned"):
 
 def convert_command(name: str) -> str:
   return (
-      f"pip install -r requirements-tools.txt && python -m cras_jax.convert_torchvision "
+      f"pip install -r requirements-tools.txt && python -m tools.convert_torchvision "
       f"--arch={name} --output=<weights_dir>/{name}.msgpack  (downloads torchvision's "
       f"IMAGENET1K_V1 weights, as the reference's pretrained=True; offline, without torch: "
       f"add --input=<torchvision {name} .pth file>, or pass that .pth file itself as "
@@ -105,7 +105,7 @@ def load_variables(
         f"{convert_command(name)}"
     )
   if path.endswith(".msgpack"):
-    # written by cras_jax/convert_torchvision.py: {'params','batch_stats'} in Flax layout,
+    # written by tools/convert_torchvision.py: {'params','batch_stats'} in Flax layout,
     # with a JSON sidecar <path>.json naming the arch it was converted for.
     sidecar = path + ".json"
     if os.path.exists(sidecar):

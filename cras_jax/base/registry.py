@@ -125,7 +125,7 @@ BTAD_CLASSES = ("01", "02", "03")
 
 # How a dataset's archive becomes a root the MVTec reader takes (data/fetch.py):
 # "mvtec": already in the MVTec layout (BTAD's ok/ko folders are read as they are);
-# "visa":  VisA's release with split_csv/1cls.csv, converted by cras_jax.convert_visa.
+# "visa":  VisA's release with split_csv/1cls.csv, converted by tools.convert_visa.
 LAYOUTS = ("mvtec", "visa")
 
 
@@ -161,7 +161,7 @@ DATASETS: dict[str, DatasetSpec] = {
             VISA_CLASSES,
             "https://github.com/amazon-science/spot-diff",
             "VisA, 12 classes; converted from its release (split_csv/1cls.csv) to the MVTec "
-            "layout (python -m cras_jax.convert_visa <VisA> <output> by hand).",
+            "layout (python -m tools.convert_visa <VisA> <output> by hand).",
             archive_url="https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
             layout="visa",
         ),

@@ -251,7 +251,7 @@ FIELDS: tuple[Field, ...] = (
         "train.population",
         "",
         'A population of heads trained in one compiled step (README "Populations"): '
-        "`seed=0,1,2,3`, or `;`-separated fields of runs.state.population.FIELDS, every combination "
+        "`seed=0,1,2,3`, or `;`-separated fields of config.population.FIELDS, every combination "
         "a member; empty: one model.",
         later=True,
     ),

@@ -4,7 +4,7 @@ Every dataset is read in the MVTec layout (``layout.EXPECTED_LAYOUT``) by
 ``cras_jax.data.mvtec``. BTAD's own layout (``train/ok``, ``test/ok``, ``test/ko``,
 ``ground_truth/ko/<name>.png`` or ``.bmp``) is read as it is (``ok`` is "good"); VisA's original
 release is converted first (``cras_jax.data.fetch`` does it after a download;
-``python -m cras_jax.convert_visa`` by hand). ``folder`` discovers its classes from the
+``python -m tools.convert_visa`` by hand). ``folder`` discovers its classes from the
 sub-folders of the root (those holding ``train/`` or ``test/``).
 """
 

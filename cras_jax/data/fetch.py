@@ -1,6 +1,6 @@
 """Datasets by name: `data.name` with an empty `data.root` reads <data_dir>/<name>/.
 
-`ensure(spec)` (a `FetchSpec`, built from the config by runs/state/specs.py) returns the root of a named dataset, ready for the MVTec reader:
+`ensure(spec)` (a `FetchSpec`, built from the config by runs/specs.py) returns the root of a named dataset, ready for the MVTec reader:
 1. already prepared (`prepared.json` there) or put there by hand (the class folders directly
    in <data_dir>/<name>/): used as it is, never fetched again;
 2. else its archive (`data.download_url`, or the registry's public address) is fetched into

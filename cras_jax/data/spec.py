@@ -1,4 +1,4 @@
-"""What the data layer needs of a config, as one small frozen value (built by runs/state/specs.py)."""
+"""What the data layer needs of a config, as one small frozen value (built by runs/specs.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ Output::
 Images are copied byte for byte (with their mtime); masks are rewritten as 8-bit PNGs. Running
 it again skips every output that is already up to date (idempotent), so an interrupted
 conversion can simply be restarted. Used after a download (`data.fetch`) and by hand
-(`python -m cras_jax.convert_visa <visa> <out>`).
+(`python -m tools.convert_visa <visa> <out>`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 from jax import export as jax_export
 
+from cras_jax.deploy import exporting
 from cras_jax.engine import sharding, steps
-from cras_jax.runs.scoring import exporting, scoring
+from cras_jax.scoring import scoring
 
 # Tolerances of the device against the CPU. float32: GPUs run float32 matmuls and
 # convolutions on TF32 tensor cores and TPUs in one bfloat16 pass by default (10 and 8

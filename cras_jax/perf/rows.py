@@ -17,7 +17,7 @@ import numpy as np
 
 from cras_jax.engine import sharding, steps
 from cras_jax.perf import hlo, probes
-from cras_jax.runs.scoring import scoring
+from cras_jax.scoring import scoring
 
 # train_cached: the training step on stored backbone features (train.cache_features=True),
 # which is how a run trains after its first feature pass: the backbone is frozen and training

@@ -1,6 +1,4 @@
-"""Runs and scoring, in three sub-packages layered state <- scoring <- reporting.
-
-`state`: a workdir, its config check, checkpoints and specs, a trained run, its result files.
-`scoring`: the one Scorer, evaluation, thresholds, predicting new images, the export.
-`reporting`: results over seeds, a sweep's plan, the report's inputs and curves, plots.
-"""
+"""A run's state: its workdir (`workdir`), checkpoints (`checkpoint`), the specs built from its
+config (`specs`), a trained run loaded for scoring (`trained`), one-model-per-class runs
+(`single_class`), named datasets and weights fetched before work (`named_inputs`) and the
+stored backbone features (`feature_cache`)."""

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from cras_jax.base import stop as stop_lib
-from cras_jax.runs.state import checkpoint, results
+from cras_jax.results import tables as results
+from cras_jax.runs import checkpoint
 
 StopRequest = stop_lib.StopRequest  # SIGINT/SIGTERM -> stop between steps
 

@@ -1,7 +1,7 @@
 """Training a population of heads (`train.population`): one compiled step for every member.
 
-The members (`runs.state.population.member_configs`) share the data and the frozen backbone, and
-one data order or each their own (`train.member_data_order`, `runs.state.population.data_order`:
+The members (`config.population.member_configs`) share the data and the frozen backbone, and
+one data order or each their own (`train.member_data_order`, `config.population.data_order`:
 member k then reads its single run's batches, stacked on a member axis); their states are
 stacked on a leading axis and trained by the single-run step (`engine.population`, members one
 after another or vmapped: `train.population_batching`), on a 2-D mesh ("model", "data"). One
@@ -27,15 +27,18 @@ import numpy as np
 from cras_jax import backbones
 from cras_jax import data as data_lib
 from cras_jax.base import csv_cells, errors, fileio, jsonio, progress
+from cras_jax.config import check as config_check
+from cras_jax.config import population as population_lib
 from cras_jax.data import loader
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
+from cras_jax.experiments import spread
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.runs.reporting import spread
-from cras_jax.runs.scoring import evaluate, scoring, summaries
-from cras_jax.runs.state import checkpoint, config_check, named_inputs, results, specs, trained
-from cras_jax.runs.state import population as population_lib
-from cras_jax.runs.state import workdir as runs
+from cras_jax.results import summaries
+from cras_jax.results import tables as results
+from cras_jax.runs import checkpoint, named_inputs, specs, trained
+from cras_jax.runs import workdir as runs
+from cras_jax.scoring import evaluate, scoring
 from cras_jax.training import loop, train
 
 
@@ -213,7 +216,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 
 def write_summary(tables, names, workdir: str, tag: str, config, sources: str) -> dict:
   """results/population_<tag>.{json,md,csv}: mean ± std and 95 % intervals over the members,
-  and what they span (`sources`: `runs.state.population.variance_sources`, e.g. "initialisation +
+  and what they span (`sources`: `config.population.variance_sources`, e.g. "initialisation +
   noise + data order"). -> the mean table."""
   metrics = list(metrics_lib.METRIC_KEYS)
   sp = spread.spread(tables, metrics)
@@ -256,7 +259,7 @@ def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -
   batching = pop.resolve_batching(
       config.train.population_batching, config.train.population_model_shards
   )
-  # One data order, or each member its own single run's (`runs.state.population.data_order`).
+  # One data order, or each member its own single run's (`config.population.data_order`).
   orders = [population_lib.order_seed(cfg) for _, cfg in members]
   per_member = len(set(orders)) > 1
   print(

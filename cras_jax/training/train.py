@@ -8,7 +8,7 @@ train on. The step loop, shared with populations, is `training.loop`: the data o
 function of (seed, epoch), so a resumed run repeats an uninterrupted one exactly; SIGINT/SIGTERM
 stop between steps.
 In the single-class setting `train_and_evaluate` and `evaluate_checkpoint` (`--mode=eval`) loop
-over the classes here, one model each, and gather one table (`runs/state/single_class.py`).
+over the classes here, one model each, and gather one table (`runs/single_class.py`).
 """
 
 from __future__ import annotations
@@ -26,21 +26,16 @@ import numpy as np
 from cras_jax import data as data_lib
 from cras_jax.base import errors, fs, progress
 from cras_jax.base import stop as stop_lib
+from cras_jax.config import check as config_check
+from cras_jax.config import population as population_lib
 from cras_jax.data import loader
 from cras_jax.engine import population, sharding, steps
 from cras_jax.method import centres as centres_lib
-from cras_jax.runs.scoring import evaluate, scoring, summaries
-from cras_jax.runs.state import (
-    checkpoint,
-    config_check,
-    feature_cache,
-    named_inputs,
-    results,
-    single_class,
-    specs,
-)
-from cras_jax.runs.state import population as population_lib
-from cras_jax.runs.state import workdir as runs
+from cras_jax.results import summaries
+from cras_jax.results import tables as results
+from cras_jax.runs import checkpoint, feature_cache, named_inputs, single_class, specs
+from cras_jax.runs import workdir as runs
+from cras_jax.scoring import evaluate, scoring
 from cras_jax.training import loop
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from cras_jax.base import csv_cells
 from cras_jax.method import metrics
-from cras_jax.runs.state import results
+from cras_jax.results import tables as results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

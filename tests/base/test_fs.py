@@ -9,8 +9,8 @@ import pytest
 
 from cras_jax.base import errors, fs
 from cras_jax.data import layout
-from cras_jax.runs.scoring import predict_inputs
-from cras_jax.runs.state import feature_cache
+from cras_jax.runs import feature_cache
+from cras_jax.scoring import predict_inputs
 
 
 def _full_disk(monkeypatch, free: int):

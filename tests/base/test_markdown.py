@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from cras_jax import report
 from cras_jax.base import markdown
+from cras_jax.experiments import report, spread
 from cras_jax.method import metrics
-from cras_jax.runs.reporting import spread
 
 
 def _cells(line: str) -> list[str]:

@@ -5,11 +5,11 @@ import os
 import pytest
 
 from cras_jax.base import schema
+from cras_jax.config import check as config_check
 from cras_jax.configs import mvtec
 from cras_jax.data import preprocess
 from cras_jax.engine import model
 from cras_jax.method import centres, loss, synthesis
-from cras_jax.runs.state import config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -12,8 +12,8 @@ import ml_collections
 import pytest
 
 from cras_jax.base import stop
-from cras_jax.runs.scoring import scoring
-from cras_jax.runs.state import trained
+from cras_jax.runs import trained
+from cras_jax.scoring import scoring
 from cras_jax.training import train
 from tests import predict_helpers
 
@@ -67,7 +67,8 @@ _SLOW_PREDICT = """
 import sys, time
 from cras_jax import predict
 from cras_jax.base import errors
-from cras_jax.runs.scoring import scoring, writers
+from cras_jax.scoring import scoring
+from cras_jax.results import writers
 def slowly(fn):
   def slow(*a, **k):
     time.sleep(0.4)

@@ -15,7 +15,7 @@ from PIL import Image
 from cras_jax.base import archive, download
 from cras_jax.configs import btad, mvtec, visa
 from cras_jax.data import fetch
-from cras_jax.runs.state import specs
+from cras_jax.runs import specs
 from tests.fixture_server import FixtureServer, mvtec_tree, tar_bytes
 
 

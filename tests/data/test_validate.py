@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax import convert_visa
 from cras_jax.data import datasets, layout, mvtec, preprocess, validate
 from cras_jax.data.layout import DatasetError
 from tests.conftest import run_command
 from tests.data.test_mvtec import _rand_rgb, make_dataset
+from tools import convert_visa
 
 RESIZE, CROP = 36, 32
 

@@ -27,7 +27,7 @@ import json, sys
 import jax, numpy as np
 from cras_jax.engine import sharding, steps
 from cras_jax.perf import hlo
-from cras_jax.runs.scoring import scoring
+from cras_jax.scoring import scoring
 from tests import tiny_step
 
 spec, devices, state0, batch = tiny_step.setup()

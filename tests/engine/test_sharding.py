@@ -17,7 +17,7 @@ SCRIPT = r"""
 import sys
 import jax, numpy as np
 from cras_jax.engine import steps
-from cras_jax.runs.scoring import scoring
+from cras_jax.scoring import scoring
 from tests import tiny_step
 
 spec, devices, state, batch = tiny_step.setup()

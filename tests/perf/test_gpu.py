@@ -11,11 +11,10 @@ import tomllib
 import jax
 import pytest
 
-from cras_jax import scaling
 from cras_jax.base import errors
 from cras_jax.configs import mvtec
 from cras_jax.engine import steps
-from cras_jax.perf import gpu, rows, systems, targets, tpu
+from cras_jax.perf import gpu, rows, scaling, systems, targets, tpu
 from tests import tiny_step
 from tests.conftest import ROOT, run_command
 

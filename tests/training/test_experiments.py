@@ -13,9 +13,9 @@ from cras_jax.configs import demo
 from cras_jax.engine import model, steps
 from cras_jax.method import centres as centres_lib
 from cras_jax.method import matching, synthesis
-from cras_jax.runs.scoring import evaluate
-from cras_jax.runs.state import trained
-from cras_jax.runs.state import workdir as runs
+from cras_jax.runs import trained
+from cras_jax.runs import workdir as runs
+from cras_jax.scoring import evaluate
 from cras_jax.training import train
 from tests.conftest import TINY, run_module
 

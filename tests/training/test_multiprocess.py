@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cras_jax.configs import demo
-from cras_jax.runs.state import trained
+from cras_jax.runs import trained
 from tests import golden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

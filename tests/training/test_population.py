@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from cras_jax.config import check as config_check
+from cras_jax.config import population as population_lib
 from cras_jax.configs import demo
-from cras_jax.runs.state import config_check, trained
-from cras_jax.runs.state import population as population_lib
+from cras_jax.runs import trained
 from cras_jax.training import loop
 from tests.training.test_train import final_params, run_main
 
@@ -372,7 +373,7 @@ def test_a_population_saved_before_the_data_order_switch_keeps_its_shared_order(
   """A run saved without `train.member_data_order` had a shared order: resuming it under
   "auto" on stored features (per member) is a result-changing difference; "auto" following
   `train.cache_features` changes nothing for a single run, whose order is its seed's."""
-  from cras_jax.runs.state import workdir
+  from cras_jax.runs import workdir
 
   cfg = demo.get_config()
   cfg.train.population = "seed=0,1"

@@ -274,7 +274,7 @@ def test_changed_config_is_refused_unless_allowed(shared):
 
 @pytest.mark.slow
 def test_second_run_on_same_workdir_is_refused(shared, tmp_path):
-  from cras_jax.runs.state.workdir import WorkdirLock
+  from cras_jax.runs.workdir import WorkdirLock
 
   base, _, _ = shared
   work = tmp_path / "locked"

@@ -17,7 +17,7 @@ evaluation) in a few minutes on a CPU:
 
 Modules: ``draw`` (drawing primitives), ``textures`` and ``objects`` (the four renderers),
 ``images`` (classes, defect kinds, seeding, ``render``), ``writing`` (manifest, ``generate``,
-contact sheet), ``cli`` (``python -m cras_jax.data.synthetic --root=DIR``).
+contact sheet), ``cli`` (``python -m cras_jax.synthetic --root=DIR``).
 """
 
 from cras_jax.data.synthetic.cli import main

@@ -1,6 +1,6 @@
 """Command line of the synthetic dataset generator.
 
-python -m cras_jax.data.synthetic --root=DIR [--seed=0] [--image_size=160]
+python -m cras_jax.synthetic --root=DIR [--seed=0] [--image_size=160]
     [--n_train=40] [--n_test_good=12] [--n_test_defect_per_type=6] [--contact_sheet=PNG]
 """
 

@@ -1,0 +1,387 @@
+"""Scores images with a model exported by `python -m cras_jax.export --format=onnx`, without JAX:
+onnxruntime (or OpenVINO) and numpy, plus Pillow to read image files.
+
+    python -m cras_jax.run_onnx model.onnx crops.npy [--runtime=onnxruntime|openvino]
+    python -m cras_jax.run_onnx model.onnx image.png folder/ ... [--output=scores.npz]
+
+Inputs: a .npy of uint8 [N, crop, crop, 3] RGB crops already preprocessed, or image files and
+folders of them, preprocessed here by `preprocess` (the run's resize and centre crop, recorded
+in the file; the same pixels as the training's loader for 8-bit images). Prints one line per
+image; --output saves every output (scores, maps, patch, cls, normalised_scores, is_anomaly,
+masks) as arrays of N rows.
+
+From Python: `model = load("model.onnx"); out = score(model, crops, batch_size=8)`.
+
+This module imports neither JAX nor the rest of cras_jax. Loading reads the file once, checks
+that cras_jax wrote it (its metadata entry "cras_jax.meta") and verifies its SHA-256
+(`file_checksum`) before a runtime sees it: a file changed after export is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+
+FORMAT = "cras_jax.onnx_scoring"
+FORMAT_VERSION = 1
+META_KEY = "cras_jax.meta"
+SUM_KEY = "cras_jax.sha256"
+PLACEHOLDER = "0" * 64  # the checksum's value while the checksum is computed
+RUNTIMES = ("onnxruntime", "openvino")
+PINS = {"onnxruntime": "onnxruntime==1.32.0", "openvino": "openvino==2026.4.1"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ExportError(ValueError):
+  """The file or the inputs cannot be used (the message names which, and the fix)."""
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+  value, shift = 0, 0
+  while True:
+    if i >= len(data) or shift > 63:
+      raise ValueError("truncated varint")
+    byte = data[i]
+    value |= (byte & 0x7F) << shift
+    i += 1
+    if not byte & 0x80:
+      return value, i
+    shift += 7
+
+
+def _fields(data: bytes):
+  """(field number, wire type, value) of a protobuf message's top-level fields; the value is
+  bytes for length-delimited fields (only their length is read: the graph is skipped)."""
+  i = 0
+  while i < len(data):
+    key, i = _varint(data, i)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, i = _varint(data, i)
+    elif wire == 2:
+      n, i = _varint(data, i)
+      if i + n > len(data):
+        raise ValueError("truncated field")
+      value, i = data[i : i + n], i + n
+    elif wire in (1, 5):
+      n = 8 if wire == 1 else 4
+      value, i = data[i : i + n], i + n
+    else:
+      raise ValueError(f"wire type {wire}")
+    yield field, wire, value
+
+
+def metadata_props(data: bytes) -> dict[str, str]:
+  """An ONNX file's metadata entries (ModelProto field 14), read from its bytes."""
+  props = {}
+  for field, wire, value in _fields(data):
+    if field == 14 and wire == 2:
+      entry = {f: v for f, w, v in _fields(value) if w == 2}
+      props[entry.get(1, b"").decode("utf-8")] = entry.get(2, b"").decode("utf-8")
+  return props
+
+
+def file_checksum(data: bytes, stored: str) -> str:
+  """SHA-256 (hex) of an export's bytes with the stored checksum `stored` written as 64 zeros
+  (how `cras_jax.export` computed it): covers the graph, every weight and the meta."""
+  token = stored.encode()
+  if len(token) != 64 or data.count(token) != 1:
+    return ""
+  return hashlib.sha256(data.replace(token, PLACEHOLDER.encode())).hexdigest()
+
+
+def read(path: str) -> tuple[bytes, dict]:
+  """(the file's bytes, its meta), checked: a cras_jax export of this format, unchanged."""
+  redo = "export the run again (python -m cras_jax.export --format=onnx --workdir=<run>)"
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise ExportError(f"{path}: cannot be read ({e.strerror or e})") from None
+  if not data:
+    raise ExportError(f"{path}: the file is empty (0 bytes): {redo}")
+  try:
+    props = metadata_props(data)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ExportError(f"{path}: not an ONNX file ({e}): {redo}") from None
+  if META_KEY not in props:
+    raise ExportError(
+        f"{path}: an ONNX file not written by cras_jax (no {META_KEY!r} metadata entry): "
+        f"score it with its own tool, or {redo}"
+    )
+  try:
+    meta = json.loads(props[META_KEY])
+  except json.JSONDecodeError as e:
+    raise ExportError(f"{path}: its {META_KEY!r} entry is not JSON ({e}): {redo}") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ExportError(f"{path}: its {META_KEY!r} entry is not a cras_jax ONNX export: {redo}")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise ExportError(
+        f"{path}: format version {meta.get('format_version')}, this reader reads "
+        f"{FORMAT_VERSION}: use the cras_jax version that wrote it ({meta.get('versions')}), "
+        f"or {redo}"
+    )
+  stored = props.get(SUM_KEY, "")
+  if file_checksum(data, stored) != stored:
+    raise ExportError(
+        f"{path}: the contents do not match the checksum stored at export (the graph, a weight "
+        f"or the meta were changed or damaged): {redo}"
+    )
+  return data, meta
+
+
+def load(path: str, runtime: str = "onnxruntime", threads: int = 0) -> dict:
+  """-> dict(meta, runtime, run: (images, image_threshold, pixel_threshold) -> dict of
+  arrays). The file is read and verified (`read`) before the runtime sees its bytes."""
+  if runtime not in RUNTIMES:
+    raise ExportError(f"--runtime={runtime}: choose one of {', '.join(RUNTIMES)}")
+  data, meta = read(path)
+  if runtime == "onnxruntime":
+    run = _onnxruntime(data, path, threads)
+  else:
+    run = _openvino(data, path, threads, list(meta["outputs"]))
+  return {"meta": meta, "runtime": runtime, "run": run, "path": path}
+
+
+def _missing(runtime: str) -> ExportError:
+  other = [r for r in RUNTIMES if r != runtime][0]
+  return ExportError(
+      f"{runtime} is not installed: pip install {PINS[runtime]} (or score with "
+      f"--runtime={other})"
+  )
+
+
+def _onnxruntime(data: bytes, path: str, threads: int):
+  try:
+    import onnxruntime as ort  # noqa: PLC0415 - optional: imported only when chosen
+  except ImportError:
+    raise _missing("onnxruntime") from None
+  options = ort.SessionOptions()
+  if threads:
+    options.intra_op_num_threads = threads
+  options.log_severity_level = 3
+  try:
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+  except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
+    raise ExportError(f"{path}: onnxruntime cannot load it ({str(e)[:300]})") from None
+  names = [o.name for o in session.get_outputs()]
+
+  def run(images, ithr, pthr):
+    feed = {
+        "images": images,
+        "image_threshold": np.asarray(ithr),
+        "pixel_threshold": np.asarray(pthr),
+    }
+    return dict(zip(names, session.run(names, feed)))
+
+  return run
+
+
+def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
+  try:
+    import openvino as ov  # noqa: PLC0415 - optional: imported only when chosen
+  except ImportError:
+    raise _missing("openvino") from None
+  core = ov.Core()
+  # float32 throughout: OpenVINO's CPU plugin otherwise computes in bfloat16 on CPUs that have
+  # it, and its scores then differ from the model's by up to ~30% (docs/deploy.md).
+  config = {"INFERENCE_PRECISION_HINT": "f32"}
+  if threads:
+    config["INFERENCE_NUM_THREADS"] = threads
+  try:
+    compiled = core.compile_model(core.read_model(data), "CPU", config)
+  except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
+    raise ExportError(f"{path}: OpenVINO cannot load it ({str(e)[:300]})") from None
+  request = compiled.create_infer_request()
+  wanted = set(outputs)
+  ports = {(set(o.get_names()) & wanted).pop(): o for o in compiled.outputs}
+
+  def run(images, ithr, pthr):
+    res = request.infer(
+        {"images": images, "image_threshold": np.asarray(ithr), "pixel_threshold": np.asarray(pthr)}
+    )
+    return {name: np.array(res[port]) for name, port in ports.items()}
+
+  return run
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _threshold(value, stored, name: str):
+  """The threshold applied: `value`, else the file's (NaN where the file has none: nothing
+  is flagged). A given threshold must be finite: NaN would mark every image normal."""
+  if value is not None and not np.isfinite(value):
+    raise ExportError(f"--{name}={value}: must be a finite number (a normalised threshold)")
+  value = stored if value is None else value
+  return np.asarray(np.nan if value is None else value, np.float32)
+
+
+def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=None) -> dict:
+  """uint8 [N, crop, crop, 3] -> dict of numpy arrays [N, ...], in batches of `batch_size`
+  (default all at once)."""
+  meta = model["meta"]
+  crop = meta["input"]["crop"]
+  images = np.asarray(images)
+  if images.ndim >= 1 and len(images) == 0:
+    raise ExportError("the image array holds no images (N = 0): give at least one crop")
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (crop, crop, 3):
+    raise ExportError(
+        f"expected uint8 images [N, {crop}, {crop}, 3] (the model's crop), got {images.dtype} "
+        f"{list(images.shape)}: preprocess image files with run_onnx.preprocess"
+    )
+  if batch_size is not None and batch_size < 1:
+    raise ExportError(f"--batch_size={batch_size}: must be >= 1")
+  ithr = _threshold(image_threshold, meta["thresholds"]["image"], "image_threshold")
+  pthr = _threshold(pixel_threshold, meta["thresholds"]["pixel"], "pixel_threshold")
+  bs = batch_size or len(images)
+  parts = []
+  for start in range(0, len(images), bs):
+    chunk = np.ascontiguousarray(images[start : start + bs])
+    part = model["run"](chunk, ithr, pthr)
+    if not (np.isfinite(part["scores"]).all() and np.isfinite(part["maps"]).all()):
+      raise ExportError(
+          f"{model['path']}: non-finite scores or maps for images {start}..{start + len(chunk) - 1}"
+          f": the model's weights or the inputs are damaged"
+      )
+    parts.append(part)
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def preprocess(path: str, resize: int, crop: int) -> np.ndarray:
+  """One image file as the model's input, uint8 [crop, crop, 3]: 8-bit RGB (grey replicated,
+  alpha dropped), the shorter side resized to `resize` (the other to int(resize * long /
+  short)) with PIL's bilinear filter, then the centre crop (zero padding where the image is
+  smaller): torchvision Resize + CenterCrop, as the training's loader does. Images of more than
+  8 bits per channel are refused here (the training's loader rescales them by their range)."""
+  from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - only for image files
+
+  try:
+    with Image.open(path) as im:
+      if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        raise ExportError(
+            f"{path}: {im.mode} pixels (more than 8 bits): save it as 8-bit, or preprocess it "
+            f"with cras_jax (python -m cras_jax.predict --save_crops)"
+        )
+      rgb = im.convert("RGB")
+  except (UnidentifiedImageError, OSError) as e:
+    raise ExportError(f"{path}: not a readable image ({e})") from None
+  w, h = rgb.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_short, new_long = resize, int(resize * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  if (new_w, new_h) != (w, h):
+    rgb = rgb.resize((new_w, new_h), Image.BILINEAR)
+  arr = np.asarray(rgb, dtype=np.uint8)
+  ph, pw = max(crop - new_h, 0), max(crop - new_w, 0)
+  if ph or pw:
+    arr = np.pad(arr, [(ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)])
+  hh, ww = arr.shape[:2]
+  top, left = int(round((hh - crop) / 2.0)), int(round((ww - crop) / 2.0))
+  return np.ascontiguousarray(arr[top : top + crop, left : left + crop])
+
+
+def _image_files(inputs: list[str]) -> list[str]:
+  out = []
+  for p in inputs:
+    if os.path.isdir(p):
+      found = sorted(
+          os.path.join(d, f)
+          for d, _, files in os.walk(p)
+          for f in files
+          if f.lower().endswith(IMAGE_SUFFIXES)
+      )
+      if not found:
+        raise ExportError(f"{p}: a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+      out += found
+    elif os.path.isfile(p):
+      out.append(p)
+    else:
+      raise ExportError(f"{p}: no such file or folder")
+  return out
+
+
+def inputs_to_crops(inputs: list[str], meta: dict) -> tuple[np.ndarray, list[str]]:
+  """(crops, their names) from one .npy of crops or from image files and folders."""
+  if len(inputs) == 1 and inputs[0].endswith(".npy"):
+    try:
+      crops = np.load(inputs[0], allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ExportError(f"{inputs[0]}: not a readable .npy array ({e})") from None
+    if crops.ndim >= 1 and len(crops) == 0:
+      raise ExportError(f"{inputs[0]}: holds no images (N = 0): give at least one crop")
+    crop = meta["input"]["crop"]
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (crop, crop, 3):
+      raise ExportError(
+          f"{inputs[0]}: expected uint8 images [N, {crop}, {crop}, 3] (the model's crop), got "
+          f"{crops.dtype} {list(crops.shape)}: give image files instead (preprocessed here), "
+          f"or crops written by python -m cras_jax.predict --save_crops"
+      )
+    return crops, [f"{inputs[0]}[{i}]" for i in range(len(crops))]
+  files = _image_files(inputs)
+  resize, crop = meta["input"]["resize"], meta["input"]["crop"]
+  return np.stack([preprocess(f, resize, crop) for f in files]), files
+
+
+def save_outputs(path: str, out: dict) -> None:
+  """`out` as an .npz file, written to a temporary beside it and renamed: complete or absent."""
+  path = path if path.endswith(".npz") else path + ".npz"
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **out)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("model", help="the .onnx file written by python -m cras_jax.export --format=onnx")
+  p.add_argument("inputs", nargs="+", help="a .npy of uint8 crops, or image files and folders")
+  p.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
+  p.add_argument("--batch_size", type=int, default=0, help="images per call (0: all at once)")
+  p.add_argument("--threads", type=int, default=0, help="the runtime's threads (0: its default)")
+  for name in ("image_threshold", "pixel_threshold"):
+    p.add_argument(
+        f"--{name}", type=float, default=None, help="normalised; default: the file's own"
+    )
+  p.add_argument("--output", default=None, help="save every output to this .npz file")
+  p.add_argument("--quiet", action="store_true", help="no per-image lines")
+  args = p.parse_args(argv)
+  for name in ("batch_size", "threads"):
+    if getattr(args, name) < 0:
+      p.error(f"--{name}={getattr(args, name)}: must be >= 0")
+  try:
+    model = load(args.model, args.runtime, args.threads)
+    crops, names = inputs_to_crops(args.inputs, model["meta"])
+    out = score(model, crops, args.batch_size or None, args.image_threshold, args.pixel_threshold)
+    if args.output:
+      save_outputs(args.output, out)
+  except (ExportError, OSError) as e:  # the user's files: one message, status 2
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  classes = model["meta"]["class_names"]
+  if not args.quiet:
+    print("image\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
+    for i, name in enumerate(names):
+      print(
+          f"{name}\t{classes[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
+          f"{out['normalised_scores'][i]:.4f}\t{int(out['is_anomaly'][i])}\t"
+          f"{out['masks'][i].mean():.4f}"
+      )
+  return out

@@ -1,1 +1,0 @@
-"""Scoring: the one Scorer, evaluation, thresholds, predicting new images and their files, the export."""

@@ -1,1 +1,0 @@
-"""Run state: a workdir, its config check, checkpoints and specs, a trained run read back, its result files."""

@@ -1,1 +1,0 @@
-"""Tests of cras_jax/runs/state/."""

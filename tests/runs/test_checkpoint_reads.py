@@ -1,0 +1,55 @@
+"""Readers of a checkpoint folder that a training saves into and prunes at the same time."""
+
+import threading
+import time
+
+import numpy as np
+
+from cras_jax.runs import checkpoint
+
+TREE = {"w": np.arange(64 * 16, dtype=np.float32).reshape(64, 16)}
+META = {"class_names": ["a"], "config": {}}
+
+
+def test_readers_survive_steps_pruned_while_they_list_them(tmp_path):
+  """A writer that saves a step and prunes the previous one as fast as it can (keep 1), and a
+  reader that opens, lists and restores meanwhile: a step deleted between orbax's listing and
+  its reading of the step's metadata is listed again, never surfaces as FileNotFoundError or
+  NotADirectoryError, and every read returns a complete step."""
+  writer = checkpoint.manager(str(tmp_path), max_to_keep=1)
+  checkpoint.save(writer, 1, TREE, META)
+  stop = threading.Event()
+  saved = []
+
+  def train():
+    step = 2
+    while not stop.is_set():
+      checkpoint.save(writer, step, TREE, META)
+      saved.append(step)
+      step += 1
+      # A save every 20 ms at most: a writer that saves faster than a loaded reader lists and
+      # reads starves every reader (each listed step is pruned before it is read: the reader
+      # then says so, `restore_meta` and `restore_good`'s UserValueError). Trainings save
+      # seconds apart; at this pace the prunes still land inside the readers' listings.
+      time.sleep(0.02)
+
+  thread = threading.Thread(target=train)
+  thread.start()
+  reads, failures = 0, []
+  try:
+    end = time.monotonic() + 4.0
+    while time.monotonic() < end:
+      try:
+        reader = checkpoint.manager(str(tmp_path), read_only=True)
+        assert checkpoint.restore_meta(reader)["class_names"] == ["a"]
+        tree, _, step, skipped = checkpoint.restore_good(reader, TREE, quarantine=False)
+        np.testing.assert_array_equal(tree["w"], TREE["w"])
+        assert step >= 1 and not skipped
+        reads += 1
+      except Exception as e:  # noqa: BLE001 - collected: every one is a reader's bug
+        failures.append(f"{type(e).__name__}: {e}")
+  finally:
+    stop.set()
+    thread.join()
+  assert len(saved) > 10, "the writer barely ran: the race was not exercised"
+  assert reads > 10 and not failures, (reads, failures[:3])
