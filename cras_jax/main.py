@@ -1,9 +1,8 @@
-"""Entry point: cras-jax --config=mvtec --workdir=runs/x (or python -m cras_jax.main ...)
+"""`python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/x` (`cras-jax train ...`).
 
 Trains (resuming from the workdir) and evaluates (`train.train_and_evaluate`; with
-`train.population`, every member: `training.population`), or with
-`--mode=eval` scores the workdir's latest checkpoint (`train.evaluate_checkpoint`). Any
-config field can be overridden: `--config.train.epochs=3`.
+`train.population`, every member), or with `--mode=eval` scores the workdir's latest checkpoint
+(`train.evaluate_checkpoint`). Any config field can be overridden: `--config.train.epochs=3`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from absl import app, flags, logging
 from cras_jax import configs
 from cras_jax.base import compile_cache, errors, flag_checks, stop
 from cras_jax.engine import determinism
-from cras_jax.training import population, train
+from cras_jax.training import train
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -68,7 +67,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
   if "verbosity" not in fv or not fv["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   # before anything starts JAX's backends: XLA reads XLA_FLAGS once
-  determinism.use_xla_flag(fv.mode != "eval" and fv.config.train.get("deterministic", True))
+  determinism.use_xla_flag(fv.mode != "eval" and fv.config.train.deterministic)
   compile_cache.setup(fv.config)  # before anything compiles: later starts reuse the steps
   if fv.num_processes > 1:
     jax.distributed.initialize(
@@ -78,12 +77,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
   if fv.mode == "eval":
     with stop.StopRequest("this batch"):  # SIGINT/SIGTERM: exit 130/143, nothing written
-      if fv.config.train.get("population"):
-        population.evaluate_checkpoint(fv.config, fv.workdir)
-      else:
-        train.evaluate_checkpoint(fv.config, fv.workdir)
-  elif fv.config.train.get("population"):
-    population.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
+      train.evaluate_checkpoint(fv.config, fv.workdir)
   else:
     train.train_and_evaluate(fv.config, fv.workdir, fv.allow_config_change)
 

@@ -10,15 +10,15 @@ stops at the first member that diverges, naming it. Each member is evaluated lik
 into `<workdir>/results/<member>/` (metrics, scores, thresholds, train log), and the spread over
 the members into `<workdir>/results/population_<tag>.{json,md,csv}` (naming what it spans:
 `variance_sources`), their mean into `<workdir>/results/metrics_<tag>.json` (what a sweep and
-the report read).
+the report read). `Population` holds what differs from a single run for the one training
+driver (`train.train_and_evaluate`, which trains a population when `train.population` is set).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,28 +29,17 @@ from cras_jax import data as data_lib
 from cras_jax.base import csv_cells, errors, fileio, jsonio, progress
 from cras_jax.config import check as config_check
 from cras_jax.config import population as population_lib
-from cras_jax.data import loader
 from cras_jax.engine import population as pop
 from cras_jax.engine import sharding, steps
 from cras_jax.experiments import spread
+from cras_jax.method import centres as centres_lib
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.results import summaries
 from cras_jax.results import tables as results
-from cras_jax.runs import checkpoint, named_inputs, specs, trained
+from cras_jax.runs import named_inputs, specs, trained
 from cras_jax.runs import workdir as runs
 from cras_jax.scoring import evaluate, scoring
-from cras_jax.training import loop, train
-
-
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-  """Trains the population of `config` in `workdir` (resuming) and evaluates every member.
-  -> the mean over the members of their final per-class tables."""
-  progress.configure(config)
-  config_check.check(config)
-  named_inputs.ensure(config)  # weights and data named by the config: fetched once
-  os.makedirs(workdir, exist_ok=True)
-  with runs.WorkdirLock(workdir), loop.StopRequest("this step or batch") as stop:
-    return _train_and_evaluate(config, workdir, stop, allow_config_change)
+from cras_jax.training import loop
 
 
 def open_population(config, workdir: str):
@@ -66,6 +55,7 @@ def open_population(config, workdir: str):
     devices = pop.PopulationDevices(shards)
   except ValueError as e:
     raise errors.UserValueError(str(e)) from None
+  devices.check_batch(config.train.batch_size)  # before the data is prepared
   dataset = data_lib.load(specs.data_spec(config), workdir)
   spec = steps.ModelSpec(config, len(dataset.class_names))
   backbone = backbones.load_variables(
@@ -82,15 +72,98 @@ def open_population(config, workdir: str):
   return dataset, spec, devices, state, members
 
 
+class Population:
+  """The members of `train.population` (`train.Trainee`), trained together: each member's
+  results, training log and TensorBoard in <workdir>/results/<member>/, the spread over them
+  and their mean in <workdir>/results/ (`write_summary`)."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.dataset, self.spec, self.devices, self.state, self.member_configs = open_population(
+        config, workdir
+    )
+    self.names = [n for n, _ in self.member_configs]
+    self.members = len(self.names)
+    self.batching = pop.resolve_batching(
+        config.train.population_batching, config.train.population_model_shards
+    )
+    # One data order, or each member its own single run's (`config.population.data_order`).
+    orders = [population_lib.order_seed(cfg) for _, cfg in self.member_configs]
+    self.per_member = len(set(orders)) > 1
+    self.order_seed = orders if self.per_member else orders[0]
+    self.meta = {"population": self.names}
+    print(
+        f"population: {len(self.names)} members, batching {self.batching!r}, data order "
+        + ("per member" if self.per_member else "shared"),
+        flush=True,
+    )
+
+  def centres(self, state: steps.TrainState, acc) -> steps.TrainState:
+    state = compute_centres(state, acc, self.dataset, self.config, self.names)
+    return self.devices.put_population(jax.device_get(state))
+
+  def compile(self, state: steps.TrainState) -> Callable:
+    return self.devices.population_step(
+        self.spec,
+        state,
+        self.batching,
+        deterministic=self.config.train.deterministic,
+        per_member=self.per_member,
+    )
+
+  def evaluator(self, state: steps.TrainState) -> _Evaluator:
+    return _Evaluator(
+        self.spec, state, self.config, self.member_configs, self.dataset, self.workdir
+    )
+
+  def hooks(self, steps_per_epoch: int, evaluate_epoch: Callable) -> loop.Hooks:
+    members, workdir = self.member_configs, self.workdir
+    return loop.Hooks(
+        check=lambda window, done: check_finite(window, done, self.names),
+        log=lambda window, done: _log_window(window, done, steps_per_epoch, members, workdir),
+        evaluate=evaluate_epoch,
+        on_stop=lambda: _close_boards(members, workdir),
+        desc=f"train x{len(self.names)}",
+        shown_suffix=" (member mean)",
+    )
+
+  def trained(self, last: dict) -> None:
+    """Nothing: the members' last windows are in their training logs."""
+
+  def best_epochs(self, run_id: str) -> list[dict]:
+    return [
+        evaluate.report_best_epoch(
+            self.workdir, run_id, results_dir=os.path.join(self.workdir, "results", name)
+        )
+        for name in self.names
+    ]
+
+  def finish(self, tables: list[dict], run_id: str) -> dict:
+    _close_boards(self.member_configs, self.workdir)
+    sources = population_lib.variance_sources(cfg for _, cfg in self.member_configs)
+    return write_summary(tables, self.names, self.workdir, "final", self.config, sources)
+
+
+def centre_values(acc, n: int, noise_relative: bool):
+  """(centres, noise scale, adapted-feature std) from the feature pass's sums over `n` images:
+  the arithmetic of a single run, and of each population member on its own scalars
+  (element-wise arithmetic run op by op on a vector of members rounds differently on a CPU)."""
+  sums, counts, s1, s2 = acc
+  mean, meansq = s1 / n, s2 / n
+  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
+  noise_std = std if noise_relative else jnp.ones((), jnp.float32)
+  return centres_lib.finalise(sums, counts), noise_std, std
+
+
 def compute_centres(state, acc, dataset, config, names) -> steps.TrainState:
-  """`train.compute_centres` of every member: `train.centre_values` on each member's own
-  sums and scalars, so the centres and the noise scale are its single run's bit for bit."""
+  """`train.compute_centres` of every member: `centre_values` on each member's own sums and
+  scalars, so the centres and the noise scale are its single run's bit for bit."""
   n = len(dataset.train)
   missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(acc[1][0]) == 0)]
   if missing:
     raise ValueError(f"no training images for classes {missing}")
   relative = config.model.noise_relative
-  values = [train.centre_values(tuple(x[k] for x in acc), n, relative) for k in range(len(names))]
+  values = [centre_values(tuple(x[k] for x in acc), n, relative) for k in range(len(names))]
   centres, noise_std, std = (jnp.stack(v) for v in zip(*values))
   sigma = np.asarray(state.hparams["noise_sigma"]) * np.asarray(noise_std)
   print(
@@ -145,13 +218,15 @@ def _close_boards(members, workdir: str) -> None:
 class _Evaluator:
   """Scores member k of a stacked state like a single run, into results/<member>/."""
 
-  def __init__(self, spec, state, config, members):
+  def __init__(self, spec, state, config, members, dataset, workdir: str):
     self.devices = sharding.Devices()
     self.scorer = scoring.Scorer(spec, self.devices, config.eval.batch_size)
     self.backbone = self.devices.put_replicated(jax.device_get(state.backbone))
     self.members = members
+    self.dataset, self.workdir = dataset, workdir
 
-  def __call__(self, state, dataset, workdir: str, tag: str, run_info=None, **kw) -> list[dict]:
+  def __call__(self, state, tag: str, run_info=None, **kw) -> list[dict]:
+    dataset, workdir = self.dataset, self.workdir
     tables = []
     for k, (name, cfg) in enumerate(self.members):
       info = {**(run_info or {}), "member": name}  # its thresholds name it
@@ -251,100 +326,3 @@ def write_summary(tables, names, workdir: str, tag: str, config, sources: str) -
 def _read_json(path) -> dict:
   with open(path) as f:
     return json.load(f)
-
-
-def _train_and_evaluate(config, workdir: str, stop, allow_config_change: bool) -> dict:
-  dataset, spec, devices, state, members = open_population(config, workdir)
-  names = [n for n, _ in members]
-  batching = pop.resolve_batching(
-      config.train.population_batching, config.train.population_model_shards
-  )
-  # One data order, or each member its own single run's (`config.population.data_order`).
-  orders = [population_lib.order_seed(cfg) for _, cfg in members]
-  per_member = len(set(orders)) > 1
-  print(
-      f"population: {len(names)} members, batching {batching!r}, data order "
-      + ("per member" if per_member else "shared"),
-      flush=True,
-  )
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  meta = {
-      **runs.run_meta(config, dataset.class_names, spec, dataset.identity),
-      "population": names,
-  }
-  resumed = runs.resume(mngr, state, meta, workdir, allow_config_change)
-  info = {  # result files name the run and say when its test images changed
-      "run_id": meta["run_id"],
-      "data_note": runs.test_data_note(meta["data"], dataset.identity),
-  }
-  if info["data_note"]:
-    print(f"note: {info['data_note']}", flush=True)
-  if resumed is not None:
-    state = resumed
-    cache = None
-    if config.train.cache_features:
-      cache = train.feature_pass(
-          state, spec, devices, dataset, config, workdir, len(names), batching
-      )[1]
-  else:
-    t0 = time.time()
-    acc, cache = train.feature_pass(
-        state, spec, devices, dataset, config, workdir, len(names), batching
-    )
-    state = compute_centres(state, acc, dataset, config, names)
-    state = devices.put_population(jax.device_get(state))
-    print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
-    checkpoint.save(mngr, 0, state.checkpointable(), meta)
-  train_labels = data_lib.class_indices(dataset.train)
-  bs = config.train.batch_size
-  steps_per_epoch = math.ceil(len(dataset.train) / bs)
-  total = config.train.epochs * steps_per_epoch
-  train_step = devices.population_step(
-      spec,
-      state,
-      batching,
-      deterministic=config.train.get("deterministic", True),
-      per_member=per_member,
-  )
-  evaluator = _Evaluator(spec, state, config, members)
-  protocol = config.eval.protocol
-  reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
-  step = int(state.step[0])
-  seed = orders if per_member else orders[0]
-  batches = loop.train_batches(step, total, seed, bs, devices, train_labels, cache, reader)
-
-  def evaluate_epoch(state, epoch: int) -> None:
-    evaluator(state, dataset, workdir, f"epoch_{epoch:03d}", heatmaps=False, run_info=info)
-
-  hooks = loop.Hooks(
-      check=lambda window, done: check_finite(window, done, names),
-      log=lambda window, done: _log_window(window, done, steps_per_epoch, members, workdir),
-      evaluate=evaluate_epoch,
-      on_stop=lambda: _close_boards(members, workdir),
-      desc=f"train x{len(names)}",
-      shown_suffix=" (member mean)",
-  )
-  state, _ = loop.run_steps(
-      state, train_step, batches, config, step, steps_per_epoch, mngr, meta, stop, hooks
-  )
-  reader.close()
-  if protocol == "final":
-    tables = evaluator(state, dataset, workdir, "final", with_thresholds=True, run_info=info)
-  else:
-    evaluator(
-        state,
-        dataset,
-        workdir,
-        f"epoch_{config.train.epochs:03d}",
-        with_thresholds=True,
-        run_info=info,
-    )
-    tables = [
-        evaluate.report_best_epoch(
-            workdir, meta["run_id"], results_dir=os.path.join(workdir, "results", name)
-        )
-        for name in names
-    ]
-  _close_boards(members, workdir)
-  sources = population_lib.variance_sources(cfg for _, cfg in members)
-  return write_summary(tables, names, workdir, "final", config, sources)

@@ -1,12 +1,14 @@
-"""Training: the loop around the jitted, sharded train step.
+"""Training: the loop around the jitted, sharded train step, for a single run and a population.
 
 `train_and_evaluate` trains CRAS in a workdir (resuming from its latest checkpoint) and
-evaluates it under the configured protocol. Before the first step, one pass of the frozen
-backbone over the training set (`feature_pass`) gives the class centres and the feature
-scale (`compute_centres`) and, with `train.cache_features`, the stored features the steps then
-train on. The step loop, shared with populations, is `training.loop`: the data order is a pure
-function of (seed, epoch), so a resumed run repeats an uninterrupted one exactly; SIGINT/SIGTERM
-stop between steps.
+evaluates it under the configured protocol: one model (`SingleRun`), or with `train.population`
+every member of a population (`training.population`); both go through one driver
+(`_train_and_evaluate`), to which they pass what differs (`Trainee`). Before the first step, one
+pass of the frozen backbone over the training set (`feature_pass`) gives the class centres and
+the feature scale (`compute_centres`) and, with `train.cache_features`, the stored features the
+steps then train on. The step loop is `training.loop`: the data order is a pure function of
+(seed, epoch), so a resumed run repeats an uninterrupted one exactly; SIGINT/SIGTERM stop
+between steps.
 In the single-class setting `train_and_evaluate` and `evaluate_checkpoint` (`--mode=eval`) loop
 over the classes here, one model each, and gather one table (`runs/single_class.py`).
 """
@@ -17,6 +19,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from cras_jax import data as data_lib
-from cras_jax.base import errors, fs, progress
+from cras_jax.base import fs, progress
 from cras_jax.base import stop as stop_lib
 from cras_jax.config import check as config_check
 from cras_jax.config import population as population_lib
@@ -37,6 +41,7 @@ from cras_jax.runs import checkpoint, feature_cache, named_inputs, single_class,
 from cras_jax.runs import workdir as runs
 from cras_jax.scoring import evaluate, scoring
 from cras_jax.training import loop
+from cras_jax.training import population as population_training
 
 
 def feature_pass(
@@ -126,7 +131,7 @@ def compute_centres(state: steps.TrainState, acc, dataset, config) -> steps.Trai
   missing = [dataset.class_names[i] for i in np.flatnonzero(np.asarray(counts) == 0)]
   if missing:
     raise ValueError(f"no training images for classes {missing}")
-  centres, noise_std, std = centre_values(acc, n, config.model.noise_relative)
+  centres, noise_std, std = population_training.centre_values(acc, n, config.model.noise_relative)
   how = "means of" if config.model.centre == "mean" else "one image each (w/o MCMC) of"
   print(
       f"centres: {k} classes, {how} {n} images; adapted-feature std {float(std):.4f}; "
@@ -134,17 +139,6 @@ def compute_centres(state: steps.TrainState, acc, dataset, config) -> steps.Trai
       flush=True,
   )
   return state.replace(centres=centres, noise_std=noise_std)
-
-
-def centre_values(acc, n: int, noise_relative: bool):
-  """(centres, noise scale, adapted-feature std) from the feature pass's sums over `n` images:
-  the arithmetic of a single run, and of each population member on its own scalars
-  (element-wise arithmetic run op by op on a vector of members rounds differently on a CPU)."""
-  sums, counts, s1, s2 = acc
-  mean, meansq = s1 / n, s2 / n
-  std = jnp.sqrt(jnp.maximum(meansq - mean**2, 0.0))
-  noise_std = std if noise_relative else jnp.ones((), jnp.float32)
-  return centres_lib.finalise(sums, counts), noise_std, std
 
 
 def check_finite(window, done: int) -> None:
@@ -160,24 +154,21 @@ def check_finite(window, done: int) -> None:
       )
 
 
-# ----------------------------------------------------------------------------- loop
+# ----------------------------------------------------------------------------- a run
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
 ) -> dict:
-  """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it.
+  """Trains CRAS (resuming from the workdir's last checkpoint) and evaluates it; with
+  `train.population`, every member (`training.population.Population`). -> the run's table (a
+  population's: the mean over its members).
 
   SIGINT/SIGTERM stop training after the current step with a checkpoint (exit
   status 128 + signal); rerunning the same command resumes exactly.
   """
   progress.configure(config)
   config_check.check(config)  # every field, weights and data root: before any data work
-  if config_check.get(config, "train.population"):
-    raise errors.UserValueError(
-        "train.population is set: a population trains with training.population "
-        "(python -m cras_jax.main chooses it)"
-    )
   named_inputs.ensure(config)  # weights and data named by the config: fetched once, or the
   # one message of what is missing (before the workdir is created)
   fs.writable_dir(workdir, "--workdir", "give a directory this user can write to")
@@ -194,15 +185,19 @@ def train_and_evaluate(
         single_class.announce(i, per_class, cls)
         train_and_evaluate(sub, subdir, allow_config_change)
       return single_class.gather(config, workdir, per_class, "final")
+  trainee = population_training.Population if config.train.population else SingleRun
   with runs.WorkdirLock(workdir), loop.StopRequest("this step or batch") as stop:
-    return _train_and_evaluate(config, workdir, stop, allow_config_change)
+    return _train_and_evaluate(config, workdir, stop, allow_config_change, trainee)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the workdir's latest checkpoint without training (`--mode=eval`;
-  `evaluate.evaluate_checkpoint`), in the single-class setting each class's model."""
+  `evaluate.evaluate_checkpoint`), in the single-class setting each class's model, with
+  `train.population` every member (`training.population.evaluate_checkpoint`)."""
   config_check.check(config)
   progress.configure(config)
+  if config.train.population:
+    return population_training.evaluate_checkpoint(config, workdir)
   if config.setting != "single_class":
     return evaluate.evaluate_checkpoint(config, workdir)
   per_class = single_class.single_class_configs(config, workdir)
@@ -212,13 +207,56 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return single_class.gather(config, workdir, per_class, "eval")
 
 
+class Trainee(Protocol):
+  """What `_train_and_evaluate` trains, opened in a workdir by its constructor (config,
+  workdir): its data, model and devices, its initial state (centres still zero), and the parts
+  of training that differ between a single run (`SingleRun`) and a population
+  (`training.population.Population`)."""
+
+  dataset: Any
+  spec: steps.ModelSpec
+  devices: sharding.Devices
+  state: steps.TrainState
+  members: int  # the population's size; 0: a single model (`feature_pass`)
+  batching: str  # the form of the feature pass of a population (`feature_pass`)
+  meta: dict  # recorded in every checkpoint beside `runs.run_meta`'s fields
+  order_seed: int | list[int]  # the data order's (`loop.train_batches`)
+
+  def centres(self, state: steps.TrainState, acc) -> steps.TrainState:
+    """The state with the centres and noise scale of the feature pass's sums `acc`."""
+
+  def compile(self, state: steps.TrainState) -> Callable:
+    """The training step: (state, batch) -> (state, metrics)."""
+
+  def evaluator(self, state: steps.TrainState) -> Callable[..., list[dict]]:
+    """(state, tag, **`evaluate.evaluate`'s keywords) -> the table of every model scored."""
+
+  def hooks(self, steps_per_epoch: int, evaluate_epoch: Callable) -> loop.Hooks:
+    """The loop's hooks, with `evaluate_epoch` (state, epoch) for the evaluations between
+    epochs."""
+
+  def trained(self, last: dict) -> None:
+    """After the last step, with the last training window's metrics."""
+
+  def best_epochs(self, run_id: str) -> list[dict]:
+    """The table of every model's best epoch (`evaluate.report_best_epoch`)."""
+
+  def finish(self, tables: list[dict], run_id: str) -> dict:
+    """After the final evaluation, its `tables`: -> the run's table."""
+
+
 def _train_and_evaluate(
-    config, workdir: str, stop: loop.StopRequest, allow_config_change: bool
+    config,
+    workdir: str,
+    stop: loop.StopRequest,
+    allow_config_change: bool,
+    trainee: Callable[[ml_collections.ConfigDict, str], Trainee],
 ) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  dataset, spec, devices, state = runs.open_for_training(config, workdir)
+  run = trainee(config, workdir)
+  dataset, spec, devices, state = run.dataset, run.spec, run.devices, run.state
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
-  meta = runs.run_meta(config, dataset.class_names, spec, dataset.identity)
+  meta = {**runs.run_meta(config, dataset.class_names, spec, dataset.identity), **run.meta}
   resumed = runs.resume(mngr, state, meta, workdir, allow_config_change)
   # Result files name the run that wrote them, and say when its test images changed.
   run_info = {
@@ -227,81 +265,103 @@ def _train_and_evaluate(
   }
   if run_info["data_note"]:
     print(f"note: {run_info['data_note']}", flush=True)
+
+  def features(state):
+    return feature_pass(state, spec, devices, dataset, config, workdir, run.members, run.batching)
+
   if resumed is not None:
     state = resumed
-    cache = (
-        feature_pass(state, spec, devices, dataset, config, workdir)[1]
-        if config.train.cache_features
-        else None
-    )
+    cache = features(state)[1] if config.train.cache_features else None
   else:
     t0 = time.time()
-    acc, cache = feature_pass(state, spec, devices, dataset, config, workdir)
-    state = compute_centres(state, acc, dataset, config)
+    acc, cache = features(state)
+    state = run.centres(state, acc)
     print(f"feature pass: {time.time() - t0:.1f}s", flush=True)
     checkpoint.save(mngr, 0, state.checkpointable(), meta)
   train_labels = data_lib.class_indices(dataset.train)
 
-  n = len(dataset.train)
   bs = config.train.batch_size
-  steps_per_epoch = math.ceil(n / bs)
+  steps_per_epoch = math.ceil(len(dataset.train) / bs)
   total = config.train.epochs * steps_per_epoch
-  train_step = devices.compile_train(spec, deterministic=config.train.get("deterministic", True))
-  scorer = scoring.Scorer(spec, devices, config.eval.batch_size)  # compiled once, when used
-  protocol = config.eval.protocol
-  reader = loader.BatchReader(dataset.train, config.data.get("workers", 0))
-  step = int(state.step)
+  train_step = run.compile(state)
+  evaluator = run.evaluator(state)
+  reader = loader.BatchReader(dataset.train, config.data.workers)
+  step = int(state.step[0]) if run.members else int(state.step)
   batches = loop.train_batches(
-      step, total, population_lib.order_seed(config), bs, devices, train_labels, cache, reader
+      step, total, run.order_seed, bs, devices, train_labels, cache, reader
   )
-  history_path = (
-      os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
-  )
-  board = summaries.for_workdir(workdir, specs.tensorboard(config))
-  learning_rates = specs.learning_rates(config)
-
-  def log(window, done: int) -> dict:
-    metrics = results.summarise_window(window)
-    with open(history_path, "a") as f:
-      f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **metrics}) + "\n")
-    board.train(done, metrics, learning_rates)
-    return metrics
 
   def evaluate_epoch(state, epoch: int) -> None:
-    evaluate.evaluate(
-        scorer.set_state(state),
-        dataset,
-        config,
-        workdir,
-        tag=f"epoch_{epoch:03d}",
-        heatmaps=False,
-        run_info=run_info,
-    )
+    evaluator(state, f"epoch_{epoch:03d}", heatmaps=False, run_info=run_info)
 
-  hooks = loop.Hooks(check_finite, log, evaluate_epoch)
+  hooks = run.hooks(steps_per_epoch, evaluate_epoch)
   state, last_metrics = loop.run_steps(
       state, train_step, batches, config, step, steps_per_epoch, mngr, meta, stop, hooks
   )
   reader.close()
-  if last_metrics:
-    print("final training window: " + results.format_train_metrics(last_metrics), flush=True)
-  scorer.set_state(state)
-  if protocol == "final":
-    table = evaluate.evaluate(
-        scorer, dataset, config, workdir, tag="final", with_thresholds=True, run_info=run_info
-    )
+  run.trained(last_metrics)
+  if config.eval.protocol == "final":
+    tables = evaluator(state, "final", with_thresholds=True, run_info=run_info)
   else:
-    evaluate.evaluate(
-        scorer,
-        dataset,
-        config,
-        workdir,
-        tag=f"epoch_{config.train.epochs:03d}",
-        with_thresholds=True,
-        run_info=run_info,
+    evaluator(state, f"epoch_{config.train.epochs:03d}", with_thresholds=True, run_info=run_info)
+    tables = run.best_epochs(meta["run_id"])
+  return run.finish(tables, meta["run_id"])
+
+
+class SingleRun:
+  """One model (`Trainee`): its results in <workdir>/results, its training log in
+  <workdir>/train_log.jsonl, its TensorBoard in <workdir>/tensorboard."""
+
+  members = 0
+  batching = "auto"
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.dataset, self.spec, self.devices, self.state = runs.open_for_training(config, workdir)
+    self.meta = {}
+    self.order_seed = population_lib.order_seed(config)
+    self.board = None  # the run's TensorBoard, from `hooks` to `finish`
+
+  def centres(self, state: steps.TrainState, acc) -> steps.TrainState:
+    return compute_centres(state, acc, self.dataset, self.config)
+
+  def compile(self, state: steps.TrainState) -> Callable:
+    return self.devices.compile_train(self.spec, deterministic=self.config.train.deterministic)
+
+  def evaluator(self, state: steps.TrainState) -> Callable[..., list[dict]]:
+    scorer = scoring.Scorer(self.spec, self.devices, self.config.eval.batch_size)  # compiled once
+
+    def evaluate_run(state, tag: str, **kw) -> list[dict]:
+      scorer.set_state(state)
+      return [evaluate.evaluate(scorer, self.dataset, self.config, self.workdir, tag, **kw)]
+
+    return evaluate_run
+
+  def hooks(self, steps_per_epoch: int, evaluate_epoch: Callable) -> loop.Hooks:
+    history_path = (
+        os.path.join(self.workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
     )
-    table = evaluate.report_best_epoch(workdir, meta["run_id"])
-  board.close()
-  summaries.write_curves(workdir, meta["run_id"])
-  stop_lib.poll("the run's last step", "its checkpoints and results are complete")
-  return table
+    board = self.board = summaries.for_workdir(self.workdir, specs.tensorboard(self.config))
+    learning_rates = specs.learning_rates(self.config)
+
+    def log(window, done: int) -> dict:
+      metrics = results.summarise_window(window)
+      with open(history_path, "a") as f:
+        f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **metrics}) + "\n")
+      board.train(done, metrics, learning_rates)
+      return metrics
+
+    return loop.Hooks(check_finite, log, evaluate_epoch)
+
+  def trained(self, last: dict) -> None:
+    if last:
+      print("final training window: " + results.format_train_metrics(last), flush=True)
+
+  def best_epochs(self, run_id: str) -> list[dict]:
+    return [evaluate.report_best_epoch(self.workdir, run_id)]
+
+  def finish(self, tables: list[dict], run_id: str) -> dict:
+    self.board.close()
+    summaries.write_curves(self.workdir, run_id)
+    stop_lib.poll("the run's last step", "its checkpoints and results are complete")
+    return tables[0]
