@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from cras_jax.base import progress
+from cras_jax.base import progress, schema
 from cras_jax.data.synthetic import writing
 from cras_jax.results import summaries
 from tests.conftest import ROOT, run_module
@@ -177,7 +177,7 @@ def test_progress_switch(monkeypatch):
   finally:
     progress.set_enabled(True)
   assert not progress.bar(3, "x").disable
-  progress.configure(ml_collections.ConfigDict({"train": {}}))  # a run saved before log.*
+  progress.configure(schema.filled({"train": {}}))  # a run saved before log.*, as read
   assert progress.enabled()
 
 

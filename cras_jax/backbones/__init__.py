@@ -9,6 +9,8 @@ Weights come from one config field, `model.weights`:
 - "random"  random initialisation, only when asked for by name (tests, timing).
 - a path    a torchvision/PyTorch state dict (.pth/.pt, read without torch) or
             a converted Flax file (.msgpack from tools/convert_torchvision.py).
+Which of these a value names, and what identifies the weights, is `weights_source`'s answer
+(`sources`), asked by the config check, the fetch, the feature cache's key and `load_variables`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from cras_jax.backbones import (
     efficientnet_lite_weights,
     layers,
     resnet,
+    sources,
     weights_fetch,
 )
+from cras_jax.backbones.sources import WeightsSource as WeightsSource  # re-exported
+from cras_jax.backbones.sources import weights_source
 from cras_jax.backbones.torch_pickle import load_torch_state_dict
 from cras_jax.base import errors, registry
 
@@ -83,22 +88,25 @@ def load_variables(
   `weights_url` (default: torchvision's address)."""
   module = build_module(name)
   spec = registry.backbone(name)
-  if weights == "random":
+  source = weights_source(name, weights, weights_url, cache_dir)
+  if source.kind == sources.RANDOM:
     x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda r: module.init(r, x))(jax.random.PRNGKey(seed))
-  if weights == "torchvision":
+  if source.kind == sources.TORCHVISION:
     path = weights_fetch.fetch(name, cache_dir, weights_url)
     return resnet.from_torch_state_dict(load_torch_state_dict(path), name)
-  if weights == "" and spec.default_weights == "package":
-    return efficientnet_lite_weights.load_efficientnet_lite(spec.variant)
-  if weights == "":
+  if source.kind == sources.PACKAGE:
+    if source.error is not None:
+      raise source.error
+    return efficientnet_lite_weights.load_efficientnet_lite(spec.variant, source.path)
+  if source.kind == sources.NONE:
     raise WeightsError(
         f"config.model.weights is empty and backbone {name!r} has no offline default weights. "
         f"Set --config.model.weights=torchvision (fetched by name), or create them with: "
         f"{convert_command(name)} and set --config.model.weights=<that file>, "
         f"or set --config.model.weights=random for an untrained backbone."
     )
-  path = os.path.expanduser(weights)
+  path = source.path  # FILE
   if not os.path.exists(path):
     raise WeightsError(
         f"config.model.weights={weights!r}: no such file. Create it with: "

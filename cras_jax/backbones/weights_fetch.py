@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import os
 
-from cras_jax.base import download, registry, user_cache
+from cras_jax.backbones import sources
+from cras_jax.base import download, registry
 
 
 class WeightsFetchError(download.FetchError):
   pass
 
 
+def _source(name: str, cache_dir: str = "", base_url: str = "") -> sources.WeightsSource:
+  _spec(name)  # refused, with the backbones that have torchvision weights
+  return sources.weights_source(name, "torchvision", base_url, cache_dir)
+
+
 def torchvision_url(name: str, base_url: str = "") -> str:
-  spec = _spec(name)
-  return (base_url or registry.TORCHVISION_BASE_URL).rstrip("/") + "/" + spec.torchvision_file
+  return _source(name, base_url=base_url).url
 
 
 def local_path(name: str, cache_dir: str = "") -> str:
   """Where the fetched file of backbone `name` lives (`cache_dir`: the user cache root)."""
-  return os.path.join(cache_dir or user_cache.root(), "weights", _spec(name).torchvision_file)
+  return _source(name, cache_dir).path
 
 
 def _spec(name: str) -> registry.BackboneSpec:
@@ -48,7 +53,8 @@ def _spec(name: str) -> registry.BackboneSpec:
 def fetch(name: str, cache_dir: str = "", base_url: str = "") -> str:
   """The local torchvision weights file of backbone `name`, fetched if absent."""
   spec = _spec(name)
-  url, dest = torchvision_url(name, base_url), local_path(name, cache_dir)
+  source = _source(name, cache_dir, base_url)
+  url, dest = source.url, source.path
   hint = (
       f"To provide it by hand: download {url} on a connected machine and put it at {dest} "
       f"(or set --config.model.weights=<path of that .pth file>)"

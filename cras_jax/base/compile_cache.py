@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from cras_jax.base import errors, user_cache
+from cras_jax.base import errors, schema, user_cache
 
 ENV = "CRAS_JAX_COMPILATION_CACHE"
 OFF = ("off", "none", "false", "0", "no")
@@ -29,7 +29,7 @@ _configured: str | None = None
 def resolve(config=None, environ=None) -> str | None:
   """The compilation cache directory for `config` and the environment, or None (off)."""
   environ = os.environ if environ is None else environ
-  value = str(user_cache._field(config, "cache", "compilation", "auto") or "auto")  # noqa: SLF001
+  value = str(user_cache.field(config, "cache.compilation") or schema.default("cache.compilation"))
   if value.strip().lower() == "auto":
     value = environ.get(ENV, "") or "auto"
   if value.strip().lower() in OFF:

@@ -12,9 +12,9 @@ _enabled = True
 
 
 def configure(config) -> None:
-  """Shows or hides the bars as `config.log.progress` says (shown when the field is absent,
-  e.g. in the config of a run saved before it existed)."""
-  set_enabled(bool(config.get("log", {}).get("progress", True)))
+  """Shows or hides the bars as `config.log.progress` says (shown in the config of a run saved
+  before the field existed: `schema.filled`)."""
+  set_enabled(bool(config.log.progress))
 
 
 def set_enabled(enabled: bool) -> None:

@@ -4,8 +4,10 @@
 `choices(field)` is the list `config_check` accepts and the code that switches on the field
 reads; `default(field)` the value a run of the default config gets; `LATER_DEFAULTS` the
 values of the fields added after the first runs were saved (their stored configs lack them:
-the default, or `absent` where the code before the field behaved otherwise);
-`markdown()` the field table of docs/config.md (`python -m cras_jax.base.schema > docs/config.md`).
+the default, or `absent` where the code before the field behaved otherwise); `filled(config)`
+a config with every field it lacks set so, once, where a config is read (a run's stored config,
+a config file), so that the rest of the code reads every field as present; `markdown()` the
+field table of docs/config.md (`python -m cras_jax.base.schema > docs/config.md`).
 Imports nothing of the package and nothing heavy.
 """
 
@@ -250,7 +252,7 @@ FIELDS: tuple[Field, ...] = (
     F(
         "train.population",
         "",
-        'A population of heads trained in one compiled step (README "Populations"): '
+        'A population of heads trained in one compiled step (docs/experiments.md "Populations"): '
         "`seed=0,1,2,3`, or `;`-separated fields of config.population.FIELDS, every combination "
         "a member; empty: one model.",
         later=True,
@@ -267,7 +269,7 @@ FIELDS: tuple[Field, ...] = (
     F(
         "train.member_data_order",
         "auto",
-        'The data order of a population\'s members (README "Populations"): shared (every '
+        'The data order of a population\'s members (docs/experiments.md "Populations"): shared (every '
         "member draws the base config's order, `train.data_seed`, -1: `seed`), per_member "
         "(member k draws its own seed's order: it equals the single run `seed=k`; a random "
         "backbone stays shared), auto (per_member with `train.cache_features`, where each member "
@@ -346,6 +348,46 @@ def choices(name: str) -> tuple:
   if c is None:
     raise KeyError(f"config field {name!r} has no choice list")
   return c
+
+
+def lookup(config, dotted: str) -> Any:
+  """The field `dotted` of `config` (a ConfigDict or a plain dict), None where it lacks it:
+  for the checks, which name a bad value, and configs not yet `filled`."""
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def filled(config) -> ml_collections.ConfigDict:
+  """`config` with every schema field it lacks set: a field added after the config was saved
+  (`later`) to its `LATER_DEFAULTS` value (what the code before it did), any other to its
+  default (a field the code read as that default where absent, e.g. `log.progress`).
+
+  Called once where a config is read (`runs.workdir.config_from_meta`, a config file:
+  `configs.define_config_flag`); no other code spells a field's default. A plain dict (a run's
+  stored config) gives a new ConfigDict, the dict unchanged; a ConfigDict is filled in place
+  (unlocked meanwhile, its lock and FieldReferences kept) and returned. A section that is not
+  a mapping is left as it is (the config check names it)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  for f in FIELDS:
+    *parents, leaf = f.name.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        with node.unlocked():
+          node[p] = ml_collections.ConfigDict()
+      node = node[p]
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+    else:
+      if leaf not in node:
+        with node.unlocked():
+          node[leaf] = LATER_DEFAULTS[f.name] if f.later else f.default
+  return config
 
 
 def default_config() -> ml_collections.ConfigDict:

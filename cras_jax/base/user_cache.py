@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import os
 
+from cras_jax.base import schema
+
 ENV = "CRAS_JAX_CACHE_DIR"
 
 
-def _field(config, group: str, name: str, default=""):
-  """`config.<group>.<name>`, or `default` for configs saved before the field existed."""
-  if config is None:
-    return default
-  node = config.get(group) if hasattr(config, "get") else None
-  if node is None or name not in node:
-    return default
-  return node[name]
+def field(config, dotted: str):
+  """`config`'s field `dotted`; None without a config (the environment decides) or where the
+  config holds only some sections (a config read from a run or a file is complete:
+  `schema.filled`)."""
+  return None if config is None else schema.lookup(config, dotted)
 
 
 def root(config=None, environ=None) -> str:
   """The user cache folder (not created); `environ`: the environment (default the process's)."""
   environ = os.environ if environ is None else environ
-  given = _field(config, "cache", "dir") or environ.get(ENV, "")
+  given = field(config, "cache.dir") or environ.get(ENV, "")
   if not given:
     home = environ.get("HOME") or os.path.expanduser("~")
     xdg = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
@@ -40,7 +39,7 @@ def weights_dir(config=None) -> str:
 def datasets_dir(config=None) -> str:
   """Where named datasets are fetched and prepared: `config.data.data_dir` or
   <user cache>/datasets."""
-  given = _field(config, "data", "data_dir")
+  given = field(config, "data.data_dir")
   return (
       os.path.abspath(os.path.expanduser(given))
       if given

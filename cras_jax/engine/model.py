@@ -105,7 +105,8 @@ def make_embed_fn(
     embed_dim: int,
     patch_size: int = 3,
     form: str = "cpu_tuned",
-    aggregate_dtype: str = "float32",
+    *,
+    aggregate_dtype: str,
 ) -> Callable:
   """Returns embed(backbone_vars, images_normalised) -> t [B, HW, D] float32, (h, w); `form`
   is the aggregation's kernels form (backbones/layers.py FORMS); `aggregate_dtype`

@@ -1,5 +1,5 @@
 """Devices: the 1-D mesh every step runs on, moving batches and state onto it, and the form
-its steps are compiled in (`train.parallelism`, README "Parallelism: jit, shard_map, pmap"):
+its steps are compiled in (`train.parallelism`, docs/training.md "Parallelism: jit, shard_map, pmap"):
 
 - "jit": `jax.jit` with `NamedSharding`s; the step is written for the whole batch and XLA's
   SPMD partitioner splits it and inserts the collectives (the default: the compiler may fuse
@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cras_jax.base import errors
 from cras_jax.engine import determinism, steps
 
 FORMS = ("jit", "shard_map", "pmap")  # schema.choices("train.parallelism")
@@ -53,6 +54,16 @@ class Devices:
   def axis_name(self) -> str | None:
     """The mesh axis per-device steps average over (None: the jit form, whole-batch code)."""
     return None if self.parallelism == "jit" else AXIS
+
+  def check_batch(self, batch_size: int, field: str = "train.batch_size") -> None:
+    """Refuses, before any work, a global batch the data axis does not split evenly: every
+    device takes the same number of rows, so a batch of 8 on 3 devices would drop 2 images of
+    every batch, and a batch smaller than the device count would leave devices empty.
+    (The last batch of an epoch, cut short by the dataset's size, is trimmed to a multiple of
+    the count: `training.loop.batch_indices`; the images cut there differ every epoch.)"""
+    problem = batch_problem(batch_size, self.count, field)
+    if problem:
+      raise errors.UserValueError(problem)
 
   @staticmethod
   def local_slice(global_batch_size: int) -> slice:
@@ -152,3 +163,15 @@ class Devices:
   def jit_prepare(self, fn):
     """Replicated state -> replicated variables (e.g. a model's scoring variables)."""
     return jax.jit(fn, in_shardings=self.replicated, out_shardings=self.replicated)
+
+
+def batch_problem(batch_size: int, count: int, field: str = "train.batch_size") -> str | None:
+  """Why `batch_size` cannot be split over `count` devices (None: it can)."""
+  if count <= 1 or (batch_size >= count and batch_size % count == 0):
+    return None
+  lower = batch_size // count * count
+  options = " or ".join(str(b) for b in (lower, lower + count) if b >= count)
+  return (
+      f"{field}={batch_size}: the batch is split evenly over the {count} devices, which "
+      f"{batch_size} is not a multiple of; use {options}, or fewer devices"
+  )

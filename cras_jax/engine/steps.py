@@ -119,7 +119,7 @@ class ModelSpec:
     self.config = config
     self.num_classes = num_classes
     # "auto" kernels: the form for JAX's default backend, fixed when the spec is built.
-    self.kernels = layers.resolve_kernels(m.get("kernels", "auto"))
+    self.kernels = layers.resolve_kernels(m.kernels)
     self.heads = dataclasses.replace(model.HeadsConfig.from_config(m), kernels=self.kernels)
     self.backbone = backbones.build_module(m.backbone, m.dtype, self.kernels)
     self.embed = model.make_embed_fn(
@@ -129,7 +129,7 @@ class ModelSpec:
         m.embed_dim,
         m.patch_size,
         self.kernels,
-        m.get("aggregate_dtype", "float32"),
+        aggregate_dtype=m.aggregate_dtype,
     )
     self.tx = optimizer_from_config(config)
     self.image_size = config.data.crop

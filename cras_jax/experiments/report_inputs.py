@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from cras_jax.base import schema
 from cras_jax.config import population
 from cras_jax.experiments.sweep_plan import read_json as _read_json
 from cras_jax.method import metrics as metrics_lib
@@ -157,7 +158,9 @@ def variance_sources(runs: Sequence[dict]) -> dict[str, str]:
       name: (
           recorded.get(name, NOT_RECORDED)
           if any(c is None for c in cfgs)
-          else population.variance_sources(cfgs)
+          else population.variance_sources(
+              schema.filled(c) if isinstance(c, dict) else c for c in cfgs
+          )
       )
       for name, cfgs in configs.items()
   }

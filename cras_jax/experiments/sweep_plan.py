@@ -25,7 +25,7 @@ from cras_jax import configs
 from cras_jax.base import errors, fileio
 from cras_jax.config import population
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "configs/demo.py"
 RECORD = "sweep_run.json"  # per run: command, overrides, resolved config, status
 SWEEP_RECORD = "sweep.json"  # per sweep: run order, base config, common overrides
@@ -256,7 +256,8 @@ def with_seeds(
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
   """Every run over `seeds` seeds (the base seed and the next ones) -> (runs, {run: group}).
 
-  A multi-class run whose population does not vary `seed` already becomes one population
+  A multi-class run with `train.parallelism=jit` whose population does not vary `seed` already
+  becomes one population
   (`train.population` gains `seed=...`, its data order as its config says); any other becomes
   separate runs `<name>_seed<k>` (`seed=k`) with the data order a population's members would
   have (`config.population.data_order` of the run's config): shared, `train.data_seed` pinned to
@@ -272,16 +273,17 @@ def with_seeds(
     cfg = resolve_config(path, [*common, *overrides])
     base = cfg["seed"]
     values = ",".join(str(base + i) for i in range(seeds))
-    current = cfg["train"].get("population", "") or ""
+    current = cfg["train"]["population"] or ""
     fields = [f.partition("=")[0].strip() for f in current.split(";") if f.strip()]
-    if cfg["setting"] == "multi_class" and "seed" not in fields:
+    as_population = cfg["setting"] == "multi_class" and cfg["train"]["parallelism"] == "jit"
+    if as_population and "seed" not in fields:  # populations train with jit only
       spec = f"{current};seed={values}" if current else f"seed={values}"
       out[name] = [*overrides, f"--config.train.population={spec}"]
       groups[name] = name
       continue
     pin = [f"--config.train.data_seed={population.backbone_seed(cfg)}"]
     if population.data_order(cfg) == "per_member":
-      random = cfg["model"].get("weights") == "random"
+      random = cfg["model"]["weights"] == "random"
       pin = [*pin, "--config.train.member_data_order=per_member"] if random else []
     for i in range(seeds):
       sub = f"{name}_seed{base + i}"

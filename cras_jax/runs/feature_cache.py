@@ -21,27 +21,12 @@ import re
 
 import numpy as np
 
-from cras_jax.backbones import efficientnet_lite_weights
-from cras_jax.base import download, fileio, fs, leases, registry
+from cras_jax.backbones import sources
+from cras_jax.base import download, fileio, fs, leases
 
 FORMAT_VERSION = 1
 _CACHE = re.compile(r"train_[0-9a-f]+\.npy")
 _TMP = re.compile(r"train_[0-9a-f]+\.npy\.tmp-(\d+)\.npy")
-
-
-def _weights_identity(weights: str, backbone: str) -> dict:
-  spec = registry.backbone(backbone)
-  if weights == "torchvision":  # a verified file, named by its hash prefix
-    return {"torchvision": spec.torchvision_file}
-  if weights in ("", "random"):
-    if weights == "" and spec is not None and spec.default_weights == "package":
-      path = efficientnet_lite_weights.weights_path(spec.variant)
-      st = os.stat(path)
-      return {"package_file": os.path.basename(path), "size": st.st_size}
-    return {"weights": weights}
-  path = os.path.abspath(os.path.expanduser(weights))
-  st = os.stat(path)
-  return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +51,7 @@ def key(spec: CacheSpec, dataset) -> str:
       "format": FORMAT_VERSION,
       "data": dataset.builder.builder_config.name,  # layout, content fingerprint, resize, crop
       "backbone": spec.backbone,
-      "weights": _weights_identity(spec.weights, spec.backbone),
+      "weights": sources.weights_source(spec.backbone, spec.weights).identity(),
       "seed": spec.seed if spec.weights == "random" else None,
       "levels": list(spec.levels),
       "patch_size": spec.patch_size,

@@ -9,7 +9,7 @@ all it needs in one message.
 
 from __future__ import annotations
 
-from cras_jax.backbones import weights_fetch
+from cras_jax.backbones import sources, weights_fetch
 from cras_jax.base import errors, registry, user_cache
 from cras_jax.data import fetch
 from cras_jax.runs import specs
@@ -21,11 +21,11 @@ class NamedInputsError(errors.UserError):
 
 def ensure(config) -> None:
   problems = []
-  if config.model.weights == "torchvision":
+  m, cache = config.model, user_cache.root(config)
+  source = sources.weights_source(m.backbone, m.weights, m.weights_url, cache)
+  if source.kind == sources.TORCHVISION:
     try:
-      weights_fetch.fetch(
-          config.model.backbone, user_cache.root(config), config.model.get("weights_url", "")
-      )
+      weights_fetch.fetch(m.backbone, cache, m.weights_url)
     except errors.UserError as e:
       problems.append(str(e))
   d = config.data

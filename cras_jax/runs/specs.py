@@ -6,7 +6,6 @@ and the learning rates it logs. Data, the feature cache and the summaries never 
 from __future__ import annotations
 
 from cras_jax.base import user_cache
-from cras_jax.config import check as config_check
 from cras_jax.config import population
 from cras_jax.data import preprocess
 from cras_jax.data.fetch import FetchSpec
@@ -15,12 +14,8 @@ from cras_jax.runs import feature_cache
 
 
 def limits(config) -> preprocess.Limits:
-  """The largest image a file may declare (`data.max_image_pixels`, `data.max_aspect_ratio`;
-  their schema defaults for configs saved before they existed)."""
-  return preprocess.Limits(
-      int(config_check.get(config, "data.max_image_pixels")),
-      float(config_check.get(config, "data.max_aspect_ratio")),
-  )
+  """The largest image a file may declare (`data.max_image_pixels`, `data.max_aspect_ratio`)."""
+  return preprocess.Limits(int(config.data.max_image_pixels), float(config.data.max_aspect_ratio))
 
 
 def data_spec(config) -> DataSpec:
@@ -34,7 +29,7 @@ def data_spec(config) -> DataSpec:
       resize=d.resize,
       crop=d.crop,
       allow_image_level_only=d.allow_image_level_only,
-      mask_rule=config_check.get(config, "data.mask_rule"),
+      mask_rule=d.mask_rule,
       limits=limits(config),
       synthetic=SyntheticSpec(
           s.seed, s.image_size, s.n_train, s.n_test_good, s.n_test_defect_per_type
@@ -51,8 +46,8 @@ def fetch_spec(config) -> FetchSpec:
       name=d.name,
       classes=tuple(d.classes),
       data_dir=user_cache.datasets_dir(config),
-      download_url=str(config_check.get(config, "data.download_url") or ""),
-      download_sha256=str(config_check.get(config, "data.download_sha256") or ""),
+      download_url=str(d.download_url or ""),
+      download_sha256=str(d.download_sha256 or ""),
   )
 
 
@@ -73,8 +68,8 @@ def cache_spec(config) -> feature_cache.CacheSpec:
 
 
 def tensorboard(config) -> bool:
-  """`log.tensorboard` (on for configs saved before it existed)."""
-  return bool(config.get("log", {}).get("tensorboard", True))
+  """`log.tensorboard` (on for configs saved before it existed: `schema.filled`)."""
+  return bool(config.log.tensorboard)
 
 
 def learning_rates(config) -> dict[str, float]:

@@ -149,7 +149,7 @@ def _member_index(workdir: str, meta: dict, member: str | None) -> int:
     )
   if member not in names:
     choose = "choose one" if member is None else f"--member={member} is not one of them; choose"
-    text = meta["config"].get("train", {}).get("population", "")
+    text = config_from_meta(meta).train.population
     raise errors.UserValueError(
         f"{workdir} holds a population of {len(names)} models ({', '.join(names)}): {choose} "
         f"with --member=<name> (predict, export, robustness, figures); python -m "

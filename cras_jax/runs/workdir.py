@@ -21,8 +21,7 @@ from jax.experimental import multihost_utils
 import cras_jax
 from cras_jax import backbones
 from cras_jax import data as data_lib
-from cras_jax.base import errors, user_cache
-from cras_jax.config import check as config_check
+from cras_jax.base import errors, schema, user_cache
 from cras_jax.config import population
 from cras_jax.data import identity
 from cras_jax.engine import sharding, steps
@@ -113,8 +112,9 @@ def run_meta(config, class_names, spec: steps.ModelSpec, data: dict | None = Non
 
 
 def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
-  """The config a checkpoint was trained with (stored in its meta item)."""
-  return ml_collections.ConfigDict(meta["config"])
+  """The config a checkpoint was trained with (stored in its meta item), with the fields its
+  release did not have filled (`schema.filled`: what that release did without them)."""
+  return schema.filled(meta["config"])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -133,14 +133,14 @@ def _matches(key: str, fields) -> bool:
 
 
 def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-  """Result-changing fields that differ between a saved and a new config (fields added
-  later count as their default where a config lacks them)."""
-  a, b = _flatten(saved), _flatten(current)
-  for d, nested in ((a, saved), (b, current)):
-    for key, value in config_check.LATER_DEFAULTS.items():
-      d.setdefault(key, value)
+  """Result-changing fields that differ between a saved and a new config (each `schema.filled`:
+  a field a config lacks counts as what its release did without it)."""
+  a, b = {}, {}
+  for d, config in ((a, saved), (b, current)):
+    full = schema.filled(config)
+    d.update(_flatten(full.to_dict()))
     # "auto" resolved (it follows train.cache_features, a field that changes nothing else).
-    d["train.member_data_order"] = population.effective_data_order(nested)
+    d["train.member_data_order"] = population.effective_data_order(full)
   diffs = []
   for key in sorted(a.keys() | b.keys()):
     if _matches(key, NON_RESULT_FIELDS + tuple(ignore)):
@@ -194,14 +194,14 @@ def initial(
   """The model spec, the devices and a fresh replicated state with the frozen backbone
   (`grid`: the patch grid a run's meta records, sparing a trace of the backbone)."""
   spec = steps.ModelSpec(config, num_classes, grid)
-  devices = sharding.Devices(parallelism=config.train.get("parallelism", "jit"))
+  devices = sharding.Devices(parallelism=config.train.parallelism)
   backbone_vars = backbones.load_variables(
       config.model.backbone,
       config.model.weights,
       config.data.crop,
       population.backbone_seed(config),
       cache_dir=user_cache.root(config),
-      weights_url=config.model.get("weights_url", ""),
+      weights_url=config.model.weights_url,
   )
   state = steps.create_state(spec, backbone_vars, config.seed)
   return spec, devices, devices.put_replicated(jax.device_get(state))
@@ -210,6 +210,9 @@ def initial(
 def open_for_training(config, workdir: str):
   """-> (dataset, spec, devices, initial state) of a config: the data prepared (in the
   workdir's cache), the heads initialised, the centres still zero."""
+  problem = sharding.batch_problem(config.train.batch_size, jax.device_count())
+  if problem:  # before the data is prepared
+    raise errors.UserValueError(problem)
   dataset = data_lib.load(specs.data_spec(config), workdir)
   return (dataset, *initial(config, len(dataset.class_names)))
 

@@ -70,7 +70,7 @@ def test_config_check_refuses_a_value_outside_the_choices(name):
 
 
 def test_later_defaults_come_from_the_schema():
-  assert config_check.LATER_DEFAULTS == {
+  assert schema.LATER_DEFAULTS == {
       "data.mask_rule": "binarise",
       "data.max_image_pixels": 50_000_000,
       "data.max_aspect_ratio": 10.0,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cras_jax.configs import demo
+from cras_jax.engine import sharding
 from tests import golden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,3 +64,12 @@ def test_four_devices_equal_one(tmp_path):
   four = run(4, tmp_path / "four.npz")
   t = demo.get_config().train  # the rates the step used
   golden.assert_one_step_equal(four, one, t.lr_adapter, t.lr_disc)
+
+
+def test_batch_problem_names_the_field_and_the_nearest_batches_that_split_evenly():
+  assert sharding.batch_problem(8, 1) is None
+  assert sharding.batch_problem(9, 3) is None
+  said = sharding.batch_problem(8, 3)
+  assert said.startswith("train.batch_size=8: ") and "use 6 or 9" in said
+  assert "use 3" in sharding.batch_problem(2, 3, "train.batch_size")
+  assert sharding.batch_problem(2, 3).endswith("use 3, or fewer devices")

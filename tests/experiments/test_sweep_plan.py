@@ -15,12 +15,17 @@ def test_with_seeds_makes_populations_where_allowed():
       "sigma": ["--config.train.population=model.noise_sigma=0.1,0.2"],
       "seeded": ["--config.train.population=seed=5,6"],
       "per_class": ["--config.setting=single_class"],
+      "pmap": ["--config.train.parallelism=pmap"],  # populations train with jit only
   }
   common = ["--config.seed=4", "--config.train.member_data_order=shared"]
   out, groups = sweep_plan.with_seeds(runs, 3, "configs/demo.py", common)
   assert out["full"] == ["--config.train.population=seed=4,5,6"]
   assert out["sigma"][-1] == "--config.train.population=model.noise_sigma=0.1,0.2;seed=4,5,6"
-  for name, base in (("seeded", runs["seeded"]), ("per_class", runs["per_class"])):
+  for name, base in (
+      ("seeded", runs["seeded"]),
+      ("per_class", runs["per_class"]),
+      ("pmap", runs["pmap"]),
+  ):
     assert name not in out
     for s in (4, 5, 6):
       sub = f"{name}_seed{s}"

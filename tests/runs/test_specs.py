@@ -3,13 +3,13 @@
 import dataclasses
 import types
 
-import ml_collections
 import pytest
 
 from cras_jax import data as data_lib
 from cras_jax.configs import demo, mvtec
 from cras_jax.data import preprocess
 from cras_jax.runs import feature_cache, specs
+from cras_jax.runs import workdir as runs
 
 DATASET = types.SimpleNamespace(
     builder=types.SimpleNamespace(builder_config=types.SimpleNamespace(name="mvtec_folder_x"))
@@ -34,7 +34,7 @@ def test_a_config_saved_before_the_later_fields_gets_their_defaults():
   for k in ("mask_rule", "max_image_pixels", "max_aspect_ratio", "allow_crop_padding"):
     del d["data"][k]
   del d["log"]
-  old = ml_collections.ConfigDict(d)
+  old = runs.config_from_meta({"config": d})  # as a run's stored config is read
   s = specs.data_spec(old)
   assert s.mask_rule == "binarise" and s.limits == preprocess.Limits()
   assert specs.tensorboard(old) is True
