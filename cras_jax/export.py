@@ -133,7 +133,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         file=sys.stderr,
     )
   if fv.format == "onnx":
-    onnx_export.export_onnx(run, thr, output)
+    try:
+      onnx_export.export_onnx(run, thr, output)
+    except onnx_export.onnx_graph.UnsupportedPrimitive as e:  # nothing is written
+      raise errors.UserValueError(
+          f"--format=onnx: this run's scoring function has no ONNX form here ({e}); export "
+          f"it with --format=jax (scored by python -m cras_jax.run_exported)"
+      ) from None
   else:
     export_run(run, thr, output, fv.platforms)
   return 0

@@ -8,6 +8,7 @@ import importlib
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -21,7 +22,11 @@ DEMO = "--config=configs/demo.py"
 
 def run_cli(module: str, args) -> int:
   """`python -m cras_jax.<module> args` in this process -> its exit status."""
-  command = importlib.import_module(f"cras_jax.{module}")
+  package = "tools" if module.startswith("convert_") else "cras_jax"  # tool scripts
+  command = importlib.import_module(f"{package}.{module}")
+  # a thin entry point (`command.run(X)`): X, the module it imports under its own name
+  inner = getattr(command, module.rsplit(".", 1)[-1], None)
+  command = inner if isinstance(inner, types.ModuleType) else command
   argv = [module, *map(str, args)]
   if module == "run_exported":  # argparse, jax and numpy only
     try:
@@ -54,6 +59,7 @@ CASES = [
     ("main", [DEMO, "--workdir={t}/w", "--config.train.lr_adapter=1e10"], "train.lr_adapter"),
     ("main", [DEMO, "--workdir={t}/w", "--config.data.synthetic.image_size=60000"], "4096"),
     ("main", [DEMO, "--workdir={file}"], "is a file"),
+    ("main", [DEMO, "--workdir=/"], "is the filesystem root"),
     ("main", [DEMO, "--workdir={readonly}/w"], "cannot be written"),
     ("main", [DEMO, "--workdir={t}/w", "--config.data.cache_dir={file}"], "data cache"),
     ("main", [DEMO, "--workdir={t}/w", "--config.data.cache_dir={readonly}/c"], "data cache"),
@@ -164,3 +170,31 @@ def test_a_locale_without_utf8_is_refused_with_the_fix(tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   assert "PYTHONUTF8=1" in out.stderr and "Traceback" not in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "batch,extra", [(8, []), (2, []), (8, ["--config.train.population=seed=0,1"])]
+)
+def test_a_batch_the_devices_do_not_split_evenly_is_refused_before_any_work(batch, extra, tmp_path):
+  """8 on 3 devices would drop 2 images a batch; 2 on 3 would leave a device empty; a
+  population splits its batch over the same devices."""
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "cras_jax.main",
+          DEMO,
+          f"--workdir={tmp_path}/w",
+          f"--config.train.batch_size={batch}",
+          "--config.data.cache_dir=" + str(tmp_path / "c"),
+      ],
+      cwd=ROOT,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3"),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert f"train.batch_size={batch}: the batch is split evenly over the 3 devices" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("*.array_record*"))

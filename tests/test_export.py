@@ -1,5 +1,5 @@
-"""The portable export: jax.export with a symbolic batch, reloaded by cras_jax/run_exported.py in a
-fresh process that imports only jax and numpy."""
+"""The portable export: jax.export with a symbolic batch, reloaded by cras_jax.deploy.run_exported
+in a fresh process that imports only jax and numpy (and of cras_jax only the scorer's modules)."""
 
 import json
 import os
@@ -13,14 +13,16 @@ import pytest
 
 from cras_jax import export
 from cras_jax.deploy import exporting
+from cras_jax.runs import specs
 from cras_jax.scoring import scoring, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT
+from tests.deploy import predict_decisions
 
-# Libraries the exported model must not need (the project, its model/data libraries). (scipy
-# may appear: jaxlib's CPU runtime loads scipy.linalg.cython_blas, a dependency of jax itself.)
+# Libraries the exported model must not need (the project beyond the scorer, its model/data
+# libraries). (scipy may appear: jaxlib's CPU runtime loads scipy.linalg.cython_blas, a
+# dependency of jax itself.)
 FORBIDDEN = (
-    "cras_jax",
     "flax",
     "optax",
     "orbax",
@@ -35,13 +37,22 @@ FORBIDDEN = (
     "tqdm",
 )
 
+# Of cras_jax, the scorer may load only itself and the deploy modules it shares with run_onnx.
+SCORER_MODULES = {
+    "cras_jax",
+    "cras_jax.deploy",
+    "cras_jax.deploy.run_exported",
+    "cras_jax.deploy.outputs",
+    "cras_jax.deploy.image_limits",
+}
+
 RUNNER = """
-import json, runpy, sys
+import json, sys
+from cras_jax.deploy import run_exported
 model, crops, out = sys.argv[1:4]
-runner = runpy.run_path("cras_jax/run_exported.py")
 for bs in (3, 8):
-  runner["main"]([model, crops, f"--batch_size={bs}", f"--output={out}_{bs}.npz", "--quiet"])
-print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+  run_exported.main([model, crops, f"--batch_size={bs}", f"--output={out}_{bs}.npz", "--quiet"])
+print("MODULES " + json.dumps(sorted(m for m in sys.modules if sys.modules[m])))
 """
 
 
@@ -54,7 +65,7 @@ def exported(tiny_run, tmp_path_factory):
   thr = scoring.load_thresholds(run, workdir)
   meta = export.export_run(run, thr, str(tmp / "model.npz"))
   np.save(tmp / "crops.npy", images)
-  return {"dir": tmp, "meta": meta, "thr": thr, "images": images, "ref": ref}
+  return {"dir": tmp, "meta": meta, "thr": thr, "images": images, "ref": ref, "run": run}
 
 
 def test_exported_file_holds_function_weights_and_settings(exported, tiny_run):
@@ -73,6 +84,33 @@ def test_exported_file_holds_function_weights_and_settings(exported, tiny_run):
   # The run's state holds only the backbone stages its levels use: nothing left to drop.
   assert meta["weights_dropped_unused"] == 0
   assert set(meta["platforms"]) == {"cpu", "cuda"}
+
+
+def test_the_meta_records_absent_thresholds_as_absent_and_the_image_limits(exported):
+  """A run without thresholds: the meta says the thresholds are absent and that is_anomaly and
+  masks then decide nothing (not null alone, which a reader may print as 0); every export
+  records the image-size limits its scorers refuse by (predict's)."""
+  run = exported["run"]
+  meta = exporting.run_meta(run, thresholds.Thresholds.identity(run.class_names))
+  t = meta["thresholds"]
+  assert t["image"] is None and t["pixel"] is None and t["absent"] == ["image", "pixel"]
+  assert "decides nothing" in t["note"] and "not 'normal'" in t["note"]
+  assert "--image_threshold" in t["note"] and "--calibrate" in t["note"]
+  partial = _run_meta_with(run, image_threshold=0.5)
+  assert (
+      partial["thresholds"]["absent"] == ["pixel"]
+      and "no stored pixel" in partial["thresholds"]["note"]
+  )
+  stored = exported["meta"]["thresholds"]  # the run's own: both present, no note
+  assert stored["absent"] == [] and "note" not in stored
+  limits = specs.limits(run.config)
+  assert exported["meta"]["input"]["max_image_pixels"] == limits.max_pixels == 50_000_000
+  assert exported["meta"]["input"]["max_aspect_ratio"] == limits.max_aspect_ratio == 10.0
+
+
+def _run_meta_with(run, **overrides) -> dict:
+  thr = thresholds.Thresholds.identity(run.class_names).with_overrides(**overrides)
+  return exporting.run_meta(run, thr)
 
 
 def test_only_the_weights_the_traced_function_reads_are_kept():
@@ -106,10 +144,16 @@ def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
   )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   modules = json.loads(out.stdout.split("MODULES ", 1)[1])
-  assert "jax" in modules and "numpy" in modules
-  assert not set(modules) & set(FORBIDDEN), set(modules) & set(FORBIDDEN)
+  top = {m.split(".")[0] for m in modules}
+  assert "jax" in top and "numpy" in top
+  assert not top & set(FORBIDDEN), top & set(FORBIDDEN)
+  ours = {m for m in modules if m.split(".")[0] == "cras_jax"}
+  assert ours <= SCORER_MODULES, ours - SCORER_MODULES
 
   ref, thr = exported["ref"], exported["thr"]
+  # predict's decisions on the same crops: the image decisions must be the same, on every
+  # test image of the run (its thresholds lie between calibration scores, not on one)
+  decided = predict_decisions.predict_decisions(exported["run"], thr, exported["images"])
   z_ref = thresholds.normalise(ref["scores"], ref["cls"], thr.loc, thr.scale)
   zmaps_ref = thresholds.normalise_maps(ref["maps"], ref["cls"], thr.loc, thr.scale)
   for bs in (3, 8):  # one file, two batch sizes (20 images: padded last batches)
@@ -119,10 +163,30 @@ def test_exported_function_in_a_fresh_process_equals_the_predict_step(exported):
       np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-5, err_msg=key)
     np.testing.assert_array_equal(got["cls"], ref["cls"])
     np.testing.assert_allclose(got["normalised_scores"], z_ref, rtol=1e-5, atol=1e-4)
-    near = np.abs(z_ref - thr.image_threshold) < 1e-4
-    np.testing.assert_array_equal(got["is_anomaly"][~near], (z_ref >= thr.image_threshold)[~near])
+    np.testing.assert_array_equal(got["is_anomaly"], decided["anomalous"])
+    assert (got["masks"] != decided["masks"]).mean() <= 1e-3  # pixels within 1e-6 may flip
     near = np.abs(zmaps_ref - thr.pixel_threshold) < 1e-4
     np.testing.assert_array_equal(got["masks"][~near], (zmaps_ref >= thr.pixel_threshold)[~near])
+
+
+def test_scoring_an_export_without_thresholds_says_decisions_are_absent(exported, tmp_path, capsys):
+  """A run without thresholds.json exported: run_exported prints n/a, not 0, where it applies
+  no threshold, and says why on stderr; a threshold passed decides again."""
+  from cras_jax.deploy import run_exported
+
+  run = exported["run"]
+  bare = str(tmp_path / "bare.npz")
+  export.export_run(run, thresholds.Thresholds.identity(run.class_names), bare, ("cpu",))
+  crops = str(exported["dir"] / "crops.npy")
+  capsys.readouterr()
+  for args, absent in (([], ["image", "pixel"]), (["--pixel_threshold=0.5"], ["image"])):
+    run_exported.main([bare, crops, *args])
+    out, err = capsys.readouterr()
+    rows = [line.split("\t") for line in out.strip().splitlines()[1:]]
+    assert len(rows) == len(exported["images"])
+    assert all((r[4] == "n/a") == ("image" in absent) for r in rows), rows[:2]
+    assert all((r[5] == "n/a") == ("pixel" in absent) for r in rows), rows[:2]
+    assert f"no {' and '.join(absent)} threshold" in err and "not decided" in err
 
 
 def test_exported_file_names_its_run_and_a_content_checksum(exported, tiny_run):

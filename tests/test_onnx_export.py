@@ -1,6 +1,7 @@
 """The ONNX export: the whole scoring function as one .onnx file, scored by onnxruntime (and
 OpenVINO) in a process where JAX cannot be imported, equal to the JAX scorer."""
 
+import copy
 import json
 import os
 import subprocess
@@ -13,13 +14,16 @@ import onnx
 import pytest
 from PIL import Image
 
+from cras_jax.base import errors
 from cras_jax.configs import demo
 from cras_jax.data import preprocess
-from cras_jax.deploy import exporting, onnx_export, run_onnx
+from cras_jax.deploy import exporting, onnx_export, onnx_graph, run_onnx
+from cras_jax.engine import steps
 from cras_jax.runs import trained
 from cras_jax.scoring import scoring, thresholds
 from tests import predict_helpers
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_command
+from tests.deploy import predict_decisions
 
 # Float32 parity with the JAX scorer, relative to each output's largest magnitude.
 RTOL = 1e-4
@@ -90,6 +94,7 @@ def exported(tiny_run, tmp_path_factory):
       "thr": thr,
       "images": images,
       "want": _jax_outputs(run, thr, images),
+      "run": run,
   }
 
 
@@ -133,6 +138,13 @@ def test_onnxruntime_without_jax_equals_the_jax_scorer(exported):
   got = _no_jax_run(str(tmp / "model.onnx"), str(tmp / "crops.npy"), str(tmp / "ort.npz"))
   _close(got, exported["want"], exported["thr"].image_threshold)
   assert len(set(got["cls"].tolist())) > 1  # several classes matched: the gather is exercised
+  # predict's decisions, on every test image of the run: the same (its thresholds lie between
+  # calibration scores, half a gap from each, not on one within the runtimes' 1e-6)
+  decided = predict_decisions.predict_decisions(
+      exported["run"], exported["thr"], exported["images"]
+  )
+  np.testing.assert_array_equal(got["is_anomaly"], decided["anomalous"])
+  assert (got["masks"] != decided["masks"]).mean() <= 1e-3  # pixels within 1e-6 may flip
 
 
 def test_openvino_runs_the_same_file(exported):
@@ -163,6 +175,54 @@ def test_resnet_backbone_converts_exactly(tmp_path):
   want = _jax_outputs(run, thr, images)
   for bs in (2, 5):
     _close(run_onnx.score(model, images, batch_size=bs), want, thr.image_threshold)
+
+
+def test_scoring_an_export_without_thresholds_says_decisions_are_absent(exported, tmp_path, capsys):
+  """A run without thresholds.json exported: run_onnx prints n/a, not 0, where it applies no
+  threshold, and says why on stderr; a threshold passed decides again."""
+  run = exported["run"]
+  bare = str(tmp_path / "bare.onnx")
+  onnx_export.export_onnx(run, thresholds.Thresholds.identity(run.class_names), bare)
+  crops = str(exported["dir"] / "crops.npy")
+  capsys.readouterr()
+  for args, absent in (([], ["image", "pixel"]), (["--image_threshold=0.5"], ["pixel"])):
+    run_onnx.main([bare, crops, *args])
+    out, err = capsys.readouterr()
+    rows = [line.split("\t") for line in out.strip().splitlines()[1:]]
+    assert len(rows) == len(exported["images"])
+    assert all((r[4] == "n/a") == ("image" in absent) for r in rows), rows[:2]
+    assert all((r[5] == "n/a") == ("pixel" in absent) for r in rows), rows[:2]
+    assert f"no {' and '.join(absent)} threshold" in err and "not decided" in err
+
+
+# A bfloat16 run's JAX scorer against the float32 graph: bfloat16 keeps 8 significant bits
+# (a relative rounding of 2^-9, 0.2%, at each of the heads' layers); on the tiny run the image
+# scores differ by 1.6% of their largest magnitude. 5%: that, with room for other weights.
+BF16_SCORE_RTOL = 0.05
+
+
+def test_a_bfloat16_run_exports_computing_in_float32(exported, tmp_path):
+  """model.dtype=bfloat16 (the shared run's state under a bfloat16 config: a run's state is the
+  same whatever its dtype): the graph computes in float32 on the run's weights, says so in
+  its meta, equals the float32 JAX scorer of those weights (RTOL) and the run's own bfloat16
+  scorer within bfloat16's rounding (BF16_SCORE_RTOL), with the same matched classes."""
+  run, thr, images = exported["run"], exported["thr"], exported["images"]
+  cfg = copy.deepcopy(run.config)
+  cfg.model.dtype = "bfloat16"
+  bf16 = run._replace(
+      config=cfg, spec=steps.ModelSpec(cfg, run.spec.num_classes, run.meta.get("grid"))
+  )
+  meta = onnx_export.export_onnx(bf16, thr, str(tmp_path / "bf16.onnx"))
+  assert meta["compute_dtype"] == "float32" and meta["run_dtype"] == "bfloat16"
+  assert "computes in float32" in meta["dtype_note"]
+  assert exported["meta"]["run_dtype"] == "float32" and "dtype_note" not in exported["meta"]
+  got = run_onnx.score(run_onnx.load(str(tmp_path / "bf16.onnx")), images)
+  _close(got, exported["want"], thr.image_threshold)  # the float32 function of these weights
+  want = _jax_outputs(bf16, thr, images)  # the run's own scorer, in bfloat16
+  assert not np.array_equal(want["scores"], exported["want"]["scores"])  # bfloat16 did compute
+  scale = float(np.abs(want["scores"]).max())
+  np.testing.assert_allclose(got["scores"], want["scores"], rtol=0, atol=BF16_SCORE_RTOL * scale)
+  np.testing.assert_array_equal(got["cls"], want["cls"])
 
 
 def test_preprocess_helper_gives_the_loaders_pixels(tiny_run):
@@ -218,6 +278,16 @@ def test_bad_files_and_inputs_give_one_message_and_status_2(exported, tmp_path):
   onnx.save(onnx.helper.make_model(graph), str(other))
   garbage = tmp_path / "garbage.onnx"
   garbage.write_bytes(b"\xff" * 100)
+  stripped = tmp_path / "stripped.onnx"  # a weight changed and the checksum entry removed
+  model = onnx.load(str(good))
+  keep = [(p.key, p.value) for p in model.metadata_props if p.key != run_onnx.SUM_KEY]
+  del model.metadata_props[:]
+  onnx.helper.set_model_props(model, dict(keep))
+  weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+  changed = onnx.numpy_helper.to_array(weight).copy()
+  changed.flat[0] += 1
+  weight.CopyFrom(onnx.numpy_helper.from_array(changed, weight.name))
+  onnx.save(model, str(stripped))
   wrong_shape = tmp_path / "wrong.npy"
   np.save(wrong_shape, np.zeros((2, 32, 32, 3), np.uint8))
   floats = tmp_path / "floats.npy"
@@ -225,6 +295,7 @@ def test_bad_files_and_inputs_give_one_message_and_status_2(exported, tmp_path):
   cases = [
       ((empty, crops), "empty (0 bytes)"),
       ((tampered, crops), "do not match the checksum"),
+      ((stripped, crops), "no checksum of its contents"),
       ((other, crops), "not written by cras_jax"),
       ((garbage, crops), "not an ONNX file"),
       ((good, wrong_shape), "expected uint8 images [N, 64, 64, 3]"),
@@ -251,6 +322,25 @@ def test_a_missing_runtime_names_the_install(exported):
   )
   assert res.returncode == 2 and "Traceback" not in res.stderr
   assert "pip install onnxruntime==1.32.0" in res.stderr
+
+
+def test_a_function_without_an_onnx_form_is_one_message(tiny_run, tmp_path, monkeypatch):
+  """A primitive the converter cannot write: the export command names it and the other
+  format (exit status 2 under errors.run), and writes nothing."""
+  from cras_jax import export
+
+  def refuse(run, thr, output):
+    raise onnx_graph.UnsupportedPrimitive("no ONNX form for the JAX primitive 'sort'")
+
+  monkeypatch.setattr(onnx_export, "export_onnx", refuse)
+  with pytest.raises(errors.UserValueError, match=r"--format=onnx.*'sort'.*--format=jax"):
+    run_command(
+        export,
+        f"--workdir={tiny_run['workdir']}",
+        "--format=onnx",
+        f"--output={tmp_path / 'm.onnx'}",
+    )
+  assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ def test_f1_optimal_threshold_and_percentile_fallback():
   s = np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])
   y = np.array([0, 0, 0, 1, 1, 1], bool)
   thr, f1 = thresholds.f1_optimal_threshold(s, y)
-  assert math.isclose(thr, 0.325) and f1 == 1.0  # half-way between 0.3 and 0.35
+  assert math.isclose(thr, 0.325, rel_tol=1e-7) and f1 == 1.0  # half-way (float32)
   y2 = np.array([0, 0, 1, 0, 1, 1], bool)  # best: flag the top 4 (F1 6/7) or top 2 (4/5)
   thr2, f12 = thresholds.f1_optimal_threshold(s, y2)
   assert math.isclose(thr2, 0.25) and math.isclose(f12, 6 / 7)
@@ -44,7 +44,10 @@ def test_f1_optimal_threshold_and_percentile_fallback():
   z = thresholds.normalise(
       res["scores"], res["cls"], d["normalisation"]["loc"], d["normalisation"]["scale"]
   )
-  assert math.isclose(d["image_threshold"], float(np.quantile(z[cal], 0.99)), rel_tol=1e-6)
+  # the quantile's decisions, the threshold moved between the calibration scores
+  q = float(np.quantile(z[cal], 0.99))
+  np.testing.assert_array_equal(z[cal] >= d["image_threshold"], z[cal] >= q)
+  assert not np.any(z[cal] == np.float32(d["image_threshold"]))
 
 
 def _fake_res(defects=True, n=24, seed=0):

@@ -22,10 +22,46 @@ from cras_jax.base import errors
 DISK_MARGIN_BYTES = 64 * 2**20
 
 
+def _package_checkout() -> str | None:
+  """The checkout cras_jax runs from (the folder holding `cras_jax/` and `.git`), if any."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return root if os.path.isdir(os.path.join(root, ".git")) else None
+
+
+def shared_place(path: str) -> str | None:
+  """Why no command should own `path` as its folder (create, fill, prune it), or None: the
+  filesystem root (what `--workdir=$UNSET/` gives), a home directory itself, or the checkout
+  cras_jax runs from."""
+  real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+  if real == os.path.dirname(real):
+    return "the filesystem root"
+  homes = {os.path.realpath(os.path.expanduser("~"))}
+  if os.environ.get("HOME"):
+    homes.add(os.path.realpath(os.environ["HOME"]))
+  if real in homes:
+    return "a home directory itself"
+  checkout = _package_checkout()
+  if checkout and real == os.path.realpath(checkout):
+    return "the root of cras_jax's own checkout"
+  return None
+
+
+def refuse_shared_place(path: str, what: str) -> None:
+  """A `UserError` naming `what` when `path` is a place no run should own (`shared_place`)."""
+  why = shared_place(path)
+  if why:
+    raise errors.UserValueError(
+        f"{what} {path!r} is {why}: a command would write and prune its files there; give a "
+        "folder of its own (e.g. runs/<name>)"
+    )
+
+
 def writable_dir(path: str, what: str, fix: str = "") -> str:
   """Creates `path` (and parents) and checks that a file can be written there -> `path`.
-  `what` names the directory in the message (e.g. "--workdir"), `fix` says what to do."""
+  `what` names the directory in the message (e.g. "--workdir"), `fix` says what to do. The
+  filesystem root, a home directory and cras_jax's checkout are refused (`shared_place`)."""
   hint = f"; {fix}" if fix else ""
+  refuse_shared_place(path, what)
   if os.path.exists(path) and not os.path.isdir(path):
     raise errors.UserValueError(f"{what} {path!r} is a file, not a directory{hint}")
   try:

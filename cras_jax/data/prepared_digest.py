@@ -43,6 +43,8 @@ def problem(data_dir: str) -> str | None:
       stored = json.load(f)["sha256"]
     if not isinstance(stored, dict):
       raise TypeError("not a mapping")
+    if not stored or not all(isinstance(v, str) and len(v) == 64 for v in stored.values()):
+      return "its record of contents is empty or malformed (not verified)"
   except FileNotFoundError:
     return "it has no record of its contents (prepared by an older version)"
   except (OSError, ValueError, KeyError, TypeError) as e:

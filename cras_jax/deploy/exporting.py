@@ -19,7 +19,7 @@ import cras_jax
 from cras_jax.base import errors, fileio
 from cras_jax.deploy import run_exported
 from cras_jax.results import tables as results
-from cras_jax.runs import trained
+from cras_jax.runs import specs, trained
 from cras_jax.scoring import scoring
 
 FORMAT = "cras_jax.exported_scoring"
@@ -30,8 +30,10 @@ OUTPUTS = {
     "patch": "float32 [b, h, w]: patch scores (discriminator probabilities)",
     "cls": "int32 [b]: matched class (index into class_names)",
     "normalised_scores": "float32 [b]: (score - loc[cls]) / scale[cls]",
-    "is_anomaly": "uint8 [b]: normalised_scores >= image_threshold",
-    "masks": "uint8 [b, crop, crop]: (maps - loc[cls]) / scale[cls] >= pixel_threshold",
+    "is_anomaly": "uint8 [b]: normalised_scores >= image_threshold (all 0 when the threshold "
+    "is NaN: no decision)",
+    "masks": "uint8 [b, crop, crop]: (maps - loc[cls]) / scale[cls] >= pixel_threshold (all 0 "
+    "when the threshold is NaN: no decision)",
 }
 
 
@@ -149,6 +151,15 @@ def run_meta(run: trained.Run, thr) -> dict:
   thresholds, normalisation, step, backbone, run id, config and the versions exporting."""
   cfg = run.config
   crop = int(cfg.data.crop)
+  limits = specs.limits(cfg)
+  image, pixel = _finite(thr.image_threshold), _finite(thr.pixel_threshold)
+  absent = [k for k, v in (("image", image), ("pixel", pixel)) if v is None]
+  note = (
+      f"no stored {' and '.join(absent)} threshold: the function gets NaN there and decides "
+      f"nothing (is_anomaly / masks all 0 mean 'not decided', not 'normal'); pass "
+      f"--image_threshold / --pixel_threshold to the scorer, or calibrate the run (python -m "
+      f"cras_jax.predict --calibrate) and export it again"
+  )
   return {
       "class_names": run.class_names,
       "input": {
@@ -161,11 +172,18 @@ def run_meta(run: trained.Run, thr) -> dict:
           "resized to `resize` (the other int(resize * long / short)) "
           "with PIL bilinear; centre crop crop x crop (torchvision "
           "Resize + CenterCrop); cras_jax.data.preprocess.load_example",
+          # files over these are refused unread, by predict and run_onnx alike
+          "max_image_pixels": limits.max_pixels,
+          "max_aspect_ratio": limits.max_aspect_ratio,
+          "limits_rule": "cras_jax.deploy.image_limits.problem",
       },
       "outputs": OUTPUTS,
       "thresholds": {
-          "image": _finite(thr.image_threshold),
-          "pixel": _finite(thr.pixel_threshold),
+          # null: absent (the run has no thresholds.json, or this one none), never 0
+          "image": image,
+          "pixel": pixel,
+          "absent": absent,
+          **({"note": note} if absent else {}),
           "source": thr.source,
           "decision": "anomalous where normalised value >= threshold",
       },

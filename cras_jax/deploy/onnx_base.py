@@ -29,6 +29,19 @@ class UnsupportedPrimitive(NotImplementedError):
   """A primitive (or a form of one) with no exact ONNX equivalent in this converter."""
 
 
+def onnx_type(dtype) -> int:
+  """The ONNX element type of a numpy dtype; an `UnsupportedPrimitive` naming a dtype without
+  one here (e.g. bfloat16: runtimes lack most operators for it, so a bfloat16 model is traced
+  in float32 for export, `onnx_export.graph_run`)."""
+  dtype = np.dtype(dtype)
+  if dtype not in ONNX_TYPES:
+    raise UnsupportedPrimitive(
+        f"a value of dtype {dtype} has no ONNX type in this converter (it writes "
+        f"{', '.join(str(d) for d in ONNX_TYPES)})"
+    )
+  return ONNX_TYPES[dtype]
+
+
 def np_dtype(aval) -> np.dtype:
   return np.dtype(aval.dtype)
 
@@ -61,8 +74,7 @@ class Graph:
 
   def const(self, value: np.ndarray, hint: str = "c") -> str:
     value = np.asarray(value)
-    if value.dtype not in ONNX_TYPES:
-      raise UnsupportedPrimitive(f"a constant of dtype {value.dtype} has no ONNX type here")
+    onnx_type(value.dtype)  # a dtype without one is named
     # small constants (shapes, axes, scalars) by content, so each is stored once; others by
     # identity (the same weight array named twice is one initializer)
     small = value.nbytes <= 1024

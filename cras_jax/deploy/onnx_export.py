@@ -27,22 +27,45 @@ from cras_jax.deploy import exporting, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
 
+# What the graph computes in, whatever the run's model.dtype: bfloat16 is no type of ONNX's
+# Conv at opset 18, and onnxruntime's CPU provider has no bfloat16 MatMul, so a bfloat16 run
+# is traced in float32 on the same weights (the training state holds them in float32
+# whatever model.dtype is).
+COMPUTE_DTYPE = "float32"
 
-def xla_kernels(run: trained.Run) -> trained.Run:
-  """The run with the backbone's "xla" kernels (`model.kernels`): native grouped convolutions,
-  which ONNX runtimes run fast, instead of the XLA:CPU-tuned form of shifted slices (about 2x
-  slower in onnxruntime). The same weights and function; the sums in another order."""
-  if run.spec.kernels == "xla":
+
+def graph_run(run: trained.Run) -> trained.Run:
+  """The run as its ONNX graph is traced: the backbone's "xla" kernels (`model.kernels`:
+  native grouped convolutions, which ONNX runtimes run fast, instead of the XLA:CPU-tuned
+  form of shifted slices, about 2x slower in onnxruntime) and float32 compute
+  (`model.dtype`, `COMPUTE_DTYPE`). The same weights and function; the sums in another order
+  and, for a bfloat16 run, without bfloat16's rounding."""
+  if run.spec.kernels == "xla" and run.config.model.dtype == COMPUTE_DTYPE:
     return run
   cfg = copy.deepcopy(run.config)
   cfg.model.kernels = "xla"
+  cfg.model.dtype = COMPUTE_DTYPE
   spec = steps.ModelSpec(cfg, run.spec.num_classes, run.meta.get("grid"))
   return run._replace(config=cfg, spec=spec)
 
 
+def dtype_meta(run: trained.Run) -> dict:
+  """What the meta says of the graph's dtype against the run's."""
+  out = {"compute_dtype": COMPUTE_DTYPE, "run_dtype": str(run.config.model.dtype)}
+  if out["run_dtype"] != COMPUTE_DTYPE:
+    out["dtype_note"] = (
+        f"the run computes in {out['run_dtype']} (model.dtype); ONNX runtimes lack "
+        f"{out['run_dtype']} kernels for most operators, so this graph computes in "
+        f"{COMPUTE_DTYPE} with the run's weights: its outputs differ from the run's JAX "
+        f"scorer's by {out['run_dtype']} rounding, and a decision may differ "
+        f"for an image that close to a threshold"
+    )
+  return out
+
+
 def score_graph(run: trained.Run, thr) -> onnx.ModelProto:
   """The run's scoring function as an ONNX model (no metadata yet)."""
-  run = xla_kernels(run)
+  run = graph_run(run)
   scorer, tree = exporting.score_tree(run, thr)
   _, treedef = jax.tree.flatten(tree)
   score = exporting.make_score_fn(scorer.step_fn, treedef)
@@ -78,7 +101,8 @@ def export_onnx(run: trained.Run, thr, output: str) -> dict:
       "function": "score(images, image_threshold, pixel_threshold) -> outputs",
       **exporting.run_meta(run, thr),
       "opset": onnx_graph.OPSET,
-      "backbone_kernels": "xla",  # native grouped convolutions (`xla_kernels`)
+      "backbone_kernels": "xla",  # native grouped convolutions (`graph_run`)
+      **dtype_meta(run),
       "onnx_inputs": {
           "images": "uint8 [b, crop, crop, 3] RGB, preprocessed as `input`",
           "image_threshold": "float32 [] (normalised units); NaN flags nothing",

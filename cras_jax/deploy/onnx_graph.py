@@ -28,6 +28,7 @@ from cras_jax.deploy.onnx_base import (  # noqa: F401 - UnsupportedPrimitive: th
     describe,
     is_static,
     np_dtype,
+    onnx_type,
 )
 from cras_jax.deploy.onnx_linalg import LinalgGatherRules
 from cras_jax.deploy.onnx_rules import ElementwiseShapeRules
@@ -165,7 +166,7 @@ class _Converter(ElementwiseShapeRules, LinalgGatherRules):
 def _value_info(name: str, aval, batch_name: str) -> onnx.ValueInfoProto:
   dims = [d if core.is_constant_dim(d) else str(d) for d in aval.shape]
   dims = [batch_name if isinstance(d, str) and d == batch_name else d for d in dims]
-  return helper.make_tensor_value_info(name, ONNX_TYPES[np_dtype(aval)], dims)
+  return helper.make_tensor_value_info(name, onnx_type(np_dtype(aval)), dims)
 
 
 def to_onnx(

@@ -9,11 +9,11 @@ import numpy as np
 from onnx import TensorProto
 
 from cras_jax.deploy.onnx_base import (
-    ONNX_TYPES,
     UnsupportedPrimitive,
     describe,
     gather_fill,
     np_dtype,
+    onnx_type,
     same_dim,
 )
 
@@ -52,7 +52,7 @@ class LinalgGatherRules:
       equation = f"{''.join(lhs_l)},{''.join(rhs_l)}->{''.join(batch + free_l + free_r)}"
       out = self.g.node("Einsum", [self.name(lhs, la), self.name(rhs, ra)], equation=equation)
     if out_dtype != np_dtype(la):
-      out = self.g.node("Cast", [out], to=ONNX_TYPES[out_dtype])
+      out = self.g.node("Cast", [out], to=onnx_type(out_dtype))
     return out
 
   def _conv_general_dilated(

@@ -9,11 +9,11 @@ from jax._src import core
 from onnx import TensorProto
 
 from cras_jax.deploy.onnx_base import (
-    ONNX_TYPES,
     UnsupportedPrimitive,
     describe,
     is_static,
     np_dtype,
+    onnx_type,
     same_dim,
 )
 
@@ -85,7 +85,7 @@ class ElementwiseShapeRules:
     x = self.name(ins[0], eqn.invars[0].aval)
     if np.dtype(new_dtype) == np_dtype(eqn.invars[0].aval):
       return x
-    return self.g.node("Cast", [x], to=ONNX_TYPES[np.dtype(new_dtype)])
+    return self.g.node("Cast", [x], to=onnx_type(new_dtype))
 
   # --------------------------------------------------------------------------- shapes
 
@@ -187,4 +187,4 @@ class ElementwiseShapeRules:
   def _arg(self, op, ins, axes, index_dtype):
     (axis,) = axes
     out = self.g.node(op, [self.name(ins[0])], axis=int(axis), keepdims=0, select_last_index=0)
-    return self.g.node("Cast", [out], to=ONNX_TYPES[np.dtype(index_dtype)])
+    return self.g.node("Cast", [out], to=onnx_type(index_dtype))

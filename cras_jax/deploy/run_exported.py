@@ -20,13 +20,14 @@ export, even one weight scaled or one byte of the function, is refused (exit sta
 import argparse
 import hashlib
 import json
-import os
 import sys
 import zipfile
 
 import jax
 import numpy as np
 from jax import export
+
+from cras_jax.deploy.outputs import decisions_made, no_decision_note, save_outputs
 
 
 class ExportError(ValueError):
@@ -154,22 +155,6 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def save_outputs(path, out):
-  """`out` as an .npz file (".npz" added as np.savez does), written to a temporary in the same
-  directory, fsynced and renamed: the file is complete or absent, never truncated."""
-  path = path if path.endswith(".npz") else path + ".npz"
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **out)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("model", help="the .npz file written by python -m cras_jax.export")
@@ -208,13 +193,17 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
   names = model["meta"]["class_names"]
+  decided = decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
+  if no_decision_note(decided):
+    print(no_decision_note(decided), file=sys.stderr)
   if not args.quiet:
     print("index\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
     for i in range(len(images)):
+      anomalous = int(out["is_anomaly"][i]) if decided["image"] else "n/a"
+      fraction = f"{out['masks'][i].mean():.4f}" if decided["pixel"] else "n/a"
       print(
           f"{i}\t{names[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
-          f"{out['normalised_scores'][i]:.4f}\t{int(out['is_anomaly'][i])}\t"
-          f"{out['masks'][i].mean():.4f}"
+          f"{out['normalised_scores'][i]:.4f}\t{anomalous}\t{fraction}"
       )
   if args.output:
     save_outputs(args.output, out)

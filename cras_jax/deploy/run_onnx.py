@@ -12,7 +12,8 @@ masks) as arrays of N rows.
 
 From Python: `model = load("model.onnx"); out = score(model, crops, batch_size=8)`.
 
-This module imports neither JAX nor the rest of cras_jax. Loading reads the file once, checks
+This module imports neither JAX nor the rest of cras_jax (but `deploy.outputs`, the output
+file shared with `run_exported`: NumPy only). Loading reads the file once, checks
 that cras_jax wrote it (its metadata entry "cras_jax.meta") and verifies its SHA-256
 (`file_checksum`) before a runtime sees it: a file changed after export is refused.
 """
@@ -26,6 +27,9 @@ import os
 import sys
 
 import numpy as np
+
+from cras_jax.deploy import image_limits
+from cras_jax.deploy.outputs import decisions_made, no_decision_note, save_outputs
 
 FORMAT = "cras_jax.onnx_scoring"
 FORMAT_VERSION = 1
@@ -130,6 +134,11 @@ def read(path: str) -> tuple[bytes, dict]:
         f"or {redo}"
     )
   stored = props.get(SUM_KEY, "")
+  if len(stored) != 64 or data.count(stored.encode()) != 1:  # absent is not verified
+    raise ExportError(
+        f"{path}: no checksum of its contents in its metadata ({SUM_KEY!r} is missing or "
+        f"malformed), so changes to it cannot be detected: {redo}"
+    )
   if file_checksum(data, stored) != stored:
     raise ExportError(
         f"{path}: the contents do not match the checksum stored at export (the graph, a weight "
@@ -259,23 +268,32 @@ def score(model, images, batch_size=None, image_threshold=None, pixel_threshold=
 # ----------------------------------------------------------------------------- images
 
 
-def preprocess(path: str, resize: int, crop: int) -> np.ndarray:
+def preprocess(path: str, resize: int, crop: int, limits: dict | None = None) -> np.ndarray:
   """One image file as the model's input, uint8 [crop, crop, 3]: 8-bit RGB (grey replicated,
   alpha dropped), the shorter side resized to `resize` (the other to int(resize * long /
   short)) with PIL's bilinear filter, then the centre crop (zero padding where the image is
   smaller): torchvision Resize + CenterCrop, as the training's loader does. Images of more than
-  8 bits per channel are refused here (the training's loader rescales them by their range)."""
+  8 bits per channel are refused here (the training's loader rescales them by their range).
+  limits: `image_limits.problem`'s (the export's, `image_limits.from_meta`; default the
+  schema's): a file declaring a larger size is refused unread, as predict refuses it."""
   from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - only for image files
 
+  limits = limits or image_limits.from_meta({})
   try:
     with Image.open(path) as im:
+      why = image_limits.problem(*im.size, **limits)
+      if why:
+        raise ExportError(
+            f"{path}: refused unread: {why}; the limit is the run's, recorded in the export "
+            f"(python -m cras_jax.predict refuses this file too): crop or resize it first"
+        )
       if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         raise ExportError(
             f"{path}: {im.mode} pixels (more than 8 bits): save it as 8-bit, or preprocess it "
             f"with cras_jax (python -m cras_jax.predict --save_crops)"
         )
       rgb = im.convert("RGB")
-  except (UnidentifiedImageError, OSError) as e:
+  except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
     raise ExportError(f"{path}: not a readable image ({e})") from None
   w, h = rgb.size
   short, long = (w, h) if w <= h else (h, w)
@@ -331,22 +349,8 @@ def inputs_to_crops(inputs: list[str], meta: dict) -> tuple[np.ndarray, list[str
     return crops, [f"{inputs[0]}[{i}]" for i in range(len(crops))]
   files = _image_files(inputs)
   resize, crop = meta["input"]["resize"], meta["input"]["crop"]
-  return np.stack([preprocess(f, resize, crop) for f in files]), files
-
-
-def save_outputs(path: str, out: dict) -> None:
-  """`out` as an .npz file, written to a temporary beside it and renamed: complete or absent."""
-  path = path if path.endswith(".npz") else path + ".npz"
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **out)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  limits = image_limits.from_meta(meta)
+  return np.stack([preprocess(f, resize, crop, limits) for f in files]), files
 
 
 def main(argv=None) -> dict:
@@ -376,12 +380,16 @@ def main(argv=None) -> dict:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
   classes = model["meta"]["class_names"]
+  decided = decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
+  if no_decision_note(decided):
+    print(no_decision_note(decided), file=sys.stderr)
   if not args.quiet:
     print("image\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
     for i, name in enumerate(names):
+      anomalous = int(out["is_anomaly"][i]) if decided["image"] else "n/a"
+      fraction = f"{out['masks'][i].mean():.4f}" if decided["pixel"] else "n/a"
       print(
           f"{name}\t{classes[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
-          f"{out['normalised_scores'][i]:.4f}\t{int(out['is_anomaly'][i])}\t"
-          f"{out['masks'][i].mean():.4f}"
+          f"{out['normalised_scores'][i]:.4f}\t{anomalous}\t{fraction}"
       )
   return out

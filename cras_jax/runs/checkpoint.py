@@ -7,7 +7,9 @@ rebuilt from its weights source) and `meta` (class names, config, versions).
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -20,6 +22,35 @@ from absl import logging
 from cras_jax.base import errors
 
 _T = TypeVar("_T")
+
+
+# What orbax and TensorStore leave behind when a reader's step is pruned while it reads it (the
+# reader then reads the newest step: `_listing`, `restore_good`): a step's metadata missing, and
+# the aborted read's coroutines and callbacks, reported when they are collected after their
+# event loop closed. Readers drop these; any other report passes through.
+_PRUNED_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index")
+_PRUNED_READ_LOGS = ("Metadata file does not exist",)
+
+
+class _DropPrunedReadLogs(py_logging.Filter):
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_PRUNED_READ_LOGS)
+
+
+def _quiet_pruned_reads() -> None:
+  """Installs, once per process, the filters of `_PRUNED_READ_NOISE` and `_PRUNED_READ_LOGS`."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_pruned_reads", False):
+    return
+
+  def hook(unraisable) -> None:
+    if str(unraisable.exc_value).startswith(_PRUNED_READ_NOISE):
+      return
+    previous(unraisable)
+
+  hook.drops_pruned_reads = True
+  sys.unraisablehook = hook
+  py_logging.getLogger("absl").addFilter(_DropPrunedReadLogs())
 
 
 def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
@@ -40,6 +71,7 @@ def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.
   verbosity = logging.get_verbosity()
   if read_only:  # orbax warns "Given directory is read only" on every reader
     logging.set_verbosity(logging.ERROR)
+    _quiet_pruned_reads()
   try:
     return _listing(
         lambda: ocp.CheckpointManager(

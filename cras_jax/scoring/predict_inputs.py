@@ -4,13 +4,15 @@ Folders are searched recursively (sorted, hidden entries skipped) for the datase
 image extensions; each file gets a name relative to the common parent of all inputs and a
 unique output stem (only regular files are read: a FIFO or device named `*.png` is skipped
 in folders and reported when named); files are decoded and preprocessed by `preprocess.load_example` in
-threads, a window ahead, each unreadable or oversized one reported by name.
+threads, a window ahead, each unreadable or oversized one reported by name. Oversized: the
+rule of `deploy.image_limits.problem`, the one `run_onnx` applies to the same files.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -20,6 +22,22 @@ import numpy as np
 
 from cras_jax.base import fs
 from cras_jax.data import layout, preprocess
+from cras_jax.deploy import image_limits
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits(preprocess.Limits):
+  """`preprocess.Limits` refusing by `image_limits.problem`: predict and run_onnx refuse the
+  same files."""
+
+  def problem(self, width: int, height: int) -> str | None:
+    return image_limits.problem(width, height, self.max_pixels, self.max_aspect_ratio)
+
+
+def shared_limits(limits: preprocess.Limits | None) -> Limits:
+  """`limits` (default: the schema's) under the rule run_onnx applies."""
+  limits = preprocess.Limits() if limits is None else limits
+  return Limits(limits.max_pixels, limits.max_aspect_ratio)
 
 
 def find_images(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -87,7 +105,8 @@ def read_images(
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
   """(index, preprocessed uint8 crop or None, error or None) in input order; decoding runs in
   `workers` threads, a window ahead. A file over `limits` (pixels, aspect ratio) is an error
-  named by its path, not decoded."""
+  named by its path, not decoded (`image_limits.problem`, as run_onnx refuses it)."""
+  limits = shared_limits(limits)
 
   def work(p):
     try:

@@ -21,10 +21,16 @@ either part (the default protocol is the final epoch); thresholds are chosen on 
 calibration part only and the report part measures them. Thresholds do not change AUROC.
 
 * image threshold: the F1-optimal threshold on the calibration part's normalised scores (all
-  classes pooled; an image is anomalous when z >= threshold, the threshold lying half-way
-  between the lowest score flagged and the next lower one). Without defective calibration
+  classes pooled; an image is anomalous when z >= threshold). Without defective calibration
   images (e.g. a folder of normal images only): the `quantile` of the normal normalised scores.
-* pixel threshold: likewise on the normalised maps of the calibration images with masks.
+* pixel threshold: likewise on the normalised maps of the calibration images with masks (on
+  every k-th pixel beyond `MAX_PIXELS`).
+
+Either threshold lies BETWEEN calibration values, never on one (`separating_threshold`): the
+float32 midway between the lowest value flagged and the highest one not flagged (beyond the
+extreme value when all or none are flagged). The decisions on the calibration images are those
+of the chosen optimum or quantile, with `>=` or `>` alike, and a scorer whose values differ
+from JAX's by less than half that gap (the ONNX export's, ~1e-6) makes the same decisions.
 """
 
 from __future__ import annotations
@@ -123,28 +129,77 @@ def normalise_maps(maps, cls, loc, scale) -> np.ndarray:
 # ----------------------------------------------------------------------------- thresholds
 
 
+EDGE_MARGIN = 1e-3  # the least margin beyond an extreme score, relative to max(1, |score|)
+
+
+def separating_threshold(scores, threshold) -> float:
+  """`threshold` moved BETWEEN `scores`, keeping the decisions `scores >= threshold` on them.
+
+  Scores are compared in float32, as every scorer compares them (predict, the .npz and ONNX
+  exports). The result is the float32 midway between the highest score left unflagged and the
+  lowest score flagged, so both lie half their gap from it: `scores >= result` (and
+  `scores > result`) decide every one of these scores as `scores >= threshold` does, and no
+  change of a score by less than half that gap (less one float32 rounding) flips a decision,
+  such as a scorer that differs from another by 1e-6. Where no score lies on one side (all
+  flagged, or none), the result lies beyond the extreme score by half the gap to its neighbour
+  on the other side, at least `EDGE_MARGIN` * max(1, |score|) / 2. Two adjacent float32
+  values cannot be separated by a third: the result is then the flagged one (the decisions
+  kept, no margin). Equal scores are decided together. Non-finite scores never bound the
+  result (NaN and -inf are never flagged by a finite threshold, +inf always). NaN where there
+  is no finite score or `threshold` is NaN.
+  """
+  s = np.asarray(scores, np.float32).reshape(-1)
+  s = s[np.isfinite(s)]
+  t = np.float32(threshold)
+  if not s.size or np.isnan(t):
+    return float("nan")
+  below, above = s[s < t], s[s >= t]
+  if below.size and above.size:
+    lo, hi = below.max(), above.min()
+    mid = np.float32((np.float64(lo) + np.float64(hi)) / 2)
+    return float(mid if lo < mid <= hi else hi)
+  down = not below.size  # every score flagged: the threshold goes below the lowest
+  v = above.min() if down else below.max()
+  rest = above[above > v] if down else below[below < v]
+  gap = float(abs(rest.min() - v) if down else abs(v - rest.max())) if rest.size else 0.0
+  margin = max(gap, EDGE_MARGIN * max(1.0, abs(float(v)))) / 2
+  out = np.float32(float(v) - margin if down else float(v) + margin)
+  if out == v:  # a margin below float32's resolution at v
+    out = np.nextafter(v, np.float32(-np.inf if down else np.inf))
+  return float(out)
+
+
 def f1_optimal_threshold(scores, labels, max_candidates: int = MAX_CANDIDATES):
   """(threshold, f1) maximising F1 of `scores >= threshold` against boolean `labels`.
 
-  The threshold is half-way between the lowest flagged score and the next lower one, so the
-  decisions on these scores are those at the optimum. With more than `max_candidates`
-  distinct values the candidates are that many quantiles. NaN when there is no positive.
+  The F1 is maximised over the decisions "flag the scores >= v", v each distinct finite score
+  (with more than `max_candidates` of them, that many quantiles of the scores, each a score,
+  and the top positive's), and "flag no finite score"; the threshold returned makes exactly
+  those decisions and lies BETWEEN scores (`separating_threshold`: midway between the lowest
+  flagged score and the highest unflagged one, in float32; beyond the extreme score when all
+  or none are flagged), never on one, so the decisions on these scores do not depend on which
+  scorer (JAX, ONNX) computed them to within half that gap. Ties are decided together. NaN
+  and -inf scores are never flagged, +inf always (as `>=` decides them at a finite
+  threshold), and count so in the F1. (NaN, NaN) when there is no positive or no finite score.
   """
-  scores = np.asarray(scores).reshape(-1)
+  s = np.asarray(scores, np.float32).reshape(-1)
   labels = np.asarray(labels, bool).reshape(-1)
-  pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
-  if pos.size == 0:
+  finite = np.isfinite(s)
+  n_pos = int(labels.sum())
+  if n_pos == 0 or not finite.any():
     return float("nan"), float("nan")
-  cand = np.unique(scores)
+  pos, neg = np.sort(s[finite & labels]), np.sort(s[finite & ~labels])
+  top = s == np.inf  # flagged by every finite threshold
+  cand = np.unique(s[finite])
   if cand.size > max_candidates:
-    cand = np.unique(np.quantile(scores, np.linspace(0.0, 1.0, max_candidates)))
-    cand = np.unique(np.concatenate([cand, pos[-1:]]))
-  tp = pos.size - np.searchsorted(pos, cand, "left")
-  fp = neg.size - np.searchsorted(neg, cand, "left")
-  f1 = 2 * tp / np.maximum(2 * tp + fp + (pos.size - tp), 1)
+    q = np.quantile(s[finite], np.linspace(0.0, 1.0, max_candidates), method="inverted_cdf")
+    cand = np.unique(np.concatenate([q, pos[-1:]]))
+  cand = np.append(cand, np.float32(np.inf))  # the last: no finite score flagged
+  tp = pos.size - np.searchsorted(pos, cand, "left") + int(np.sum(top & labels))
+  fp = neg.size - np.searchsorted(neg, cand, "left") + int(np.sum(top & ~labels))
+  f1 = 2 * tp / np.maximum(2 * tp + fp + (n_pos - tp), 1)
   i = int(np.argmax(f1))
-  thr = float(cand[i]) if i == 0 else float((cand[i - 1] + cand[i]) / 2)
-  return thr, float(f1[i])
+  return separating_threshold(s, cand[i]), float(f1[i])
 
 
 def prf(pred, labels) -> dict:
@@ -166,6 +221,13 @@ def prf(pred, labels) -> dict:
       "fn": fn,
       "tn": tn,
   }
+
+
+def _quantile_threshold(scores, quantile: float) -> float:
+  """The `quantile` of the finite scores, moved between scores (`separating_threshold`)."""
+  s = np.asarray(scores, np.float32).reshape(-1)
+  s = s[np.isfinite(s)]
+  return separating_threshold(s, np.quantile(s, quantile)) if s.size else float("nan")
 
 
 def _subsample(n: int, limit: int):
@@ -197,7 +259,7 @@ def fit(res: dict, class_names: Sequence[str], quantile: float = QUANTILE) -> di
     image_thr, cal_f1 = f1_optimal_threshold(z[cal], is_anomaly[cal])
     image_rule = "f1_calibration"
   elif np.any(normal_cal):
-    image_thr, cal_f1 = float(np.quantile(z[normal_cal], quantile)), float("nan")
+    image_thr, cal_f1 = _quantile_threshold(z[normal_cal], quantile), float("nan")
     image_rule = f"normal_quantile_{quantile}"
   else:
     raise ValueError("no calibration images: the test split is empty")
@@ -211,8 +273,10 @@ def fit(res: dict, class_names: Sequence[str], quantile: float = QUANTILE) -> di
   if masks.any():
     pixel_thr, pix_f1 = f1_optimal_threshold(zmaps, masks)
     pixel_rule = "f1_calibration"
+  elif not zmaps.size:  # no calibration image has pixel ground truth
+    pixel_thr, pix_f1, pixel_rule = float("nan"), float("nan"), "none"
   else:
-    pixel_thr, pix_f1 = float(np.quantile(zmaps, quantile)), float("nan")
+    pixel_thr, pix_f1 = _quantile_threshold(zmaps, quantile), float("nan")
     pixel_rule = f"normal_quantile_{quantile}"
   del zmaps, masks
 
@@ -238,6 +302,9 @@ def fit(res: dict, class_names: Sequence[str], quantile: float = QUANTILE) -> di
           "image": image_rule,
           "pixel": pixel_rule,
           "decision": "anomalous where normalised value >= threshold",
+          "placement": "each threshold lies between calibration values: the float32 midway "
+          "between the lowest flagged and the highest unflagged one (beyond the extreme one "
+          "when all or none are flagged), never on one",
       },
       "calibration_f1": {"image": cal_f1, "pixel": pix_f1},
       "normalisation": {

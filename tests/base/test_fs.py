@@ -83,3 +83,16 @@ def test_fifos_among_inputs_are_never_read(tmp_path):
   assert files == [] and "not a regular file" in errs[0][1]
   # The dataset scanner lists regular files only, too.
   assert [p.name for p in layout._list_images(d)] == ["a.png"]
+
+
+@pytest.mark.parametrize("place", ["/", "//", "~", "checkout"])
+def test_the_filesystem_root_a_home_and_the_checkout_are_refused_as_run_folders(place, tmp_path):
+  path = (
+      os.path.dirname(os.path.dirname(os.path.dirname(fs.__file__)))
+      if place == "checkout"
+      else place
+  )
+  with pytest.raises(errors.UserError, match=r"--workdir .* give a folder of its own"):
+    fs.writable_dir(path, "--workdir")
+  assert fs.shared_place(str(tmp_path / "run")) is None
+  assert fs.writable_dir(str(tmp_path / "run"), "--workdir") == str(tmp_path / "run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -433,3 +434,14 @@ def test_prepared_data_changed_on_disk_is_prepared_again(tmp_path, capsys, damag
   assert "preparing it again" in capsys.readouterr().out
   np.testing.assert_array_equal(mvtec.get_batch(ds2.train, range(len(ds2.train)))["image"], want)
   assert prepared_digest.problem(ds2.data_dir) is None
+
+
+@pytest.mark.parametrize("stored", [{}, {"a.array_record": ""}, {"a.array_record": 7}])
+def test_an_emptied_record_of_prepared_contents_is_not_taken_as_verified(stored, tmp_path):
+  """A record stripped of its digests (empty, or empty values) never passes as "every file
+  has the recorded bytes"."""
+  (tmp_path / prepared_digest.DIGEST_FILE).write_text(json.dumps({"sha256": stored}))
+  (tmp_path / "a.array_record").write_bytes(b"changed")
+  assert "empty or malformed" in prepared_digest.problem(str(tmp_path))
+  prepared_digest.record(str(tmp_path))
+  assert prepared_digest.problem(str(tmp_path)) is None

@@ -135,3 +135,14 @@ def test_a_primitive_without_a_mapping_is_named():
         {},
         {"x": jax.ShapeDtypeStruct((b, 5), jnp.float32)},
     )
+
+
+def test_a_dtype_without_an_onnx_type_is_named():
+  """A cast to bfloat16 (a bfloat16 model traced as it is): named, not a KeyError."""
+  (b,) = jax_export.symbolic_shape("b")
+  with pytest.raises(onnx_graph.UnsupportedPrimitive, match="dtype bfloat16 has no ONNX type"):
+    onnx_graph.to_onnx(
+        lambda c, x: {"y": (x.astype(jnp.bfloat16) * 2).astype(jnp.float32)},
+        {},
+        {"x": jax.ShapeDtypeStruct((b, 5), jnp.float32)},
+    )

@@ -1,14 +1,19 @@
 """Readers of a checkpoint folder that a training saves into and prunes at the same time."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
+import pytest
 
 from cras_jax.runs import checkpoint
 
 TREE = {"w": np.arange(64 * 16, dtype=np.float32).reshape(64, 16)}
 META = {"class_names": ["a"], "config": {}}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_readers_survive_steps_pruned_while_they_list_them(tmp_path):
@@ -53,3 +58,53 @@ def test_readers_survive_steps_pruned_while_they_list_them(tmp_path):
     thread.join()
   assert len(saved) > 10, "the writer barely ran: the race was not exercised"
   assert reads > 10 and not failures, (reads, failures[:3])
+
+
+READER = """
+import sys, time
+import jax.numpy as jnp
+from cras_jax.runs import checkpoint
+tree = {"w": jnp.zeros((64, 16)), "b": jnp.zeros((300, 300))}
+end, reads = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end:
+  reader = checkpoint.manager(sys.argv[1], read_only=True)
+  checkpoint.restore_meta(reader)
+  checkpoint.restore_good(reader, tree, quarantine=False)
+  reads += 1
+print("reads", reads)
+"""
+
+
+@pytest.mark.slow
+def test_a_reader_beside_a_pruning_writer_prints_nothing_of_the_reads_it_abandons(tmp_path):
+  """A reader process of device arrays whose steps are pruned while it reads them: the aborted
+  reads' coroutines (collected after their event loop closed) and orbax's missing-metadata
+  warnings are not printed; the reader exits 0 having read complete steps."""
+  tree = {"w": np.ones((64, 16), np.float32), "b": np.ones((300, 300), np.float32)}
+  writer = checkpoint.manager(str(tmp_path), max_to_keep=1)
+  checkpoint.save(writer, 1, tree, META)
+  stop = threading.Event()
+
+  def train():
+    step = 2
+    while not stop.is_set():
+      checkpoint.save(writer, step, tree, META)
+      step += 1
+
+  thread = threading.Thread(target=train)
+  thread.start()
+  try:
+    out = subprocess.run(
+        [sys.executable, "-c", READER, str(tmp_path), "6"],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+  finally:
+    stop.set()
+    thread.join()
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert int(out.stdout.split()[-1]) > 5
+  for noise in ("Traceback", "Event loop is closed", "Exception ignored", "Metadata file"):
+    assert noise not in out.stderr, out.stderr[-3000:]
