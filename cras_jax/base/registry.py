@@ -122,11 +122,23 @@ MPDD_CLASSES = (
 )
 ITDD_CLASSES = ("cotton_fabric", "dyed_fabric", "hemp_fabric", "plaid_fabric")
 BTAD_CLASSES = ("01", "02", "03")
+MVTEC_AD2_CLASSES = (
+    "can",
+    "fabric",
+    "fruit_jelly",
+    "rice",
+    "sheet_metal",
+    "vial",
+    "wallplugs",
+    "walnuts",
+)
 
 # How a dataset's archive becomes a root the MVTec reader takes (data/fetch.py):
 # "mvtec": already in the MVTec layout (BTAD's ok/ko folders are read as they are);
-# "visa":  VisA's release with split_csv/1cls.csv, converted by tools.convert_visa.
-LAYOUTS = ("mvtec", "visa")
+# "visa":  VisA's release with split_csv/1cls.csv, converted by tools.convert_visa;
+# "mvtec_ad2": MVTec AD 2's own folders, read as they are by data/mvtec_ad2.py (train/good,
+#              validation/good, test_public/{good,bad,ground_truth/bad}).
+LAYOUTS = ("mvtec", "visa", "mvtec_ad2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +201,17 @@ DATASETS: dict[str, DatasetSpec] = {
             "BTAD (beanTech), 3 products; read as downloaded (ok = good, ko = defective, "
             "masks ground_truth/ko/<name>.png or .bmp).",
             archive_url="http://avires.dimi.uniud.it/papers/btad/btad.zip",
+        ),
+        DatasetSpec(
+            "mvtec_ad2",
+            MVTEC_AD2_CLASSES,
+            "https://www.mvtec.com/company/research/datasets/mvtec-ad-2",
+            "MVTec AD 2, 8 scenarios; read as downloaded (train/good, validation/good, "
+            "test_public/good|bad, masks test_public/ground_truth/bad/<name>_mask.png); "
+            "thresholds from validation/good (docs/mvtec_ad2.md).",
+            layout="mvtec_ad2",
+            how_to_get="MVTec AD 2 is distributed under CC BY-NC-SA 4.0 after accepting its "
+            "licence on the download page (no stable direct address)",
         ),
         DatasetSpec(
             "folder",

@@ -54,7 +54,14 @@ def cache_dir(spec: DataSpec, workdir: str) -> str:
 def load(spec: DataSpec, workdir: str):
   """The dataset of a spec. Generation and TFDS preparation run under an exclusive
   file lock in the cache directory: the processes of a multi-process run (or two
-  runs sharing a cache) prepare it once, one after another, instead of racing."""
+  runs sharing a cache) prepare it once, one after another, instead of racing.
+  MVTec AD 2 (a registered dataset of layout "mvtec_ad2") is read in its own layout, with its
+  validation split (`mvtec_ad2.load`, the same lock)."""
+  entry = registry.dataset(spec.name)
+  if entry is not None and entry.layout == "mvtec_ad2":
+    from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
+
+    return mvtec_ad2.load(spec, workdir)
   cache = cache_dir(spec, workdir)
   fs.writable_dir(
       cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"

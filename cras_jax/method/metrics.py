@@ -62,6 +62,7 @@ __all__ = [
     "aupro",
     "pro_curve",
     "compute_class_metrics",
+    "seg_f1",
     "summarise",
     "to_markdown",
     "to_csv",
@@ -75,6 +76,8 @@ METRIC_NAMES: dict[str, str] = {
     "p_auroc": "P-AUROC",
     "p_ap": "P-AP",
     "aupro": "AUPRO",
+    "seg_f1": "SegF1",  # MVTec AD 2's columns (scoring/submission.py)
+    "i_f1": "I-F1",
 }
 MEAN_ROW = "mean"
 
@@ -120,6 +123,28 @@ def compute_class_metrics(
   out["p_ap"] = ap_from_counts(pos_desc, neg_desc)
   out["aupro"] = aupro_from_curve(pro_curve_from_sorted(ss, m, a, neg_desc), fpr_limit)
   return out
+
+
+def seg_f1(masks: Any, maps: Any, threshold: float) -> float:
+  """SegF1, MVTec AD 2's threshold-dependent pixel metric: the F1 score of the binary maps
+  ``maps >= threshold`` against ``masks``, with the true-positive, false-positive and
+  false-negative pixels counted over every pixel of every image given (pooled, not averaged
+  per image), ``2 TP / (2 TP + FP + FN)``.
+
+  ``masks``/``maps``: (H, W) or (N, H, W) of the same shape (masks as in the module's
+  conventions); ``threshold``: one fixed value for all images (MVTec AD 2 fixes it on the
+  validation images, docs/mvtec_ad2.md). NaN when it is undefined: no defect pixel and no
+  pixel flagged (or no pixel at all), or a NaN threshold.
+  """
+  m, a = stack_maps(masks, maps)
+  if math.isnan(float(threshold)):
+    return _NAN
+  pred = a >= threshold
+  tp = int(np.count_nonzero(pred & m))
+  fp = int(np.count_nonzero(pred)) - tp
+  fn = int(np.count_nonzero(m)) - tp
+  denom = 2 * tp + fp + fn
+  return 2.0 * tp / denom if denom else _NAN
 
 
 def _nanmean(values: Sequence[float]) -> float:

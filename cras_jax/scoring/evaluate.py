@@ -1,11 +1,12 @@
 """Evaluation on the test split, and the protocols that say which model is reported.
 
 `evaluate` scores a model's test split with a `scoring.Scorer` and writes its per-class
-metrics (I-AUROC, I-AP, P-AUROC, P-AP, AUPRO, match_acc) to <workdir>/results. Protocols
-(`config.eval.protocol`): `final` reports the last epoch; `best_epoch` (the reference code's)
-evaluates every epoch and reports the one with the best mean I-AUROC + P-AUROC on the test
-set, labelled as selected on it (`report_best_epoch`). `evaluate_checkpoint` scores a
-workdir's latest checkpoint alone.
+metrics (I-AUROC, I-AP, P-AUROC, P-AP, AUPRO, match_acc) to <workdir>/results; a dataset with a
+validation split (MVTec AD 2) also gets its thresholds fitted there and SegF1 and I-F1 at them
+(`submission.evaluate`). Protocols (`config.eval.protocol`): `final` reports the last epoch;
+`best_epoch` (the reference code's) evaluates every epoch and reports the one with the best
+mean I-AUROC + P-AUROC on the test set, labelled as selected on it (`report_best_epoch`).
+`evaluate_checkpoint` scores a workdir's latest checkpoint alone.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def evaluate(
   res = scorer.predict_dataset(dataset.test)
   seconds = time.time() - t0
   table = results.class_metrics(res, dataset.class_names, config.eval.fpr_limit)
+  ad2 = None
+  if getattr(dataset, "validation", None) is not None:  # MVTec AD 2: thresholds, SegF1
+    from cras_jax.scoring import submission  # only MVTec AD 2 runs need it
+
+    table, ad2 = submission.evaluate(scorer, dataset, table, res)
   out_dir = results_dir or os.path.join(workdir, "results")
   step = scorer.model_step
   protocol = {"final": "final epoch", "eval": f"checkpoint of step {step}"}.get(
@@ -67,6 +73,7 @@ def evaluate(
       "matching": config.model.matching,
       "test_images": len(res["scores"]),
       "score_seconds": seconds,
+      **(ad2.extra() if ad2 is not None else {}),
       **{k: v for k, v in (run_info or {}).items() if v is not None},
   }
   if jax.process_index() == 0:
@@ -85,7 +92,12 @@ def evaluate(
   summaries.for_workdir(results_dir or workdir, specs.tensorboard(config)).evaluation(
       step, table, res if heatmaps else None, dataset.class_names
   )
-  if with_thresholds:  # per image: the evaluation's scores serve when it matched per image
+  if with_thresholds and ad2 is not None:  # MVTec AD 2: fitted on the validation split above
+    info = run_info or {}
+    submission.write_thresholds(
+        ad2.thresholds, results_dir or workdir, info.get("run_id"), info.get("member")
+    )
+  elif with_thresholds:  # per image: the evaluation's scores serve when it matched per image
     per_image = scorer.per_image()
     scoring.write_thresholds(
         per_image,

@@ -47,8 +47,14 @@ class Record:
 
 def calibrate_run(run: trained.Run, workdir: str) -> dict:
   """Writes the thresholds of an existing trained run into `workdir` from its test split
-  (for runs trained before thresholds existed)."""
+  (for runs trained before thresholds existed); MVTec AD 2's from its validation split."""
   dataset = trained.load_run_dataset(run, workdir)
+  if getattr(dataset, "validation", None) is not None:  # MVTec AD 2: its validation split
+    from cras_jax.scoring import submission
+
+    d = submission.fit_on_validation(scoring.Scorer.for_run(run, per_image=True), dataset)
+    print(submission.summary(d), flush=True)
+    return submission.write_thresholds(d, workdir, run.meta.get("run_id"), run.member)
   return scoring.write_thresholds(
       scoring.Scorer.for_run(run, per_image=True),
       dataset.test,

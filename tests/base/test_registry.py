@@ -10,7 +10,7 @@ import pytest
 from cras_jax.base import registry
 from tests.conftest import ROOT
 
-CONFIGS = ("mvtec", "visa", "mpdd", "btad", "itdd", "demo", "folder")
+CONFIGS = ("mvtec", "visa", "mpdd", "btad", "itdd", "mvtec_ad2", "demo", "folder")
 
 
 def test_reading_configs_imports_neither_jax_nor_tfds():
@@ -27,7 +27,7 @@ def test_reading_configs_imports_neither_jax_nor_tfds():
   assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", ["mvtec", "visa", "mpdd", "btad", "itdd"])
+@pytest.mark.parametrize("name", ["mvtec", "visa", "mpdd", "btad", "itdd", "mvtec_ad2"])
 def test_paper_configs_take_class_lists_and_weights_from_the_registry(name):
   config = importlib.import_module(f"cras_jax.configs.{name}").get_config()
   assert tuple(config.data.classes) == registry.dataset(config.data.name).classes

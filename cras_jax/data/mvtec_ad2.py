@@ -1,0 +1,441 @@
+"""MVTec AD 2 read as released, with its validation split kept as a third prepared split.
+
+Layout (``EXPECTED_LAYOUT``; anomalib's ``make_mvtec2_dataset`` and MVTec's own public
+``mvtec_ad_2_public_offline.py`` read the same folders)::
+
+    <root>/<class>/train/good/<name>.png                         normal, training
+    <root>/<class>/validation/good/<name>.png                    normal, thresholds only
+    <root>/<class>/test_public/good/<name>.png                   normal, evaluated
+    <root>/<class>/test_public/bad/<name>.png                    defective, evaluated
+    <root>/<class>/test_public/ground_truth/bad/<name>_mask.png  their masks
+    <root>/<class>/test_private/<name>.png                       images only (submission)
+    <root>/<class>/test_private_mixed/<name>.png                 images only (submission)
+
+The prepared (TFDS) copy holds three splits, each image resized and centre-cropped once by the
+same function as every other dataset's (``preprocess.load_example``): ``train`` (train/good),
+``validation`` (validation/good: normal images the thresholds are fitted on, never the test
+set) and ``test`` (test_public, with masks). Everything else (validation of every file before
+anything is written, the content fingerprint in the prepared copy's name, reuse, pruning,
+leases) is ``mvtec.load_dataset``'s; the builder is ``MVTecAD2Folder``, a ``MVTecFolder`` with
+the extra split. The private test sets are not prepared: ``private_images`` lists them for the
+submission command (``scoring/submission.py``), which reads them at their original size.
+
+Problems are raised as one ``layout.DatasetError`` naming every file or folder and its fix: a
+class without ``validation/good`` (the thresholds need it), defective images without masks,
+masks without images, unreadable files, masks or sub-folders inside ``test_private*`` (no
+ground truth is released for them).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+from absl import logging as absl_logging
+
+from cras_jax.base import fs, leases
+from cras_jax.data import identity, layout, mvtec, mvtec_builder, prepared_digest, preprocess
+from cras_jax.data import validate as validate_lib
+from cras_jax.data.spec import DataSpec
+
+# prepared split -> the release's folder
+SPLIT_DIRS = {"train": "train", "validation": "validation", "test": "test_public"}
+SPLITS = tuple(SPLIT_DIRS)
+PRIVATE_SPLITS = ("test_private", "test_private_mixed")
+GROUND_TRUTH = "ground_truth"
+
+EXPECTED_LAYOUT = """\
+Expected layout (MVTec AD 2 as released; image extensions png/jpg/jpeg/bmp/tif/tiff):
+  <root>/<class>/train/good/<name>.png                         normal training images
+  <root>/<class>/validation/good/<name>.png                    normal images for the thresholds
+  <root>/<class>/test_public/good/<name>.png                   normal test images
+  <root>/<class>/test_public/bad/<name>.png                    defective test images
+  <root>/<class>/test_public/ground_truth/bad/<name>_mask.png  one mask per defective image
+  <root>/<class>/test_private/<name>.png                        images only, no ground truth
+  <root>/<class>/test_private_mixed/<name>.png                  images only, no ground truth"""
+
+
+# --------------------------------------------------------------------------------------------
+# Scanning
+
+
+def discover_classes(root: str | os.PathLike) -> list[str]:
+  """Sub-folders of ``root`` holding ``train/``, ``validation/`` or ``test_public/``, sorted."""
+  return [
+      d.name
+      for d in layout._subdirs(Path(root))
+      if any((d / s).is_dir() for s in SPLIT_DIRS.values())
+  ]
+
+
+def _normal_images(cls: str, folder: Path, what: str, problems: list[str], fix: str) -> list:
+  images = layout._list_images(folder)
+  if not images:
+    state = "is empty" if folder.is_dir() else "is missing"
+    problems.append(f"class {cls!r}: {what} {os.fspath(folder)!r} {state}; {fix}")
+  return images
+
+
+def private_problems(cdir: Path, cls: str) -> list[str]:
+  """Mask files or folders inside a class's ``test_private*`` folders (MVTec AD 2 releases
+  none for them: such files mean a test_public folder was copied there, or masks were mixed
+  in), one problem each naming the files and the fix."""
+  problems = []
+  for split in PRIVATE_SPLITS:
+    d = cdir / split
+    if d.exists() and not d.is_dir():
+      problems.append(f"class {cls!r}: {os.fspath(d)!r} is a file, not a folder of images")
+      continue
+    for sub in layout._subdirs(d):
+      problems.append(
+          f"class {cls!r}: {os.fspath(sub)!r} is a folder inside {split}/, which holds images "
+          f"only (MVTec AD 2 releases no ground truth for {split}): move it out of "
+          f"{os.fspath(d)!r}"
+      )
+    masks = [p.name for p in layout._list_images(d) if p.stem.lower().endswith("_mask")]
+    if masks:
+      problems.append(
+          f"class {cls!r}: {split}/ holds mask files in {os.fspath(d)!r}: "
+          f"{layout._format_names(masks)}. MVTec AD 2 releases no ground truth for {split} "
+          f"(masks of test_public belong in test_public/{GROUND_TRUTH}/bad/): move or delete them"
+      )
+  return problems
+
+
+def collect(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    *,
+    allow_image_level_only: bool = False,
+) -> tuple[list[layout.Record], list[str], list[str]]:
+  """Scan without raising: ``(records, problems, class_names)``. Records have split "train",
+  "validation" or "test" (test_public); defective ones without a mask get ``mask_path=None``
+  (a problem unless ``allow_image_level_only``). No image is read."""
+  root_p = Path(root)
+  if not root_p.is_dir():
+    return [], [f"dataset root {os.fspath(root)!r} does not exist or is not a folder"], []
+  problems: list[str] = []
+  if classes is None:
+    classes = discover_classes(root_p)
+    if not classes:
+      problems.append(
+          f"no class folders (sub-folders with train/, validation/ or test_public/) found in "
+          f"{os.fspath(root)!r}"
+      )
+  classes = list(classes)
+  dup = sorted({c for c in classes if classes.count(c) > 1})
+  if dup:
+    problems.append(f"classes listed more than once: {', '.join(dup)}")
+  bad = [why for why in map(layout.plain_name_problem, classes) if why]
+  if bad:
+    return [], [f"class names must be plain folder names: {why}" for why in bad], classes
+  records: list[layout.Record] = []
+  for cls in classes:
+    cdir = root_p / cls
+    if not cdir.is_dir():
+      problems.append(f"class {cls!r}: folder {os.fspath(cdir)!r} is missing")
+      continue
+    train = _normal_images(
+        cls, cdir / "train" / "good", "the training folder", problems, "the model trains on it"
+    )
+    records += [layout.Record(cls, "train", "good", os.fspath(p)) for p in train]
+    val = _normal_images(
+        cls,
+        cdir / "validation" / "good",
+        "the validation folder",
+        problems,
+        "MVTec AD 2's thresholds are fitted on its normal validation images (never on the test "
+        "set): restore validation/good from the release (or put normal images that are not "
+        "used for training there)",
+    )
+    records += [layout.Record(cls, "validation", "good", os.fspath(p)) for p in val]
+    tdir = cdir / "test_public"
+    n_test = 0
+    for sub in layout._subdirs(tdir):
+      if sub.name == GROUND_TRUTH:
+        continue
+      images = layout._list_images(sub)
+      n_test += len(images)
+      if sub.name in layout.NORMAL_DIR_NAMES:
+        records += [layout.Record(cls, "test", "good", os.fspath(p)) for p in images]
+        continue
+      gdir = tdir / GROUND_TRUTH / sub.name
+      gt_files = {p.name.lower(): p for p in layout._list_images(gdir)}
+      missing = []
+      for p in images:
+        m = layout._find_mask(gt_files, p.stem)
+        if m is None:
+          missing.append(p.name)
+        records.append(
+            layout.Record(cls, "test", sub.name, os.fspath(p), None if m is None else os.fspath(m))
+        )
+      if missing and not allow_image_level_only:
+        problems.append(
+            f"class {cls!r}: defective test images without a mask in {os.fspath(gdir)!r} "
+            f"(expected <name>_mask.png; or set data.allow_image_level_only=true): "
+            f"{layout._format_names(missing)}"
+        )
+    if n_test == 0:
+      problems.append(f"class {cls!r}: no test images in {os.fspath(tdir)!r} (good/, bad/)")
+    used = {os.path.abspath(r.mask_path) for r in records if r.mask_path}
+    for gdir in layout._subdirs(tdir / GROUND_TRUTH):
+      orphans = [p.name for p in layout._list_images(gdir) if os.path.abspath(p) not in used]
+      if orphans:
+        problems.append(
+            f"class {cls!r}: masks without a matching test image in {os.fspath(gdir)!r} "
+            f"(expected test_public/{gdir.name}/<name>.png): {layout._format_names(orphans)}"
+        )
+    problems += private_problems(cdir, cls)
+  return records, problems, classes
+
+
+def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
+  return (
+      f"MVTec AD 2 dataset at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
+      + "\n".join(f"  - {p}" for p in problems)
+      + "\n"
+      + EXPECTED_LAYOUT
+  )
+
+
+def validate(
+    records: Sequence[layout.Record],
+    root: str | os.PathLike,
+    problems: Sequence[str] = (),
+    *,
+    read_images: bool = True,
+    num_workers: int | None = None,
+    limits: preprocess.Limits | None = None,
+) -> None:
+  """Raise one ``layout.DatasetError`` listing the scan's ``problems`` and, with
+  ``read_images``, every unreadable image or mask and every mask whose size differs from its
+  image's (`validate.image_size`: each file decoded once, in threads)."""
+  problems = list(problems)
+  if read_images and records:
+    paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
+    workers = num_workers or min(32, max(1, os.cpu_count() or 1))
+    sizes: dict[str, tuple[int, int]] = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      futures = {p: pool.submit(validate_lib.image_size, p, limits) for p in paths}
+      for p in paths:
+        try:
+          sizes[p] = futures[p].result()
+        except ValueError as e:
+          problems.append(str(e))
+    for r in records:
+      if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
+        (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
+        if (iw, ih) != (mw, mh):
+          problems.append(
+              f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} is {iw}x{ih}"
+          )
+  if problems:
+    raise layout.DatasetError(format_problems(root, problems))
+
+
+def private_images(root: str | os.PathLike, cls: str, split: str) -> list[Path]:
+  """The images of ``<root>/<cls>/<split>/`` (a private test set), sorted by name; a
+  ``DatasetError`` naming the folder when it is missing or holds masks or folders."""
+  if split not in PRIVATE_SPLITS:
+    raise ValueError(f"split {split!r}: one of {PRIVATE_SPLITS}")
+  cdir = Path(root) / cls
+  folder = cdir / split
+  problems = private_problems(cdir, cls)
+  if not folder.is_dir():
+    problems.append(
+        f"class {cls!r}: {os.fspath(folder)!r} is missing: the submission scores MVTec AD 2's "
+        f"{split} images; point --data_root (or the run's data.root) at the full release"
+    )
+  elif not layout._list_images(folder):
+    problems.append(f"class {cls!r}: {os.fspath(folder)!r} holds no images")
+  if problems:
+    raise layout.DatasetError(format_problems(root, problems))
+  return layout._list_images(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# The prepared copy: three splits
+
+
+class MVTecAD2Folder(mvtec_builder.MVTecFolder, skip_registration=True):
+  """`MVTecFolder` with MVTec AD 2's three splits: train, validation, test (test_public)."""
+
+  name = "mvtec_ad2_folder"
+
+  def _log_download_bytes(self) -> None:
+    n = {s: len(self._split_records(s)) for s in SPLITS}
+    cfg = self.builder_config
+    print(
+        f"preparing MVTec AD 2 ({n['train']} train, {n['validation']} validation, "
+        f"{n['test']} test_public images; resize {cfg.resize}, crop {cfg.crop}; once, reused "
+        f"by later runs)",
+        flush=True,
+    )
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    info = super()._info()  # train and test; the validation split's metadata added here
+    cfg = self.builder_config
+    info.metadata["splits"]["validation"] = mvtec_builder._split_metadata(
+        self._split_records("validation"), cfg.class_names, cfg.root
+    )
+    return info
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    return {s: self._generate_examples(split=s) for s in SPLITS}
+
+
+def make_config(
+    root,
+    class_names: Sequence[str],
+    resize: int,
+    crop: int,
+    records: Sequence[layout.Record],
+    mask_rule: str,
+    digests: dict[str, str],
+) -> mvtec_builder.MVTecFolderConfig:
+  """`mvtec_builder.make_config`'s name scheme, with the layout in the parameters' hash."""
+  base = mvtec_builder.make_config(root, class_names, resize, crop, records, mask_rule, digests)
+  params = mvtec_builder.params_hash(root, class_names, resize, crop, mask_rule)
+  phash = hashlib.sha256(json.dumps([params, "mvtec_ad2"]).encode()).hexdigest()[:10]
+  parts = base.name.split("_")  # r<resize>_c<crop>_k<n>_<params hash>_<content hash>
+  return dataclasses.replace(base, name="_".join([*parts[:3], phash, parts[4]]))
+
+
+@dataclasses.dataclass
+class Dataset(mvtec.Dataset):
+  """`mvtec.Dataset` with the validation split (normal images only)."""
+
+  validation: object | None = None
+
+  def summary_lines(self) -> list[str]:
+    lines = super().summary_lines()
+    for k, cls in enumerate(self.class_names):
+      n = sum(r.split == "validation" and r.class_name == cls for r in self.records)
+      lines[k] = lines[k].replace(" | test good", f" | validation {n} | test_public good", 1)
+    return lines
+
+
+def _identity(records, class_names, root, digests) -> dict:
+  """`identity.of_records` with the validation split's entry too."""
+  out = identity.of_records(records, class_names, root, digests)
+  val = [dataclasses.replace(r, split="train") for r in records if r.split == "validation"]
+  out["validation"] = identity.of_records(val, class_names, root, digests)["train"]
+  return out
+
+
+def load_dataset(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None,
+    resize: int,
+    crop: int,
+    cache_dir: str | os.PathLike,
+    *,
+    num_workers: int | None = None,
+    prune_stale: bool = True,
+    verbose: bool = True,
+    allow_image_level_only: bool = False,
+    mask_rule: str = "binarise",
+    limits: preprocess.Limits | None = None,
+) -> Dataset:
+  """`mvtec.load_dataset` for MVTec AD 2's own layout: scan and validate ``root`` (one
+  ``DatasetError`` listing every problem, before anything is written), build or reuse the
+  prepared copy with its train, validation and test splits, and open it."""
+  records, problems, class_names = collect(
+      root, classes, allow_image_level_only=allow_image_level_only
+  )
+  if problems and not records:
+    validate(records, root, problems)
+  digests = identity.file_digests(identity.record_paths(records), num_workers)
+  config = make_config(root, class_names, resize, crop, records, mask_rule, digests)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns about every custom config
+  try:
+    builder = MVTecAD2Folder(
+        config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
+    )
+    prepared = builder.is_prepared()
+    why = prepared_digest.problem(builder.data_dir) if prepared else None
+    if why:  # damaged or unverifiable: never read as data
+      print(f"prepared data {builder.data_dir}: {why}; preparing it again", flush=True)
+      shutil.rmtree(builder.data_dir)
+      builder = MVTecAD2Folder(
+          config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
+      )
+      prepared = builder.is_prepared()
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  # A prepared copy of this config was built from these very files after they passed
+  # validation: decoding is skipped, the layout checks always run.
+  validate(
+      records, root, problems, read_images=not prepared, num_workers=num_workers, limits=limits
+  )
+  builder._limits = limits
+  if not prepared:
+    largest = max(sum(r.split == s for r in records) for s in SPLITS)
+    tfds_bars = tfds.core.utils.tqdm_utils._active
+    tfds.display_progress_bar(False)
+    with mvtec._in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
+      try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                try_download_gcs=False,
+            )
+        )
+      finally:
+        tfds.display_progress_bar(tfds_bars)
+    prepared_digest.record(builder.data_dir)
+  leases.hold(os.fspath(Path(builder.data_dir).parent))
+  if prune_stale:
+    mvtec._prune_stale(builder, config.name, config.name.split("_")[3])
+  sources = builder.as_data_source()
+  ds = Dataset(
+      class_names=class_names,
+      train=sources["train"],
+      test=sources["test"],
+      builder=builder,
+      records=records,
+      identity=_identity(records, class_names, root, digests),
+      validation=sources["validation"],
+  )
+  if verbose:
+    for line in ds.summary_lines():
+      print(line)
+  return ds
+
+
+def load(spec: DataSpec, workdir: str) -> Dataset:
+  """The MVTec AD 2 dataset of a spec, as `cras_jax.data.load` gives the others: its root
+  resolved (`data.prepare_data_root`), prepared once under the cache's exclusive lock."""
+  from cras_jax import data as data_lib  # the package imports this module lazily
+
+  cache = data_lib.cache_dir(spec, workdir)
+  fs.writable_dir(
+      cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"
+  )
+  with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      root = data_lib.prepare_data_root(spec, workdir)
+      classes = data_lib.datasets.resolve_classes(spec.name, spec.classes)
+      return load_dataset(
+          root,
+          classes,
+          spec.resize,
+          spec.crop,
+          cache,
+          allow_image_level_only=spec.allow_image_level_only,
+          mask_rule=spec.mask_rule,
+          limits=spec.limits,
+      )
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
