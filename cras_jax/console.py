@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "tables and curves over runs, sweeps and seeds"),
     "robustness": ("robustness", "score a trained run on perturbed test images"),
     "figures": ("figures", "the paper's figures from a trained run (t-SNE, heatmaps, histograms)"),
+    "submission": (
+        "submission",
+        "MVTec AD 2's private test sets scored by a trained run, in the evaluation server's format",
+    ),
     "benchmark": ("benchmark", "images/s of the steps on this machine's devices"),
     "scaling": (
         "scaling",

@@ -1,8 +1,5 @@
-"""`python -m cras_jax.run_exported`: Scores images with a model exported by `python -m cras_jax.export`, using only jax and numpy.
-
-The command's work is `cras_jax.deploy.run_exported`'s (NumPy and the runtime only, no JAX); this module is its
-entry point (`python -m cras_jax.run_exported`, the same as `cras-jax run_exported`).
-"""
+"""`python -m cras_jax.run_exported` (`cras-jax run_exported`): score images with an exported .npz
+(JAX and NumPy only). The command's flags and work are `cras_jax.deploy.run_exported`'s."""
 
 import sys
 

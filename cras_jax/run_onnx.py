@@ -1,8 +1,5 @@
-"""`python -m cras_jax.run_onnx`: Scores images with a model exported by `python -m cras_jax.export --format=onnx`, without JAX:.
-
-The command's work is `cras_jax.deploy.run_onnx`'s (NumPy and the runtime only, no JAX); this module is its
-entry point (`python -m cras_jax.run_onnx`, the same as `cras-jax run_onnx`).
-"""
+"""`python -m cras_jax.run_onnx` (`cras-jax run_onnx`): score images with an exported .onnx, without
+JAX (onnxruntime or OpenVINO). The command's flags and work are `cras_jax.deploy.run_onnx`'s."""
 
 import sys
 

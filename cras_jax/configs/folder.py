@@ -8,7 +8,7 @@ unless --config.data.classes is given. Measured on real images (an MVTec AD clas
 defect set, 971 training images): Lite0 levels 2+3 at 160 px, D = 512, the paper's learning
 rates, batch 8, 20 epochs and noise of about 0.3x the adapted-feature std gave the authors'
 results. For the paper's WideResNet50-2 settings on your images: configs/mvtec.py with
---config.data.classes='()' (discovered) and converted weights (README).
+--config.data.classes='()' (discovered) and converted weights (docs/data.md).
 """
 
 from cras_jax.configs import mvtec

@@ -5,7 +5,7 @@ python -m cras_jax.main --config=configs/mvtec.py --workdir=runs/mvtec
 The backbone's torchvision ImageNet weights are fetched by name into the user cache; the
 dataset is read from data.root, or, with data.root empty, from <data.data_dir>/<name>
 (fetched there when it has a public address or data.download_url gives one; otherwise the
-message says where to get it and where to put it). README "Datasets and weights by name".
+message says where to get it and where to put it). docs/data.md "Datasets and weights by name".
 """
 
 import ml_collections

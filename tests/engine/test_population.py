@@ -45,7 +45,7 @@ def flat(tree) -> dict:
 
 # With the members vmapped, leaves that are not trained are equal bit for bit; the trained
 # ones are not: the vmapped step is another XLA program (the members' products batched, the reductions over one more
-# axis), whose float32 sums round in another order (README "Populations"). Biases whose
+# axis), whose float32 sums round in another order (docs/experiments.md "Populations"). Biases whose
 # gradient is zero in exact arithmetic (`golden.assert_one_step_equal`) take Adam steps of
 # rounding noise of up to +-lr each step, and the BatchNorm means that follow them as much.
 EXACT = ("['step']", "['rng']", "['centres']", "['noise_std']")
