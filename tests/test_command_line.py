@@ -112,6 +112,8 @@ CASES = [
     ("convert_visa", ["{t}", "{t}/out"], "not found"),
     ("run_exported", ["{t}/m.npz", "{empty}", "--batch_size=-1"], "--batch_size=-1"),
     ("run_exported", ["{t}/m.npz", "{empty}"], "no images"),
+    ("run_exported", ["{t}/m.npz", "{empty}", "--output={dir}"], "is a folder; name the .npz"),
+    ("run_exported", ["{t}/m.npz", "{empty}", "--output={t}/no/s.npz"], "does not exist"),
     ("run_exported", ["{t}/m.npz", "{empty}", "--image_threshold=nan"], "finite number"),
 ]
 

@@ -181,7 +181,7 @@ def command(tokens: list[str]) -> tuple[str, list[str]] | None:
       return None
     if name not in console.COMMANDS:
       return f"cras-jax {tokens[1]} (not a command)", tokens[2:]
-    return "cras_jax." + console.COMMANDS[name][0], tokens[2:]
+    return "cras_jax." + console.module(name), tokens[2:]
   if tokens[0] not in ("python", "python3") or len(tokens) < 2:
     return None
   if tokens[1] == "-m" and len(tokens) > 2 and "<" not in tokens[2]:

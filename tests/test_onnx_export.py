@@ -301,6 +301,8 @@ def test_bad_files_and_inputs_give_one_message_and_status_2(exported, tmp_path):
       ((good, wrong_shape), "expected uint8 images [N, 64, 64, 3]"),
       ((good, floats), "expected uint8 images"),
       ((good, crops, "--image_threshold=nan"), "must be a finite number"),
+      ((good, crops, f"--output={tmp_path}"), "is a folder; name the .npz file"),
+      ((good, crops, f"--output={tmp_path}/no/s.npz"), "does not exist"),
       ((good, tmp_path / "missing.png"), "no such file or folder"),
       ((tmp_path / "missing.onnx", crops), "cannot be read"),
   ]

@@ -21,3 +21,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = schema.default_config()
   config.data.classes = MVTEC_CLASSES
   return config
+
+
+def for_dataset(name: str) -> ml_collections.ConfigDict:
+  """The paper's settings (`get_config`) on the registered dataset `name`, all its classes:
+  the shipped configs of the other paper datasets are this with their name."""
+  config = get_config()
+  config.data.name = name
+  config.data.classes = registry.dataset(name).classes
+  return config

@@ -27,7 +27,13 @@ import jax
 import numpy as np
 from jax import export
 
-from cras_jax.deploy.outputs import decisions_made, no_decision_note, save_outputs
+from cras_jax.deploy.outputs import (
+    check_output,
+    decisions_made,
+    no_decision_note,
+    print_results,
+    save_outputs,
+)
 
 
 class ExportError(ValueError):
@@ -184,27 +190,26 @@ def main(argv=None):
   if not sys.flags.utf8_mode and sys.getfilesystemencoding().lower().replace("-", "") != "utf8":
     p.error("the locale's text encoding is not UTF-8: run with PYTHONUTF8=1 (or LC_ALL=C.UTF-8)")
   try:
+    if args.output:  # before any work
+      check_output(args.output)
     images = np.load(args.images, allow_pickle=False)
     if images.ndim >= 1 and len(images) == 0:
       raise ValueError(f"{args.images}: holds no images (N = 0): give at least one crop")
     model = load(args.model)
     out = score(model, images, args.batch_size or None, args.image_threshold, args.pixel_threshold)
+    if args.output:
+      save_outputs(args.output, out)
   except (ValueError, OSError, KeyError) as e:  # the user's files: one message, status 2
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  names = model["meta"]["class_names"]
-  decided = decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
-  if no_decision_note(decided):
-    print(no_decision_note(decided), file=sys.stderr)
-  if not args.quiet:
-    print("index\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
-    for i in range(len(images)):
-      anomalous = int(out["is_anomaly"][i]) if decided["image"] else "n/a"
-      fraction = f"{out['masks'][i].mean():.4f}" if decided["pixel"] else "n/a"
-      print(
-          f"{i}\t{names[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
-          f"{out['normalised_scores'][i]:.4f}\t{anomalous}\t{fraction}"
-      )
-  if args.output:
-    save_outputs(args.output, out)
+  if args.quiet:  # the decision note still goes to stderr
+    note = no_decision_note(
+        decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
+    )
+    if note:
+      print(note, file=sys.stderr)
+  else:
+    print_results(
+        range(len(images)), "index", out, model["meta"], args.image_threshold, args.pixel_threshold
+    )
   return out

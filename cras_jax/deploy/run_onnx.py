@@ -29,7 +29,13 @@ import sys
 import numpy as np
 
 from cras_jax.deploy import image_limits
-from cras_jax.deploy.outputs import decisions_made, no_decision_note, save_outputs
+from cras_jax.deploy.outputs import (
+    check_output,
+    decisions_made,
+    no_decision_note,
+    print_results,
+    save_outputs,
+)
 
 FORMAT = "cras_jax.onnx_scoring"
 FORMAT_VERSION = 1
@@ -91,6 +97,22 @@ def metadata_props(data: bytes) -> dict[str, str]:
       entry = {f: v for f, w, v in _fields(value) if w == 2}
       props[entry.get(1, b"").decode("utf-8")] = entry.get(2, b"").decode("utf-8")
   return props
+
+
+# Words of a runtime's refusal that say why (an opset or IR version it lacks, an operator it
+# does not support), kept when the rest of the message is C++ frames and signatures.
+_REASON_WORDS = ("opset", "ir version", "ir_version", "unsupported", "not supported", "version")
+
+
+def runtime_reason(e: BaseException, limit: int = 400) -> str:
+  """A runtime's refusal in one line: the lines that name the cause (`_REASON_WORDS`), else
+  the whole message; past `limit` characters the END is kept (where runtimes put the reason),
+  never a cut inside the first C++ signature."""
+  lines = [" ".join(line.split()) for line in str(e).splitlines()]
+  lines = [line for line in lines if line]
+  named = [line for line in lines if any(w in line.lower() for w in _REASON_WORDS)]
+  text = " | ".join(dict.fromkeys(named or lines)) or type(e).__name__
+  return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def file_checksum(data: bytes, stored: str) -> str:
@@ -180,7 +202,7 @@ def _onnxruntime(data: bytes, path: str, threads: int):
   try:
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
   except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
-    raise ExportError(f"{path}: onnxruntime cannot load it ({str(e)[:300]})") from None
+    raise ExportError(f"{path}: onnxruntime cannot load it ({runtime_reason(e)})") from None
   names = [o.name for o in session.get_outputs()]
 
   def run(images, ithr, pthr):
@@ -208,7 +230,7 @@ def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
   try:
     compiled = core.compile_model(core.read_model(data), "CPU", config)
   except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
-    raise ExportError(f"{path}: OpenVINO cannot load it ({str(e)[:300]})") from None
+    raise ExportError(f"{path}: OpenVINO cannot load it ({runtime_reason(e)})") from None
   request = compiled.create_infer_request()
   wanted = set(outputs)
   ports = {(set(o.get_names()) & wanted).pop(): o for o in compiled.outputs}
@@ -371,6 +393,8 @@ def main(argv=None) -> dict:
     if getattr(args, name) < 0:
       p.error(f"--{name}={getattr(args, name)}: must be >= 0")
   try:
+    if args.output:  # before any work
+      check_output(args.output)
     model = load(args.model, args.runtime, args.threads)
     crops, names = inputs_to_crops(args.inputs, model["meta"])
     out = score(model, crops, args.batch_size or None, args.image_threshold, args.pixel_threshold)
@@ -379,17 +403,12 @@ def main(argv=None) -> dict:
   except (ExportError, OSError) as e:  # the user's files: one message, status 2
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  classes = model["meta"]["class_names"]
-  decided = decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
-  if no_decision_note(decided):
-    print(no_decision_note(decided), file=sys.stderr)
-  if not args.quiet:
-    print("image\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
-    for i, name in enumerate(names):
-      anomalous = int(out["is_anomaly"][i]) if decided["image"] else "n/a"
-      fraction = f"{out['masks'][i].mean():.4f}" if decided["pixel"] else "n/a"
-      print(
-          f"{name}\t{classes[int(out['cls'][i])]}\t{out['scores'][i]:.6f}\t"
-          f"{out['normalised_scores'][i]:.4f}\t{anomalous}\t{fraction}"
-      )
+  if args.quiet:  # the decision note still goes to stderr
+    note = no_decision_note(
+        decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
+    )
+    if note:
+      print(note, file=sys.stderr)
+  else:
+    print_results(names, "image", out, model["meta"], args.image_threshold, args.pixel_threshold)
   return out

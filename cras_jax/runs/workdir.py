@@ -40,6 +40,7 @@ SHAPE_FIELDS = (
     "model.disc_layers",
     "model.crd_input",
     "data.crop",
+    "train.population",  # a population's members are stacked on the state's leading axis
 )
 # Config fields whose values the saved state was computed from, once, at the run's start: the
 # class centres and the feature noise scale come from the feature pass over the training data

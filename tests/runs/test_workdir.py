@@ -147,6 +147,22 @@ def test_a_change_the_saved_state_cannot_reflect_is_refused_naming_the_field(
     runs.resume(mngr, None, meta, str(work), allow_config_change=True)
 
 
+@pytest.mark.parametrize("field,value", [("train.population", "seed=0,1"), ("model.embed_dim", 16)])
+def test_a_change_of_the_saved_states_shapes_is_refused_naming_the_field(
+    tiny_run, tmp_path, field, value
+):
+  """A population resized (its members are the state's leading axis) or a head resized: one
+  message naming the field, even with --allow_config_change, before anything is restored."""
+  work, _ = _copy(tiny_run, tmp_path)
+  mngr, meta = _saved_meta(work)
+  section, last = field.split(".")
+  meta["config"][section][last] = value
+  with pytest.raises(
+      errors.UserValueError, match=rf"(?s)parameter shapes differ.*{field}: saved.*new --workdir"
+  ):
+    runs.resume(mngr, None, meta, str(work), allow_config_change=True)
+
+
 def test_adding_a_class_says_the_class_list_changed_in_one_message(tiny_run, tmp_path):
   work, data = _copy(tiny_run, tmp_path)
   shutil.copytree(data / "chip", data / "chip2")
