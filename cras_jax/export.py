@@ -65,8 +65,7 @@ SUFFIX = {"jax": "npz", "onnx": "onnx"}
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
-  flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
-  flag_checks.define_member_flag(fv)
+  flag_checks.define_trained_run_flags(fv)
   flags.DEFINE_enum(
       "format",
       "jax",
@@ -97,7 +96,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float(
       "pixel_threshold", None, "Store this pixel threshold instead of the run's.", flag_values=fv
   )
-  flags.mark_flag_as_required("workdir", flag_values=fv)
   for name in ("image_threshold", "pixel_threshold"):
     flag_checks.bounded(fv, name)
 

@@ -45,8 +45,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command); its arguments are the images
   and folders to score."""
   fv = flag_values
-  flags.DEFINE_string("workdir", None, "A trained run's directory.", flag_values=fv)
-  flag_checks.define_member_flag(fv)
+  flag_checks.define_trained_run_flags(fv)
   flags.DEFINE_string(
       "output_dir",
       None,
@@ -91,7 +90,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
       "workers", 0, "Image-decoding threads (default min(8, CPUs)).", flag_values=fv
   )
-  flags.mark_flag_as_required("workdir", flag_values=fv)
   for name in ("image_threshold", "pixel_threshold"):
     flag_checks.bounded(fv, name)
 

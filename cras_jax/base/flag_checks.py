@@ -83,3 +83,13 @@ def define_member_flag(fv: flags.FlagValues) -> None:
       "one to use.",
       flag_values=fv,
   )
+
+
+def define_trained_run_flags(
+    fv: flags.FlagValues, what: str = "A trained run's directory."
+) -> None:
+  """`--workdir` (required: the trained run to read) and `--member`: the flags of every
+  command that reads a trained run (predict, export, robustness, figures, submission)."""
+  flags.DEFINE_string("workdir", None, what, flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+  define_member_flag(fv)

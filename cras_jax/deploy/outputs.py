@@ -53,16 +53,19 @@ def save_outputs(path: str, out: dict) -> None:
 
 
 def print_results(
-    labels, label_header: str, out: dict, meta: dict, image_threshold, pixel_threshold
+    labels, label_header: str, out: dict, meta: dict, args, quiet: bool = False
 ) -> None:
-  """The scorers' table on stdout, one row per image (`labels`: file names or indices): its
-  class, score, normalised score, decision and defect fraction; `n/a` where the export applies
-  no threshold (`decisions_made`), said once on stderr."""
+  """The scorers' table on stdout (unless `quiet`), one row per image (`labels`: file names or
+  indices): its class, score, normalised score, decision and defect fraction; `n/a` where the
+  export applies no threshold (`decisions_made`: args.image_threshold / pixel_threshold, or
+  the export's), said once on stderr either way."""
   classes = meta["class_names"]
-  decided = decisions_made(meta, image_threshold, pixel_threshold)
+  decided = decisions_made(meta, args.image_threshold, args.pixel_threshold)
   note = no_decision_note(decided)
   if note:
     print(note, file=sys.stderr)
+  if quiet:
+    return
   print(f"{label_header}\tclass\tscore\tnormalised\tanomalous\tdefect_fraction")
   for i, label in enumerate(labels):
     anomalous = int(out["is_anomaly"][i]) if decided["image"] else "n/a"

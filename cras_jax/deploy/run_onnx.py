@@ -31,8 +31,6 @@ import numpy as np
 from cras_jax.deploy import image_limits
 from cras_jax.deploy.outputs import (
     check_output,
-    decisions_made,
-    no_decision_note,
     print_results,
     save_outputs,
 )
@@ -403,12 +401,5 @@ def main(argv=None) -> dict:
   except (ExportError, OSError) as e:  # the user's files: one message, status 2
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  if args.quiet:  # the decision note still goes to stderr
-    note = no_decision_note(
-        decisions_made(model["meta"], args.image_threshold, args.pixel_threshold)
-    )
-    if note:
-      print(note, file=sys.stderr)
-  else:
-    print_results(names, "image", out, model["meta"], args.image_threshold, args.pixel_threshold)
+  print_results(names, "image", out, model["meta"], args, quiet=args.quiet)
   return out

@@ -304,8 +304,7 @@ def make_figures(
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
-  flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
-  flag_checks.define_member_flag(fv)
+  flag_checks.define_trained_run_flags(fv)
   flags.DEFINE_list(
       "classes", [], "Classes of the qualitative grid (default: all).", flag_values=fv
   )
@@ -318,7 +317,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
       "data_root", None, "Default: the data the run was trained on.", flag_values=fv
   )
-  flags.mark_flag_as_required("workdir", flag_values=fv)
   flag_checks.bounded(fv, "per_class", 1, 100)
   flag_checks.bounded(fv, "seed", 0)
   flag_checks.bounded(fv, "batch_size", 1, 65536)

@@ -163,8 +163,7 @@ def write(result: dict, out_dir: str, stem: str) -> list[str]:
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
-  flags.DEFINE_string("workdir", None, "A trained run's workdir.", flag_values=fv)
-  flag_checks.define_member_flag(fv)
+  flag_checks.define_trained_run_flags(fv)
   flags.DEFINE_list(
       "perturbations",
       list(PERTURBATIONS),
@@ -204,7 +203,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flag_checks.bounded(fv, "jitter", 0.0, 1.0)
   flag_checks.bounded(fv, "max_angle", 0.0, 180.0)
   flag_checks.bounded(fv, "batch_size", 1, 65536)
-  flags.mark_flag_as_required("workdir", flag_values=fv)
   flags.register_validator(
       "perturbations",
       lambda ps: set(ps) <= set(PERTURBATIONS),

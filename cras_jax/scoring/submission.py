@@ -494,23 +494,37 @@ def private_items(root: str, classes: Sequence[str], splits: Sequence[str]) -> l
   return items
 
 
-def _read(item: Item, resize: int, crop: int, limits) -> tuple[np.ndarray, tuple[int, int]]:
-  raw = preprocess.read_image(item.path, limits)
-  return preprocess.resize_and_crop_image(raw, resize, crop), raw.shape[:2]
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How a submission reads its images and writes their maps: the run's resize and crop (the
+  maps are mapped back through them), its image limits, the decoding threads, the TIFFs'
+  compression."""
+
+  resize: int
+  crop: int
+  limits: preprocess.Limits | None = None
+  workers: int = 2
+  compression: str | None = "zlib"
 
 
-def _reader(items: Sequence[Item], resize: int, crop: int, limits, workers: int):
+def _read(item: Item, opts: Options) -> tuple[np.ndarray, tuple[int, int]]:
+  raw = preprocess.read_image(item.path, opts.limits)
+  return preprocess.resize_and_crop_image(raw, opts.resize, opts.crop), raw.shape[:2]
+
+
+def _reader(items: Sequence[Item], opts: Options):
   """(item, crop, (height, width)) in order; decoding in `workers` threads, a window ahead."""
+  workers = opts.workers
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     pending = collections.deque()
     todo = iter(items)
     for it in itertools.islice(todo, 4 * workers):
-      pending.append((it, pool.submit(_read, it, resize, crop, limits)))
+      pending.append((it, pool.submit(_read, it, opts)))
     while pending:
       it, fut = pending.popleft()
       nxt = next(todo, None)
       if nxt is not None:
-        pending.append((nxt, pool.submit(_read, nxt, resize, crop, limits)))
+        pending.append((nxt, pool.submit(_read, nxt, opts)))
       image, size = fut.result()
       yield it, image, size
 
@@ -521,9 +535,9 @@ def _batches(iterable, n: int):
     yield batch
 
 
-def _write_one(out, item, zmap, size, resize, crop, pixel_thr, compression) -> float:
-  full, inside = to_original(zmap, *size, resize, crop)
-  write_map(map_path(out, item.cls, item.split, item.stem), full, compression)
+def _write_one(out, item, zmap, size, opts: Options, pixel_thr) -> float:
+  full, inside = to_original(zmap, *size, opts.resize, opts.crop)
+  write_map(map_path(out, item.cls, item.split, item.stem), full, opts.compression)
   flagged = (full >= pixel_thr) & inside
   write_mask(mask_path(out, item.cls, item.split, item.stem), flagged)
   return float(flagged.mean())
@@ -534,11 +548,7 @@ def write_submission(
     thr: thresholds.Thresholds,
     items: Sequence[Item],
     out: str,
-    resize: int,
-    crop: int,
-    limits: preprocess.Limits | None = None,
-    workers: int = 2,
-    compression: str | None = "zlib",
+    opts: Options,
 ) -> dict:
   """Scores `items` and writes their maps and masks into the folder `out` (which must
   exist; `submit` gives a temporary one) -> per image: its flagged fraction and normalised
@@ -552,7 +562,7 @@ def write_submission(
   bar = results.progress(total=len(items), desc="submission", unit="img")
   with concurrent.futures.ThreadPoolExecutor(2) as writers:
     pending = []
-    for batch in _batches(_reader(items, resize, crop, limits, workers), scorer.batch_size):
+    for batch in _batches(_reader(items, opts), scorer.batch_size):
       stop_lib.poll("the submission", f"nothing is kept under {out}")
       res = scorer(np.stack([image for _, image, _ in batch]))
       if not (np.isfinite(res["scores"]).all() and np.isfinite(res["maps"]).all()):
@@ -563,15 +573,7 @@ def write_submission(
       norm = scoring.normalise(res, thr)
       for j, (it, _, size) in enumerate(batch):
         fut = writers.submit(
-            _write_one,
-            out,
-            it,
-            norm["normalised_maps"][j],
-            size,
-            resize,
-            crop,
-            thr.pixel_threshold,
-            compression,
+            _write_one, out, it, norm["normalised_maps"][j], size, opts, thr.pixel_threshold
         )
         pending.append((it, float(norm["normalised_scores"][j]), fut))
       for it, z, fut in pending[: -2 * scorer.batch_size]:  # a bounded backlog
@@ -637,10 +639,11 @@ def submit(
   expected: dict[str, dict[str, list[str]]] = {}
   for it in items:
     expected.setdefault(it.cls, {}).setdefault(it.split, []).append(it.stem)
+  opts = Options(resize, crop, limits, workers, compression)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
   t0 = time.time()
   try:
-    rows = write_submission(scorer, thr, items, tmp, resize, crop, limits, workers, compression)
+    rows = write_submission(scorer, thr, items, tmp, opts)
     problems = structure_problems(tmp, expected)
     if problems:  # a bug, not the user's: the folder is not kept
       raise RuntimeError("the submission folder is malformed:\n  " + "\n  ".join(problems))
@@ -678,8 +681,7 @@ def submit(
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags (defined when it runs as a command)."""
   fv = flag_values
-  flags.DEFINE_string("workdir", None, "A run trained on MVTec AD 2.", flag_values=fv)
-  flag_checks.define_member_flag(fv)
+  flag_checks.define_trained_run_flags(fv, "A run trained on MVTec AD 2.")
   flags.DEFINE_string(
       "out",
       None,
@@ -716,7 +718,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "Replace an existing --out folder (once the new submission is complete).",
       flag_values=fv,
   )
-  flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
   flag_checks.bounded(fv, "batch_size", 0, 65536)
   flag_checks.bounded(fv, "workers", 0, 256)
 
