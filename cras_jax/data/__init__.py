@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,6 +63,12 @@ def load(spec: DataSpec, workdir: str):
     from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
 
     return mvtec_ad2.load(spec, workdir)
+  return load_locked(spec, workdir, lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs))
+
+
+def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable):
+  """``load_dataset(root, classes, resize, crop, cache, ...)`` of a spec (`mvtec.load_dataset`
+  and its like), its root resolved (`prepare_data_root`), under the cache's exclusive lock."""
   cache = cache_dir(spec, workdir)
   fs.writable_dir(
       cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"
@@ -71,7 +78,7 @@ def load(spec: DataSpec, workdir: str):
     try:
       root = prepare_data_root(spec, workdir)
       classes = datasets.resolve_classes(spec.name, spec.classes)
-      return _mvtec().load_dataset(
+      return load_dataset(
           root,
           classes,
           spec.resize,

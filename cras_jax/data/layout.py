@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cras_jax.base import errors
@@ -161,23 +161,78 @@ def _format_names(names: Sequence[str], limit: int = 5) -> str:
 
 
 def orphan_masks(
-    records: Sequence[Record], root: str | os.PathLike, class_names: Sequence[str]
+    records: Sequence[Record],
+    root: str | os.PathLike,
+    class_names: Sequence[str],
+    *,
+    ground_truth: str = "ground_truth",
+    test_images: str = "test/{}/<name>.<ext>",
 ) -> list[str]:
-  """Problems for files in ``<class>/ground_truth/<type>/`` that belong to no test image."""
+  """Problems for files in ``<class>/<ground_truth>/<type>/`` that belong to no test image
+  (``test_images``: where their images are expected, ``{}`` the type)."""
   used = {os.path.normcase(os.path.abspath(r.mask_path)) for r in records if r.mask_path}
   problems = []
   for cls in class_names:
-    for gdir in _subdirs(Path(root) / cls / "ground_truth"):
+    for gdir in _subdirs(Path(root) / cls / ground_truth):
       orphans = [
           p.name for p in _list_images(gdir) if os.path.normcase(os.path.abspath(p)) not in used
       ]
       if orphans:
         problems.append(
             f"class {cls!r}: masks without a matching test image in "
-            f"{os.fspath(gdir)!r} (expected test/{gdir.name}/<name>.<ext>): "
+            f"{os.fspath(gdir)!r} (expected {test_images.format(gdir.name)}): "
             f"{_format_names(orphans)}"
         )
   return problems
+
+
+def scan_classes(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None,
+    discover: Callable[[Path], list[str]],
+    holding: str,
+) -> tuple[list[str], list[str], bool]:
+  """The classes a scan of ``root`` reads: ``(classes, problems, stopped)``.
+
+  ``classes`` default to ``discover(root)`` (``holding``: what a class folder holds, for the
+  problem when none is found); classes listed twice are a problem. The scan stops
+  (``stopped``, with only the problems that stop it) at a missing root or a class name that
+  is not a plain folder name.
+  """
+  root_p = Path(root)
+  if not root_p.is_dir():
+    return [], [f"dataset root {os.fspath(root)!r} does not exist or is not a folder"], True
+  problems: list[str] = []
+  if classes is None:
+    classes = discover(root_p)
+    if not classes:
+      problems.append(f"no class folders (sub-folders with {holding}) found in {os.fspath(root)!r}")
+  else:
+    classes = list(classes)
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+      problems.append(f"classes listed more than once: {', '.join(dup)}")
+  bad = [why for why in map(plain_name_problem, classes) if why]
+  if bad:  # a class name is a path: '../x' would write outside the workdir
+    return list(classes), [f"class names must be plain folder names: {why}" for why in bad], True
+  return list(classes), problems, False
+
+
+def defective_records(
+    cls: str, defect_type: str, images: Sequence[Path], gdir: Path
+) -> tuple[list[Record], list[str]]:
+  """The test records of a class's defective ``images``, each with its mask in ``gdir``
+  (`_find_mask`; ``mask_path=None`` when there is none), and the names of those without one."""
+  gt_files = {p.name.lower(): p for p in _list_images(gdir)}
+  records, missing = [], []
+  for p in images:
+    m = _find_mask(gt_files, p.stem)
+    if m is None:
+      missing.append(p.name)
+    records.append(
+        Record(cls, "test", defect_type, os.fspath(p), None if m is None else os.fspath(m))
+    )
+  return records, missing
 
 
 def collect(
@@ -189,25 +244,11 @@ def collect(
   and masks that belong to no test image, are listed among the problems. A missing root is
   the only problem that stops the scan (reported alone).
   """
+  classes, problems, stopped = scan_classes(root, classes, discover_classes, "train/ or test/")
+  if stopped:
+    return [], problems, classes
   root_p = Path(root)
-  if not root_p.is_dir():
-    return [], [f"dataset root {os.fspath(root)!r} does not exist or is not a folder"], []
-  problems: list[str] = []
-  if classes is None:
-    classes = discover_classes(root_p)
-    if not classes:
-      problems.append(
-          f"no class folders (sub-folders with train/ or test/) found in {os.fspath(root)!r}"
-      )
-  else:
-    classes = list(classes)
-    dup = sorted({c for c in classes if classes.count(c) > 1})
-    if dup:
-      problems.append(f"classes listed more than once: {', '.join(dup)}")
   records: list[Record] = []
-  bad = [why for why in map(plain_name_problem, classes) if why]
-  if bad:  # a class name is a path: '../x' would write outside the workdir
-    return [], [f"class names must be plain folder names: {why}" for why in bad], list(classes)
   for cls in classes:
     cdir = root_p / cls
     if not cdir.is_dir():
@@ -225,17 +266,9 @@ def collect(
       if tdir.name in NORMAL_DIR_NAMES:
         records += [Record(cls, "test", "good", os.fspath(p)) for p in images]
         continue
-      dtype = tdir.name
-      gdir = cdir / "ground_truth" / dtype
-      gt_files = {p.name.lower(): p for p in _list_images(gdir)}
-      missing = []
-      for p in images:
-        m = _find_mask(gt_files, p.stem)
-        if m is None:
-          missing.append(p.name)
-        records.append(
-            Record(cls, "test", dtype, os.fspath(p), None if m is None else os.fspath(m))
-        )
+      gdir = cdir / "ground_truth" / tdir.name
+      defective, missing = defective_records(cls, tdir.name, images, gdir)
+      records += defective
       if missing and check_masks:
         problems.append(
             f"class {cls!r}: defective test images without a mask in "
@@ -248,12 +281,19 @@ def collect(
   return records, problems, list(classes)
 
 
-def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
+def format_problems(
+    root: str | os.PathLike,
+    problems: Sequence[str],
+    what: str = "Dataset",
+    expected_layout: str = EXPECTED_LAYOUT,
+) -> str:
+  """The message of a `DatasetError`: ``what`` at ``root`` with its problems, one a line, and
+  the layout it should have."""
   return (
-      f"Dataset at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
+      f"{what} at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
       + "\n".join(f"  - {p}" for p in problems)
       + "\n"
-      + EXPECTED_LAYOUT
+      + expected_layout
   )
 
 

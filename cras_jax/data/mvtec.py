@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from cras_jax.base import leases
 from cras_jax.data import identity, layout, prepared_digest, preprocess, validate
-from cras_jax.data.mvtec_builder import SPLITS, MVTecFolder, make_config
+from cras_jax.data.mvtec_builder import SPLITS, MVTecFolder, MVTecFolderConfig, make_config
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -134,12 +135,59 @@ def load_dataset(
   # only for the very same contents.
   digests = identity.file_digests(identity.record_paths(records), num_workers)
   config = make_config(root, class_names, resize, crop, records, mask_rule, digests)
+  check = functools.partial(
+      validate.validate,
+      records,
+      root,
+      allow_image_level_only=allow_image_level_only,
+      problems=problems,
+      class_names=class_names,
+      num_workers=num_workers,
+      limits=limits,
+  )
+  return open_dataset(
+      config,
+      records,
+      class_names,
+      cache_dir,
+      check,
+      identity.of_records(records, class_names, root, digests),
+      num_workers=num_workers,
+      prune_stale=prune_stale,
+      verbose=verbose,
+      limits=limits,
+  )
+
+
+def open_dataset(
+    config: MVTecFolderConfig,
+    records: list[layout.Record],
+    class_names: list[str],
+    cache_dir: str | os.PathLike,
+    check: Callable[..., None],
+    data_identity: dict,
+    *,
+    builder_cls: type[MVTecFolder] = MVTecFolder,
+    dataset_cls: type[Dataset] = Dataset,
+    splits: Sequence[str] = SPLITS,
+    num_workers: int | None = None,
+    prune_stale: bool = True,
+    verbose: bool = True,
+    limits: preprocess.Limits | None = None,
+) -> Dataset:
+  """The prepared copy of ``config`` in ``cache_dir`` opened as a ``dataset_cls``, one source
+  per split of ``splits``: reused when it is there and verified (`prepared_digest`), otherwise
+  built by ``builder_cls`` from ``records``; older copies of the same parameters pruned.
+
+  ``check(read_images=...)`` raises the dataset's problems before anything is written
+  (``read_images`` False for a reused copy); ``data_identity`` is `Dataset.identity`.
+  """
   # tfds logs a warning with the whole config for every custom config: silence that one.
   # (Constructing the builder writes nothing to cache_dir.)
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
-    builder = MVTecFolder(
+    builder = builder_cls(
         config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
     )
     prepared = builder.is_prepared()
@@ -147,7 +195,7 @@ def load_dataset(
     if why:  # damaged or unverifiable: never read as data
       print(f"prepared data {builder.data_dir}: {why}; preparing it again", flush=True)
       shutil.rmtree(builder.data_dir)
-      builder = MVTecFolder(
+      builder = builder_cls(
           config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
       )
       prepared = builder.is_prepared()
@@ -156,22 +204,13 @@ def load_dataset(
   # A prepared cache of this config was built from these very files (the config name holds
   # their paths and the hashes of their contents) after they passed validation: decoding is
   # skipped, the layout checks (masks present, no orphan masks) are always run.
-  validate.validate(
-      records,
-      root,
-      allow_image_level_only=allow_image_level_only,
-      problems=problems,
-      class_names=class_names,
-      read_images=not prepared,
-      num_workers=num_workers,
-      limits=limits,
-  )
+  check(read_images=not prepared)
   builder._limits = limits
   if not prepared:
-    largest = max(sum(r.split == s for r in records) for s in SPLITS)
+    largest = max(sum(r.split == s for r in records) for s in splits)
     tfds_bars = tfds.core.utils.tqdm_utils._active  # restored after the build
     tfds.display_progress_bar(False)
-    with _in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
+    with _in_memory_shuffler(largest * (4 * config.crop * config.crop + 1024) * 2):
       try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
@@ -188,13 +227,12 @@ def load_dataset(
   if prune_stale:
     _prune_stale(builder, config.name, config.name.split("_")[3])
   sources = builder.as_data_source()
-  ds = Dataset(
+  ds = dataset_cls(
       class_names=class_names,
-      train=sources["train"],
-      test=sources["test"],
       builder=builder,
       records=records,
-      identity=identity.of_records(records, class_names, root, digests),
+      identity=data_identity,
+      **{s: sources[s] for s in splits},
   )
   if verbose:
     for line in ds.summary_lines():

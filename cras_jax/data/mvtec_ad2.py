@@ -28,21 +28,15 @@ ground truth is released for them).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import fcntl
-import hashlib
-import json
+import functools
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from absl import logging as absl_logging
 
-from cras_jax.base import fs, leases
-from cras_jax.data import identity, layout, mvtec, mvtec_builder, prepared_digest, preprocess
+from cras_jax.data import identity, layout, mvtec, mvtec_builder, preprocess
 from cras_jax.data import validate as validate_lib
 from cras_jax.data.spec import DataSpec
 
@@ -119,24 +113,12 @@ def collect(
   """Scan without raising: ``(records, problems, class_names)``. Records have split "train",
   "validation" or "test" (test_public); defective ones without a mask get ``mask_path=None``
   (a problem unless ``allow_image_level_only``). No image is read."""
+  classes, problems, stopped = layout.scan_classes(
+      root, classes, discover_classes, "train/, validation/ or test_public/"
+  )
+  if stopped:
+    return [], problems, classes
   root_p = Path(root)
-  if not root_p.is_dir():
-    return [], [f"dataset root {os.fspath(root)!r} does not exist or is not a folder"], []
-  problems: list[str] = []
-  if classes is None:
-    classes = discover_classes(root_p)
-    if not classes:
-      problems.append(
-          f"no class folders (sub-folders with train/, validation/ or test_public/) found in "
-          f"{os.fspath(root)!r}"
-      )
-  classes = list(classes)
-  dup = sorted({c for c in classes if classes.count(c) > 1})
-  if dup:
-    problems.append(f"classes listed more than once: {', '.join(dup)}")
-  bad = [why for why in map(layout.plain_name_problem, classes) if why]
-  if bad:
-    return [], [f"class names must be plain folder names: {why}" for why in bad], classes
   records: list[layout.Record] = []
   for cls in classes:
     cdir = root_p / cls
@@ -168,15 +150,8 @@ def collect(
         records += [layout.Record(cls, "test", "good", os.fspath(p)) for p in images]
         continue
       gdir = tdir / GROUND_TRUTH / sub.name
-      gt_files = {p.name.lower(): p for p in layout._list_images(gdir)}
-      missing = []
-      for p in images:
-        m = layout._find_mask(gt_files, p.stem)
-        if m is None:
-          missing.append(p.name)
-        records.append(
-            layout.Record(cls, "test", sub.name, os.fspath(p), None if m is None else os.fspath(m))
-        )
+      defective, missing = layout.defective_records(cls, sub.name, images, gdir)
+      records += defective
       if missing and not allow_image_level_only:
         problems.append(
             f"class {cls!r}: defective test images without a mask in {os.fspath(gdir)!r} "
@@ -185,25 +160,19 @@ def collect(
         )
     if n_test == 0:
       problems.append(f"class {cls!r}: no test images in {os.fspath(tdir)!r} (good/, bad/)")
-    used = {os.path.abspath(r.mask_path) for r in records if r.mask_path}
-    for gdir in layout._subdirs(tdir / GROUND_TRUTH):
-      orphans = [p.name for p in layout._list_images(gdir) if os.path.abspath(p) not in used]
-      if orphans:
-        problems.append(
-            f"class {cls!r}: masks without a matching test image in {os.fspath(gdir)!r} "
-            f"(expected test_public/{gdir.name}/<name>.png): {layout._format_names(orphans)}"
-        )
+    problems += layout.orphan_masks(
+        records,
+        root_p,
+        [cls],
+        ground_truth=f"test_public/{GROUND_TRUTH}",
+        test_images="test_public/{}/<name>.png",
+    )
     problems += private_problems(cdir, cls)
   return records, problems, classes
 
 
 def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
-  return (
-      f"MVTec AD 2 dataset at {os.fspath(root)!r} has {len(problems)} problem(s):\n"
-      + "\n".join(f"  - {p}" for p in problems)
-      + "\n"
-      + EXPECTED_LAYOUT
-  )
+  return layout.format_problems(root, problems, "MVTec AD 2 dataset", EXPECTED_LAYOUT)
 
 
 def validate(
@@ -217,26 +186,10 @@ def validate(
 ) -> None:
   """Raise one ``layout.DatasetError`` listing the scan's ``problems`` and, with
   ``read_images``, every unreadable image or mask and every mask whose size differs from its
-  image's (`validate.image_size`: each file decoded once, in threads)."""
+  image's (`validate.file_problems`: each file decoded once, in threads)."""
   problems = list(problems)
   if read_images and records:
-    paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
-    workers = num_workers or min(32, max(1, os.cpu_count() or 1))
-    sizes: dict[str, tuple[int, int]] = {}
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      futures = {p: pool.submit(validate_lib.image_size, p, limits) for p in paths}
-      for p in paths:
-        try:
-          sizes[p] = futures[p].result()
-        except ValueError as e:
-          problems.append(str(e))
-    for r in records:
-      if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
-        (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
-        if (iw, ih) != (mw, mh):
-          problems.append(
-              f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} is {iw}x{ih}"
-          )
+    problems += validate_lib.file_problems(records, num_workers, limits)
   if problems:
     raise layout.DatasetError(format_problems(root, problems))
 
@@ -293,23 +246,6 @@ class MVTecAD2Folder(mvtec_builder.MVTecFolder, skip_registration=True):
     return {s: self._generate_examples(split=s) for s in SPLITS}
 
 
-def make_config(
-    root,
-    class_names: Sequence[str],
-    resize: int,
-    crop: int,
-    records: Sequence[layout.Record],
-    mask_rule: str,
-    digests: dict[str, str],
-) -> mvtec_builder.MVTecFolderConfig:
-  """`mvtec_builder.make_config`'s name scheme, with the layout in the parameters' hash."""
-  base = mvtec_builder.make_config(root, class_names, resize, crop, records, mask_rule, digests)
-  params = mvtec_builder.params_hash(root, class_names, resize, crop, mask_rule)
-  phash = hashlib.sha256(json.dumps([params, "mvtec_ad2"]).encode()).hexdigest()[:10]
-  parts = base.name.split("_")  # r<resize>_c<crop>_k<n>_<params hash>_<content hash>
-  return dataclasses.replace(base, name="_".join([*parts[:3], phash, parts[4]]))
-
-
 @dataclasses.dataclass
 class Dataset(mvtec.Dataset):
   """`mvtec.Dataset` with the validation split (normal images only)."""
@@ -355,62 +291,24 @@ def load_dataset(
   if problems and not records:
     validate(records, root, problems)
   digests = identity.file_digests(identity.record_paths(records), num_workers)
-  config = make_config(root, class_names, resize, crop, records, mask_rule, digests)
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns about every custom config
-  try:
-    builder = MVTecAD2Folder(
-        config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
-    )
-    prepared = builder.is_prepared()
-    why = prepared_digest.problem(builder.data_dir) if prepared else None
-    if why:  # damaged or unverifiable: never read as data
-      print(f"prepared data {builder.data_dir}: {why}; preparing it again", flush=True)
-      shutil.rmtree(builder.data_dir)
-      builder = MVTecAD2Folder(
-          config=config, records=records, num_workers=num_workers, data_dir=os.fspath(cache_dir)
-      )
-      prepared = builder.is_prepared()
-  finally:
-    absl_logging.set_verbosity(verbosity)
-  # A prepared copy of this config was built from these very files after they passed
-  # validation: decoding is skipped, the layout checks always run.
-  validate(
-      records, root, problems, read_images=not prepared, num_workers=num_workers, limits=limits
+  config = mvtec_builder.make_config(
+      root, class_names, resize, crop, records, mask_rule, digests, layout_name="mvtec_ad2"
   )
-  builder._limits = limits
-  if not prepared:
-    largest = max(sum(r.split == s for r in records) for s in SPLITS)
-    tfds_bars = tfds.core.utils.tqdm_utils._active
-    tfds.display_progress_bar(False)
-    with mvtec._in_memory_shuffler(largest * (4 * crop * crop + 1024) * 2):
-      try:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP,
-                try_download_gcs=False,
-            )
-        )
-      finally:
-        tfds.display_progress_bar(tfds_bars)
-    prepared_digest.record(builder.data_dir)
-  leases.hold(os.fspath(Path(builder.data_dir).parent))
-  if prune_stale:
-    mvtec._prune_stale(builder, config.name, config.name.split("_")[3])
-  sources = builder.as_data_source()
-  ds = Dataset(
-      class_names=class_names,
-      train=sources["train"],
-      test=sources["test"],
-      builder=builder,
-      records=records,
-      identity=_identity(records, class_names, root, digests),
-      validation=sources["validation"],
+  return mvtec.open_dataset(
+      config,
+      records,
+      class_names,
+      cache_dir,
+      functools.partial(validate, records, root, problems, num_workers=num_workers, limits=limits),
+      _identity(records, class_names, root, digests),
+      builder_cls=MVTecAD2Folder,
+      dataset_cls=Dataset,
+      splits=SPLITS,
+      num_workers=num_workers,
+      prune_stale=prune_stale,
+      verbose=verbose,
+      limits=limits,
   )
-  if verbose:
-    for line in ds.summary_lines():
-      print(line)
-  return ds
 
 
 def load(spec: DataSpec, workdir: str) -> Dataset:
@@ -418,24 +316,4 @@ def load(spec: DataSpec, workdir: str) -> Dataset:
   resolved (`data.prepare_data_root`), prepared once under the cache's exclusive lock."""
   from cras_jax import data as data_lib  # the package imports this module lazily
 
-  cache = data_lib.cache_dir(spec, workdir)
-  fs.writable_dir(
-      cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"
-  )
-  with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      root = data_lib.prepare_data_root(spec, workdir)
-      classes = data_lib.datasets.resolve_classes(spec.name, spec.classes)
-      return load_dataset(
-          root,
-          classes,
-          spec.resize,
-          spec.crop,
-          cache,
-          allow_image_level_only=spec.allow_image_level_only,
-          mask_rule=spec.mask_rule,
-          limits=spec.limits,
-      )
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  return data_lib.load_locked(spec, workdir, load_dataset)

@@ -86,8 +86,16 @@ def make_config(
     records: Sequence[layout.Record],
     mask_rule: str = "binarise",
     digests: dict[str, str] | None = None,
+    layout_name: str | None = None,
 ) -> MVTecFolderConfig:
-  phash = params_hash(root, class_names, resize, crop, mask_rule)[:10]
+  """The config named ``r<resize>_c<crop>_k<classes>_<params hash>_<content hash>``; a
+  ``layout_name`` (another layout read into this builder, e.g. "mvtec_ad2") is hashed into
+  the parameters' hash, so that its prepared copies never share a name with the MVTec
+  layout's."""
+  phash = params_hash(root, class_names, resize, crop, mask_rule)
+  if layout_name is not None:
+    phash = hashlib.sha256(json.dumps([phash, layout_name]).encode()).hexdigest()
+  phash = phash[:10]
   fp = content_fingerprint(records, root, digests)[:12]
   return MVTecFolderConfig(
       name=f"r{int(resize)}_c{int(crop)}_k{len(class_names)}_{phash}_{fp}",

@@ -78,6 +78,54 @@ def layout_names(items: Sequence[str], limit: int = 5) -> str:
   return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
+def file_problems(
+    records: Sequence[layout.Record],
+    num_workers: int | None = None,
+    limits: preprocess.Limits | None = None,
+) -> list[str]:
+  """Every image and mask of ``records`` decoded once (`image_size`, in threads): a problem for
+  each file that cannot be read and each mask whose size differs from its image's; a warning
+  on stderr names the masks that are not two-valued."""
+  problems: list[str] = []
+  paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
+  masks = {r.mask_path for r in records if r.mask_path}
+  workers = num_workers or min(32, max(1, os.cpu_count() or 1))
+  sizes: dict[str, tuple[int, int]] = {}
+  not_binary = []
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = {p: pool.submit(image_size, p, limits) for p in paths}
+    values = {p: pool.submit(mask_value_count, p, limits) for p in sorted(masks)}
+    for p in paths:  # sorted: a stable message
+      try:
+        sizes[p] = futures[p].result()
+      except ValueError as e:
+        problems.append(str(e))
+        continue
+      if p in values:
+        try:
+          n = values[p].result()
+        except ValueError:
+          continue
+        if n > 2:
+          not_binary.append(f"{p} ({n} values)")
+  if not_binary:
+    print(
+        f"warning: {len(not_binary)} mask(s) are not two-valued (e.g. JPEG noise or "
+        f"anti-aliasing): they are scaled to [0, 1] and a pixel is a defect where > 0.5 "
+        f"after resizing (data.mask_rule): {layout_names(not_binary)}",
+        file=sys.stderr,
+        flush=True,
+    )
+  for r in records:
+    if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
+      (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
+      if (iw, ih) != (mw, mh):
+        problems.append(
+            f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} is {iw}x{ih}"
+        )
+  return problems
+
+
 def validate(
     records: Sequence[layout.Record],
     root: str | os.PathLike,
@@ -118,41 +166,6 @@ def validate(
   )
 
   if read_images and records:
-    paths = sorted({p for r in records for p in (r.image_path, r.mask_path) if p})
-    masks = {r.mask_path for r in records if r.mask_path}
-    workers = num_workers or min(32, max(1, os.cpu_count() or 1))
-    sizes: dict[str, tuple[int, int]] = {}
-    not_binary = []
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      futures = {p: pool.submit(image_size, p, limits) for p in paths}
-      values = {p: pool.submit(mask_value_count, p, limits) for p in sorted(masks)}
-      for p in paths:  # sorted: a stable message
-        try:
-          sizes[p] = futures[p].result()
-        except ValueError as e:
-          problems.append(str(e))
-          continue
-        if p in values:
-          try:
-            n = values[p].result()
-          except ValueError:
-            continue
-          if n > 2:
-            not_binary.append(f"{p} ({n} values)")
-    if not_binary:
-      print(
-          f"warning: {len(not_binary)} mask(s) are not two-valued (e.g. JPEG noise or "
-          f"anti-aliasing): they are scaled to [0, 1] and a pixel is a defect where > 0.5 "
-          f"after resizing (data.mask_rule): {layout_names(not_binary)}",
-          file=sys.stderr,
-          flush=True,
-      )
-    for r in records:
-      if r.mask_path and r.image_path in sizes and r.mask_path in sizes:
-        (iw, ih), (mw, mh) = sizes[r.image_path], sizes[r.mask_path]
-        if (iw, ih) != (mw, mh):
-          problems.append(
-              f"mask {r.mask_path} is {mw}x{mh} (WxH) but its image {r.image_path} is {iw}x{ih}"
-          )
+    problems += file_problems(records, num_workers, limits)
   if problems:
     raise layout.DatasetError(layout.format_problems(root, problems))

@@ -360,7 +360,7 @@ def test_train_on_synthetic_mvtec_ad2_then_submit(tmp_path):
       "--config.train.epochs=1",
       "--config.eval.num_heatmaps=0",
   )
-  assert "seg_f1" in out and "mean + 3 std of 16 validation images" in out
+  assert "SegF1" in out and "mean + 3 std of 16 validation images" in out
   d = thresholds.load_dict(os.path.join(workdir, "thresholds.json"))
   assert submission.is_validation_fit(d)
   sub = tmp_path / "submission"

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -172,26 +170,10 @@ def generate(
   root = os.path.abspath(os.fspath(root))
   if _read_manifest(root) == manifest:
     return classes
-  if os.path.exists(root):
-    if not os.path.isdir(root):
-      raise FileExistsError(f"{root} exists and is not a directory")
-    if os.listdir(root) and _read_manifest(root) is None:
-      raise FileExistsError(
-          f"{root} is a non-empty directory without {MANIFEST_NAME}; refusing to overwrite it"
-      )
-  parent, base = os.path.dirname(root), os.path.basename(root)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-  try:
-    _write_tree(tmp, manifest)
-    old = None
-    if os.path.exists(root):
-      old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-      os.rename(root, os.path.join(old, base))
-    os.rename(tmp, root)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  writing.write_in_place(
+      root,
+      MANIFEST_NAME,
+      lambda out: _write_tree(out, manifest),
+      lambda: _read_manifest(root) == manifest,
+  )
   return classes

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -137,19 +138,39 @@ def generate(
   root = os.path.abspath(os.fspath(root))
   if _is_complete(root, manifest):
     return list(images.CLASSES)
+  write_in_place(
+      root,
+      MANIFEST_NAME,
+      lambda out: _write_tree(out, manifest),
+      lambda: _is_complete(root, manifest),
+  )
+  return list(images.CLASSES)
+
+
+def write_in_place(
+    root: str,
+    manifest_name: str,
+    write_tree: Callable[[str], None],
+    is_complete: Callable[[], bool],
+) -> None:
+  """``write_tree(tmp)`` into a temporary sibling of ``root`` (an absolute path), renamed to
+  ``root`` once complete, replacing a tree an earlier generation left there. A non-empty
+  ``root`` without ``manifest_name`` (not made by a generator) is never touched
+  (``FileExistsError``); a tree another process renamed into place meanwhile is kept when
+  ``is_complete()``."""
   if os.path.exists(root):
     if not os.path.isdir(root):
       raise FileExistsError(f"{root} exists and is not a directory")
-    if os.listdir(root) and not os.path.exists(os.path.join(root, MANIFEST_NAME)):
+    if os.listdir(root) and not os.path.exists(os.path.join(root, manifest_name)):
       raise FileExistsError(
-          f"{root} is a non-empty directory without {MANIFEST_NAME}; refusing to overwrite it"
+          f"{root} is a non-empty directory without {manifest_name}; refusing to overwrite it"
       )
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   base = os.path.basename(root)
   tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
   try:
-    _write_tree(tmp, manifest)
+    write_tree(tmp)
     old = None
     if os.path.exists(root):
       old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
@@ -158,7 +179,7 @@ def generate(
       os.rename(tmp, root)
     except OSError:
       # someone else (e.g. a concurrent process) put a tree there meanwhile
-      if not _is_complete(root, manifest):
+      if not is_complete():
         raise
       shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
@@ -166,7 +187,6 @@ def generate(
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return list(images.CLASSES)
 
 
 # ----------------------------------------------------------------------------
