@@ -132,13 +132,48 @@ MVTEC_AD2_CLASSES = (
     "wallplugs",
     "walnuts",
 )
+# Real-IAD's 30 object categories, as its realiad_jsons/<category>.json files name them.
+REAL_IAD_CLASSES = (
+    "audiojack",
+    "bottle_cap",
+    "button_battery",
+    "end_cap",
+    "eraser",
+    "fire_hood",
+    "mint",
+    "mounts",
+    "pcb",
+    "phone_battery",
+    "plastic_nut",
+    "plastic_plug",
+    "porcelain_doll",
+    "regulator",
+    "rolled_strip_base",
+    "sim_card_set",
+    "switch",
+    "tape",
+    "terminalblock",
+    "toothbrush",
+    "toy",
+    "toy_brick",
+    "transistor1",
+    "u_block",
+    "usb",
+    "usb_adaptor",
+    "vcpill",
+    "wooden_beads",
+    "woodstick",
+    "zipper",
+)
 
 # How a dataset's archive becomes a root the MVTec reader takes (data/fetch.py):
 # "mvtec": already in the MVTec layout (BTAD's ok/ko folders are read as they are);
 # "visa":  VisA's release with split_csv/1cls.csv, converted by tools.convert_visa;
 # "mvtec_ad2": MVTec AD 2's own folders, read as they are by data/mvtec_ad2.py (train/good,
 #              validation/good, test_public/{good,bad,ground_truth/bad}).
-LAYOUTS = ("mvtec", "visa", "mvtec_ad2")
+# "real_iad": Real-IAD's release, its JSON split files (realiad_jsons/<split set>/<category>.json)
+#             naming every image and mask under realiad_<res>/, read by data/real_iad.py.
+LAYOUTS = ("mvtec", "visa", "mvtec_ad2", "real_iad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +247,18 @@ DATASETS: dict[str, DatasetSpec] = {
             layout="mvtec_ad2",
             how_to_get="MVTec AD 2 is distributed under CC BY-NC-SA 4.0 after accepting its "
             "licence on the download page (no stable direct address)",
+        ),
+        DatasetSpec(
+            "real_iad",
+            REAL_IAD_CLASSES,
+            "https://realiad4ad.github.io/Real-IAD/",
+            "Real-IAD, 30 categories x 5 views; read as released through its JSON splits "
+            "(realiad_jsons/realiad_jsons/<category>.json, images realiad_<res>/<category>/) "
+            "(docs/real_iad.md).",
+            layout="real_iad",
+            aliases=("realiad",),
+            how_to_get="Real-IAD is distributed under CC BY-NC-SA 4.0 by its authors after a "
+            "request on its home page (no public direct address)",
         ),
         DatasetSpec(
             "folder",

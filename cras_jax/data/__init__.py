@@ -63,6 +63,10 @@ def load(spec: DataSpec, workdir: str):
     from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
 
     return mvtec_ad2.load(spec, workdir)
+  if entry is not None and entry.layout == "real_iad":  # its JSON splits (data/real_iad.py)
+    from cras_jax.data import real_iad
+
+    return real_iad.load(spec, workdir)
   return load_locked(spec, workdir, lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs))
 
 

@@ -19,7 +19,17 @@ def _parse(*args):
 
 
 def test_names_are_the_shipped_files():
-  assert configs.names() == ["btad", "demo", "folder", "itdd", "mpdd", "mvtec", "mvtec_ad2", "visa"]
+  assert configs.names() == [
+      "btad",
+      "demo",
+      "folder",
+      "itdd",
+      "mpdd",
+      "mvtec",
+      "mvtec_ad2",
+      "real_iad",
+      "visa",
+  ]
   assert configs.names(configs.SWEEPS) == ["ablations", "crd_inputs", "dafs_variants", "params"]
   # every shipped config has its short form in the repository's configs/
   assert configs.names() == sorted(
