@@ -43,7 +43,8 @@ SCORER_MODULES = {
     "cras_jax.deploy",
     "cras_jax.deploy.run_exported",
     "cras_jax.deploy.outputs",
-    "cras_jax.deploy.image_limits",
+    "cras_jax.base",
+    "cras_jax.base.image_limits",
 }
 
 RUNNER = """

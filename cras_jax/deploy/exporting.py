@@ -175,7 +175,7 @@ def run_meta(run: trained.Run, thr) -> dict:
           # files over these are refused unread, by predict and run_onnx alike
           "max_image_pixels": limits.max_pixels,
           "max_aspect_ratio": limits.max_aspect_ratio,
-          "limits_rule": "cras_jax.deploy.image_limits.problem",
+          "limits_rule": "cras_jax.base.image_limits.problem",
       },
       "outputs": OUTPUTS,
       "thresholds": {

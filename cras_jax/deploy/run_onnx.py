@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from cras_jax.deploy import image_limits
+from cras_jax.base import image_limits
 from cras_jax.deploy.outputs import (
     check_output,
     print_results,

@@ -33,6 +33,7 @@ _PRUNED_READ_LOGS = ("Metadata file does not exist",)
 
 
 class _DropPrunedReadLogs(py_logging.Filter):
+
   def filter(self, record: py_logging.LogRecord) -> bool:
     return not str(record.msg).startswith(_PRUNED_READ_LOGS)
 

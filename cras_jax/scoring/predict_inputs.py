@@ -20,9 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cras_jax.base import fs
+from cras_jax.base import fs, image_limits
 from cras_jax.data import layout, preprocess
-from cras_jax.deploy import image_limits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax.base import schema
-from cras_jax.deploy import image_limits, run_onnx
+from cras_jax.base import image_limits, schema
+from cras_jax.deploy import run_onnx
 from cras_jax.scoring import predict_inputs
 from tests.conftest import ROOT
 
@@ -52,7 +52,7 @@ def test_predict_refuses_by_the_shared_rule(tmp_path, monkeypatch):
 def test_run_onnx_imports_no_jax_with_the_rule():
   code = (
       "import sys; sys.modules['jax'] = None; "
-      "from cras_jax.deploy import image_limits, run_onnx; "
+      "from cras_jax.base import image_limits; from cras_jax.deploy import run_onnx; "
       "print(sorted(m for m in sys.modules if m.startswith('cras_jax')))"
   )
   out = subprocess.run(
@@ -60,7 +60,7 @@ def test_run_onnx_imports_no_jax_with_the_rule():
   )
   assert out.returncode == 0, out.stderr[-2000:]
   loaded = set(json.loads(out.stdout.replace("'", '"')))
-  allowed = {"cras_jax", "cras_jax.deploy", "cras_jax.deploy.image_limits"}
+  allowed = {"cras_jax", "cras_jax.deploy", "cras_jax.base", "cras_jax.base.image_limits"}
   allowed |= {"cras_jax.deploy.run_onnx", "cras_jax.deploy.outputs"}
   assert loaded <= allowed, loaded - allowed
 
