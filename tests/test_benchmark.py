@@ -91,15 +91,45 @@ def _one_device(out, modes: str) -> dict:
   )
 
 
+def check_loop_rows(result, expect):
+  """The training loop's rows (cras_jax/perf/loop_probe.py): one per training row, each timed
+  over its reps, beside the step alone of the same shape."""
+  loops = result["loop"]
+  assert sorted((r["mode"], r["devices"], r["batch_size"]) for r in loops) == sorted(expect)
+  steps = {(r["mode"], r["devices"], r["batch_size"]): r for r in result["rows"]}
+  for r in loops:
+    assert r["log_every"] == 5 and r["steps_per_rep"] == 10 and r["reps"] == 2  # the demo's
+    assert len(r["rep_step_times_s"]) == 2 and r["min_s"] <= r["median_s"] <= r["max_s"]
+    assert r["images_per_s"] == r["batch_size"] / r["median_s"]
+    step = steps[(r["mode"], r["devices"], r["batch_size"])]
+    assert r["step_only_median_s"] == step["median_s"]
+    assert r["loop_over_step"] == r["median_s"] / step["median_s"]
+    assert 0 <= r["host_share_min"] <= r["host_share"] <= r["host_share_max"] <= 1
+    assert r["device_wait_s_per_step"] >= 0 and r["next_wait_s_per_step"] >= 0
+    assert 0 < r["dispatch_s"] <= r["dispatch_s_max"]
+    assert r["log_s_per_step"] > 0 and r["check_s_per_step"] > 0  # the hooks ran
+    assert r["host_work_s"] == r["dispatch_s"] + r["log_s_per_step"]
+    assert r["producer_alone_images_per_s"] > 0 and r["producer_s_per_batch"] > 0
+    assert r["dataset_images"] % r["batch_size"] == 0
+    if r["mode"] == "train_cached":  # 8 x 8 patches of 32 float32 features, and the label
+      assert r["bytes_per_image"] == 64 * 32 * 4 + 4 and r["reader_workers"] is None
+    else:
+      assert r["bytes_per_image"] == 64 * 64 * 3 + 4 and r["reader_workers"] >= 1
+
+
 def test_stored_feature_step_on_one_device_in_process(tmp_path):
   """The cheapest row (the step on stored features, one device): the fast tier's run of the
-  benchmark, its files and record."""
+  benchmark, its files and record, with the training loop on stored features end to end."""
   out = tmp_path / "bench"
   result = _one_device(out, "train_cached")
   check_rows(result, [("train_cached", 1, 4)])
+  check_loop_rows(result, [("train_cached", 1, 4)])
   with open(out / "benchmark.json") as f:
-    assert json.load(f)["rows"] == json.loads(json.dumps(result["rows"]))
-  assert (out / "benchmark.md").read_text().count("\n| train_cached |") == 1
+    saved = json.load(f)
+  assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+  assert saved["loop"] == json.loads(json.dumps(result["loop"]))
+  md = (out / "benchmark.md").read_text()
+  assert md.count("\n| train_cached |") == 1 and md.count("\n| loop: train_cached |") == 1
 
 
 @pytest.mark.slow
@@ -107,6 +137,7 @@ def test_one_device_in_process(tmp_path):
   out = tmp_path / "bench"
   result = _one_device(out, "train,train_cached,score")
   check_rows(result, [("train", 1, 4), ("train_cached", 1, 4), ("score", 1, 4)])
+  check_loop_rows(result, [("train", 1, 4), ("train_cached", 1, 4)])
   # Without the backbone the step does fewer operations.
   flops = {r["mode"]: r["flops_per_step"] for r in result["rows"]}
   assert flops["train_cached"] < flops["train"]

@@ -60,6 +60,49 @@ def forms_table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def loop_table(loop_rows: list[dict]) -> list[str]:
+  """The training loop end to end (cras_jax/perf/loop_probe.py) beside the step alone."""
+  if not loop_rows:
+    return []
+  lines = [
+      "",
+      "Training loop, end to end (loop.run_steps: batches through the prefetch thread, the "
+      "step, the NaN check and log every train.log_every steps), beside the step alone:",
+      "",
+      "| mode | backbone | image | dtype | dev | batch | reader workers | steps × reps "
+      "| loop ms/step median [min–max] | loop images/s | step-only images/s | loop / step "
+      "| device waits for the host, % median [min–max] | 1 − step/loop % | dispatch ms "
+      "| log + check ms/step | batch wait ms/step | loader alone images/s | load avg |",
+      "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+  ]
+  for r in loop_rows:
+    step = f"{r['median_s'] * 1e3:.1f} [{r['min_s'] * 1e3:.1f}–{r['max_s'] * 1e3:.1f}]"
+    share = (
+        f"{r['host_share'] * 100:.1f} [{r['host_share_min'] * 100:.1f}–"
+        f"{r['host_share_max'] * 100:.1f}]"
+    )
+    lines.append(
+        f"| loop: {_mode(r)} | {r['backbone']} | {r['image_size']} | {r['dtype']} | "
+        f"{r['devices']} | {r['batch_size']} | {r['reader_workers'] or '–'} | {r['steps_per_rep']} × {r['reps']} "
+        f"| {step} | {r['images_per_s']:.2f} | {fmt(r.get('step_only_images_per_s'))} | "
+        f"{fmt(r.get('loop_over_step'), digits=2)} | {share} | "
+        f"{fmt(r.get('host_share_implied'), 0.01)} | {fmt(r['dispatch_s'], 1e-3, 2)} | "
+        f"{fmt(r['log_s_per_step'] + r['check_s_per_step'], 1e-3, 2)} | "
+        f"{fmt(r['next_wait_s_per_step'], 1e-3, 2)} | {fmt(r['producer_alone_images_per_s'])} | "
+        f"{fmt(r['loadavg_1min_start'])}–{fmt(r['loadavg_1min_end'])} |"
+    )
+  lines += [
+      "",
+      "The device waits for the host before a step for the time from the previous step's "
+      "result being ready to this step's dispatch returning (summed over a rep, over the "
+      "rep's wall time); 1 − step/loop: the same share implied by the step alone's time. "
+      "dispatch: the median call of the jitted step; log + check: the hooks' time per step; "
+      "batch wait: the loop thread's wait for the next batch per step; loader alone: the "
+      "batches' production (read or gather, and the transfer) with no step running.",
+  ]
+  return lines
+
+
 def markdown(result: dict) -> str:
   lines = [
       f"Benchmark: {result['config']} on {result['environment']['device_count']} x "
@@ -116,18 +159,28 @@ def markdown(result: dict) -> str:
         "convolutions, where nearly all of XLA's FLOPs are; the rest is elementwise and "
         "data-movement work (BatchNorm, activations, unfolding, pooling, argmax, noise).",
     ]
+  lines += loop_table(result.get("loop") or [])
   if result.get("loader"):
     steps = {
         (r["image_size"], r["mode"]): r["images_per_s"] for r in result["rows"] if r["devices"] == 1
     }
-    lines += ["", "Loader (prepared dataset -> device batch, worker threads):", ""]
+    lines += ["", "Loader (prepared dataset or stored features -> device batch):", ""]
     for r in result["loader"]:
       beside = ", ".join(
           f"{m} step {v:.1f}" for (size, m), v in sorted(steps.items()) if size == r["image_size"]
       )
+      what = (
+          f"stored features ({r['features']}, {r['bytes_per_image'] / 1e6:.3g} MB per image) "
+          "gathered by one thread"
+          if r.get("kind") == "gather"
+          else f"{r['workers']} workers"
+      )
+      rate = r["images_per_s"] * r["bytes_per_image"] / 1e9 if r.get("bytes_per_image") else None
       lines.append(
-          f"- {r['image_size']} px, batch {r['batch_size']}, {r['workers']} workers: "
-          f"{r['images_per_s']:.0f} images/s" + (f" (beside: {beside} images/s)" if beside else "")
+          f"- {r['image_size']} px, batch {r['batch_size']}, {what}: "
+          f"{r['images_per_s']:.0f} images/s"
+          + (f" ({rate:.2f} GB/s)" if rate else "")
+          + (f" (beside: {beside} images/s)" if beside else "")
       )
   for sk in result.get("skipped", []):
     lines += ["", f"skipped {sk['row']}: {sk['why']}"]

@@ -9,7 +9,14 @@ Measures, for every combination of batch size, device count, precision and image
 - `train_cached`: the same step on stored backbone features (`train.cache_features=True`);
 - `score`: the predict step of a `scoring.Scorer` (backbone + adapter + matching +
   discriminator + anomaly map on the model's prepared scoring variables), as every command
-  scores.
+  scores;
+- beside each training row (unless `--noloop`), the training loop end to end as
+  `python -m cras_jax.main` runs it (cras_jax/perf/loop_probe.py): `training.loop.run_steps`
+  with batches read by `loader.BatchReader` from a prepared dataset of random images (`train`)
+  or gathered from a memory-mapped feature cache (`train_cached`), through the loop's prefetch
+  thread, the step as training compiles it, and a single run's NaN check and log every
+  `train.log_every` steps: images/s, the share of each step the device waited for the host,
+  the dispatch time, and the loader's rate alone.
 
 Per row: compile time (`jit(...).lower(...)` and `.compile()`, timed apart from steady
 state), the first call, the steady state over `--reps` repetitions (each rep = several steps
@@ -52,13 +59,14 @@ import types
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax import backbones, configs
 from cras_jax.base import errors, flag_checks
-from cras_jax.engine import sharding
-from cras_jax.perf import bench_report, loader_probe, probes
+from cras_jax.engine import sharding, steps
+from cras_jax.perf import bench_report, loader_probe, loop_probe, probes
 from cras_jax.perf import rows as row_lib
 from cras_jax.perf.bench_report import fmt
 from cras_jax.perf.rows import MODES
@@ -122,7 +130,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "parallelism",
       ["jit"],
       "Comma-separated forms of the steps (train.parallelism): jit, shard_map, pmap; each "
-      "row is timed and read in each form (README 'Parallelism').",
+      "row is timed and read in each form (docs/training.md 'Parallelism').",
       flag_values=fv,
   )
   flags.DEFINE_integer("reps", 5, "Timed repetitions.", lower_bound=1, flag_values=fv)
@@ -171,7 +179,34 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       [],
       "Also measure the loader (prepared dataset -> device batch, images/s) at each image "
       "size and the first batch size, with these worker-thread counts (0: the default, one "
-      "per core up to 8); empty: not measured.",
+      "per core up to 8), and the training loop's gather of stored features (one thread) "
+      "from a feature cache of the config's model; empty: not measured.",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool(
+      "loop",
+      True,
+      "Beside each training row (train, train_cached), the training loop end to end "
+      "(cras_jax/perf/loop_probe.py): batches read (or gathered from a feature cache) through "
+      "the loop's prefetch, the step, the NaN checks and logs every train.log_every steps; "
+      "images/s and the host's share of each step. --noloop: the steps alone.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "loop_steps",
+      0,
+      "Steps per timed rep of the loop (0: twice train.log_every); rounded up to a multiple "
+      "of train.log_every.",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "loop_warm_steps", 2, "Loop steps before the timed reps (the first compiles).", flag_values=fv
+  )
+  flags.DEFINE_integer(
+      "loop_images",
+      64,
+      "Images of the loop's synthetic training set (or feature cache), rounded up to whole "
+      "batches.",
       flag_values=fv,
   )
   flags.mark_flag_as_required("out", flag_values=fv)
@@ -186,6 +221,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flag_checks.bounded(fv, "num_classes", 0, 10_000)
   flag_checks.bounded(fv, "steps_per_rep", 0, 10_000)
   flag_checks.bounded(fv, "matmul_size", 0, 65536)
+  flag_checks.bounded(fv, "loop_steps", 0, 10_000)
+  flag_checks.bounded(fv, "loop_warm_steps", 1, 10_000)
+  flag_checks.bounded(fv, "loop_images", 1, 100_000)
   flag_checks.subset(fv, "modes", ("train", "train_cached", "score"))
   flag_checks.subset(fv, "parallelism", sharding.FORMS)
   flags.register_validator(
@@ -219,6 +257,10 @@ _OPTIONS = (
     "breakdown_steps",
     "seed",
     "loader_workers",
+    "loop",
+    "loop_steps",
+    "loop_warm_steps",
+    "loop_images",
 )
 
 
@@ -234,24 +276,49 @@ def options(fv: flags.FlagValues) -> types.SimpleNamespace:
   return args
 
 
-def measure_loader(args, sizes: list[int], devs) -> list[dict]:
-  """The loader's images/s at each image size and worker count (perf/loader_probe.py)."""
+def measure_loader(args, sizes: list[int], devs, base=None, num_classes: int = 4) -> list[dict]:
+  """The loader's images/s at each image size and worker count (perf/loader_probe.py), and,
+  with the config `base`, the stored features' gather of the training loop (one thread, as
+  `loop.train_batches` runs in the prefetch thread) from a feature cache of the config's model
+  at that size (loop_probe.producer_rate)."""
   out = []
+  bs = args.batch_sizes[0]
   for size in sizes:
     with tempfile.TemporaryDirectory() as tmp:
-      source = loader_probe.synthetic_source(tmp, size, max(64, 2 * args.batch_sizes[0]))
+      source = loader_probe.synthetic_source(tmp, size, max(64, 2 * bs))
       for w in args.loader_workers:
-        r = loader_probe.loader_rate(source, args.batch_sizes[0], w, devs)
-        r["image_size"] = size
+        r = loader_probe.loader_rate(source, bs, w, devs)
+        r.update(image_size=size, kind="reader", bytes_per_image=size * size * 3 + 4)
         out.append(r)
         print(f"loader {size}px, {r['workers']} workers: {r['images_per_s']:.0f} images/s")
+      if base is None:
+        continue
+      config = row_lib.configure(base, args, size, base.model.dtype)
+      spec = steps.ModelSpec(config, num_classes)
+      n = loop_probe.dataset_size(bs, 64)
+      cache = loop_probe.make_cache(tmp, n, spec, config.train.feature_cache_dtype)
+      devices = sharding.Devices(devices=list(devs))
+      rate = loop_probe.producer_rate(devices, np.zeros((n,), np.int32), cache, None, bs, 2.0)
+      nbytes = row_lib.input_bytes_per_image("train_cached", config, spec)
+      out.append({
+          "kind": "gather", "workers": 1, "batch_size": bs, "images_per_s": rate,
+          "image_size": size, "bytes_per_image": nbytes,
+          "features": f"{spec.num_patches} x {spec.heads.embed_dim} "
+                      f"{config.train.feature_cache_dtype}",
+      })  # fmt: skip
+      print(f"feature gather {size}px ({out[-1]['features']}), one thread: {rate:.0f} images/s")
   return out
 
 
-# ----------------------------------------------------------------------------- one row
-
-
-# ----------------------------------------------------------------------------- output
+def beside_step(loop_row: dict, step_row: dict) -> None:
+  """The loop row against the step alone of the same mode and shape (`step_row`): its median
+  step time, the loop's time per step over it, and the host's share implied by the two
+  (1 - step / loop: the device's wait if the step takes the same time in both)."""
+  step = step_row["median_s"]
+  loop_row["step_only_median_s"] = step
+  loop_row["step_only_images_per_s"] = step_row["images_per_s"]
+  loop_row["loop_over_step"] = loop_row["median_s"] / step
+  loop_row["host_share_implied"] = 1.0 - step / loop_row["median_s"]
 
 
 # ----------------------------------------------------------------------------- main
@@ -274,7 +341,9 @@ def run(fv: flags.FlagValues) -> dict:
   num_classes = args.num_classes or len(base.data.classes) or 4
   env = probes.environment()  # before any work: the load average is that of the rest of the host
   counter = probes.CompileCounter()
-  rows, skipped, peaks = [], [], []
+  rows, skipped, peaks, loop_rows = [], [], [], []
+  loop_root = tempfile.TemporaryDirectory()  # the loop rows' data and workdirs
+  sources: dict = {}  # prepared datasets of the loop rows, by (image size, images)
   try:
     matmul_n = args.matmul_size or (2048 if all_devices[0].platform == "cpu" else 4096)
     matmul_dtypes = ["float32"] + [d for d in args.matmul_dtypes if d != "float32"]
@@ -331,11 +400,38 @@ def run(fv: flags.FlagValues) -> dict:
               f"({fmt(row['ratio_to_peak_f32'], 0.01)} % of f32 matmul peak)",
               flush=True,
           )
+          if args.loop and mode in loop_probe.TRAIN_MODES:
+            lr = loop_probe.loop_row(
+                mode,
+                config,
+                args,
+                all_devices[:n],
+                bs,
+                num_classes,
+                vars_cache[key],
+                loop_root.name,
+                sources,
+            )
+            beside_step(lr, row)
+            loop_rows.append(lr)
+            print(
+                f"loop {label}: {lr['median_s'] * 1e3:.1f} ms/step [{lr['min_s'] * 1e3:.1f}–"
+                f"{lr['max_s'] * 1e3:.1f}], {lr['images_per_s']:.2f} images/s "
+                f"({fmt(lr['loop_over_step'], digits=2)}× the step's time), device waited for "
+                f"the host {lr['host_share'] * 100:.1f} % [{lr['host_share_min'] * 100:.1f}–"
+                f"{lr['host_share_max'] * 100:.1f}], dispatch {lr['dispatch_s'] * 1e3:.2f} ms, "
+                f"load {fmt(lr['loadavg_1min_start'])}–{fmt(lr['loadavg_1min_end'])}",
+                flush=True,
+            )
   finally:
     counter.close()
+    loop_root.cleanup()
 
-  loader_rows = measure_loader(args, sizes, all_devices[:1]) if args.loader_workers else []
+  loader_rows = (
+      measure_loader(args, sizes, all_devices[:1], base, num_classes) if args.loader_workers else []
+  )
   result = {
+      "loop": loop_rows,
       "loader": loader_rows,
       "config": args.config,
       "args": {k: v for k, v in vars(args).items() if k != "out"},

@@ -152,6 +152,7 @@ def borrowed_cost(source: str, config, num_classes: int) -> Callable[[str, int],
   def cost(mode: str, batch_per_device: int) -> dict:
     key = (mode, batch_per_device)
     if key not in cache:
+      tpu.boundary(f"compiling {mode} at {batch_per_device} per device for its cost ({label})")
       t0 = time.perf_counter()
       facts = rows.compile_step(mode, config, devs, batch_per_device * len(devs), num_classes)
       cache[key] = {

@@ -11,9 +11,21 @@ On a system of simulated devices sharing one chip (`System.shared`, the CPU) eve
 charged n times: the devices take turns on the same cores and memory.
 
 The max() assumes perfect overlap of the three; the real step is between that and their sum.
+
+End to end (`end_to_end`), a training step also needs the host: per step and chip it sends the
+batch (uint8 images at the crop size, or the stored features: patches x feature dim in the
+cache's dtype, per image) over the system's host link, a loader produces it (a measured rate
+per loader thread, times the host's threads for the image reader, or one thread per host for
+the stored features' gather), and the loop's thread dispatches the step and runs its hooks (a
+measured time per step). Each is a rate of images/s for all chips together; the projected
+end-to-end images/s is the smallest of the step's and these (they overlap: the prefetch thread
+and the async dispatch run ahead of the device), and `bound_by` names it.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 from cras_jax.perf.systems import System
 
@@ -90,3 +102,72 @@ def add_efficiency(projections: list[dict]) -> list[dict]:
     one = base.get((p["system"], p["mode"], p["scaling"]))
     p["efficiency"] = p["images_per_s"] / (p["devices"] * one) if one else None
   return projections
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFeed:
+  """The host's side of one training mode's step (measured by cras_jax/perf/loop_probe.py).
+
+  bytes_per_image: what the host sends the device per image (`rows.input_bytes_per_image`);
+  loader_images_per_s_per_thread: one loader thread's rate (read or gather, and the transfer);
+  threads: "host" (the image reader: one worker per host thread, `loader_threads_per_host`
+    where given) or "one" (the stored features: gathered by the prefetch thread alone, one per
+    host);
+  loader_threads_per_host: the reader's workers per host (`data.workers`); None: the host's
+    threads;
+  dispatch_s: the loop thread's own work per step (the step's dispatch and the hooks' share).
+  A None rate or time leaves its term out."""
+
+  bytes_per_image: float
+  loader_images_per_s_per_thread: float | None = None
+  threads: str = "host"
+  loader_threads_per_host: int | None = None
+  dispatch_s: float | None = None
+  source: str = ""  # where the rates and the time come from
+
+
+HOST_TERMS = ("host link", "loader", "dispatch")
+
+
+def _hosts(system: System, n_chips: int) -> int:
+  return 1 if not system.chips_per_host else math.ceil(n_chips / system.chips_per_host)
+
+
+def host_terms(system: System, n_chips: int, global_batch: int, feed: HostFeed) -> dict:
+  """images/s of each host term for `n_chips` chips together (module doc); None where the
+  system or the feed has no figure for it."""
+  link = system.host_link_bytes_per_s
+  host_link = n_chips * link / feed.bytes_per_image if link and feed.bytes_per_image else None
+  loader = None
+  rate = feed.loader_images_per_s_per_thread
+  if rate:
+    if feed.threads == "one":
+      loader = _hosts(system, n_chips) * rate
+    else:
+      per_host = feed.loader_threads_per_host or system.host_threads
+      if per_host:
+        # the hosts' threads shared by their chips: a part of a host for fewer chips than one
+        share = n_chips / system.chips_per_host if system.chips_per_host else 1.0
+        loader = per_host * share * rate
+  dispatch = global_batch / feed.dispatch_s if feed.dispatch_s else None
+  return {"host link": host_link, "loader": loader, "dispatch": dispatch}
+
+
+def end_to_end(p: dict, system: System, n_chips: int, global_batch: int, feed) -> dict:
+  """A projection `p` (its step's images/s) with the host's terms (`host_terms`): ->
+  {host_link_images_per_s, loader_images_per_s, dispatch_images_per_s,
+  end_to_end_images_per_s (the smallest of the step's and the host's), bound_by ("step",
+  "host link", "loader" or "dispatch")}. No feed (a scoring step): the step's figure, bound
+  by the step. A step without images/s (it does not fit) has none end to end either."""
+  terms = host_terms(system, n_chips, global_batch, feed) if feed else dict.fromkeys(HOST_TERMS)
+  out = {
+      "host_link_images_per_s": terms["host link"],
+      "loader_images_per_s": terms["loader"],
+      "dispatch_images_per_s": terms["dispatch"],
+  }
+  step = p.get("images_per_s")
+  if step is None:
+    return {**out, "end_to_end_images_per_s": None, "bound_by": None}
+  rates = {"step": step, **{k: v for k, v in terms.items() if v is not None}}
+  bound = min(rates, key=rates.get)
+  return {**out, "end_to_end_images_per_s": rates[bound], "bound_by": bound}

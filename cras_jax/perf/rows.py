@@ -45,6 +45,24 @@ def configure(base, args, image_size: int, dtype: str):
   return config
 
 
+def initial_state(spec, backbone_vars, seed: int, devices, rng: np.random.Generator):
+  """A training state of `spec` on `devices` (replicated): the backbone's variables
+  `backbone_vars`, random class centres drawn from `rng` (the timings do not depend on them)."""
+  state = steps.create_state(spec, backbone_vars, seed)
+  state = state.replace(centres=jnp.asarray(rng.standard_normal(state.centres.shape, np.float32)))
+  return jax.device_put(state, devices.replicated)
+
+
+def input_bytes_per_image(mode: str, config, spec) -> int:
+  """What the host sends a device per training image: the uint8 image at the crop size
+  (`train`), or its stored features, patches x feature dim in the feature cache's dtype
+  (`train_cached`); and its int32 label."""
+  if mode == "train_cached":
+    item = np.dtype(config.train.feature_cache_dtype).itemsize
+    return int(spec.num_patches * spec.heads.embed_dim * item) + 4
+  return int(spec.image_size) ** 2 * 3 + 4
+
+
 def choose_steps(args, one_step_s: float) -> int:
   if args.steps_per_rep > 0:
     return args.steps_per_rep
@@ -61,13 +79,11 @@ def bench_row(
     backbone_vars,
     counter: probes.CompileCounter,
 ) -> dict:
-  devices = sharding.Devices(list(devs), config.train.get("parallelism", "jit"))
+  devices = sharding.Devices(list(devs), config.train.parallelism)
   spec = steps.ModelSpec(config, num_classes)
   size = spec.image_size
   rng = np.random.default_rng(args.seed)
-  state = steps.create_state(spec, backbone_vars, args.seed)
-  state = state.replace(centres=jnp.asarray(rng.standard_normal(state.centres.shape, np.float32)))
-  state = jax.device_put(state, devices.replicated)
+  state = initial_state(spec, backbone_vars, args.seed, devices, rng)
   host_batches = [
       {
           "image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
@@ -211,7 +227,7 @@ def bench_row(
 
 
 def row_label(mode, config, n_devices, batch_size) -> str:
-  form = config.train.get("parallelism", "jit")
+  form = config.train.parallelism
   return (
       f"{mode}_{config.model.backbone}_{config.data.crop}px_{config.model.dtype}"
       f"_{n_devices}dev_b{batch_size}" + ("" if form == "jit" else f"_{form}")
@@ -244,7 +260,7 @@ def compile_step(mode: str, config, devs, batch_size: int, num_classes: int) -> 
   """Compiles one mode's step on abstract inputs (shapes only: no weights, no data) for the
   devices `devs`, as the benchmark and training shard it; returns `compiled_facts` and the
   lower and compile seconds."""
-  devices = sharding.Devices(list(devs), config.train.get("parallelism", "jit"))
+  devices = sharding.Devices(list(devs), config.train.parallelism)
   spec = steps.ModelSpec(config, num_classes)
   size = spec.image_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)

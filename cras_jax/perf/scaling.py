@@ -22,7 +22,11 @@ largest batch per chip whose compiled memory fits its HBM (more compiles). With
 gives no FLOPs or bytes accessed, so those are `--cost_from`'s (XLA:CPU's by default) for the
 same step at the same batch per GPU, and the tables say so.
 
-Writes scaling.json, scaling.md and scaling.png into --out. Examples:
+Every projected row says whether the step's compiled memory fits the system's (HBM per chip or
+GPU; this host's available memory for its simulated devices together); a row that does not
+fit (or that the compiler refused for memory) has no images/s. Writes scaling.json, scaling.md
+and scaling.png into --out (each whole or not at all); Ctrl-C stops after the current compile
+(status 130) and says what was written. Examples:
   python -m cras_jax.scaling --config=configs/mvtec.py --devices=1,2,4,8 \\
       --batch_per_device=8 --global_batch=32 --out=runs/scaling
   python -m cras_jax.scaling --config=configs/mvtec.py --target=tpu:v5e --devices=4,16 \\
@@ -33,9 +37,12 @@ Writes scaling.json, scaling.md and scaling.png into --out. Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -45,7 +52,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cras_jax.base import errors
+from cras_jax import configs
+from cras_jax.base import errors, fileio, fs, stop
+from cras_jax.config import bounds
 from cras_jax.engine import sharding
 from cras_jax.perf import probes, rows, scaling_model, systems, target_study, targets, tpu
 
@@ -54,7 +63,7 @@ MODES = rows.MODES
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   fv = flag_values
-  config_flags.DEFINE_config_file(
+  configs.define_config_flag(  # a shipped config by name too; a file's config filled
       "config", "configs/mvtec.py", "Config file.", flag_values=fv, lock_config=True
   )
   flags.DEFINE_string("out", None, "Output directory.", flag_values=fv)
@@ -77,6 +86,31 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_float(
       "loader_images_per_s", 0.0,
       "The loader's images/s (cras_jax.benchmark --loader); projections faster are flagged.",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_float(
+      "loader_images_per_s_per_worker", 0.0,
+      "End to end: one image-reader worker's images/s at this crop (cras_jax.benchmark's loader"
+      " table); 0: the development CPU's rate per byte (scaling_model.MEASURED_HOST).",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_float(
+      "gather_images_per_s", 0.0,
+      "End to end: images/s of the stored features' gather in the prefetch thread (one per "
+      "host; the benchmark's train_cached loop row, 'loader alone'); 0: the development CPU's "
+      "rate per byte.",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_float(
+      "dispatch_ms", 0.0,
+      "End to end: the training loop thread's work per step, ms (the benchmark's loop rows: "
+      "dispatch + log per step); 0: the development CPU's for WRN50-2 (per mode).",
+      flag_values=fv,
+  )  # fmt: skip
+  flags.DEFINE_integer(
+      "loader_workers_per_host", 0,
+      "End to end: image-reader workers per host (data.workers); 0: one per host thread of "
+      "each system (systems.py). data.workers=0 in a run means at most 8.",
       flag_values=fv,
   )  # fmt: skip
   flags.DEFINE_string(
@@ -155,8 +189,7 @@ def options(fv: flags.FlagValues):
 def _worker(fv, args, config, plan) -> None:
   n = fv.worker_devices
   out = scaling_model.run_count(config, args, n, plan, measure=n in args.measure)
-  with open(os.path.join(args.out, f"worker_{n}.json"), "w") as f:
-    json.dump(out, f)
+  fileio.atomic_write_json(os.path.join(args.out, f"worker_{n}.json"), out, indent=None)
 
 
 def _counts(args, platform: str) -> tuple[list[dict], bool]:
@@ -173,49 +206,119 @@ def _counts(args, platform: str) -> tuple[list[dict], bool]:
     return out, False
   out = []
   for n in args.devices:
+    tpu.boundary(f"the worker compiling on {n} simulated device(s)")
     cmd = [sys.executable, "-m", "cras_jax.scaling", *sys.argv[1:], f"--worker_devices={n}"]
     # This form's study (the last of a repeated flag wins).
     cmd += [f"--parallelism={args.config.train.parallelism}", f"--out={args.out}"]
     print(f"--- {n} simulated device(s)", flush=True)
-    subprocess.run(cmd, env=scaling_model.worker_env(n), check=True)
-    with open(os.path.join(args.out, f"worker_{n}.json")) as f:
-      out += json.load(f)
-    os.remove(os.path.join(args.out, f"worker_{n}.json"))
+    path = os.path.join(args.out, f"worker_{n}.json")
+    try:
+      status = _run_worker(cmd, scaling_model.worker_env(n))
+      tpu.stop_if_requested(f"during {tpu.doing()}")
+      if status == errors.USER_ERROR_STATUS:
+        raise SystemExit(status)  # the worker printed the message
+      if status != 0:
+        raise RuntimeError(
+            f"the worker compiling on {n} simulated device(s) failed (exit status {status}); "
+            "its output is above"
+        )
+      with open(path) as f:
+        out += json.load(f)
+    finally:  # the worker's file is the parent's to read once, kept by no outcome
+      for leftover in [
+          path,
+          *glob.glob(os.path.join(glob.escape(args.out), f".worker_{n}.json.*.tmp")),
+      ]:
+        if os.path.exists(leftover):
+          os.remove(leftover)
   return out, True
 
 
-def run(fv: flags.FlagValues) -> dict:
+def _run_worker(cmd: list[str], env: dict) -> int:
+  """Runs a worker process to its end -> its exit status. The worker has a session of its
+  own (a Ctrl-C at the terminal reaches this process alone): when this process is asked to
+  stop (SIGINT/SIGTERM inside a `stop.StopRequest`) the worker is terminated at once (it
+  writes nothing until its end, and that atomically); when this process leaves early
+  (a second signal, an error), the worker is killed."""
+  proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+  terminated = False
+  try:
+    while True:
+      try:
+        return proc.wait(timeout=0.25)
+      except subprocess.TimeoutExpired:
+        if stop.requested() is not None and not terminated:
+          proc.terminate()
+          terminated = True
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def check_out(out: str | None, forms: Sequence[str]) -> None:
+  """--out, before any work: a folder that is or can be made (with its folder per form when
+  there are several), where a file can be written and no output's name is taken by a folder;
+  else one message naming --out and the fix (`fs.writable_dir`, which makes the folders)."""
+  fix = "name a folder (new or existing) for scaling.json, scaling.md and scaling.png"
+  if not out:
+    raise errors.UserValueError(f"--out is empty: {fix}")
+  fs.writable_dir(out, "--out", fix)
+  studies = [out] if len(forms) < 2 else [os.path.join(out, form) for form in forms]
+  files = [
+      os.path.join(d, n) for d in studies for n in ("scaling.json", "scaling.md", "scaling.png")
+  ]
+  if len(forms) >= 2:
+    files += [os.path.join(out, "forms.json"), os.path.join(out, "forms.md")]
+    for form, folder in zip(forms, studies):
+      fs.writable_dir(folder, f"--out's folder of the {form} form", fix)
+  for file in files:
+    if os.path.isdir(file):
+      raise errors.UserValueError(
+          f"--out={out}: {file} is a folder, where the study writes a file: remove it or name "
+          "another --out"
+      )
+
+
+def run(fv: flags.FlagValues, written: list[str] | None = None) -> dict:
   """The study of each form in --parallelism (one: in --out; several: in --out/<form>/, and
-  their comparison in --out/forms.md)."""
+  their comparison in --out/forms.md). `written` collects the files written, as they are."""
+  written = [] if written is None else written
   forms = list(dict.fromkeys(fv.parallelism))
+  if not fv.worker_devices:
+    check_out(fv.out, forms)
   if len(forms) == 1 or fv.worker_devices:
-    return _run_form(fv, forms[0], fv.out)
-  results = {form: _run_form(fv, form, os.path.join(fv.out, form)) for form in forms}
+    return _run_form(fv, forms[0], fv.out, written)
+  results = {form: _run_form(fv, form, os.path.join(fv.out, form), written) for form in forms}
   table = scaling_model.forms_markdown(results)
-  with open(os.path.join(fv.out, "forms.json"), "w") as f:
-    json.dump(scaling_model.forms_rows(results), f, indent=1)
-  with open(os.path.join(fv.out, "forms.md"), "w") as f:
-    f.write(table)
+  path = os.path.join(fv.out, "forms.json")
+  fileio.atomic_write_json(path, scaling_model.forms_rows(results), indent=1)
+  written.append(path)
+  path = os.path.join(fv.out, "forms.md")
+  fileio.atomic_write_text(path, table)
+  written.append(path)
   print("\n" + table, flush=True)
   return {"forms": results}
 
 
-def _run_form(fv: flags.FlagValues, form: str, out: str) -> dict:
+def _run_form(fv: flags.FlagValues, form: str, out: str, written: list[str]) -> dict:
   args, config, plan = options(fv)
   args.out = out
   config.train.parallelism = form
-  os.makedirs(args.out, exist_ok=True)
+  os.makedirs(args.out, exist_ok=True)  # check_out made it; a worker's is its parent's
   if args.target:
-    return _run_target(fv, args, config, plan)
+    return _run_target(fv, args, config, plan, written)
   if fv.worker_devices:
     _worker(fv, args, config, plan)
     return {}
+  tpu.boundary("measuring this host's matmul peak and memory bandwidth")
   env = probes.environment()
   devs = jax.devices()
   peak, bw = _calibration(devs[0])
   here = systems.measured_system(
       "this CPU" if devs[0].platform == "cpu" else f"this {devs[0].device_kind}",
       peak["flops_per_s"], bw["bytes_per_s"], shared=devs[0].platform == "cpu",
+      host_threads=os.cpu_count(),
   )  # fmt: skip
   print(
       f"calibration: matmul {peak['flops_per_s'] / 1e9:.1f} GFLOP/s, memory "
@@ -223,10 +326,16 @@ def _run_form(fv: flags.FlagValues, form: str, out: str) -> dict:
       flush=True,
   )
   args.config, args.plan = config, plan
+  # what this machine's own system has for the steps: the host's available memory (shared by
+  # its simulated devices), or a real device's memory
+  local_memory = bounds.available_memory()
   compiled, simulated = _counts(args, devs[0].platform)
   system_list = (here, *systems.NAMED)
   loader = fv.loader_images_per_s or None
-  projections = scaling_model.project_all(compiled, plan, system_list, config.model.dtype, loader)
+  feeds = _feeds(fv, config, args)
+  projections = scaling_model.project_all(
+      compiled, plan, system_list, config.model.dtype, loader, local_memory, feeds
+  )
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
       "model": _model(config, args),
@@ -247,15 +356,36 @@ def _run_form(fv: flags.FlagValues, form: str, out: str) -> dict:
       },
       "optimiser_note": scaling_model.OPTIMISER_NOTE,
       "loader_images_per_s": loader,
-      "systems": [{"name": s.name, "source": s.source} for s in system_list],
+      "host_memory": {"bytes": local_memory[0], "what": local_memory[1]},
+      "host_feeds": {m: dataclasses.asdict(f) for m, f in feeds.items()},
+      "systems": [_system_record(s) for s in system_list],
       "compiled": compiled,
       "projections": projections,
   }
-  md = _write(result, scaling_model.markdown(result), args.out)
+  md = _write(result, scaling_model.markdown(result), args.out, written)
   for k, v in result["calibration"]["measured_over_projected"].items():
     print(f"calibration {k}: measured / projected = {v:.2f}", flush=True)
   print("\n" + md, flush=True)
   return result
+
+
+def _feeds(fv: flags.FlagValues, config, args) -> dict:
+  """The training modes' host feeds of the end-to-end projection (scaling_model.host_feeds)."""
+  return scaling_model.host_feeds(
+      config, args.num_classes, args.modes, fv.loader_images_per_s_per_worker,
+      fv.gather_images_per_s, fv.dispatch_ms / 1e3, fv.loader_workers_per_host,
+  )  # fmt: skip
+
+
+def _system_record(s: systems.System) -> dict:
+  return {
+      "name": s.name,
+      "source": s.source,
+      "host_link_gb_s": s.host_link_gb_s,
+      "host_threads": s.host_threads,
+      "chips_per_host": s.chips_per_host,
+      "host_source": s.host_source,
+  }
 
 
 @functools.cache
@@ -274,17 +404,22 @@ def _model(config, args) -> str:
   )
 
 
-def _write(result: dict, md: str, out: str) -> str:
-  """scaling.json, scaling.md and scaling.png of a study into `out` -> the markdown."""
-  with open(os.path.join(out, "scaling.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  with open(os.path.join(out, "scaling.md"), "w") as f:
-    f.write(md)
-  scaling_model.plot(result, os.path.join(out, "scaling.png"))
+def _write(result: dict, md: str, out: str, written: list[str]) -> str:
+  """scaling.json, scaling.md and scaling.png of a study into `out`, each atomically (whole
+  or not there; `written` gets each as it is) -> the markdown."""
+  path = os.path.join(out, "scaling.json")
+  fileio.atomic_write_json(path, result, indent=1)
+  written.append(path)
+  path = os.path.join(out, "scaling.md")
+  fileio.atomic_write_text(path, md)
+  written.append(path)
+  path = os.path.join(out, "scaling.png")
+  scaling_model.plot(result, path)
+  written.append(path)
   return md
 
 
-def _run_target(fv: flags.FlagValues, args, config, plan) -> dict:
+def _run_target(fv: flags.FlagValues, args, config, plan, written: list[str]) -> dict:
   """--target=tpu:<generation> or gpu:<kind>: compile-only on this host
   (cras_jax/perf/target_study.py)."""
   target = args.target
@@ -293,6 +428,7 @@ def _run_target(fv: flags.FlagValues, args, config, plan) -> dict:
   )
   loader = fv.loader_images_per_s or None
   chip = target.chip
+  feeds = _feeds(fv, config, args)
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
       "model": _model(config, args),
@@ -300,24 +436,53 @@ def _run_target(fv: flags.FlagValues, args, config, plan) -> dict:
       "target": target.spec,
       "compiler": target.compiler(),
       # where the FLOPs and bytes accessed came from (a GPU compiler gives none)
-      "cost_source": "; ".join(sorted({r["facts"]["cost_source"] for r in compiled})),
+      "cost_source": "; ".join(
+          sorted({r["facts"]["cost_source"] for r in compiled if "refused" not in r["facts"]})
+      ),
       **({"libtpu": tpu.libtpu_version()} if target.platform == "tpu" else {}),
       "environment": probes.environment(),
       "simulated": False,
       "modes": args.modes,
       "optimiser_note": scaling_model.OPTIMISER_NOTE,
       "loader_images_per_s": loader,
-      "systems": [{"name": chip.name, "source": chip.source}],
+      "host_feeds": {m: dataclasses.asdict(f) for m, f in feeds.items()},
+      "systems": [_system_record(chip)],
       "compiled": compiled,
-      "projections": target_study.project(compiled, plan, chip, config.model.dtype, loader),
+      "projections": target_study.project(compiled, plan, chip, config.model.dtype, loader, feeds),
   }
-  md = _write(result, target_study.markdown(result), args.out)
+  md = _write(result, target_study.markdown(result), args.out, written)
   print("\n" + md, flush=True)
   return result
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  """The command. SIGINT/SIGTERM stop it at the next compile boundary (a second one at
+  once): one line, "stopped: <signal> <where>; <what was written>", and status 128 + the
+  signal (130 for Ctrl-C). Every file is written atomically: a stop leaves none half-written."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  run(flag_values)
+  if flag_values.worker_devices:
+    run(flag_values)  # a worker: its parent terminates it on a stop, and reports
+    return 0
+  written: list[str] = []
+  request = stop.StopRequest("the current compile")
+  try:
+    with request:
+      run(flag_values, written)
+      tpu.stop_if_requested("after the last step")  # a signal during the writes: all written
+  except (stop.Stopped, KeyboardInterrupt) as e:
+    signum = getattr(e, "signum", None) or request.signum or signal.SIGINT
+    where = getattr(e, "where", None) or f"during {tpu.doing()}"
+    print(
+        f"stopped: {signal.Signals(signum).name} {where}; {_written_text(written)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(128 + signum) from None
   return 0
+
+
+def _written_text(written: list[str]) -> str:
+  if not written:
+    return "nothing written (a study's files are written once all its steps are compiled)"
+  return "written: " + ", ".join(written)

@@ -4,14 +4,18 @@ count compiles (and measures), the projections on the named systems, and the rep
 from __future__ import annotations
 
 import os
+import time
 import types
 
 import jax
 import numpy as np
 
 from cras_jax import backbones
-from cras_jax.perf import probes, roofline, rows, tpu
+from cras_jax.base import fileio
+from cras_jax.perf import probes, roofline, rows, systems, tpu
 from cras_jax.perf.bench_report import collectives_text
+
+GB = 1e9
 
 OPTIMISER_NOTE = (
     "Optimiser semantics: the loss is a mean over the global batch (the gradient all-reduce "
@@ -21,6 +25,71 @@ OPTIMISER_NOTE = (
     "global batch grows with the devices: the optimisation changes); strong scaling keeps the "
     "global batch (the same optimisation, split finer)."
 )
+
+
+# The host's side of a training step, measured on the development CPU (2 cores shared with
+# other jobs, 1-minute load average 4-8; docs/performance.md "The training loop end to end") by
+# `python -m cras_jax.benchmark`, for the end-to-end projections (roofline.end_to_end) when the
+# scaling command's flags give none. The rates are per byte so that they carry to other image
+# and feature sizes (an assumption: a read or a gather costs per byte). A server host's cores
+# and memory are faster than these; the flags take its own figures.
+MEASURED_HOST = {
+    # one BatchReader worker, random 288 px images, batch 32: 1,790 images/s (1,548-2,172 over
+    # 6 runs of `--modes= --loader_workers=1,2 --image_size=288 --batch_sizes=32`) x 248,836
+    # bytes
+    "loader_bytes_per_s_per_worker": 1790 * 248_836,
+    # train_batches' gather of WRN50-2's stored features (1296 x 1536 float16 = 3,981,316 bytes
+    # per image) from the memory-mapped cache, and their transfer, in one thread, batch 32:
+    # 170 images/s (102-303 over 9 runs; the same command's feature-gather line)
+    "gather_bytes_per_s": 170 * 3_981_316,
+    # the loop thread's work per step, WRN50-2 288 px (loop rows, median of 3 runs: dispatch
+    # 1.35 / 1.77 ms, and the log's 0.6-1.0 ms every train.log_every = 20 steps)
+    "dispatch_s": {"train": 1.4e-3, "train_cached": 1.8e-3},
+    "source": (
+        "the development CPU: loader 1,790 images/s per worker at 288 px, stored-feature gather "
+        "0.68 GB/s in one thread, loop thread 1.4 / 1.8 ms per step (WRN50-2)"
+    ),
+}
+
+
+def host_feeds(
+    config,
+    num_classes: int,
+    modes,
+    loader_images_per_s_per_worker: float = 0.0,
+    gather_images_per_s: float = 0.0,
+    dispatch_s: float = 0.0,
+    loader_workers_per_host: int = 0,
+) -> dict:
+  """{training mode: roofline.HostFeed} of `config`'s steps: the bytes the host sends per
+  image (rows.input_bytes_per_image), the loader's rate per thread (the image reader, one
+  worker per host thread or `loader_workers_per_host`; the stored features' gather, one
+  thread per host) and the loop thread's time per step; a figure not given (0) is
+  MEASURED_HOST's, per byte for the rates."""
+  from cras_jax.engine import steps  # here: the model's shapes, for the bytes per image
+
+  spec = steps.ModelSpec(config, num_classes)
+  out = {}
+  for mode in modes:
+    if mode not in ("train", "train_cached"):
+      continue
+    nbytes = rows.input_bytes_per_image(mode, config, spec)
+    given = {"train": loader_images_per_s_per_worker, "train_cached": gather_images_per_s}[mode]
+    per_byte = MEASURED_HOST[
+        "loader_bytes_per_s_per_worker" if mode == "train" else "gather_bytes_per_s"
+    ]
+    rate = given or (per_byte / nbytes if per_byte else None)
+    step_s = dispatch_s or MEASURED_HOST["dispatch_s"][mode]
+    measured = [x for x, flag in ((rate, given), (step_s, dispatch_s)) if x and not flag]
+    out[mode] = roofline.HostFeed(
+        bytes_per_image=nbytes,
+        loader_images_per_s_per_thread=rate,
+        threads="host" if mode == "train" else "one",
+        loader_threads_per_host=loader_workers_per_host or None,
+        dispatch_s=step_s,
+        source=(MEASURED_HOST["source"] if measured else "given by flags"),
+    )
+  return out
 
 
 def series(devices: list[int], batch_per_device: list[int], global_batch: list[int]):
@@ -43,9 +112,16 @@ def run_count(config, args, n: int, plan: list[tuple], measure: bool) -> list[di
   counter = probes.CompileCounter() if measure else None
   for g in batches:
     for mode in args.modes:
-      facts = rows.compile_step(mode, config, devs, g, args.num_classes)
+      tpu.boundary(f"compiling {mode} on {n} device(s), batch {g}")
+      t0 = time.perf_counter()
+      try:
+        facts = rows.compile_step(mode, config, devs, g, args.num_classes)
+      except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is a row
+        if not tpu.out_of_memory(e):
+          raise
+        facts = tpu.refused_facts(e, time.perf_counter() - t0)  # the step cannot fit
       rec = {"mode": mode, "devices": n, "global_batch": g, "facts": facts}
-      if measure and g == batches[0]:
+      if measure and g == batches[0] and "refused" not in facts:
         if vars_ is None:
           vars_ = jax.device_get(
               backbones.load_variables(config.model.backbone, "random", config.data.crop, 0)
@@ -58,6 +134,13 @@ def run_count(config, args, n: int, plan: list[tuple], measure: bool) -> list[di
         rec["measured_step_s"] = row["median_s"]
         rec["measured_images_per_s"] = row["images_per_s"]
       out.append(rec)
+      if "refused" in facts:
+        print(
+            f"{n} dev, batch {g}, {mode}: does not fit: the compiler refused it "
+            f"({facts['refused']})",
+            flush=True,
+        )
+        continue
       print(
           f"{n} dev, batch {g}, {mode}: {facts['flops'] or 0:.3g} FLOP/device, "
           f"{facts['bytes_accessed'] or 0:.3g} B accessed, collectives {facts['collectives']}"
@@ -73,8 +156,14 @@ def run_count(config, args, n: int, plan: list[tuple], measure: bool) -> list[di
   return out
 
 
-def project_all(compiled: list[dict], plan, system_list, dtype: str, loader) -> list[dict]:
-  """Every planned step on every system, with efficiencies (roofline.add_efficiency)."""
+def project_all(
+    compiled: list[dict], plan, system_list, dtype: str, loader, local_memory=None, feeds=None
+) -> list[dict]:
+  """Every planned step on every system, with efficiencies (roofline.add_efficiency) and
+  whether it fits the system's memory (`memory_fit`; `local_memory`: (bytes, what) of this
+  machine's measured system, which has no memory figure of its own). A row that does not fit
+  has no images/s (`withhold_unfit`). Each row also has its end-to-end images/s with the host's
+  terms (`add_end_to_end`; `feeds`: {mode: roofline.HostFeed} of the training modes)."""
   by_key = {(r["mode"], r["devices"], r["global_batch"]): r for r in compiled}
   out = []
   for scaling, n, g in plan:
@@ -83,18 +172,196 @@ def project_all(compiled: list[dict], plan, system_list, dtype: str, loader) -> 
       if rec is None:
         continue
       for system in system_list:
-        p = roofline.project(rec["facts"], system, dtype, n, g, loader)
+        if "refused" in rec["facts"]:
+          p = refused_projection(system.name, n, g)
+        else:
+          p = roofline.project(rec["facts"], system, dtype, n, g, loader)
         p.update(mode=mode, scaling=scaling)
+        p.update(memory_fit(rec["facts"], system, n, local_memory))
         if system.name == "this CPU" and "measured_step_s" in rec:
           p["measured_step_s"] = rec["measured_step_s"]
           p["measured_images_per_s"] = rec["measured_images_per_s"]
           p["measured_over_projected"] = rec["measured_step_s"] / p["step_s"]
         out.append(p)
-  return roofline.add_efficiency(out)
+  roofline.add_efficiency([p for p in out if p["images_per_s"] is not None])
+  return add_end_to_end(withhold_unfit(out), {s.name: s for s in system_list}, feeds)
 
 
-def _f(x, d=1):
-  return "–" if x is None else f"{x:.{d}f}"
+def add_end_to_end(projections: list[dict], by_name: dict, feeds: dict | None) -> list[dict]:
+  """Each projection with its host terms and end-to-end images/s (roofline.end_to_end) on
+  its system (`by_name`: name -> systems.System, whose host figures count per chip; a row's
+  `devices` are its chips), the feed of its mode (`feeds`; none: the step alone)."""
+  for p in projections:
+    feed = (feeds or {}).get(p["mode"])
+    p.update(roofline.end_to_end(p, by_name[p["system"]], p["devices"], p["global_batch"], feed))
+  return projections
+
+
+def host_note(result: dict) -> list[str]:
+  """What the end-to-end columns take from the host, per training mode (result["host_feeds"])
+  and per system (result["systems"]' host figures)."""
+  feeds = result.get("host_feeds") or {}
+  if not feeds:
+    return []
+  lines = [
+      "End to end: min(step, host link, loader, dispatch) images/s, all chips together "
+      '(cras_jax/perf/roofline.py `end_to_end`; "bound by" names the smallest). Per mode:',
+      "",
+  ]
+  for mode, f in feeds.items():
+    threads = (
+        "the prefetch thread alone, one per host"
+        if f["threads"] == "one"
+        else (
+            f"{f['loader_threads_per_host']} reader workers per host"
+            if f["loader_threads_per_host"]
+            else "one reader worker per host thread"
+        )
+    )
+    lines.append(
+        f"- {mode}: {f['bytes_per_image'] / 1e6:.4g} MB per image over the host link; loader "
+        f"{_f(f['loader_images_per_s_per_thread'], 0)} images/s per thread, {threads}; "
+        f"dispatch {_f(f['dispatch_s'] and f['dispatch_s'] * 1e3, 2)} ms per step"
+        + (f" ({f['source']})" if f.get("source") else "")
+    )
+  lines += ["", "Host figures per system:", ""]
+  for s in result["systems"]:
+    if "host_link_gb_s" in s:
+      lines.append(
+          f"- {s['name']}: host link {_f(s['host_link_gb_s'], 0)} GB/s per chip, "
+          f"{s['host_threads'] or '–'} host threads, {s['chips_per_host'] or 'all'} chips per "
+          f"host ({s['host_source'] or 'no source'})"
+      )
+  return lines + [""]
+
+
+def e2e_cells(p: dict) -> str:
+  """The end-to-end cells of a projection's row: images/s and what binds."""
+  return f"{_f(p.get('end_to_end_images_per_s'), None, 4)} | {p.get('bound_by') or '–'}"
+
+
+def _gb(x: float) -> str:
+  return f"{x / GB:.3g} GB"
+
+
+def memory_fit(
+    facts: dict, system: systems.System, n_devices: int, local_memory=None, unit: str = "device"
+) -> dict:
+  """Whether a compiled step fits `system`'s memory: its memory analysis's footprint per
+  device (`facts`: rows.compiled_facts) against the system's memory per device (a GPU's or a
+  TPU chip's HBM); on a system without that figure (this machine's, measured) against
+  `local_memory`, (bytes, what): the host's available memory, of which simulated devices
+  sharing the host (`system.shared`) need n footprints. -> {"fits": True, False or None (no
+  memory analysis, or no capacity to compare with), "fits_memory" (the same),
+  "memory_needed_bytes", "memory_available_bytes", "does_not_fit": why it does not (None
+  where it fits or is unknown)}. A step the compiler refused (`facts["refused"]`) does not
+  fit."""
+  need = (facts.get("memory") or {}).get("footprint_bytes")
+  cap, what = system.memory_per_device_bytes, f"per {unit}"
+  if cap is None and local_memory and local_memory[0]:
+    cap, what = local_memory[0], f"of {local_memory[1]}"
+    if system.shared and need is not None:
+      what += f", for {n_devices} simulated device(s) of {_gb(need)} each"
+      need *= n_devices
+  if facts.get("refused"):
+    fits, why = False, f"the compiler refused it: {facts['refused']}"
+  elif need is None or not cap:
+    fits, why = None, None
+  else:
+    fits = bool(need <= cap)
+    why = None if fits else f"{_gb(need)} > {_gb(cap)} {what}"
+  return {
+      "fits": fits,
+      "fits_memory": fits,
+      "memory_needed_bytes": need,
+      "memory_available_bytes": cap,
+      "does_not_fit": why,
+  }
+
+
+def refused_projection(system: str, n: int, g: int) -> dict:
+  """The projection of a step the compiler refused for memory: nothing to project."""
+  return {
+      "system": system,
+      "devices": n,
+      "global_batch": g,
+      "compute_s": None,
+      "memory_s": None,
+      "collective_s": None,
+      "host_overhead_s": None,
+      "step_s": None,
+      "images_per_s": None,
+      "binding": None,
+      "input_images_per_s_needed": None,
+      "loader_bound": False,
+      "efficiency": None,
+  }
+
+
+def withhold_unfit(projections: list[dict]) -> list[dict]:
+  """A row whose step does not fit (`fits` False) could not run: its images/s, the input rate
+  it needs and its efficiency are withheld (None; the roofline's figure stays as
+  `images_per_s_if_it_fit`), and it is not loader-bound. Rows of a series whose 1-device row
+  does not fit have no efficiency (nothing to compare with)."""
+  unfit_base = {
+      (p["system"], p["mode"], p["scaling"])
+      for p in projections
+      if p["devices"] == 1 and p.get("fits") is False
+  }
+  for p in projections:
+    if p.get("fits") is False:
+      if p["images_per_s"] is not None:
+        p["images_per_s_if_it_fit"] = p["images_per_s"]
+      p.update(images_per_s=None, input_images_per_s_needed=None, loader_bound=False)
+      p["efficiency"] = None
+    elif (p["system"], p["mode"], p["scaling"]) in unfit_base:
+      p["efficiency"] = None
+  return projections
+
+
+def fits_text(p: dict) -> str:
+  """A projection's "fits" cell: yes, no or unknown (no memory analysis or capacity)."""
+  return {True: "yes", False: "no"}.get(p.get("fits"), "unknown")
+
+
+def images_text(p: dict, digits: int = 4) -> str:
+  """A projection's images/s cell: the figure, or why the step does not fit (it could not
+  run, so it has none)."""
+  if p.get("fits") is False:
+    return f"(does not fit: {p['does_not_fit']})"
+  return _f(p["images_per_s"], None, digits)
+
+
+def _f(x, d=1, g=None):
+  """x with `d` decimals (or `g` significant digits), "–" for None."""
+  if x is None:
+    return "–"
+  return f"{x:.{g}g}" if g else f"{x:.{d}f}"
+
+
+def _ms(x) -> str:
+  return "–" if x is None else f"{x * 1e3:.3g}"
+
+
+def _mib(x) -> str:
+  return "unknown" if x is None else f"{x / 2**20:.4g} MiB"
+
+
+def fits_note(result: dict) -> str:
+  """What the "fits" column compares."""
+  host = result.get("host_memory") or {}
+  here = (
+      f"{_gb(host['bytes'])} of {host['what']} when the study started"
+      if host.get("bytes")
+      else "unknown here"
+  )
+  return (
+      "Fits: the step's compiled memory (XLA's memory analysis: arguments + outputs + "
+      "temporaries - aliased, per device, of the program compiled here) against each system's "
+      "memory per device (a GPU's or TPU chip's HBM); on this machine's own system, every "
+      f"simulated device's footprint together against the host's memory ({here}). A step that "
+      "does not fit could not run: its row has no step time, images/s or efficiency."
+  )
 
 
 def markdown(result: dict) -> str:
@@ -109,6 +376,8 @@ def markdown(result: dict) -> str:
       f"This CPU, measured in this run: float32 matmul {cal['matmul_flops_per_s'] / 1e9:.1f} "
       f"GFLOP/s, memory {cal['memory_bytes_per_s'] / 1e9:.1f} GB/s.",
       "",
+      fits_note(result),
+      "",
       result["optimiser_note"],
       "",
   ]
@@ -117,21 +386,24 @@ def markdown(result: dict) -> str:
     lines += [
         f"### {mode}",
         "",
-        "| scaling | system | devices | global batch | step ms | images/s | efficiency "
+        "| scaling | system | devices | global batch | fits | step ms | images/s | efficiency "
         "| binding | compute ms | memory ms | collectives ms | loader-bound | measured ms "
-        "| measured / projected |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
+        "| measured / projected | end-to-end images/s | bound by |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for p in ps:
+      ran = p.get("fits") is not False  # a step that does not fit has no step time
       lines.append(
           f"| {p['scaling']} | {p['system']} | {p['devices']} | {p['global_batch']} | "
-          f"{p['step_s'] * 1e3:.3g} | {p['images_per_s']:.4g} | {_f(p['efficiency'], 2)} | "
-          f"{p['binding']} | {p['compute_s'] * 1e3:.3g} | {p['memory_s'] * 1e3:.3g} | "
-          f"{p['collective_s'] * 1e3:.3g} | {'yes' if p['loader_bound'] else 'no'} | "
+          f"{fits_text(p)} | {_ms(p['step_s'] if ran else None)} | {images_text(p)} | "
+          f"{_f(p['efficiency'], 2)} | {p['binding'] or '–'} | {_ms(p['compute_s'])} | "
+          f"{_ms(p['memory_s'])} | {_ms(p['collective_s'])} | "
+          f"{'yes' if p['loader_bound'] else 'no'} | "
           f"{_f(p.get('measured_step_s') and p['measured_step_s'] * 1e3)} | "
-          f"{_f(p.get('measured_over_projected'), 2)} |"
+          f"{_f(p.get('measured_over_projected'), 2)} | {e2e_cells(p)} |"
       )
     lines.append("")
+  lines += host_note(result)
   lines += ["Collectives per step (per device, from the optimised HLO):", ""]
   for r in result["compiled"]:
     lines.append(
@@ -143,8 +415,13 @@ def markdown(result: dict) -> str:
             )
             or "none"
         )
-        + f"; XLA memory {(r['facts']['memory'] or {}).get('footprint_bytes', 0) / 2**20:.4g} MiB"
-        f"/device; compile {r['facts']['compile_s']:.1f} s"
+        + (
+            f"; refused by the compiler ({r['facts']['refused']})"
+            if r["facts"].get("refused")
+            else f"; XLA memory {_mib((r['facts']['memory'] or {}).get('footprint_bytes'))}"
+            "/device"
+        )
+        + f"; compile {r['facts']['compile_s']:.1f} s"
     )
   lines += writes_tables(result)
   lines += ["", "Sources of the system figures:", ""]
@@ -162,6 +439,7 @@ def plot(result: dict, path: str) -> None:
   keys = sorted({(p["mode"], p["scaling"]) for p in ps})
   fig, axes = plt.subplots(2, len(keys), figsize=(4.5 * len(keys), 7), squeeze=False)
   for col, (mode, scaling) in enumerate(keys):
+    shown = False  # any images/s in this column (none where no step fits)
     for system in dict.fromkeys(p["system"] for p in ps):
       sel = sorted(
           (p for p in ps if (p["mode"], p["scaling"], p["system"]) == (mode, scaling, system)),
@@ -170,7 +448,9 @@ def plot(result: dict, path: str) -> None:
       if not sel:
         continue
       xs = [p["devices"] for p in sel]
-      line = axes[0, col].plot(xs, [p["images_per_s"] for p in sel], "o-", label=system)[0]
+      ips = [np.nan if p["images_per_s"] is None else p["images_per_s"] for p in sel]
+      line = axes[0, col].plot(xs, ips, "o-", label=system)[0]  # a step that does not fit: none
+      shown = shown or not all(np.isnan(ips))
       effs = [p["efficiency"] for p in sel]
       if any(e is not None for e in effs):  # none without a 1-device row (a TPU study from 4)
         axes[1, col].plot(xs, [np.nan if e is None else e for e in effs], "o-", label=system)
@@ -178,6 +458,9 @@ def plot(result: dict, path: str) -> None:
       if meas:
         axes[0, col].plot(*zip(*meas), "x", ms=10, color=line.get_color(), label="CPU measured")
     axes[0, col].set_title(f"{mode}, {scaling}", fontsize=9)
+    if not shown:
+      axes[0, col].text(0.5, 0.5, "no step fits", ha="center", transform=axes[0, col].transAxes)
+      continue
     axes[0, col].set_yscale("log")
     axes[0, col].set_ylabel("projected images/s")
     axes[1, col].set_ylabel("efficiency vs 1 device")
@@ -189,7 +472,8 @@ def plot(result: dict, path: str) -> None:
   axes[0, 0].legend(fontsize=7)
   fig.suptitle(f"{result['config']}: {result['model']}", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with fileio.atomic_write(path, "wb") as f:  # complete or not there
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -204,7 +488,8 @@ def worker_env(n: int) -> dict:
 def forms_rows(results: dict[str, dict]) -> list[dict]:
   """The studies of several `train.parallelism` forms ({form: result}) as one row per form
   and compiled step: per device (per chip on a TPU target) memory, bytes accessed, the
-  collectives, the compile time and the projected images/s on the study's first system."""
+  collectives, the compile time, whether the step fits the study's first system and its
+  projected images/s there (None where it does not fit)."""
   out = []
   for form, result in results.items():
     system = result["systems"][0]["name"]
@@ -233,6 +518,8 @@ def forms_rows(results: dict[str, dict]) -> list[dict]:
           "bytes_accessed": per.get("bytes_accessed"),
           "collectives": f["collectives"],
           "system": system,
+          "fits": p.get("fits"),
+          "does_not_fit": p.get("does_not_fit"),
           "images_per_s": p.get("images_per_s"),
           "binding": p.get("binding"),
       })  # fmt: skip
@@ -256,8 +543,8 @@ def forms_markdown(results: dict[str, dict]) -> str:
       " (cras_jax/perf/roofline.py); collectives: count × operand bytes summed, per device.",
       "",
       f"| mode | form | {unit} | global batch | compile s | memory/{per} GB | GB accessed/{per} "
-      "| collectives | images/s | vs jit | binding |",
-      "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+      "| collectives | fits | images/s | vs jit | binding |",
+      "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---|",
   ]
   for r in sorted(rows_, key=lambda r: (r["mode"], r["count"], r["global_batch"])):
     base = jit.get((r["mode"], r["count"], r["global_batch"]))
@@ -266,7 +553,8 @@ def forms_markdown(results: dict[str, dict]) -> str:
         f"| {r['mode']} | {r['form']} | {r['count']} | {r['global_batch']} | "
         f"{r['compile_s']:.1f} | {_f(r['footprint_bytes'] and r['footprint_bytes'] / 1e9, 3)} | "
         f"{_f(r['bytes_accessed'] and r['bytes_accessed'] / 1e9, 3)} | "
-        f"{collectives_text(r['collectives'])} | {_f(ips, 1)} | "
+        f"{collectives_text(r['collectives'])} | {fits_text(r)} | "
+        f"{images_text(r) if r['fits'] is False else _f(ips, 1)} | "
         f"{_f(ips / base if ips and base else None, 2)} | {r['binding'] or '–'} |"
     )
   return "\n".join(lines) + "\n"

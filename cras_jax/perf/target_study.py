@@ -35,8 +35,14 @@ def compile_counts(
         print(f"skip {name}, batch {g}: not divisible by its {len(devs)} devices", flush=True)
         continue
       for mode in args.modes:
+        tpu.boundary(f"compiling {mode} for {name}, batch {g}")
         t0 = time.perf_counter()
-        facts = rows.compile_step(mode, config, devs, g, args.num_classes)
+        try:
+          facts = rows.compile_step(mode, config, devs, g, args.num_classes)
+        except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is a row
+          if not tpu.out_of_memory(e):
+            raise
+          facts = tpu.refused_facts(e, time.perf_counter() - t0)  # the step cannot fit
         facts.update(topology=name, chips=n, devices_per_chip=per_chip)
         rec = {
             "mode": mode,
@@ -46,43 +52,67 @@ def compile_counts(
             "facts": facts,
             "compile_wall_s": time.perf_counter() - t0,
         }
-        if cost is None:
+        if "refused" in facts:
+          facts["cost_source"] = None  # no program: no cost analysis to borrow for it either
+        elif cost is None:
           facts["cost_source"] = f"{target.compiler()} cost analysis"
         else:  # the other compiler's seconds are its own (cost_compile_s)
           facts.update(cost(mode, g // len(devs)))
         if max_batch and g == min(gb for _, m, gb in plan if m == n):
           rec["max_batch"] = tpu.max_batch_per_chip(
               mode, config, devs, per_chip, chip.memory_per_device_bytes, args.num_classes,
-              multiple,
+              multiple, label=name,
           )  # fmt: skip
         out.append(rec)
         pc, u = tpu.per_chip(facts), target.unit
+        if "refused" in facts:
+          text = f"does not fit: the compiler refused it ({facts['refused']}), after"
+        else:
+          text = (
+              f"{(pc['flops'] or 0) / 1e12:.3g} TFLOP/{u}, "
+              f"{(pc['bytes_accessed'] or 0) / GB:.3g} GB accessed/{u} ({facts['cost_source']}), "
+              f"{(pc['footprint_bytes'] or 0) / GB:.3g} GB memory/{u}, collectives "
+              f"{facts['collectives']}, compile"
+          )
         print(
-            f"{name} ({n} {u}s), batch {g}, {mode}: {(pc['flops'] or 0) / 1e12:.3g} TFLOP/{u}, "
-            f"{(pc['bytes_accessed'] or 0) / GB:.3g} GB accessed/{u} ({facts['cost_source']}), "
-            f"{(pc['footprint_bytes'] or 0) / GB:.3g} GB memory/{u}, collectives "
-            f"{facts['collectives']}, compile {rec['compile_wall_s']:.1f} s"
+            f"{name} ({n} {u}s), batch {g}, {mode}: {text} {rec['compile_wall_s']:.1f} s"
             + (f", max batch/{u} {rec['max_batch']}" if "max_batch" in rec else ""),
             flush=True,
         )
   return out
 
 
-def project(compiled: list[dict], plan, chip: systems.System, dtype: str, loader) -> list[dict]:
+def project(
+    compiled: list[dict], plan, chip: systems.System, dtype: str, loader, feeds=None
+) -> list[dict]:
   """Each compiled step on its target's `chip` (each device 1/k of it where a chip has k
-  devices); `devices` in the projections are chips, the efficiency against one chip."""
+  devices); `devices` in the projections are chips, the efficiency against one chip. Each
+  says whether the step's compiled memory per chip fits the chip's HBM
+  (scaling_model.memory_fit; a step the compiler refused does not); one that does not has no
+  images/s (scaling_model.withhold_unfit). End to end, the host's terms per chip
+  (scaling_model.add_end_to_end; `feeds`: {mode: roofline.HostFeed})."""
   by_key = {(r["mode"], r["chips"], r["global_batch"]): r for r in compiled}
+  unit = "GPU" if chip in systems.GPU_CHIPS.values() else "chip"
   out = []
   for scaling, n, g in plan:
     for mode in sorted({r["mode"] for r in compiled}):
       rec = by_key.get((mode, n, g))
       if rec is None:
         continue
-      system = systems.per_device(chip, rec["facts"]["devices_per_chip"])
-      p = roofline.project(rec["facts"], system, dtype, rec["devices"], g, loader)
+      f = rec["facts"]
+      if "refused" in f:
+        p = scaling_model.refused_projection(chip.name, n, g)
+      else:
+        system = systems.per_device(chip, f["devices_per_chip"])
+        p = roofline.project(f, system, dtype, rec["devices"], g, loader)
       p.update(mode=mode, scaling=scaling, system=chip.name, devices=n)
+      per_chip = {"memory": {"footprint_bytes": tpu.per_chip(f)["footprint_bytes"]}}
+      if "refused" in f:
+        per_chip["refused"] = f["refused"]
+      p.update(scaling_model.memory_fit(per_chip, chip, n, unit=unit))
       out.append(p)
-  return roofline.add_efficiency(out)
+  roofline.add_efficiency([p for p in out if p["images_per_s"] is not None])
+  return scaling_model.add_end_to_end(scaling_model.withhold_unfit(out), {chip.name: chip}, feeds)
 
 
 def _gb(x) -> str:
@@ -103,7 +133,13 @@ def _seconds(s: float) -> str:
 
 def cost_note(result: dict) -> str:
   """Where a study's FLOPs and bytes accessed came from (each compiled step records it)."""
-  sources = sorted({r["facts"].get("cost_source") or "–" for r in result["compiled"]})
+  sources = sorted(
+      {
+          r["facts"].get("cost_source") or "–"
+          for r in result["compiled"]
+          if "refused" not in r["facts"]
+      }
+  )
   text = "; ".join(sources) or "–"
   if not result["target"].startswith("gpu:"):
     return f"FLOPs and bytes accessed: {text}."
@@ -148,6 +184,10 @@ def markdown(result: dict) -> str:
       "",
       cost_note(result),
       "",
+      f"Fits HBM: the compiled memory per {u} (footprint: arguments + outputs + temporaries - "
+      f"aliased) against the {u}'s HBM; a step over it, or one the compiler refused for memory,"
+      " does not fit: it could not run, so its row has no step time, images/s or efficiency.",
+      "",
       result["optimiser_note"],
       "",
   ]
@@ -159,8 +199,9 @@ def markdown(result: dict) -> str:
         "",
         f"| scaling | topology | {u}s | global batch | compile s | TFLOP/{u} | GB accessed/{u} "
         f"| memory/{u} GB (args / out / temp / footprint) | exchanges per step (count × MB each)"
-        f" | step ms | images/s | efficiency | binding | fits HBM | max batch/{u} |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|---:|",
+        f" | step ms | images/s | efficiency | binding | fits HBM | max batch/{u} "
+        "| end-to-end images/s | bound by |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|---|---:|---:|---|",
     ]
     for p in ps:
       r = by_key[(mode, p["devices"], p["global_batch"])]
@@ -168,15 +209,18 @@ def markdown(result: dict) -> str:
       mb = r.get("max_batch")
       lines.append(
           f"| {p['scaling']} | {f['topology']} | {r['chips']} | {r['global_batch']} | "
-          f"{_seconds(f['lower_s'] + f['compile_s'])} | {(pc['flops'] or 0) / 1e12:.3g} | "
+          f"{_seconds(f['lower_s'] + f['compile_s'])} | "
+          f"{scaling_model._f(pc['flops'] and pc['flops'] / 1e12, g=3)} | "
           f"{_gb(pc['bytes_accessed'])} | {_gb(pc['argument_bytes'])} / {_gb(pc['output_bytes'])}"
           f" / {_gb(pc['temp_bytes'])} / {_gb(pc['footprint_bytes'])} | {_exchanges(f)} | "
-          f"{p['step_s'] * 1e3:.3g} | {p['images_per_s']:.4g} | "
-          f"{scaling_model._f(p['efficiency'], 2)} | {p['binding']} | "
-          f"{'–' if p['fits_memory'] is None else ('yes' if p['fits_memory'] else 'no')} | "
+          f"{scaling_model._ms(p['step_s'] if p['fits'] is not False else None)} | "
+          f"{scaling_model.images_text(p)} | {scaling_model._f(p['efficiency'], 2)} | "
+          f"{p['binding'] or '–'} | {scaling_model.fits_text(p)} | "
           f"{'–' if mb is None else ('≥' if mb['at_limit'] else '') + str(mb['max_batch_per_chip'])} |"
+          f" {scaling_model.e2e_cells(p)} |"
       )
     lines.append("")
+  lines += scaling_model.host_note(result)
   lines += [compile_total(result), ""]
   lines += scaling_model.writes_tables(result) + [""]
   lines += [f"Source of the {u}'s figures:", ""]

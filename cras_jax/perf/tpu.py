@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from collections.abc import Callable
 
-from cras_jax.base import errors
+from cras_jax.base import errors, stop
 from cras_jax.perf import rows
 
 # Generation name (as libtpu spells it) -> the number of axes of its topology: a 2D torus
@@ -149,27 +151,49 @@ def largest_fitting(footprint: Callable[[int], float], budget: float, limit: int
 
 
 def footprint_search(
-    mode: str, config, devs, num_classes: int, multiple: int = 1
+    mode: str,
+    config,
+    devs,
+    num_classes: int,
+    multiple: int = 1,
+    budget: float | None = None,
+    label: str = "",
 ) -> Callable[[int], float]:
   """footprint(k): the compiled step's memory footprint per device at k x `multiple` images
   per device on `devs` (memory analysis: arguments + outputs + temporaries - aliased), each
-  batch compiled once (cached across budgets)."""
+  batch compiled once (cached across budgets). Each compile prints one line to stderr: the
+  batch, the step (`mode`; `label`, e.g. the topology), the footprint, whether it fits
+  `budget` (bytes per device) when one is given, and the compile's seconds."""
   cache: dict[int, float] = {}
+  where = f"{mode} on {label}" if label else mode
 
   def footprint(k: int) -> float:
     if k not in cache:
       b = k * multiple * len(devs)
+      what = f"--max_batch {where}: batch {b} ({k * multiple}/device)"
+      boundary(what)
+      t0 = time.perf_counter()
       try:
         facts = rows.compile_step(mode, config, devs, b, num_classes)
       except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is an answer
         if not out_of_memory(e):
           raise
         cache[k] = math.inf  # libtpu refuses to compile a step that cannot fit its HBM
-        return cache[k]
-      mem = facts["memory"]
-      if mem is None:
-        raise errors.UserError("this compiler gives no memory analysis: no batch limit")
-      cache[k] = mem["footprint_bytes"]
+        verdict = f"does not fit: the compiler refused it ({oom_reason(e)})"
+      else:
+        mem = facts["memory"]
+        if mem is None:
+          raise errors.UserError("this compiler gives no memory analysis: no batch limit")
+        cache[k] = mem["footprint_bytes"]
+        verdict = f"{cache[k] / 1e9:.3g} GB/device"
+        if budget is not None:
+          fits = cache[k] <= budget
+          verdict = (
+              f"{'fits' if fits else 'does not fit'}: {cache[k] / 1e9:.3g} GB "
+              f"{'<=' if fits else '>'} {budget / 1e9:.3g} GB/device"
+          )
+      seconds = time.perf_counter() - t0
+      print(f"{what}: {verdict}, compile {seconds:.1f} s", file=sys.stderr, flush=True)
     return cache[k]
 
   footprint.cache = cache
@@ -183,6 +207,60 @@ def out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text and ("HbmOom" in text or "out of memory" in text.lower())
 
 
+def oom_reason(e: Exception, limit: int = 240) -> str:
+  """The compiler's out-of-memory refusal in one line: the line of its message from
+  RESOURCE_EXHAUSTED on (which says how much was needed and how much there is; the lines
+  after it list the buffers), at most `limit` characters."""
+  text = str(e)
+  text = text[max(text.find("RESOURCE_EXHAUSTED"), 0) :].strip()
+  line = " ".join(text.splitlines()[0].split()) if text else type(e).__name__
+  return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def refused_facts(e: Exception, seconds: float) -> dict:
+  """The facts of a step the compiler refused for memory (`out_of_memory`): no program, so no
+  FLOPs, bytes, memory analysis or collectives; `refused` holds the compiler's reason and
+  `compile_s` the seconds until the refusal (lowering included)."""
+  return {
+      "flops": None,
+      "bytes_accessed": None,
+      "memory": None,
+      "collectives": {},
+      "collective_list": [],
+      "lower_s": 0.0,
+      "compile_s": seconds,
+      "refused": oom_reason(e),
+  }
+
+
+# What the study is doing (the last compile boundary passed): a stop's message names it.
+_DOING = {"what": "starting"}
+
+
+def boundary(what: str) -> None:
+  """A compile boundary of the scaling study, before `what` starts (a compile, a worker):
+  where SIGINT/SIGTERM arrived inside a `stop.StopRequest` (cras_jax/base/stop.py), raises
+  `stop.Stopped` (its `where`: the work that was about to start); else records `what` as the
+  work under way (`doing`)."""
+  stop_if_requested(f"before {what}")
+  _DOING["what"] = what
+
+
+def stop_if_requested(where: str) -> None:
+  """Raises `stop.Stopped`, its `where` set to `where`, when SIGINT/SIGTERM arrived inside a
+  `stop.StopRequest`."""
+  signum = stop.requested()
+  if signum is not None:
+    e = stop.Stopped(signum)
+    e.where = where
+    raise e
+
+
+def doing() -> str:
+  """The work under way: what the last `boundary` passed was about to start."""
+  return _DOING["what"]
+
+
 def max_batch_per_chip(
     mode: str,
     config,
@@ -192,13 +270,23 @@ def max_batch_per_chip(
     num_classes: int,
     multiple: int = 8,
     limit_per_chip: int = 4096,
+    label: str = "",
 ) -> dict:
   """The largest batch per chip (a multiple of `multiple` x devices per chip) whose compiled
   footprint fits the chip's HBM (each device gets HBM / devices per chip), with the
-  compiles it took."""
-  footprint = footprint_search(mode, config, devs, num_classes, multiple)
+  compiles it took. Prints a line to stderr as it starts (`label`: the topology) and one per
+  compile (`footprint_search`)."""
   budget = hbm_per_chip / devices_per_chip
   limit = max(1, limit_per_chip // (multiple * devices_per_chip))
+  print(
+      f"--max_batch {mode}{f' on {label}' if label else ''}: the largest batch per chip whose "
+      f"compiled memory fits {hbm_per_chip / 1e9:.3g} GB of HBM, in multiples of "
+      f"{multiple * devices_per_chip} up to {limit * multiple * devices_per_chip} (at most about "
+      f"{2 * math.ceil(math.log2(limit + 1))} compiles)",
+      file=sys.stderr,
+      flush=True,
+  )
+  footprint = footprint_search(mode, config, devs, num_classes, multiple, budget, label)
   k = largest_fitting(footprint, budget, limit)
   best = footprint.cache.get(k)
   return {
