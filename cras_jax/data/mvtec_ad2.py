@@ -175,23 +175,9 @@ def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
   return layout.format_problems(root, problems, "MVTec AD 2 dataset", EXPECTED_LAYOUT)
 
 
-def validate(
-    records: Sequence[layout.Record],
-    root: str | os.PathLike,
-    problems: Sequence[str] = (),
-    *,
-    read_images: bool = True,
-    num_workers: int | None = None,
-    limits: preprocess.Limits | None = None,
-) -> None:
-  """Raise one ``layout.DatasetError`` listing the scan's ``problems`` and, with
-  ``read_images``, every unreadable image or mask and every mask whose size differs from its
-  image's (`validate.file_problems`: each file decoded once, in threads)."""
-  problems = list(problems)
-  if read_images and records:
-    problems += validate_lib.file_problems(records, num_workers, limits)
-  if problems:
-    raise layout.DatasetError(format_problems(root, problems))
+validate = functools.partial(
+    validate_lib.validate_layout, what="MVTec AD 2 dataset", expected_layout=EXPECTED_LAYOUT
+)
 
 
 def private_images(root: str | os.PathLike, cls: str, split: str) -> list[Path]:

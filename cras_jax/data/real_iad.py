@@ -261,22 +261,12 @@ def format_problems(root: str | os.PathLike, problems: Sequence[str]) -> str:
   return layout.format_problems(root, problems, "Real-IAD dataset", EXPECTED_LAYOUT)
 
 
-def validate(
-    records: Sequence[layout.Record],
-    root: str | os.PathLike,
-    problems: Sequence[str] = (),
-    *,
-    read_images: bool = True,
-    num_workers: int | None = None,
-    limits: preprocess.Limits | None = None,
-) -> None:
-  """One ``layout.DatasetError`` listing the scan's ``problems`` and, with ``read_images``,
-  every unreadable image or mask and every mask whose size differs from its image's."""
-  problems = list(problems)
-  if read_images and records and not problems:
-    problems += validate_lib.file_problems(records, num_workers, limits)
-  if problems:
-    raise layout.DatasetError(format_problems(root, problems))
+validate = functools.partial(
+    validate_lib.validate_layout,
+    what="Real-IAD dataset",
+    expected_layout=EXPECTED_LAYOUT,
+    read_despite_problems=False,
+)
 
 
 def load_dataset(

@@ -169,3 +169,27 @@ def validate(
     problems += file_problems(records, num_workers, limits)
   if problems:
     raise layout.DatasetError(layout.format_problems(root, problems))
+
+
+def validate_layout(
+    records: Sequence[layout.Record],
+    root: str | os.PathLike,
+    problems: Sequence[str] = (),
+    *,
+    what: str,
+    expected_layout: str,
+    read_images: bool = True,
+    num_workers: int | None = None,
+    limits: preprocess.Limits | None = None,
+    read_despite_problems: bool = True,
+) -> None:
+  """`validate` for a dataset read in its own layout (MVTec AD 2, Real-IAD): one
+  ``layout.DatasetError`` naming it (`what`, `expected_layout`) that lists the scan's
+  ``problems`` and, with ``read_images``, every unreadable image or mask and every mask whose
+  size differs from its image's (`file_problems`; skipped after scan problems unless
+  `read_despite_problems`)."""
+  problems = list(problems)
+  if read_images and records and (read_despite_problems or not problems):
+    problems += file_problems(records, num_workers, limits)
+  if problems:
+    raise layout.DatasetError(layout.format_problems(root, problems, what, expected_layout))

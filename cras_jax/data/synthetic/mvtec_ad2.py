@@ -25,7 +25,6 @@ when the manifest matches.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -119,17 +118,11 @@ def _write_tree(out: str, manifest: dict) -> None:
           gain = rng.uniform(*_PRIVATE_MIXED_GAIN)
           img = np.clip(img.astype(np.float32) * gain, 0, 255).astype(np.uint8)
         put(os.path.join(cdir, split), _name(i, suffix), img)
-  with open(os.path.join(out, MANIFEST_NAME), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)  # last: marks a complete tree
-    f.write("\n")
+  writing.write_manifest(out, manifest, MANIFEST_NAME)  # last: marks a complete tree
 
 
 def _read_manifest(root: str) -> dict | None:
-  try:
-    with open(os.path.join(root, MANIFEST_NAME), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return writing.read_manifest(root, MANIFEST_NAME)
 
 
 def generate(

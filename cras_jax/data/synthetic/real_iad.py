@@ -106,17 +106,11 @@ def _write_tree(out: str, manifest: dict) -> None:
       os.makedirs(jdir, exist_ok=True)
       with open(os.path.join(jdir, f"{cls}.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
-  with open(os.path.join(out, MANIFEST_NAME), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)  # last: marks a complete tree
-    f.write("\n")
+  writing.write_manifest(out, manifest, MANIFEST_NAME)  # last: marks a complete tree
 
 
 def _read_manifest(root: str) -> dict | None:
-  try:
-    with open(os.path.join(root, MANIFEST_NAME), encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+  return writing.read_manifest(root, MANIFEST_NAME)
 
 
 def generate(

@@ -50,12 +50,20 @@ def _manifest(seed, image_size, n_train, n_test_good, n_test_defect_per_type) ->
   }
 
 
-def _read_manifest(root: str) -> dict | None:
+def read_manifest(root: str, name: str = MANIFEST_NAME) -> dict | None:
+  """A generated tree's manifest (`name` in `root`), or None when absent or unreadable."""
   try:
-    with open(os.path.join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
+    with open(os.path.join(root, name), "r", encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def write_manifest(out: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
+  """Writes a tree's manifest, last: its presence marks the tree complete."""
+  with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2, sort_keys=True)
+    f.write("\n")
 
 
 def _fname(i: int, n: int) -> str:
@@ -79,7 +87,7 @@ def _expected_files(manifest: dict) -> list[str]:
 
 
 def _is_complete(root: str, manifest: dict) -> bool:
-  if _read_manifest(root) != manifest:
+  if read_manifest(root) != manifest:
     return False
   return all(os.path.isfile(os.path.join(root, f)) for f in _expected_files(manifest))
 
@@ -107,10 +115,7 @@ def _write_tree(out: str, manifest: dict) -> None:
               os.path.join(out, cls, "ground_truth", defect, _fname(i, n) + "_mask.png"),
               mask.astype(np.uint8) * 255,
           )
-  # the manifest is written last: its presence marks a complete tree
-  with open(os.path.join(out, MANIFEST_NAME), "w", encoding="utf-8") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-    f.write("\n")
+  write_manifest(out, manifest)  # last: its presence marks a complete tree
 
 
 def generate(
@@ -197,7 +202,7 @@ def write_in_place(
 def make_contact_sheet(root: str, out_path: str, n_good: int = 2, n_per_defect: int = 1) -> str:
   """Write a PNG grid: one row per class, good images then defect images with the
   mask outline drawn in red next to the raw defect image."""
-  manifest = _read_manifest(root)
+  manifest = read_manifest(root)
   if manifest is None:
     raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}")
   rows = []
