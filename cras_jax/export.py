@@ -5,6 +5,12 @@
     python -m cras_jax.run_exported model.npz crops.npy
     python -m cras_jax.export --workdir=<trained run> --format=onnx     # <run>/exported.onnx
     python -m cras_jax.run_onnx <run>/exported.onnx images/ [--runtime=openvino]
+    python -m cras_jax.export --workdir=<trained run> --format=onnx --precision=int8
+
+--precision=fp16|int8 compresses the ONNX file (cras_jax/deploy/compress.py): calibrated on
+the run's normal training images (--calibration_images), checked against fp32 on held-back
+normal images and refused beyond --max_flip_rate (or written with --force), thresholds
+re-fitted on the compressed model's own scores (docs/deploy.md).
 
 The ONNX file and its reader: cras_jax/deploy/onnx_export.py, cras_jax/run_onnx.py,
 docs/deploy.md. What follows is the .npz format.
@@ -41,7 +47,7 @@ import sys
 from absl import app, flags, logging
 
 from cras_jax.base import compile_cache, errors, flag_checks
-from cras_jax.deploy import onnx_export
+from cras_jax.deploy import compress, onnx_export
 from cras_jax.deploy.exporting import (  # noqa: F401 - the library, re-exported for its users
     FORMAT,
     FORMAT_VERSION,
@@ -98,6 +104,38 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   )
   for name in ("image_threshold", "pixel_threshold"):
     flag_checks.bounded(fv, name)
+  flags.DEFINE_enum(
+      "precision",
+      "fp32",
+      list(compress.PRECISIONS),
+      "--format=onnx only. fp32: the float32 graph; fp16: weights stored as float16 (half the "
+      "file); int8: onnxruntime's static quantisation of the backbone and adapter, calibrated "
+      "on the run's normal training images. A compressed export is checked against fp32 on "
+      "held-back normal images and refused beyond --max_flip_rate (docs/deploy.md).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      "calibration_images",
+      compress.DEFAULT_CALIBRATION_IMAGES,
+      "--precision=int8: the run's normal training images the activations' ranges are "
+      "calibrated on (all of them when fewer); the rest check it.",
+      flag_values=fv,
+  )
+  flags.DEFINE_float(
+      "max_flip_rate",
+      compress.DEFAULT_MAX_FLIP_RATE,
+      "--precision=fp16/int8: the largest share of held-back normal images the compressed "
+      "model may decide otherwise than fp32; beyond it nothing is written (exit status 2).",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool(
+      "force",
+      False,
+      "--precision=fp16/int8: write the compressed model whatever its measured flip rate.",
+      flag_values=fv,
+  )
+  flag_checks.bounded(fv, "max_flip_rate", 0, 1)
+  flag_checks.bounded(fv, "calibration_images", 1)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
@@ -119,6 +157,23 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         "--platforms applies to --format=jax (what jax.export lowers for); an ONNX file runs "
         "wherever its runtime does: drop --platforms"
     )
+  compressed = fv.precision != "fp32"
+  given = [
+      f"--{n}"
+      for n in ("precision", "calibration_images", "max_flip_rate", "force")
+      if fv[n].present
+  ]
+  if fv.format != "onnx" and given:
+    raise errors.UserValueError(
+        f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --format=onnx (a "
+        f"compressed ONNX file); the .npz export is the float32 function itself: pass "
+        f"--format=onnx, or drop {', '.join(given)}"
+    )
+  if not compressed and [g for g in given if g != "--precision"]:
+    raise errors.UserValueError(
+        f"{', '.join(g for g in given if g != '--precision')}: only with --precision=fp16 or "
+        f"int8 (an fp32 export is not compressed, so nothing is calibrated or checked)"
+    )
   check_output_and_platforms(output, fv.platforms)
   compile_cache.setup()  # before anything compiles: later starts reuse the steps
   run = trained.load_run(fv.workdir, member=fv.member)
@@ -131,8 +186,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS) -> int:
         file=sys.stderr,
     )
   if fv.format == "onnx":
+    images = (
+        onnx_export.check_images(run, fv.workdir, fv.calibration_images) if compressed else None
+    )
     try:
-      onnx_export.export_onnx(run, thr, output)
+      onnx_export.export_onnx(run, thr, output, fv.precision, images, fv.max_flip_rate, fv.force)
     except onnx_export.onnx_graph.UnsupportedPrimitive as e:  # nothing is written
       raise errors.UserValueError(
           f"--format=onnx: this run's scoring function has no ONNX form here ({e}); export "

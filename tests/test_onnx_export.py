@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from PIL import Image
 
 from cras_jax.base import errors
 from cras_jax.configs import demo
 from cras_jax.data import preprocess
-from cras_jax.deploy import exporting, onnx_export, onnx_graph, run_onnx
+from cras_jax.deploy import compress, exporting, onnx_export, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
 from cras_jax.scoring import scoring, thresholds
@@ -331,7 +332,7 @@ def test_a_function_without_an_onnx_form_is_one_message(tiny_run, tmp_path, monk
   format (exit status 2 under errors.run), and writes nothing."""
   from cras_jax import export
 
-  def refuse(run, thr, output):
+  def refuse(run, thr, output, *compression):
     raise onnx_graph.UnsupportedPrimitive("no ONNX form for the JAX primitive 'sort'")
 
   monkeypatch.setattr(onnx_export, "export_onnx", refuse)
@@ -370,3 +371,144 @@ def test_export_command_refuses_flags_of_the_other_format(tiny_run, tmp_path, fl
   )
   assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
   assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- compressed exports
+
+
+@pytest.fixture(scope="module")
+def int8(exported, tiny_run):
+  """The tiny run's float32 export (the `exported` fixture's file) quantised to int8 as
+  `python -m cras_jax.export --precision=int8` does, calibrated on its training images."""
+  data, meta32 = run_onnx.read(str(exported["dir"] / "model.onnx"))
+  model = onnx.load_from_string(data)
+  del model.metadata_props[:]
+  images = onnx_export.check_images(exported["run"], str(tiny_run["workdir"]), 200)
+  out, meta = compress.compress(model, meta32, "int8", images)
+  path = exported["dir"] / "int8.onnx"
+  path.write_bytes(out)
+  return {"path": path, "meta": meta, "model32": model, "meta32": meta32, "images": images}
+
+
+def test_int8_file_records_precision_calibration_versions_and_its_checksum(int8, tmp_path):
+  data, meta = run_onnx.read(str(int8["path"]))  # the checksum verifies
+  assert meta == json.loads(json.dumps(int8["meta"])) and meta["precision"] == "int8"
+  c = meta["compression"]
+  cal = c["calibration"]  # the tiny run's 24 normal training images, all of them
+  assert cal["count"] == 24 and cal["split"] == "train" and "SHA-256" in cal["selection"]
+  assert len(cal["sha256_crops"]) == len(cal["sha256_names"]) == 64
+  assert (
+      cal["sha256_crops"]
+      == compress.image_identity(int8["images"].calibration, [], "", "")["sha256_crops"]
+  )
+  assert meta["versions"]["onnxruntime"] == onnxruntime.__version__ and meta["versions"]["onnx"]
+  assert c["tool"] == "onnxruntime.quantization.quantize_static" and c["format"] == "QDQ"
+  assert c["quantised_convolutions"] > 30 and c["runtimes"]["onnxruntime"]["verified"]
+  assert "test split's 8 normal images" in c["check"]["images"]  # too few training images left
+  model = onnx.load_from_string(data)
+  assert {o.domain for o in model.opset_import} == {""} and model.opset_import[0].version == 18
+  assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+  assert len(data) < 0.5 * len(int8["model32"].SerializeToString())
+  # the re-fitted thresholds are the file's, the run's kept beside them
+  t = c["thresholds"]
+  assert t["choice"] == "re-fitted" and meta["thresholds"]["image"] == t["refit"]["image"]
+  assert t["run"]["image"] == int8["meta32"]["thresholds"]["image"]
+  # one bit changed anywhere (a weight, the graph, the meta) and the file is refused
+  raw = bytearray(data)
+  raw[len(raw) // 3] ^= 0x01
+  tampered = tmp_path / "tampered_int8.onnx"
+  tampered.write_bytes(bytes(raw))
+  with pytest.raises(run_onnx.ExportError, match="do not match the checksum"):
+    run_onnx.read(str(tampered))
+
+
+def test_int8_flags_the_same_images_as_fp32_within_the_bound(int8, exported):
+  """The tiny run's int8 export decides its held-back normal images (the test split's, as the
+  run has too few training images) as float32 does within the stated bound, and every test
+  image within it too, at its re-fitted thresholds."""
+  check = int8["meta"]["compression"]["check"]["runtimes"]["onnxruntime"]
+  assert check["flip_rate"] <= compress.DEFAULT_MAX_FLIP_RATE, check
+  got = run_onnx.score(run_onnx.load(str(int8["path"])), exported["images"], 8)
+  want = exported["want"]  # the JAX scorer at the run's thresholds
+  flips = got["is_anomaly"] != want["is_anomaly"]
+  assert flips.mean() <= compress.DEFAULT_MAX_FLIP_RATE, (flips.sum(), len(flips))
+  np.testing.assert_array_equal(got["cls"], want["cls"])
+
+
+def test_the_flip_bound_refuses_with_the_figures_and_the_override_writes(int8):
+  """A bound below the measured flip rate (here any: -1) refuses with the figures and the
+  override flags; --force writes, saying so in the meta. fp16: the same check."""
+  args = (int8["model32"], int8["meta32"], "fp16", int8["images"])
+  with pytest.raises(compress.CompressionRefused) as e:
+    compress.compress(*args, max_flip_rate=-1.0, runtimes=["onnxruntime"])
+  message = str(e.value)
+  assert isinstance(e.value, errors.UserValueError)  # exit status 2 under errors.run
+  for part in ("--precision=fp16", "flip rate 0.000 > --max_flip_rate=-1", "drift max", "--force"):
+    assert part in message, message
+  data, meta = compress.compress(*args, max_flip_rate=-1.0, force=True, runtimes=["onnxruntime"])
+  assert meta["compression"]["check"]["forced"] and meta["precision"] == "fp16"
+  assert run_onnx.metadata_props(data)[run_onnx.SUM_KEY] == run_onnx.file_checksum(
+      data, run_onnx.metadata_props(data)[run_onnx.SUM_KEY]
+  )
+
+
+def test_a_compressed_file_refuses_a_runtime_its_export_did_not_check(int8, exported, tmp_path):
+  """An int8 file whose export checked onnxruntime alone: run_onnx --runtime=openvino is one
+  message naming the file and the runtime, exit status 2; onnxruntime scores it."""
+  meta = json.loads(json.dumps(int8["meta"]))
+  meta["compression"]["runtimes"] = {"onnxruntime": {"verified": True}}
+  path = tmp_path / "int8_ort.onnx"
+  path.write_bytes(compress.stamp(onnx.load(str(int8["path"])), meta))
+  res = _cli(path, exported["dir"] / "crops.npy", "--runtime=openvino", "--quiet")
+  assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert str(path) in res.stderr and "cannot be scored with openvino" in res.stderr
+  assert len(run_onnx.score(run_onnx.load(str(path)), exported["images"])["scores"]) == len(
+      exported["images"]
+  )
+
+
+def test_int8_file_runs_without_jax(int8, exported):
+  """run_onnx reads an int8 file with nothing more than an fp32 one needs (no JAX, no onnx)."""
+  tmp = exported["dir"]
+  got = _no_jax_run(str(int8["path"]), str(tmp / "crops.npy"), str(tmp / "int8_out.npz"))
+  assert got["scores"].shape == (len(exported["images"]),)
+
+
+def test_export_command_refuses_compression_flags_where_they_mean_nothing(tiny_run, tmp_path):
+  from cras_jax import export  # noqa: PLC0415
+
+  for flags, message in (
+      (["--precision=int8"], "--precision applies to --format=onnx"),
+      (["--format=onnx", "--calibration_images=10"], "only with --precision=fp16 or int8"),
+  ):
+    with pytest.raises(errors.UserValueError, match=message):
+      run_command(export, f"--workdir={tiny_run['workdir']}", f"--output={tmp_path}/m.x", *flags)
+  with pytest.raises(SystemExit) as e:
+    run_command(export, f"--workdir={tiny_run['workdir']}", "--calibration_images=0")
+  assert e.value.code == 2
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_export_command_writes_int8_and_refuses_beyond_the_bound(tiny_run, tmp_path, monkeypatch):
+  """The command end to end: --precision=int8 writes a checked file; a measured flip rate over
+  --max_flip_rate is one message with the figures (exit status 2) and nothing written;
+  --force writes it."""
+  from cras_jax import export  # noqa: PLC0415
+
+  base = [f"--workdir={tiny_run['workdir']}", "--format=onnx", "--precision=int8"]
+  run_command(export, *base, f"--output={tmp_path / 'a.onnx'}", "--calibration_images=12")
+  meta = run_onnx.load(str(tmp_path / "a.onnx"))["meta"]
+  assert meta["compression"]["calibration"]["count"] == 12
+  assert "the test split's 8 normal images" in meta["compression"]["check"]["images"]
+  compare = compress.compare
+
+  def all_flipped(got, want, image_threshold):
+    return {**compare(got, want, image_threshold), "flip_rate": 1.0, "flips": 8}
+
+  monkeypatch.setattr(compress, "compare", all_flipped)
+  with pytest.raises(compress.CompressionRefused, match=r"flip rate 1\.000 > --max_flip_rate=0.1"):
+    run_command(export, *base, f"--output={tmp_path / 'b.onnx'}", "--max_flip_rate=0.1")
+  assert not (tmp_path / "b.onnx").exists()
+  run_command(export, *base, f"--output={tmp_path / 'b.onnx'}", "--force")
+  assert run_onnx.read(str(tmp_path / "b.onnx"))[1]["compression"]["check"]["forced"]

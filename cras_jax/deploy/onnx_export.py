@@ -11,21 +11,21 @@ file's bytes with that entry's value written as 64 zeros (`run_onnx.file_checksu
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import onnx
 from jax import export as jax_export
 
 import cras_jax
-from cras_jax.base import fileio
-from cras_jax.deploy import exporting, onnx_graph, run_onnx
+from cras_jax.base import errors, fileio
+from cras_jax.deploy import compress, exporting, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
+from cras_jax.scoring import thresholds
 
 # What the graph computes in, whatever the run's model.dtype: bfloat16 is no type of ONNX's
 # Conv at opset 18, and onnxruntime's CPU provider has no bfloat16 MatMul, so a bfloat16 run
@@ -88,9 +88,20 @@ def score_graph(run: trained.Run, thr) -> onnx.ModelProto:
   )
 
 
-def export_onnx(run: trained.Run, thr, output: str) -> dict:
+def export_onnx(
+    run: trained.Run,
+    thr,
+    output: str,
+    precision: str = "fp32",
+    images: compress.CheckImages | None = None,
+    max_flip_rate: float = compress.DEFAULT_MAX_FLIP_RATE,
+    force: bool = False,
+) -> dict:
   """Writes the run's scoring function with thresholds `thr` to `output` (.onnx), complete
-  or not at all. Returns the meta."""
+  or not at all. Returns the meta.
+
+  precision fp16 / int8: the float32 graph compressed and checked (`compress.compress`) on
+  `images` (`check_images`), refused beyond `max_flip_rate` unless `force`."""
   t0 = time.time()
   model = score_graph(run, thr)
   model.producer_name = "cras_jax"
@@ -111,29 +122,144 @@ def export_onnx(run: trained.Run, thr, output: str) -> dict:
   }
   meta["versions"]["onnx"] = onnx.__version__
   onnx.checker.check_model(model)
-  data = stamp(model, meta)
+  if precision == "fp32":
+    data = stamp(model, meta)
+  else:
+    if images is None:
+      raise ValueError(f"precision {precision}: give the calibration and check images")
+    data, meta = compress.compress(model, meta, precision, images, max_flip_rate, force)
+    print(compress.summary(meta), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
   with fileio.atomic_write(output, "wb") as f:
     f.write(data)
+  shape = (
+      f"opset {onnx_graph.OPSET}, {len(model.graph.node)} nodes, "
+      f"{len(model.graph.initializer)} initializers"
+      if precision == "fp32"
+      else f"{precision}, opset {onnx_graph.OPSET}"
+  )
   print(
-      f"exported the scoring function as ONNX (opset {onnx_graph.OPSET}, {len(model.graph.node)} "
-      f"nodes, {len(model.graph.initializer)} initializers, batch size symbolic) to {output}: "
+      f"exported the scoring function as ONNX ({shape}, batch size symbolic) to {output}: "
       f"{len(data) / 2**20:.2f} MiB in {time.time() - t0:.1f}s",
       flush=True,
   )
   return meta
 
 
+# ----------------------------------------------------------------------------- check images
+
+
+def _split_field(source, field: str) -> list:
+  """One field of every example of a split, from its metadata where it has it (no image is
+  decoded), else read from the examples."""
+  from cras_jax import data as data_lib  # noqa: PLC0415 - the data layer, only to compress
+  from cras_jax.data import mvtec  # noqa: PLC0415
+
+  m = mvtec.split_metadata(source)
+  if m is not None and field in m:
+    values = list(m[field])
+  else:
+    values = [
+        x
+        for i in range(0, len(source), 64)
+        for x in data_lib.get_batch(source, np.arange(i, min(i + 64, len(source))), [field])[field]
+    ]
+  return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+
+
+def _read(source, indices, keys=("image",)) -> dict:
+  """`keys` of the examples `indices` of a split, read 64 at a time."""
+  from cras_jax import data as data_lib  # noqa: PLC0415
+
+  parts = [
+      data_lib.get_batch(source, np.asarray(indices[i : i + 64]), list(keys))
+      for i in range(0, len(indices), 64)
+  ]
+  return {
+      k: [x for p in parts for x in p[k]]
+      if isinstance(parts[0][k], list)
+      else np.concatenate([p[k] for p in parts])
+      for k in keys
+  }
+
+
+def interleaved(names, labels) -> list[int]:
+  """Indices of a split in the order images are taken: within each class by the SHA-256 of the
+  file name (`thresholds.name_hash`, as the thresholds' split), then one class after another
+  in turn, so any first n hold the classes evenly."""
+  labels = np.asarray(labels)
+  queues = [
+      sorted(
+          np.flatnonzero(labels == k).tolist(),
+          key=lambda i: (thresholds.name_hash(names[i]), names[i]),
+      )
+      for k in sorted(set(labels.tolist()))
+  ]
+  out = []
+  for depth in range(max((len(q) for q in queues), default=0)):
+    out += [q[depth] for q in queues if depth < len(q)]
+  return out
+
+
+def check_images(run: trained.Run, workdir: str, calibration_images: int) -> compress.CheckImages:
+  """The images a compressed export is calibrated on (the first `calibration_images` of the
+  run's normal training images, `interleaved`), checked on (the next ones, at most
+  `compress.MAX_CHECK_IMAGES`; the test split's normal images when fewer than
+  `compress.MIN_HELD_BACK` are left) and whose thresholds it re-fits (the split the run's
+  thresholds came from)."""
+  from cras_jax import data as data_lib  # noqa: PLC0415
+  from cras_jax.scoring import submission  # noqa: PLC0415 - MVTec AD 2's rule
+
+  dataset = trained.load_run_dataset(run, workdir)
+  train = dataset.train
+  names = [str(n) for n in _split_field(train, "name")]
+  order = interleaved(names, data_lib.class_indices(train)) if len(train) else []
+  n_cal = min(int(calibration_images), len(order))
+  cal_idx, rest = order[:n_cal], order[n_cal:]
+  rule = (
+      f"the first {n_cal} of the {len(order)} training images (all normal), taken class by "
+      f"class in turn, each class in the order of the SHA-256 of the file name"
+  )
+  calibration = _read(train, cal_idx)["image"] if n_cal else np.zeros((0,), np.uint8)
+  identity = compress.image_identity(calibration, [names[i] for i in cal_idx], "train", rule)
+  val = getattr(dataset, "validation", None)
+  split, fit, fit_rule = (
+      (val, submission.fit_validation, "MVTec AD 2's validation rule (thresholds.json's)")
+      if val is not None
+      else (
+          dataset.test,
+          thresholds.fit,
+          "thresholds.json's: normalisation from the test split's normal calibration half, "
+          "F1-optimal thresholds on its calibration half",
+      )
+  )
+  if len(rest) >= compress.MIN_HELD_BACK:
+    held_idx = rest[: compress.MAX_CHECK_IMAGES]
+    held = _read(train, held_idx)["image"]
+    held_source = f"{len(held_idx)} training images not used for calibration"
+  else:
+    is_anomaly = np.asarray(_split_field(dataset.test, "is_anomaly"), np.int64)
+    normal = np.flatnonzero(is_anomaly == 0)[: compress.MAX_CHECK_IMAGES]
+    held = _read(dataset.test, normal.tolist())["image"] if len(normal) else np.zeros((0,))
+    held_source = (
+        f"the test split's {len(normal)} normal images (only {len(rest)} training images are "
+        f"left after calibration, fewer than {compress.MIN_HELD_BACK})"
+    )
+  if not len(held):
+    raise errors.UserValueError(
+        f"--precision: no held-back normal image to check the compressed model on ({len(rest)} "
+        f"training images left after --calibration_images={calibration_images}, and no normal "
+        f"test image): lower --calibration_images"
+    )
+  keys = ("image", "label", "is_anomaly", "mask", "name")
+  whole = _read(split, list(range(len(split))), keys) if len(split) else None
+  images = None
+  if whole is not None:
+    whole["has_mask"] = data_lib.has_mask(split)
+    images = compress.ThresholdImages(whole, fit, fit_rule)
+  return compress.CheckImages(calibration, identity, held, held_source, images)
+
+
 def stamp(model: onnx.ModelProto, meta: dict) -> bytes:
   """The model's bytes with `meta` and the checksum over them in its metadata."""
-  del model.metadata_props[:]
-  onnx.helper.set_model_props(
-      model, {run_onnx.META_KEY: json.dumps(meta), run_onnx.SUM_KEY: run_onnx.PLACEHOLDER}
-  )
-  data = model.SerializeToString()
-  if data.count(run_onnx.PLACEHOLDER.encode()) != 1:
-    raise RuntimeError("the checksum's placeholder occurs more than once in the serialised model")
-  digest = hashlib.sha256(data).hexdigest()
-  out = data.replace(run_onnx.PLACEHOLDER.encode(), digest.encode())
-  assert run_onnx.file_checksum(out, digest) == digest
-  return out
+  return compress.stamp(model, meta)

@@ -16,6 +16,11 @@ This module imports neither JAX nor the rest of cras_jax (but `deploy.outputs`, 
 file shared with `run_exported`: NumPy only). Loading reads the file once, checks
 that cras_jax wrote it (its metadata entry "cras_jax.meta") and verifies its SHA-256
 (`file_checksum`) before a runtime sees it: a file changed after export is refused.
+
+Every precision of `python -m cras_jax.export --precision` (fp32, fp16, int8) is read the same
+way, with nothing more installed: a compressed file holds float16 weights or int8 QDQ nodes of
+the standard ONNX domain. Its meta names the runtimes its export checked it on
+(meta["compression"]["runtimes"]); another runtime is refused (`check_runtime`).
 """
 
 from __future__ import annotations
@@ -169,15 +174,57 @@ def read(path: str) -> tuple[bytes, dict]:
 
 def load(path: str, runtime: str = "onnxruntime", threads: int = 0) -> dict:
   """-> dict(meta, runtime, run: (images, image_threshold, pixel_threshold) -> dict of
-  arrays). The file is read and verified (`read`) before the runtime sees its bytes."""
+  arrays). The file is read and verified (`read`) before the runtime sees its bytes; a
+  compressed file (fp16, int8) only by a runtime its export checked (`check_runtime`)."""
   if runtime not in RUNTIMES:
     raise ExportError(f"--runtime={runtime}: choose one of {', '.join(RUNTIMES)}")
   data, meta = read(path)
+  check_runtime(meta, runtime, path)
+  return from_bytes(data, meta, runtime, threads, path)
+
+
+def from_bytes(data: bytes, meta: dict, runtime: str, threads: int = 0, path: str = "") -> dict:
+  """`load`'s model from a file's bytes and meta already read (the export's own check scores
+  the graph it is about to write this way)."""
   if runtime == "onnxruntime":
     run = _onnxruntime(data, path, threads)
   else:
     run = _openvino(data, path, threads, list(meta["outputs"]))
   return {"meta": meta, "runtime": runtime, "run": run, "path": path}
+
+
+def precision(meta: dict) -> str:
+  """The precision of an export's weights and arithmetic: fp32 (a file without the entry), fp16
+  or int8 (`python -m cras_jax.export --precision`)."""
+  return str(meta.get("precision", "fp32"))
+
+
+def check_runtime(meta: dict, runtime: str, path: str) -> None:
+  """An `ExportError` for a compressed file and a runtime its export did not check or found
+  wrong (meta["compression"]["runtimes"]): its scores there are unmeasured or known bad."""
+  if precision(meta) == "fp32":
+    return
+  runtimes = (meta.get("compression") or {}).get("runtimes") or {}
+  entry = runtimes.get(runtime)
+  if entry and entry.get("verified"):
+    return
+  ok = [r for r, v in runtimes.items() if v.get("verified")]
+  instead = f"score it with --runtime={ok[0]}, or " if ok else ""
+  p = precision(meta)
+  command = "python -m cras_jax.export --format=onnx --precision="
+  if entry:
+    why = entry.get("reason") or "its scores there were wrong"
+    other = "fp32" if p == "fp16" else "fp32 or fp16"
+    fix = f"export the run for {runtime} with {command}{other}"
+  else:
+    why = (
+        f"{runtime} was not installed where it was exported, so its scores there were never "
+        "checked"
+    )
+    fix = f"export it again where {runtime} is installed ({command}{p})"
+  raise ExportError(
+      f"{path}: this {p} export cannot be scored with {runtime}: {why}; {instead}{fix}"
+  )
 
 
 def _missing(runtime: str) -> ExportError:
