@@ -101,15 +101,18 @@ def _per_channel(value: np.ndarray, channels: int) -> np.ndarray | None:
   return None
 
 
+def _index(model: onnx.ModelProto):
+  """(graph, its initializers by name, each value's consumers, the graph's output names)."""
+  g = model.graph
+  return g, _initializers(g), _consumers(g), {o.name for o in g.output}
+
+
 def fold_conv_affine(model: onnx.ModelProto) -> int:
   """Folds each chain of per-channel Sub/Mul/Add/Div by constants after a Conv (NCHW, its only
   consumer each time) into the Conv's kernel and bias; channels whose folded kernel is below
   `DEAD_CHANNEL` of the layer's largest are set to zero. Exact up to float rounding (and the
   dead channels' < 1e-5 share). -> the number of convolutions folded."""
-  g = model.graph
-  inits = _initializers(g)
-  cons = _consumers(g)
-  outputs = {o.name for o in g.output}
+  g, inits, cons, outputs = _index(model)
   dead: set[int] = set()
   folded = 0
   for conv in list(g.node):
@@ -177,10 +180,7 @@ def _float_scalar(inits: dict, name: str) -> float | None:
 def relu_to_clip(model: onnx.ModelProto) -> int:
   """Max(x, lo) [then Min(., hi)] of float32 scalar constants (ReLU, ReLU6) -> one Clip, which
   the quantizer fuses with the convolution before it. -> the number rewritten."""
-  g = model.graph
-  inits = _initializers(g)
-  cons = _consumers(g)
-  outputs = {o.name for o in g.output}
+  g, inits, cons, outputs = _index(model)
   dead: set[int] = set()
   done = 0
   for mx in list(g.node):
