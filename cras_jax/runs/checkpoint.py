@@ -210,7 +210,10 @@ def _restore_newest(mngr: ocp.CheckpointManager, abstract_state: Any, quarantine
   """`restore_good`'s pass over the steps listed now: the result, the error, or None when a
   step was pruned while it was read (list again: a newer one was saved)."""
   skipped = []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  listed = sorted(mngr.all_steps(), reverse=True)
+  if not listed:
+    return None  # between a training's prune and its next save: list again
+  for step in listed:
     try:
       tree, meta = restore(mngr, abstract_state, step)
       if not _finite(tree):
