@@ -175,7 +175,12 @@ def test_a_locale_without_utf8_is_refused_with_the_fix(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "batch,extra", [(8, []), (2, []), (8, ["--config.train.population=seed=0,1"])]
+    "batch,extra",
+    [
+        (8, []),
+        pytest.param(2, [], marks=pytest.mark.slow),
+        pytest.param(8, ["--config.train.population=seed=0,1"], marks=pytest.mark.slow),
+    ],
 )
 def test_a_batch_the_devices_do_not_split_evenly_is_refused_before_any_work(batch, extra, tmp_path):
   """8 on 3 devices would drop 2 images a batch; 2 on 3 would leave a device empty; a

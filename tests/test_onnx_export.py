@@ -202,6 +202,7 @@ def test_scoring_an_export_without_thresholds_says_decisions_are_absent(exported
 BF16_SCORE_RTOL = 0.05
 
 
+@pytest.mark.slow
 def test_a_bfloat16_run_exports_computing_in_float32(exported, tmp_path):
   """model.dtype=bfloat16 (the shared run's state under a bfloat16 config: a run's state is the
   same whatever its dtype): the graph computes in float32 on the run's weights, says so in

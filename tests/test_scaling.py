@@ -359,6 +359,7 @@ def test_max_batch_prints_each_compile_to_stderr(fake_tpu, tmp_path, capsys):
 # ----------------------------------------------------------------------------- --out, Ctrl-C
 
 
+@pytest.mark.slow
 def test_out_naming_a_file_exits_2_with_one_message_before_any_work(tmp_path):
   file = tmp_path / "a_file"
   file.write_text("mine")
@@ -399,6 +400,7 @@ def test_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeyp
     run_command(scaling, *TINY, "--parallelism=jit,pmap", f"--out={tmp_path / 'x'}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_status_130_and_nothing_half_written(tmp_path):
   """SIGINT while the CPU study's worker compiles: the worker is ended, the command prints one
   "stopped: ..." line saying what was written (nothing) and exits 130, no traceback, and --out
@@ -450,6 +452,7 @@ errors.run(scaling.main)
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_between_compiles_names_the_files_already_written(tmp_path):
   """A stop inside the second form's study (compiled in this process): the first form's files
   are whole and listed, the second form has none, and forms.md was not written."""

@@ -29,6 +29,7 @@ def test_where_it_ran(request):
     [([], 2), (["-p", "no:xdist"], 0), (["-n", "0"], 0)],
     ids=["default", "no-xdist", "n0"],
 )
+@pytest.mark.slow
 def test_two_workers_by_default_one_process_when_asked(tmp_path, extra, workers):
   (tmp_path / "test_tiny.py").write_text(TINY_TEST)
   where = tmp_path / "where.json"
