@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cras_jax import data as data_lib
 from cras_jax.deploy import compress, exporting, onnx_export, run_onnx
 from cras_jax.perf import population_bench, probes
+from cras_jax.results import tables
 from cras_jax.runs import trained
-from cras_jax.scoring import thresholds
+from cras_jax.scoring import scoring, thresholds
 
 RUNTIMES = ("jax", "onnxruntime", "openvino")
 PRECISIONS = compress.PRECISIONS
@@ -166,9 +168,6 @@ def measure_run(
   """A trained run at each precision (module doc) -> rows {precision, runtime, i_auroc,
   p_auroc, aupro, flip_rate, flips, max_score_diff, file_mib, verified, images_per_s_b<n>,
   ms_b<n>}; metrics in [0, 1], against the fp32 file in onnxruntime."""
-  from cras_jax import data as data_lib  # noqa: PLC0415 - only this mode reads data
-  from cras_jax.results import tables  # noqa: PLC0415
-  from cras_jax.scoring import scoring  # noqa: PLC0415
 
   run = trained.load_run(workdir)
   thr = scoring.load_thresholds(run, workdir)

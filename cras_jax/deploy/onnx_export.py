@@ -21,11 +21,12 @@ import onnx
 from jax import export as jax_export
 
 import cras_jax
+from cras_jax import data as data_lib
 from cras_jax.base import errors, fileio
 from cras_jax.deploy import compress, exporting, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
-from cras_jax.scoring import thresholds
+from cras_jax.scoring import submission, thresholds
 
 # What the graph computes in, whatever the run's model.dtype: bfloat16 is no type of ONNX's
 # Conv at opset 18, and onnxruntime's CPU provider has no bfloat16 MatMul, so a bfloat16 run
@@ -152,7 +153,6 @@ def export_onnx(
 def _split_field(source, field: str) -> list:
   """One field of every example of a split, from its metadata where it has it (no image is
   decoded), else read from the examples."""
-  from cras_jax import data as data_lib  # noqa: PLC0415 - the data layer, only to compress
   from cras_jax.data import mvtec  # noqa: PLC0415
 
   m = mvtec.split_metadata(source)
@@ -169,7 +169,6 @@ def _split_field(source, field: str) -> list:
 
 def _read(source, indices, keys=("image",)) -> dict:
   """`keys` of the examples `indices` of a split, read 64 at a time."""
-  from cras_jax import data as data_lib  # noqa: PLC0415
 
   parts = [
       data_lib.get_batch(source, np.asarray(indices[i : i + 64]), list(keys))
@@ -207,8 +206,6 @@ def check_images(run: trained.Run, workdir: str, calibration_images: int) -> com
   `compress.MAX_CHECK_IMAGES`; the test split's normal images when fewer than
   `compress.MIN_HELD_BACK` are left) and whose thresholds it re-fits (the split the run's
   thresholds came from)."""
-  from cras_jax import data as data_lib  # noqa: PLC0415
-  from cras_jax.scoring import submission  # noqa: PLC0415 - MVTec AD 2's rule
 
   dataset = trained.load_run_dataset(run, workdir)
   train = dataset.train

@@ -12,6 +12,7 @@ import numpy as np
 
 from cras_jax import backbones
 from cras_jax.base import fileio
+from cras_jax.engine import steps
 from cras_jax.perf import probes, roofline, rows, systems, tpu
 from cras_jax.perf.bench_report import collectives_text
 
@@ -66,7 +67,6 @@ def host_feeds(
   worker per host thread or `loader_workers_per_host`; the stored features' gather, one
   thread per host) and the loop thread's time per step; a figure not given (0) is
   MEASURED_HOST's, per byte for the rates."""
-  from cras_jax.engine import steps  # here: the model's shapes, for the bytes per image
 
   spec = steps.ModelSpec(config, num_classes)
   out = {}

@@ -25,7 +25,7 @@ from cras_jax.results import summaries
 from cras_jax.results import tables as results
 from cras_jax.runs import named_inputs, specs, trained
 from cras_jax.runs import workdir as runs
-from cras_jax.scoring import scoring
+from cras_jax.scoring import scoring, submission
 
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
 
@@ -58,7 +58,6 @@ def evaluate(
   table = results.class_metrics(res, dataset.class_names, config.eval.fpr_limit)
   ad2 = None
   if getattr(dataset, "validation", None) is not None:  # MVTec AD 2: thresholds, SegF1
-    from cras_jax.scoring import submission  # only MVTec AD 2 runs need it
 
     table, ad2 = submission.evaluate(scorer, dataset, table, res)
   out_dir = results_dir or os.path.join(workdir, "results")

@@ -26,7 +26,7 @@ from cras_jax.base import stop as stop_lib
 from cras_jax.results import tables as results
 from cras_jax.results import writers
 from cras_jax.runs import specs, trained
-from cras_jax.scoring import scoring
+from cras_jax.scoring import scoring, submission
 from cras_jax.scoring import thresholds as thr_lib
 from cras_jax.scoring.predict_inputs import find_images, output_stems, read_images
 
@@ -50,7 +50,6 @@ def calibrate_run(run: trained.Run, workdir: str) -> dict:
   (for runs trained before thresholds existed); MVTec AD 2's from its validation split."""
   dataset = trained.load_run_dataset(run, workdir)
   if getattr(dataset, "validation", None) is not None:  # MVTec AD 2: its validation split
-    from cras_jax.scoring import submission
 
     d = submission.fit_on_validation(scoring.Scorer.for_run(run, per_image=True), dataset)
     print(submission.summary(d), flush=True)

@@ -54,6 +54,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
+from cras_jax import data as data_lib
 from cras_jax.base import compile_cache, errors, fileio, flag_checks, fs, jsonio, registry
 from cras_jax.base import stop as stop_lib
 from cras_jax.config import bounds as config_bounds
@@ -778,7 +779,6 @@ def _main(argv, fv: flags.FlagValues) -> int:
   spec = specs.data_spec(cfg)
   if fv.data_root:
     spec = dataclasses.replace(spec, root=fv.data_root)
-  from cras_jax import data as data_lib
 
   root = data_lib.prepare_data_root(spec, fv.workdir)
   items = private_items(root, run.class_names, splits)  # before any scoring: bad folders

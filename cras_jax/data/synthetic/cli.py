@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from cras_jax.base import flag_checks
-from cras_jax.data.synthetic import writing
+from cras_jax.data.synthetic import mvtec_ad2, writing
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -60,7 +60,6 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
   if fv.layout == "mvtec_ad2":
     if fv.contact_sheet:
       raise app.UsageError("--contact_sheet draws the mvtec layout only")
-    from cras_jax.data.synthetic import mvtec_ad2
 
     classes = mvtec_ad2.generate(
         fv.root,
