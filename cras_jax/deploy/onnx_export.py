@@ -26,7 +26,7 @@ from cras_jax.base import errors, fileio
 from cras_jax.deploy import compress, exporting, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
-from cras_jax.scoring import submission, thresholds
+from cras_jax.scoring import ad2_evaluation, thresholds
 
 # What the graph computes in, whatever the run's model.dtype: bfloat16 is no type of ONNX's
 # Conv at opset 18, and onnxruntime's CPU provider has no bfloat16 MatMul, so a bfloat16 run
@@ -221,7 +221,7 @@ def check_images(run: trained.Run, workdir: str, calibration_images: int) -> com
   identity = compress.image_identity(calibration, [names[i] for i in cal_idx], "train", rule)
   val = getattr(dataset, "validation", None)
   split, fit, fit_rule = (
-      (val, submission.fit_validation, "MVTec AD 2's validation rule (thresholds.json's)")
+      (val, ad2_evaluation.fit_validation, "MVTec AD 2's validation rule (thresholds.json's)")
       if val is not None
       else (
           dataset.test,

@@ -3,7 +3,7 @@
 `evaluate` scores a model's test split with a `scoring.Scorer` and writes its per-class
 metrics (I-AUROC, I-AP, P-AUROC, P-AP, AUPRO, match_acc) to <workdir>/results; a dataset with a
 validation split (MVTec AD 2) also gets its thresholds fitted there and SegF1 and I-F1 at them
-(`submission.evaluate`). Protocols (`config.eval.protocol`): `final` reports the last epoch;
+(`ad2_evaluation.evaluate`). Protocols (`config.eval.protocol`): `final` reports the last epoch;
 `best_epoch` (the reference code's) evaluates every epoch and reports the one with the best
 mean I-AUROC + P-AUROC on the test set, labelled as selected on it (`report_best_epoch`).
 `evaluate_checkpoint` scores a workdir's latest checkpoint alone.
@@ -25,7 +25,7 @@ from cras_jax.results import summaries
 from cras_jax.results import tables as results
 from cras_jax.runs import named_inputs, specs, trained
 from cras_jax.runs import workdir as runs
-from cras_jax.scoring import scoring, submission
+from cras_jax.scoring import ad2_evaluation, scoring
 
 BEST_EPOCH_LABEL = "best epoch (reference protocol: selected on the test set)"
 
@@ -59,7 +59,7 @@ def evaluate(
   ad2 = None
   if getattr(dataset, "validation", None) is not None:  # MVTec AD 2: thresholds, SegF1
 
-    table, ad2 = submission.evaluate(scorer, dataset, table, res)
+    table, ad2 = ad2_evaluation.evaluate(scorer, dataset, table, res)
   out_dir = results_dir or os.path.join(workdir, "results")
   step = scorer.model_step
   protocol = {"final": "final epoch", "eval": f"checkpoint of step {step}"}.get(
@@ -93,7 +93,7 @@ def evaluate(
   )
   if with_thresholds and ad2 is not None:  # MVTec AD 2: fitted on the validation split above
     info = run_info or {}
-    submission.write_thresholds(
+    ad2_evaluation.write_thresholds(
         ad2.thresholds, results_dir or workdir, info.get("run_id"), info.get("member")
     )
   elif with_thresholds:  # per image: the evaluation's scores serve when it matched per image

@@ -26,7 +26,7 @@ from cras_jax.base import stop as stop_lib
 from cras_jax.results import tables as results
 from cras_jax.results import writers
 from cras_jax.runs import specs, trained
-from cras_jax.scoring import scoring, submission
+from cras_jax.scoring import ad2_evaluation, scoring
 from cras_jax.scoring import thresholds as thr_lib
 from cras_jax.scoring.predict_inputs import find_images, output_stems, read_images
 
@@ -51,9 +51,9 @@ def calibrate_run(run: trained.Run, workdir: str) -> dict:
   dataset = trained.load_run_dataset(run, workdir)
   if getattr(dataset, "validation", None) is not None:  # MVTec AD 2: its validation split
 
-    d = submission.fit_on_validation(scoring.Scorer.for_run(run, per_image=True), dataset)
-    print(submission.summary(d), flush=True)
-    return submission.write_thresholds(d, workdir, run.meta.get("run_id"), run.member)
+    d = ad2_evaluation.fit_on_validation(scoring.Scorer.for_run(run, per_image=True), dataset)
+    print(ad2_evaluation.summary(d), flush=True)
+    return ad2_evaluation.write_thresholds(d, workdir, run.meta.get("run_id"), run.member)
   return scoring.write_thresholds(
       scoring.Scorer.for_run(run, per_image=True),
       dataset.test,

@@ -22,7 +22,7 @@ from cras_jax.base import errors, registry
 from cras_jax.data import layout, preprocess
 from cras_jax.data.synthetic import mvtec_ad2 as synthetic_ad2
 from cras_jax.method import metrics
-from cras_jax.scoring import evaluate, submission, thresholds
+from cras_jax.scoring import ad2_evaluation, evaluate, submission, submission_format, thresholds
 from tests.conftest import ROOT, run_command, run_module
 
 # ----------------------------------------------------------------------------- SegF1
@@ -68,7 +68,7 @@ def _validation_res(rng, n_per_class=(5, 4), size=8):
 def test_validation_thresholds_are_mean_plus_3_std_of_each_class_validation_pixels():
   rng = np.random.default_rng(0)
   res = _validation_res(rng)
-  d = submission.fit_validation(res, ["a", "b", "c"])  # "c": no validation image
+  d = ad2_evaluation.fit_validation(res, ["a", "b", "c"])  # "c": no validation image
   maps, cls = res["maps"].astype(np.float64), res["cls"]
   mean = np.array([maps[cls == k].mean() for k in (0, 1)])
   std = np.array([maps[cls == k].std() for k in (0, 1)])
@@ -86,7 +86,7 @@ def test_validation_thresholds_are_mean_plus_3_std_of_each_class_validation_pixe
   stat = z.mean() + 3 * z.std()
   assert d["validation"]["image"]["statistic"] == pytest.approx(stat, rel=1e-5)
   np.testing.assert_array_equal(z >= d["image_threshold"], z >= stat)
-  assert submission.is_validation_fit(d) and d["split"]["validation_images"] == 9
+  assert ad2_evaluation.is_validation_fit(d) and d["split"]["validation_images"] == 9
   # thresholds.json's format: scoring reads it as any other
   assert thresholds.problems(d, ["a", "b", "c"]) == []
   assert thresholds.Thresholds.from_dict(d).pixel_threshold == d["pixel_threshold"]
@@ -109,14 +109,14 @@ def test_segf1_columns_per_class_at_the_fixed_thresholds():
       "mask": mask,
   }
   thr = thresholds.Thresholds(["a", "b"], np.zeros(2), np.ones(2), 2.5, 1.2)
-  cols = submission.segf1_columns(res, ["a", "b"], thr)
+  cols = ad2_evaluation.segf1_columns(res, ["a", "b"], thr)
   for k, name in enumerate(("a", "b")):
     sel = label == k
     want = f1_score(mask[sel].ravel(), (maps[sel] >= 1.2).ravel())
     assert cols[name]["seg_f1"] == pytest.approx(want)
     want_i = f1_score(is_anomaly[sel], res["scores"][sel] >= 2.5, zero_division=np.nan)
     np.testing.assert_allclose(cols[name]["i_f1"], want_i)
-  table = submission.with_columns(metrics.summarise({"a": {"i_auroc": 1.0}}), cols)
+  table = ad2_evaluation.with_columns(metrics.summarise({"a": {"i_auroc": 1.0}}), cols)
   assert table["mean"]["seg_f1"] == pytest.approx(np.nanmean([c["seg_f1"] for c in cols.values()]))
 
 
@@ -134,11 +134,11 @@ def test_a_batch_matching_scorer_gets_one_per_image_copy_holding_its_current_sta
       return Scorer(True)
 
   same = Scorer(True)
-  assert submission._per_image(same) is same
+  assert ad2_evaluation._per_image(same) is same
   batch = Scorer(False)
-  first = submission._per_image(batch)
+  first = ad2_evaluation._per_image(batch)
   batch.svars, batch.model_step = "v1", 10  # the next epoch's state (Scorer.set_state)
-  second = submission._per_image(batch)
+  second = ad2_evaluation._per_image(batch)
   assert second is first and Scorer.made == 1  # compiled once
   assert (second.svars, second.model_step) == ("v1", 10)
 
@@ -157,9 +157,9 @@ def test_to_original_inverts_the_resize_and_centre_crop(hw, resize, crop):
   rh, rw = preprocess.resized_size(h, w, resize)
   resized = np.asarray(Image.fromarray(original, mode="F").resize((rw, rh), Image.BILINEAR))
   crop_map = preprocess._center_crop(resized, crop)  # the images' geometry (zero padding)
-  back, inside = submission.to_original(crop_map, h, w, resize, crop)
+  back, inside = submission_format.to_original(crop_map, h, w, resize, crop)
   assert back.shape == inside.shape == (h, w) and back.dtype == np.float32
-  rows, cols = submission.window(h, w, resize, crop)
+  rows, cols = submission_format.window(h, w, resize, crop)
   assert (rows.resized, cols.resized) == (rh, rw)
   # the window: exactly the original pixels whose centres fall within the crop
   for axis, n, keep in ((rows, h, inside.any(axis=1)), (cols, w, inside.any(axis=0))):
@@ -177,7 +177,7 @@ def test_to_original_inverts_the_resize_and_centre_crop(hw, resize, crop):
 
 def test_to_original_of_an_unresized_uncropped_map_is_the_map():
   m = np.random.default_rng(2).random((16, 16)).astype(np.float32)
-  back, inside = submission.to_original(m, 16, 16, 16, 16)
+  back, inside = submission_format.to_original(m, 16, 16, 16, 16)
   np.testing.assert_array_equal(back, m)
   assert inside.all()
 
@@ -207,7 +207,9 @@ THR = thresholds.Thresholds(["can", "rice"], np.zeros(2), np.ones(2), 0.5, 0.55)
 
 
 def _items(root):
-  return submission.private_items(os.fspath(root), ["can", "rice"], submission.PRIVATE_SPLITS)
+  return submission_format.private_items(
+      os.fspath(root), ["can", "rice"], submission_format.PRIVATE_SPLITS
+  )
 
 
 def test_the_submission_folder_is_the_checkers_and_reads_back_at_original_size(
@@ -233,11 +235,11 @@ def test_the_submission_folder_is_the_checkers_and_reads_back_at_original_size(
     assert png.dtype == np.uint8 and png.shape == raw.shape[:2]
     assert set(np.unique(png)) <= {0, 255}
     crop_map = FakeScorer()(preprocess.resize_and_crop_image(raw, 20, 16)[None])["maps"][0]
-    full, inside = submission.to_original(crop_map, *raw.shape[:2], 20, 16)
+    full, inside = submission_format.to_original(crop_map, *raw.shape[:2], 20, 16)
     np.testing.assert_allclose(tiff.astype(np.float32), full, rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(png == 255, (full >= 0.55) & inside)
     assert it.stem.endswith("_regular" if it.split == "test_private" else "_mixed")
-  assert submission.structure_problems(os.fspath(out), expected) == []
+  assert submission_format.structure_problems(os.fspath(out), expected) == []
   assert any(rec["per_image"][k]["flagged"] > 0 for k in rec["per_image"])
 
 
@@ -362,7 +364,7 @@ def test_train_on_synthetic_mvtec_ad2_then_submit(tmp_path):
   )
   assert "SegF1" in out and "mean + 3 std of 16 validation images" in out
   d = thresholds.load_dict(os.path.join(workdir, "thresholds.json"))
-  assert submission.is_validation_fit(d)
+  assert ad2_evaluation.is_validation_fit(d)
   sub = tmp_path / "submission"
   out = run_module("cras_jax.submission", f"--workdir={workdir}", f"--out={sub}")
   assert "wrote 32 maps and masks" in out
