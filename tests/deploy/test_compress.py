@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cras_jax.base import errors
-from cras_jax.deploy import compress, run_onnx
+from cras_jax.deploy import onnx_rewrites, quantize, run_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -57,20 +57,20 @@ def test_folding_the_affine_and_relu6_as_clip_are_exact():
   model = _conv_bn_relu6()
   x = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
   want = _run(model, x)
-  assert compress.fold_conv_affine(model) == 1
-  assert compress.relu_to_clip(model) == 2
+  assert onnx_rewrites.fold_conv_affine(model) == 1
+  assert onnx_rewrites.relu_to_clip(model) == 2
   assert [n.op_type for n in model.graph.node] == ["Conv", "Clip", "Conv", "Clip"]
   onnx.checker.check_model(model)
   np.testing.assert_allclose(_run(model, x), want, rtol=0, atol=1e-5 * np.abs(want).max())
   inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
   kernel = inits[model.graph.node[0].input[1]]
   assert not kernel[2].any() and kernel[[0, 1, 3]].all()  # the dead channel zeroed, no other
-  assert compress.feature_nodes(model) == ["conv", "max_clip", "conv2", "relu_clip"]
+  assert onnx_rewrites.feature_nodes(model) == ["conv", "max_clip", "conv2", "relu_clip"]
 
 
 def test_fp16_stores_matrices_in_half_keeps_vectors_and_refuses_beyond_its_range():
   model = _conv_bn_relu6()
-  half, info = compress.to_fp16(model, "tiny")
+  half, info = onnx_rewrites.to_fp16(model, "tiny")
   types = {t.name: t.data_type for t in half.graph.initializer}
   assert types["w_fp16"] == types["w2_fp16"] == TensorProto.FLOAT16
   assert {types[k] for k in ("mean", "scale", "shift", "zero", "six")} == {TensorProto.FLOAT}
@@ -83,12 +83,12 @@ def test_fp16_stores_matrices_in_half_keeps_vectors_and_refuses_beyond_its_range
       numpy_helper.from_array(np.full((4, 3, 3, 3), 1e5, np.float32), "w")
   )
   with pytest.raises(errors.UserValueError, match=r"--precision=fp16.*tiny.*'?w'?.*float16"):
-    compress.to_fp16(big, "tiny")
+    onnx_rewrites.to_fp16(big, "tiny")
 
 
 def test_int8_needs_calibration_images():
   with pytest.raises(errors.UserValueError, match="calibration set holds no images"):
-    compress.to_int8(_conv_bn_relu6(), np.zeros((0, 8, 8, 3), np.uint8), "tiny")
+    quantize.to_int8(_conv_bn_relu6(), np.zeros((0, 8, 8, 3), np.uint8), "tiny")
 
 
 def _meta(runtimes: dict | None, precision: str = "int8") -> dict:
@@ -123,4 +123,4 @@ def test_int8_refuses_a_graph_without_a_convolution_naming_the_backbone():
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
   images = np.zeros((2, 8, 8, 3), np.uint8)
   with pytest.raises(errors.UserValueError, match=r"--precision=int8: the mlp backbone.*no conv"):
-    compress.to_int8(model, images, "mlp")
+    quantize.to_int8(model, images, "mlp")
