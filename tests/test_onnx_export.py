@@ -18,7 +18,7 @@ from PIL import Image
 from cras_jax.base import errors
 from cras_jax.configs import demo
 from cras_jax.data import preprocess
-from cras_jax.deploy import compress, exporting, onnx_export, onnx_graph, run_onnx
+from cras_jax.deploy import compress, exporting, onnx_export, onnx_graph, onnx_metadata, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
 from cras_jax.scoring import scoring, thresholds
@@ -128,7 +128,7 @@ def test_onnx_file_holds_the_run_meta_and_a_symbolic_batch(exported, tiny_run):
   assert {o.name for o in model.graph.output} == set(meta["outputs"])
   # the metadata as the no-JAX reader parses it from the bytes, and the checksum holds
   data = path.read_bytes()
-  assert run_onnx.metadata_props(data) == props
+  assert onnx_metadata.metadata_props(data) == props
   assert run_onnx.file_checksum(data, props[run_onnx.SUM_KEY]) == props[run_onnx.SUM_KEY]
 
 
@@ -448,8 +448,8 @@ def test_the_flip_bound_refuses_with_the_figures_and_the_override_writes(int8):
     assert part in message, message
   data, meta = compress.compress(*args, max_flip_rate=-1.0, force=True, runtimes=["onnxruntime"])
   assert meta["compression"]["check"]["forced"] and meta["precision"] == "fp16"
-  assert run_onnx.metadata_props(data)[run_onnx.SUM_KEY] == run_onnx.file_checksum(
-      data, run_onnx.metadata_props(data)[run_onnx.SUM_KEY]
+  assert onnx_metadata.metadata_props(data)[run_onnx.SUM_KEY] == run_onnx.file_checksum(
+      data, onnx_metadata.metadata_props(data)[run_onnx.SUM_KEY]
   )
 
 

@@ -61,7 +61,11 @@ def test_run_onnx_imports_no_jax_with_the_rule():
   assert out.returncode == 0, out.stderr[-2000:]
   loaded = set(json.loads(out.stdout.replace("'", '"')))
   allowed = {"cras_jax", "cras_jax.deploy", "cras_jax.base", "cras_jax.base.image_limits"}
-  allowed |= {"cras_jax.deploy.run_onnx", "cras_jax.deploy.outputs"}
+  allowed |= {
+      "cras_jax.deploy.run_onnx",
+      "cras_jax.deploy.outputs",
+      "cras_jax.deploy.onnx_metadata",
+  }
   assert loaded <= allowed, loaded - allowed
 
 
