@@ -17,7 +17,16 @@ import pytest
 from cras_jax.base import errors, fs
 from cras_jax.configs import demo
 from cras_jax.engine import steps
-from cras_jax.perf import probes, roofline, rows, scaling, scaling_model, systems, targets
+from cras_jax.perf import (
+    probes,
+    roofline,
+    rows,
+    scaling,
+    scaling_model,
+    scaling_report,
+    systems,
+    targets,
+)
 from tests.conftest import ROOT, run_command, run_module
 
 # The tiny model every command-line study here compiles (64 px, D 32, 3 classes).
@@ -198,7 +207,7 @@ def test_every_projection_says_whether_the_step_fits_and_one_that_does_not_has_n
       "optimiser_note": "", "host_memory": {"bytes": 64e9, "what": "available host memory"},
       "systems": [{"name": "x", "source": "y"}], "compiled": compiled, "projections": ps,
   }  # fmt: skip
-  md = scaling_model.markdown(result)
+  md = scaling_report.markdown(result)
   header = next(line for line in md.splitlines() if line.startswith("| scaling |"))
   assert "| fits |" in header
   fits_col = header.split(" | ").index("fits")
@@ -212,7 +221,7 @@ def test_every_projection_says_whether_the_step_fits_and_one_that_does_not_has_n
       assert cells[images_col] == f"(does not fit: {p['does_not_fit']})", line
       assert cells[images_col - 1] == "–"  # no step time
   assert "64 GB of available host memory" in md
-  scaling_model.plot(result, str(tmp_path / "scaling.png"))  # rows without images/s: no points
+  scaling_report.plot(result, str(tmp_path / "scaling.png"))  # rows without images/s: no points
   assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
@@ -256,7 +265,7 @@ def test_projections_show_the_step_alone_and_end_to_end_with_what_binds():
                    "chips_per_host": 8, "host_source": "z"}],
       "compiled": compiled, "projections": ps,
   }  # fmt: skip
-  md = scaling_model.markdown(result)
+  md = scaling_report.markdown(result)
 
   def cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]

@@ -56,7 +56,16 @@ from cras_jax import configs
 from cras_jax.base import errors, fileio, fs, stop
 from cras_jax.config import bounds
 from cras_jax.engine import sharding
-from cras_jax.perf import probes, rows, scaling_model, systems, target_study, targets, tpu
+from cras_jax.perf import (
+    probes,
+    rows,
+    scaling_model,
+    scaling_report,
+    systems,
+    target_study,
+    targets,
+    tpu,
+)
 
 MODES = rows.MODES
 
@@ -290,9 +299,9 @@ def run(fv: flags.FlagValues, written: list[str] | None = None) -> dict:
   if len(forms) == 1 or fv.worker_devices:
     return _run_form(fv, forms[0], fv.out, written)
   results = {form: _run_form(fv, form, os.path.join(fv.out, form), written) for form in forms}
-  table = scaling_model.forms_markdown(results)
+  table = scaling_report.forms_markdown(results)
   path = os.path.join(fv.out, "forms.json")
-  fileio.atomic_write_json(path, scaling_model.forms_rows(results), indent=1)
+  fileio.atomic_write_json(path, scaling_report.forms_rows(results), indent=1)
   written.append(path)
   path = os.path.join(fv.out, "forms.md")
   fileio.atomic_write_text(path, table)
@@ -362,7 +371,7 @@ def _run_form(fv: flags.FlagValues, form: str, out: str, written: list[str]) -> 
       "compiled": compiled,
       "projections": projections,
   }
-  md = _write(result, scaling_model.markdown(result), args.out, written)
+  md = _write(result, scaling_report.markdown(result), args.out, written)
   for k, v in result["calibration"]["measured_over_projected"].items():
     print(f"calibration {k}: measured / projected = {v:.2f}", flush=True)
   print("\n" + md, flush=True)
@@ -414,7 +423,7 @@ def _write(result: dict, md: str, out: str, written: list[str]) -> str:
   fileio.atomic_write_text(path, md)
   written.append(path)
   path = os.path.join(out, "scaling.png")
-  scaling_model.plot(result, path)
+  scaling_report.plot(result, path)
   written.append(path)
   return md
 

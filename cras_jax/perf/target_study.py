@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from cras_jax.perf import gpu, roofline, rows, scaling_model, systems, tpu
+from cras_jax.perf import gpu, roofline, rows, scaling_model, scaling_report, systems, tpu
 from cras_jax.perf.targets import Target
 
 GB = 1e9
@@ -210,19 +210,19 @@ def markdown(result: dict) -> str:
       lines.append(
           f"| {p['scaling']} | {f['topology']} | {r['chips']} | {r['global_batch']} | "
           f"{_seconds(f['lower_s'] + f['compile_s'])} | "
-          f"{scaling_model._f(pc['flops'] and pc['flops'] / 1e12, g=3)} | "
+          f"{scaling_report._f(pc['flops'] and pc['flops'] / 1e12, g=3)} | "
           f"{_gb(pc['bytes_accessed'])} | {_gb(pc['argument_bytes'])} / {_gb(pc['output_bytes'])}"
           f" / {_gb(pc['temp_bytes'])} / {_gb(pc['footprint_bytes'])} | {_exchanges(f)} | "
-          f"{scaling_model._ms(p['step_s'] if p['fits'] is not False else None)} | "
-          f"{scaling_model.images_text(p)} | {scaling_model._f(p['efficiency'], 2)} | "
-          f"{p['binding'] or '–'} | {scaling_model.fits_text(p)} | "
+          f"{scaling_report._ms(p['step_s'] if p['fits'] is not False else None)} | "
+          f"{scaling_report.images_text(p)} | {scaling_report._f(p['efficiency'], 2)} | "
+          f"{p['binding'] or '–'} | {scaling_report.fits_text(p)} | "
           f"{'–' if mb is None else ('≥' if mb['at_limit'] else '') + str(mb['max_batch_per_chip'])} |"
-          f" {scaling_model.e2e_cells(p)} |"
+          f" {scaling_report.e2e_cells(p)} |"
       )
     lines.append("")
-  lines += scaling_model.host_note(result)
+  lines += scaling_report.host_note(result)
   lines += [compile_total(result), ""]
-  lines += scaling_model.writes_tables(result) + [""]
+  lines += scaling_report.writes_tables(result) + [""]
   lines += [f"Source of the {u}'s figures:", ""]
   lines += [f"- {s['name']}: {s['source']}" for s in result["systems"]]
   return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ import pytest
 
 from cras_jax.base import errors
 from cras_jax.engine import steps
-from cras_jax.perf import rows, scaling_model, systems, target_study, tpu
+from cras_jax.perf import rows, scaling_report, systems, target_study, tpu
 from tests import tiny_step
 
 needs_libtpu = pytest.mark.skipif(
@@ -174,7 +174,7 @@ def test_study_from_four_chips_projects_and_plots_without_efficiency(tmp_path):
   assert all(p["efficiency"] is None for p in ps)  # no 1-chip row to compare with
   assert ps[1]["images_per_s"] > 3.9 * ps[0]["images_per_s"]  # same per-chip step
   result = {"projections": ps, "config": "c", "model": "m"}
-  scaling_model.plot(result, str(tmp_path / "scaling.png"))
+  scaling_report.plot(result, str(tmp_path / "scaling.png"))
   assert (tmp_path / "scaling.png").stat().st_size > 0
 
 
