@@ -313,3 +313,48 @@ def analyse(calls, ready, checks, logs, warm: int, per_rep: int, reps: int, log_
       host_work_s=float(np.median(dispatch)) + log_per_step,
   )
   return out
+
+
+def measure_loader(args, sizes: list[int], devs, base=None, num_classes: int = 4) -> list[dict]:
+  """The loader's images/s at each image size and worker count (perf/loader_probe.py), and,
+  with the config `base`, the stored features' gather of the training loop (one thread, as
+  `loop.train_batches` runs in the prefetch thread) from a feature cache of the config's model
+  at that size (producer_rate)."""
+  out = []
+  bs = args.batch_sizes[0]
+  for size in sizes:
+    with tempfile.TemporaryDirectory() as tmp:
+      source = loader_probe.synthetic_source(tmp, size, max(64, 2 * bs))
+      for w in args.loader_workers:
+        r = loader_probe.loader_rate(source, bs, w, devs)
+        r.update(image_size=size, kind="reader", bytes_per_image=size * size * 3 + 4)
+        out.append(r)
+        print(f"loader {size}px, {r['workers']} workers: {r['images_per_s']:.0f} images/s")
+      if base is None:
+        continue
+      config = rows.configure(base, args, size, base.model.dtype)
+      spec = steps.ModelSpec(config, num_classes)
+      n = dataset_size(bs, 64)
+      cache = make_cache(tmp, n, spec, config.train.feature_cache_dtype)
+      devices = sharding.Devices(devices=list(devs))
+      rate = producer_rate(devices, np.zeros((n,), np.int32), cache, None, bs, 2.0)
+      nbytes = rows.input_bytes_per_image("train_cached", config, spec)
+      out.append({
+          "kind": "gather", "workers": 1, "batch_size": bs, "images_per_s": rate,
+          "image_size": size, "bytes_per_image": nbytes,
+          "features": f"{spec.num_patches} x {spec.heads.embed_dim} "
+                      f"{config.train.feature_cache_dtype}",
+      })  # fmt: skip
+      print(f"feature gather {size}px ({out[-1]['features']}), one thread: {rate:.0f} images/s")
+  return out
+
+
+def beside_step(loop_row: dict, step_row: dict) -> None:
+  """The loop row against the step alone of the same mode and shape (`step_row`): its median
+  step time, the loop's time per step over it, and the host's share implied by the two
+  (1 - step / loop: the device's wait if the step takes the same time in both)."""
+  step = step_row["median_s"]
+  loop_row["step_only_median_s"] = step
+  loop_row["step_only_images_per_s"] = step_row["images_per_s"]
+  loop_row["loop_over_step"] = loop_row["median_s"] / step
+  loop_row["host_share_implied"] = 1.0 - step / loop_row["median_s"]

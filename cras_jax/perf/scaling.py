@@ -53,7 +53,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cras_jax import configs
-from cras_jax.base import errors, fileio, fs, stop
+from cras_jax.base import errors, fileio, stop
 from cras_jax.config import bounds
 from cras_jax.engine import sharding
 from cras_jax.perf import (
@@ -265,37 +265,13 @@ def _run_worker(cmd: list[str], env: dict) -> int:
       proc.wait()
 
 
-def check_out(out: str | None, forms: Sequence[str]) -> None:
-  """--out, before any work: a folder that is or can be made (with its folder per form when
-  there are several), where a file can be written and no output's name is taken by a folder;
-  else one message naming --out and the fix (`fs.writable_dir`, which makes the folders)."""
-  fix = "name a folder (new or existing) for scaling.json, scaling.md and scaling.png"
-  if not out:
-    raise errors.UserValueError(f"--out is empty: {fix}")
-  fs.writable_dir(out, "--out", fix)
-  studies = [out] if len(forms) < 2 else [os.path.join(out, form) for form in forms]
-  files = [
-      os.path.join(d, n) for d in studies for n in ("scaling.json", "scaling.md", "scaling.png")
-  ]
-  if len(forms) >= 2:
-    files += [os.path.join(out, "forms.json"), os.path.join(out, "forms.md")]
-    for form, folder in zip(forms, studies):
-      fs.writable_dir(folder, f"--out's folder of the {form} form", fix)
-  for file in files:
-    if os.path.isdir(file):
-      raise errors.UserValueError(
-          f"--out={out}: {file} is a folder, where the study writes a file: remove it or name "
-          "another --out"
-      )
-
-
 def run(fv: flags.FlagValues, written: list[str] | None = None) -> dict:
   """The study of each form in --parallelism (one: in --out; several: in --out/<form>/, and
   their comparison in --out/forms.md). `written` collects the files written, as they are."""
   written = [] if written is None else written
   forms = list(dict.fromkeys(fv.parallelism))
   if not fv.worker_devices:
-    check_out(fv.out, forms)
+    scaling_report.check_out(fv.out, forms)
   if len(forms) == 1 or fv.worker_devices:
     return _run_form(fv, forms[0], fv.out, written)
   results = {form: _run_form(fv, form, os.path.join(fv.out, form), written) for form in forms}
@@ -347,7 +323,7 @@ def _run_form(fv: flags.FlagValues, form: str, out: str, written: list[str]) -> 
   )
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
-      "model": _model(config, args),
+      "model": scaling_report.model_text(config, args),
       "parallelism": config.train.parallelism,
       "environment": env,
       "simulated": simulated,
@@ -371,7 +347,7 @@ def _run_form(fv: flags.FlagValues, form: str, out: str, written: list[str]) -> 
       "compiled": compiled,
       "projections": projections,
   }
-  md = _write(result, scaling_report.markdown(result), args.out, written)
+  md = scaling_report.write_study(result, scaling_report.markdown(result), args.out, written)
   for k, v in result["calibration"]["measured_over_projected"].items():
     print(f"calibration {k}: measured / projected = {v:.2f}", flush=True)
   print("\n" + md, flush=True)
@@ -405,29 +381,6 @@ def _calibration(device) -> tuple[dict, dict]:
   return peak, probes.memory_bandwidth(device)
 
 
-def _model(config, args) -> str:
-  return (
-      f"{config.model.backbone} {config.data.crop}px {config.model.dtype}, "
-      f"D={config.model.embed_dim}, K={args.num_classes}, kernels={config.model.kernels}, "
-      f"parallelism={config.train.parallelism}"
-  )
-
-
-def _write(result: dict, md: str, out: str, written: list[str]) -> str:
-  """scaling.json, scaling.md and scaling.png of a study into `out`, each atomically (whole
-  or not there; `written` gets each as it is) -> the markdown."""
-  path = os.path.join(out, "scaling.json")
-  fileio.atomic_write_json(path, result, indent=1)
-  written.append(path)
-  path = os.path.join(out, "scaling.md")
-  fileio.atomic_write_text(path, md)
-  written.append(path)
-  path = os.path.join(out, "scaling.png")
-  scaling_report.plot(result, path)
-  written.append(path)
-  return md
-
-
 def _run_target(fv: flags.FlagValues, args, config, plan, written: list[str]) -> dict:
   """--target=tpu:<generation> or gpu:<kind>: compile-only on this host
   (cras_jax/perf/target_study.py)."""
@@ -440,7 +393,7 @@ def _run_target(fv: flags.FlagValues, args, config, plan, written: list[str]) ->
   feeds = _feeds(fv, config, args)
   result = {
       "config": config_flags.get_config_filename(fv["config"]),
-      "model": _model(config, args),
+      "model": scaling_report.model_text(config, args),
       "parallelism": config.train.parallelism,
       "target": target.spec,
       "compiler": target.compiler(),
@@ -459,7 +412,7 @@ def _run_target(fv: flags.FlagValues, args, config, plan, written: list[str]) ->
       "compiled": compiled,
       "projections": target_study.project(compiled, plan, chip, config.model.dtype, loader, feeds),
   }
-  md = _write(result, target_study.markdown(result), args.out, written)
+  md = scaling_report.write_study(result, target_study.markdown(result), args.out, written)
   print("\n" + md, flush=True)
   return result
 
@@ -483,15 +436,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> in
     signum = getattr(e, "signum", None) or request.signum or signal.SIGINT
     where = getattr(e, "where", None) or f"during {tpu.doing()}"
     print(
-        f"stopped: {signal.Signals(signum).name} {where}; {_written_text(written)}",
+        f"stopped: {signal.Signals(signum).name} {where}; {scaling_report.written_text(written)}",
         file=sys.stderr,
         flush=True,
     )
     raise SystemExit(128 + signum) from None
   return 0
-
-
-def _written_text(written: list[str]) -> str:
-  if not written:
-    return "nothing written (a study's files are written once all its steps are compiled)"
-  return "written: " + ", ".join(written)

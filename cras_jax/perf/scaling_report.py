@@ -4,9 +4,12 @@ and the plot."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import numpy as np
 
-from cras_jax.base import fileio
+from cras_jax.base import errors, fileio, fs
 from cras_jax.perf import tpu
 from cras_jax.perf.bench_report import collectives_text
 from cras_jax.perf.scaling_model import gb_text
@@ -320,3 +323,56 @@ def writes_tables(result: dict, k: int = 6) -> list[str]:
           f"{'/'.join(src[-3:])} |"
       )
   return lines
+
+
+def check_out(out: str | None, forms: Sequence[str]) -> None:
+  """--out, before any work: a folder that is or can be made (with its folder per form when
+  there are several), where a file can be written and no output's name is taken by a folder;
+  else one message naming --out and the fix (`fs.writable_dir`, which makes the folders)."""
+  fix = "name a folder (new or existing) for scaling.json, scaling.md and scaling.png"
+  if not out:
+    raise errors.UserValueError(f"--out is empty: {fix}")
+  fs.writable_dir(out, "--out", fix)
+  studies = [out] if len(forms) < 2 else [os.path.join(out, form) for form in forms]
+  files = [
+      os.path.join(d, n) for d in studies for n in ("scaling.json", "scaling.md", "scaling.png")
+  ]
+  if len(forms) >= 2:
+    files += [os.path.join(out, "forms.json"), os.path.join(out, "forms.md")]
+    for form, folder in zip(forms, studies):
+      fs.writable_dir(folder, f"--out's folder of the {form} form", fix)
+  for file in files:
+    if os.path.isdir(file):
+      raise errors.UserValueError(
+          f"--out={out}: {file} is a folder, where the study writes a file: remove it or name "
+          "another --out"
+      )
+
+
+def write_study(result: dict, md: str, out: str, written: list[str]) -> str:
+  """scaling.json, scaling.md and scaling.png of a study into `out`, each atomically (whole
+  or not there; `written` gets each as it is) -> the markdown."""
+  path = os.path.join(out, "scaling.json")
+  fileio.atomic_write_json(path, result, indent=1)
+  written.append(path)
+  path = os.path.join(out, "scaling.md")
+  fileio.atomic_write_text(path, md)
+  written.append(path)
+  path = os.path.join(out, "scaling.png")
+  plot(result, path)
+  written.append(path)
+  return md
+
+
+def written_text(written: list[str]) -> str:
+  if not written:
+    return "nothing written (a study's files are written once all its steps are compiled)"
+  return "written: " + ", ".join(written)
+
+
+def model_text(config, args) -> str:
+  return (
+      f"{config.model.backbone} {config.data.crop}px {config.model.dtype}, "
+      f"D={config.model.embed_dim}, K={args.num_classes}, kernels={config.model.kernels}, "
+      f"parallelism={config.train.parallelism}"
+  )
