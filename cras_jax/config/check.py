@@ -222,6 +222,7 @@ def problems_of(config, check_files: bool = True) -> list[str]:
       "model.aggregate_dtype",
       "train.feature_cache_dtype",
       "data.mask_rule",
+      "data.on_device",
   ):
     _choice(p, config, f)
   for f in ("data.data_dir", "data.download_url", "model.weights_url", "cache.dir"):

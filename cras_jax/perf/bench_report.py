@@ -60,6 +60,14 @@ def forms_table(rows: list[dict]) -> list[str]:
   return lines
 
 
+def _source(r: dict) -> str:
+  """Where a loop row's batches came from: the devices (data.on_device), the reader's workers,
+  or the memory-mapped feature cache."""
+  if r.get("on_device"):
+    return "devices"
+  return f"{r['reader_workers']} reader workers" if r["reader_workers"] else "feature cache"
+
+
 def loop_table(loop_rows: list[dict]) -> list[str]:
   """The training loop end to end (cras_jax/perf/loop_probe.py) beside the step alone."""
   if not loop_rows:
@@ -69,7 +77,7 @@ def loop_table(loop_rows: list[dict]) -> list[str]:
       "Training loop, end to end (loop.run_steps: batches through the prefetch thread, the "
       "step, the NaN check and log every train.log_every steps), beside the step alone:",
       "",
-      "| mode | backbone | image | dtype | dev | batch | reader workers | steps × reps "
+      "| mode | backbone | image | dtype | dev | batch | batches from | steps × reps "
       "| loop ms/step median [min–max] | loop images/s | step-only images/s | loop / step "
       "| device waits for the host, % median [min–max] | 1 − step/loop % | dispatch ms "
       "| log + check ms/step | batch wait ms/step | loader alone images/s | load avg |",
@@ -83,7 +91,7 @@ def loop_table(loop_rows: list[dict]) -> list[str]:
     )
     lines.append(
         f"| loop: {_mode(r)} | {r['backbone']} | {r['image_size']} | {r['dtype']} | "
-        f"{r['devices']} | {r['batch_size']} | {r['reader_workers'] or '–'} | {r['steps_per_rep']} × {r['reps']} "
+        f"{r['devices']} | {r['batch_size']} | {_source(r)} | {r['steps_per_rep']} × {r['reps']} "
         f"| {step} | {r['images_per_s']:.2f} | {fmt(r.get('step_only_images_per_s'))} | "
         f"{fmt(r.get('loop_over_step'), digits=2)} | {share} | "
         f"{fmt(r.get('host_share_implied'), 0.01)} | {fmt(r['dispatch_s'], 1e-3, 2)} | "
@@ -98,7 +106,9 @@ def loop_table(loop_rows: list[dict]) -> list[str]:
       "rep's wall time); 1 − step/loop: the same share implied by the step alone's time. "
       "dispatch: the median call of the jitted step; log + check: the hooks' time per step; "
       "batch wait: the loop thread's wait for the next batch per step; loader alone: the "
-      "batches' production (read or gather, and the transfer) with no step running.",
+      "batches' production (read or gather, and the transfer) with no step running. Batches "
+      "from the devices: data.on_device put the training set there, each batch gathered by "
+      "index.",
   ]
   return lines
 

@@ -57,7 +57,7 @@ from cras_jax.data import loader
 from cras_jax.engine import sharding, steps
 from cras_jax.perf import loader_probe, probes, rows
 from cras_jax.runs import checkpoint, feature_cache
-from cras_jax.training import loop
+from cras_jax.training import loop, on_device
 from cras_jax.training import train as train_lib
 
 TRAIN_MODES = ("train", "train_cached")
@@ -147,10 +147,13 @@ def _data(mode: str, config, spec, root: str, n: int, sources: dict):
   return labels, cache, None
 
 
-def producer_rate(devices, labels, cache, reader, batch_size: int, seconds: float) -> float:
+def producer_rate(
+    devices, labels, cache, reader, batch_size: int, seconds: float, resident=None
+) -> float:
   """images/s of `loop.train_batches` alone (read or gather, and the transfer to the devices;
-  no step), over about `seconds` after one batch of warm-up."""
-  batches = loop.train_batches(0, 10**9, 1, batch_size, devices, labels, cache, reader)
+  with `resident`, the gather on the devices; no step), over about `seconds` after one batch of
+  warm-up."""
+  batches = loop.train_batches(0, 10**9, 1, batch_size, devices, labels, cache, reader, resident)
   jax.block_until_ready(next(batches)[1])
   images, t0 = 0, time.perf_counter()
   while images < 2 * batch_size or time.perf_counter() - t0 < seconds:
@@ -184,15 +187,19 @@ def loop_row(
   load0 = probes.loadavg()
   labels, cache, reader = _data(mode, config, spec, root, n, sources)
   try:
-    alone = producer_rate(devices, labels, cache, reader, batch_size, args.min_rep_seconds)
-    per_rep = loop_steps(args, config)
-    warm = max(1, args.loop_warm_steps)
-    total = warm + args.reps * per_rep
-    config.train.epochs, config.train.checkpoint_every_steps = 1, 0  # one save, after the end
     state = rows.initial_state(
         spec, backbone_vars, args.seed, devices, np.random.default_rng(args.seed)
     )
     step = devices.compile_train(spec, deterministic=config.train.deterministic)
+    # data.on_device as training decides it: the batches gathered on the devices, or read here
+    resident = on_device.place(config, devices, step, state, n, cache, reader)
+    alone = producer_rate(
+        devices, labels, cache, reader, batch_size, args.min_rep_seconds, resident
+    )
+    per_rep = loop_steps(args, config)
+    warm = max(1, args.loop_warm_steps)
+    total = warm + args.reps * per_rep
+    config.train.epochs, config.train.checkpoint_every_steps = 1, 0  # one save, after the end
     workdir = tempfile.mkdtemp(dir=root, prefix=f"run_{mode}_")
     run = object.__new__(train_lib.SingleRun)  # its hooks need only its config and workdir
     run.config, run.workdir, run.board = config, workdir, None
@@ -203,7 +210,15 @@ def loop_row(
     )
     clock = _Clock(step)
     batches = loop.train_batches(
-        0, total, population_lib.order_seed(config), batch_size, devices, labels, cache, reader
+        0,
+        total,
+        population_lib.order_seed(config),
+        batch_size,
+        devices,
+        labels,
+        cache,
+        reader,
+        resident,
     )
     mngr = checkpoint.manager(workdir, 1)
     verbosity = logging.get_verbosity()
@@ -246,7 +261,8 @@ def loop_row(
       "platform": devs[0].platform,
       "device_kind": devs[0].device_kind,
       "dataset_images": n,
-      "reader_workers": reader.workers if reader is not None else None,
+      "on_device": resident is not None,
+      "reader_workers": reader.workers if reader is not None and resident is None else None,
       "feature_cache_dtype": config.train.feature_cache_dtype if cache is not None else None,
       "bytes_per_image": rows.input_bytes_per_image(mode, config, spec),
       "log_every": int(config.train.log_every),

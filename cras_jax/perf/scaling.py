@@ -154,6 +154,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
       "per form in OUT/<form>/ and the forms side by side in OUT/forms.md (and .json).",
       flag_values=fv,
   )  # fmt: skip
+  flags.DEFINE_integer(
+      "train_images", 3629, "TPU and GPU targets: the training set of the data.on_device table "
+      "(default: MVTec AD's 3,629 images).", lower_bound=1, flag_values=fv,
+  )  # fmt: skip
   flags.DEFINE_integer("worker_devices", 0, "Internal: run one device count.", flag_values=fv)
   flags.mark_flag_as_required("out", flag_values=fv)
   flags.register_validator(
@@ -411,6 +415,7 @@ def _run_target(fv: flags.FlagValues, args, config, plan, written: list[str]) ->
       "systems": [_system_record(chip)],
       "compiled": compiled,
       "projections": target_study.project(compiled, plan, chip, config.model.dtype, loader, feeds),
+      "train_images": fv.train_images,
   }
   md = scaling_report.write_study(result, target_study.markdown(result), args.out, written)
   print("\n" + md, flush=True)

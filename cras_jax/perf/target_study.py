@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from cras_jax.engine import resident
 from cras_jax.perf import gpu, roofline, rows, scaling_model, scaling_report, systems, tpu
 from cras_jax.perf.targets import Target
 
@@ -221,8 +222,57 @@ def markdown(result: dict) -> str:
       )
     lines.append("")
   lines += scaling_report.host_note(result)
+  lines += resident_table(result)
   lines += [compile_total(result), ""]
   lines += scaling_report.writes_tables(result) + [""]
   lines += [f"Source of the {u}'s figures:", ""]
   lines += [f"- {s['name']}: {s['source']}" for s in result["systems"]]
   return "\n".join(lines) + "\n"
+
+
+def resident_rows(result: dict) -> list[dict]:
+  """Per training row: whether its training set (`result["train_images"]` images, as the
+  host would send them: uint8 at the crop, or the stored features) fits on the devices beside
+  the step (`data.on_device`, engine/resident.py): the rows a chip holds (split along the data
+  axis) plus the step's compiled footprint, against the chip's HBM and "auto"'s margin."""
+  n, out = result.get("train_images"), []
+  for p in result["projections"]:
+    feed = result["host_feeds"].get(p["mode"])
+    hbm, footprint = p.get("memory_available_bytes"), p.get("memory_needed_bytes")
+    if not (n and feed and hbm and footprint) or p.get("fits") is False:
+      continue
+    data = resident.rows_per_device(n, p["devices"]) * (feed["bytes_per_image"] - 4)
+    auto = resident.decide("auto", p["mode"], data, footprint, hbm)
+    out.append(
+        {
+            "mode": p["mode"], "chips": p["devices"], "global_batch": p["global_batch"],
+            "data_bytes": data, "footprint_bytes": footprint, "hbm_bytes": hbm,
+            "fits": data + footprint <= hbm, "auto": auto.on_device,
+        }
+    )  # fmt: skip
+  return out
+
+
+def resident_table(result: dict) -> list[str]:
+  """`resident_rows` as a table (none where nothing trains or nothing can be compared)."""
+  found = resident_rows(result)
+  if not found:
+    return []
+  u = "GPU" if result["target"].startswith("gpu:") else "chip"
+  lines = [
+      f"Training data on the devices (data.on_device): the training set of "
+      f"{result['train_images']:,} images split over the {u}s beside the step's compiled "
+      f"footprint; auto puts it there within {resident.MARGIN:.0%} of the HBM.",
+      "",
+      f"| mode | {u}s | global batch | data/{u} GB | step/{u} GB | total GB | HBM GB | fits "
+      "| auto |",
+      "|---|---:|---:|---:|---:|---:|---:|---|---|",
+  ]
+  for r in found:
+    lines.append(
+        f"| {r['mode']} | {r['chips']} | {r['global_batch']} | {_gb(r['data_bytes'])} | "
+        f"{_gb(r['footprint_bytes'])} | {_gb(r['data_bytes'] + r['footprint_bytes'])} | "
+        f"{_gb(r['hbm_bytes'])} | {'yes' if r['fits'] else 'no'} | "
+        f"{'on the devices' if r['auto'] else 'host'} |"
+    )
+  return lines + [""]

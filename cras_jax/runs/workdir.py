@@ -83,6 +83,8 @@ NON_RESULT_FIELDS = (
     "train.parallelism",
     "data.max_image_pixels",
     "data.max_aspect_ratio",
+    "data.workers",  # the batches do not depend on the reader's threads
+    "data.on_device",  # nor on where they are gathered (engine/resident.py)
     "eval.",
     "log.",
 )

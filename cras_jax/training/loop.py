@@ -71,11 +71,21 @@ def prefetch(iterator, size: int = 2):
 
 
 def train_batches(
-    start: int, total: int, seed, batch_size: int, devices, labels, cache=None, reader=None
+    start: int,
+    total: int,
+    seed,
+    batch_size: int,
+    devices,
+    labels,
+    cache=None,
+    reader=None,
+    resident=None,
 ) -> Iterator[tuple[int, dict]]:
   """(step, batch on the devices) from step `start` to `total`: stored features (`cache`,
   the training images' features in train order) or images (`reader`, a `loader.BatchReader`);
-  this process's share of each global batch.
+  this process's share of each global batch. With `resident` (`engine.resident.Resident`: the
+  same rows already on the devices), only the indices leave the host and the batch is gathered
+  there: the same batch.
 
   seed: the seed of the data order (an int), or one seed per member of a population
   (a sequence: `train.member_data_order` "per_member"): then every member's batch is the one a
@@ -84,10 +94,14 @@ def train_batches(
   n = len(labels)
   per_member = not isinstance(seed, (int, np.integer))
   seeds = [int(s) for s in seed] if per_member else [int(seed)]
+  key = "features" if cache is not None else "image"
   for s in range(start, total):
     parts = []
     for order in seeds:
       _, idx = batch_indices(order, s, n, batch_size, devices.count)
+      if resident is not None:  # the global indices; this process's labels
+        parts.append({"index": idx, "label": labels[idx[devices.local_slice(len(idx))]]})
+        continue
       idx = idx[devices.local_slice(len(idx))]
       if cache is not None:
         parts.append(
@@ -98,7 +112,12 @@ def train_batches(
         )
       else:
         parts.append(reader.read(idx, ("image", "label")))
-    if per_member:
+    if resident is not None:
+      index = np.stack([p["index"] for p in parts]) if per_member else parts[0]["index"]
+      label = np.stack([p["label"] for p in parts]) if per_member else parts[0]["label"]
+      put = devices.put_member_batch if per_member else devices.put_batch
+      yield s, {key: resident.take(index), **put({"label": label})}
+    elif per_member:
       yield s, devices.put_member_batch({k: np.stack([p[k] for p in parts]) for k in parts[0]})
     else:
       yield s, devices.put_batch(parts[0])

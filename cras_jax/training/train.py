@@ -40,7 +40,7 @@ from cras_jax.results import tables as results
 from cras_jax.runs import checkpoint, feature_cache, named_inputs, single_class, specs
 from cras_jax.runs import workdir as runs
 from cras_jax.scoring import evaluate, scoring
-from cras_jax.training import loop
+from cras_jax.training import loop, on_device
 from cras_jax.training import population as population_training
 
 
@@ -287,8 +287,12 @@ def _train_and_evaluate(
   evaluator = run.evaluator(state)
   reader = loader.BatchReader(dataset.train, config.data.workers)
   step = int(state.step[0]) if run.members else int(state.step)
+  per_member = len(run.order_seed) if isinstance(run.order_seed, list) else 0
+  on_devices = on_device.place(
+      config, devices, train_step, state, len(train_labels), cache, reader, per_member
+  )
   batches = loop.train_batches(
-      step, total, run.order_seed, bs, devices, train_labels, cache, reader
+      step, total, run.order_seed, bs, devices, train_labels, cache, reader, on_devices
   )
 
   def evaluate_epoch(state, epoch: int) -> None:

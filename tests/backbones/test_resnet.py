@@ -238,7 +238,9 @@ def _rel_err(a, b) -> float:
 
 
 @requires_torch
-@pytest.mark.parametrize("arch,hw", [("resnet18", (61, 77)), ("resnet50", (64, 64))])
+@pytest.mark.parametrize(
+    "arch,hw", [("resnet18", (61, 77)), pytest.param("resnet50", (64, 64), marks=pytest.mark.slow)]
+)
 def test_parity_with_pytorch(arch, hw):
   h, w = hw
   tmodel = _torch_model(arch)

@@ -36,7 +36,13 @@ def _disc_vars(n_layers, width, seed=0):
 @pytest.mark.parametrize(
     # interleaved rows and two-pass statistics (cpu_tuned), parts-leading and one-pass (xla)
     "n_layers,xla",
-    [(1, False), (2, False), (3, False), (1, True), (3, True)],
+    [
+        (1, False),
+        pytest.param(2, False, marks=pytest.mark.slow),
+        pytest.param(3, False, marks=pytest.mark.slow),
+        pytest.param(1, True, marks=pytest.mark.slow),
+        (3, True),
+    ],
 )
 def test_discriminator_split_equals_module(mode, n_layers, xla):
   d, n = 12, 40

@@ -30,7 +30,8 @@ from cras_jax.perf import hlo
 from cras_jax.scoring import scoring
 from tests import tiny_step
 
-spec, devices, state0, batch = tiny_step.setup()
+# Without scoring only the heads are stepped (on stored features): the smallest backbone.
+spec, devices, state0, batch = tiny_step.setup(None if sys.argv[4] == "score" else "resnet18")
 host_state = jax.device_get(state0)
 per_image = steps.ModelSpec(spec.config.copy_and_resolve_references(), 3, spec.grid)
 per_image.heads = per_image.heads.__class__(**{**per_image.heads.__dict__, "per_image_matching": True})
@@ -52,7 +53,7 @@ for form in sys.argv[2].split(","):
     tree = {"params": state.params, "batch_stats": state.batch_stats, "metrics": metrics}
     for k, v in jax.tree_util.tree_leaves_with_path(tree):
       flat[f"{kind}{jax.tree_util.keystr(k)}"] = np.asarray(v)
-  for name, s in (("batch", spec), ("per_image", per_image)):
+  for name, s in (("batch", spec), ("per_image", per_image)) if sys.argv[4] == "score" else ():
     scorer = scoring.Scorer(s, d, 8, state=d.put_replicated(host_state))
     res = scorer.predict_step(scorer.svars, d.put_batch({"image": batch["image"]})["image"])
     for k in ("scores", "maps", "cls"):
@@ -65,12 +66,12 @@ print("devices", devices.count)
 """ % {"steps": STEPS}
 
 
-def run(n: int, forms: str, kinds: str, path) -> tuple[dict, dict]:
+def run(n: int, forms: str, kinds: str, path, score: bool = True) -> tuple[dict, dict]:
   env = dict(
       os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
   )
   out = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(path), forms, kinds],
+      [sys.executable, "-c", SCRIPT, str(path), forms, kinds, "score" if score else "-"],
       cwd=ROOT,
       env=env,
       capture_output=True,
@@ -90,9 +91,17 @@ def run(n: int, forms: str, kinds: str, path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
+def two(tmp_path_factory):
+  """The three forms on 2 devices, training on stored features (the steps' collectives are
+  those of the heads): the fast tier's comparison."""
+  path = tmp_path_factory.mktemp("forms") / "two.npz"
+  return run(2, ",".join(sharding.FORMS), "features", path, score=False)
+
+
+@pytest.fixture(scope="module")
 def four(tmp_path_factory):
-  """The three forms on 4 devices: training on stored features (the fast tier: the steps'
-  collectives are those of the heads) and scoring."""
+  """The three forms on 4 devices: training on stored features and scoring (the backbone
+  compiled once per form and matching)."""
   path = tmp_path_factory.mktemp("forms") / "four.npz"
   return run(4, ",".join(sharding.FORMS), "features", path)
 
@@ -120,8 +129,7 @@ def assert_equal(actual: dict, desired: dict):
     np.testing.assert_allclose(actual[k], desired[k], atol=atol, rtol=1e-5, err_msg=k)
 
 
-def test_shard_map_and_pmap_train_and_score_like_jit_on_four_devices(four):
-  res, _ = four
+def check_forms_agree(res: dict) -> None:
   for form in ("shard_map", "pmap"):
     assert_equal(res[form], res["jit"])
   # The steps did train (the comparison is not of untouched parameters).
@@ -129,11 +137,22 @@ def test_shard_map_and_pmap_train_and_score_like_jit_on_four_devices(four):
   assert np.abs(trained - res["jit"]["initial_tail"]).max() > 10 * STEPS * 1e-5
 
 
-def test_per_device_forms_exchange_only_all_reduces(four):
+def test_shard_map_and_pmap_train_like_jit_on_two_devices(two):
+  check_forms_agree(two[0])
+
+
+@pytest.mark.slow
+def test_shard_map_and_pmap_train_and_score_like_jit_on_four_devices(four):
+  res, _ = four
+  assert any(k.startswith("score_per_image") for k in res["jit"])
+  check_forms_agree(res)
+
+
+def test_per_device_forms_exchange_only_all_reduces(two):
   """The explicit forms average BatchNorm and DAFS statistics, gradients and metrics with
   all-reduces only; the jit form's partitioned step has no other exchange either (the
   discriminator's logits stay on the device of their rows)."""
-  _, facts = four
+  _, facts = two
   for form, items in facts.items():
     kinds = {c["kind"] for c in items}
     assert kinds == {"all-reduce"}, (form, hlo.summarise_collectives(items))

@@ -150,6 +150,7 @@ def test_mapped_member_is_bit_identical_to_its_single_run():
   assert_bit_identical(state, metrics, single_runs(centres, batches))
 
 
+@pytest.mark.slow
 def test_mapped_member_on_its_own_batches_is_bit_identical_to_its_single_run():
   """A per-member data order: member k trains on row k of each batch, as its single run
   trains on its own batches, bit for bit."""

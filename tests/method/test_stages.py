@@ -226,7 +226,9 @@ def test_image_score_modes():
     "c,pre,d,level,groups,div",
     [
         (512, 1536, 1536, 0, 8, 6),  # WideResNet50 level 2: means of 6 -> columns 0..767
-        (1024, 1536, 1536, 1, 16, 12),  # level 3: means of 12 -> columns 768..1535
+        pytest.param(  # level 3: means of 12 -> columns 768..1535
+            1024, 1536, 1536, 1, 16, 12, marks=pytest.mark.slow
+        ),
         (40, 256, 256, 0, 1, None),  # EfficientNet-Lite0 (demo): uneven, overlapping windows
         (112, 256, 256, 1, 2, None),  # two blocks of 56 channels
         (32, 48, 48, 0, 1, 12),  # equal groups, fewer channels than a group holds

@@ -126,6 +126,7 @@ def test_gpu_cost_from_a_tpu_chip_names_libtpu():
 
 
 @needs_cuda_plugin
+@pytest.mark.slow
 def test_gpu_study_command_writes_the_tables_and_searches_the_batch_limit(tmp_path, monkeypatch):
   # GPUs of 1 MB for --max_batch: the first probe (8 images per GPU) does not fit, so one
   # compile answers 0 (tests/perf/test_tpu.py tests the search itself)
@@ -189,6 +190,7 @@ def test_gpu_study_in_every_parallelism_form(tmp_path):
 
 
 @needs_cuda_plugin
+@pytest.mark.slow
 def test_wideresnet50_training_step_compiles_for_an_h100():
   """The paper's model (WideResNet50-2 at 288 px, D 1536) trains through the "xla"
   aggregation: the GPU compiler must build the step (it failed to tile the adapter's gradient

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cras_jax import backbones
 from cras_jax import data as data_lib
 from cras_jax.configs import demo
 from cras_jax.engine import model, steps
@@ -74,14 +75,13 @@ def test_crd_modes_set_discriminator_input(mode, dim):
 def test_any_subset_of_levels_builds_the_patch_grid_of_its_first_level(levels):
   cfg = demo.get_config()
   cfg.data.crop = 64
+  cfg.model.backbone = "resnet18"  # the grid depends on the levels' strides, not the depth
   cfg.model.levels = levels
   cfg.model.pre_embed_dim, cfg.model.embed_dim = 48, 32
   spec = steps.ModelSpec(cfg, 2)
   stride = {1: 4, 2: 8, 3: 16, 4: 32}[levels[0]]
   assert spec.grid == (64 // stride, 64 // stride)
-  from cras_jax import backbones
-
-  bb = backbones.load_variables(cfg.model.backbone, "random", 64, 0)
+  bb = backbones.load_variables("resnet18", "random", 64, 0)
   t = spec.features(bb, np.zeros((1, 64, 64, 3), np.uint8))
   assert t.shape == (1, spec.num_patches, 32)
 

@@ -388,3 +388,24 @@ def test_a_population_saved_before_the_data_order_switch_keeps_its_shared_order(
   uncached = demo.get_config()
   uncached.train.cache_features = False
   assert workdir.config_differences(single.to_dict(), uncached.to_dict()) == []
+
+
+@pytest.mark.slow
+def test_population_on_the_devices_equals_the_host_run(population_run):
+  """data.on_device=true: each member gathers its own batches (a per-member order) on the
+  devices; the final state is the host run's, bit for bit, and so are the results."""
+  base = population_run
+  work = base / "on_device"
+  out = run_main(work, base / "data", base / "cache", *POP, "--config.data.on_device=true")
+  assert "data.on_device=true: " in out
+  step_a, a = final_params(base / "pop")
+  step_b, b = final_params(work)
+  assert step_a == step_b
+  fa, fb = flat(a), flat(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+  for m in ("seed0", "seed1"):
+    want = json.load(open(base / "pop" / "results" / m / "metrics_final.json"))["metrics"]
+    got = json.load(open(work / "results" / m / "metrics_final.json"))["metrics"]
+    assert got == want
