@@ -20,7 +20,6 @@ builder is in ``mvtec_builder``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -31,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
-from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from cras_jax.base import leases
-from cras_jax.data import identity, layout, prepared_digest, preprocess, validate
+from cras_jax.data import identity, layout, prepared_digest, preprocess, spill, validate
 from cras_jax.data.mvtec_builder import SPLITS, MVTecFolder, MVTecFolderConfig, make_config
 
 # --------------------------------------------------------------------------------------------
@@ -69,24 +67,6 @@ class Dataset:
           + f" | defect types: {', '.join(types) or '-'}"
       )
     return lines
-
-
-@contextlib.contextmanager
-def _in_memory_shuffler(n_bytes: int):
-  """Keep tfds' example shuffler in memory for a split of ``n_bytes``.
-
-  tfds collects a split's serialized examples in memory (sorted by key, as
-  ``disable_shuffling`` asks) but spills them to temporary bucket files once they pass
-  ``shuffle.MAX_MEM_BUFFER_SIZE`` (1 GB), and that spill path uses ``tf.io.gfile``: it needs
-  TensorFlow. Raising the threshold for the duration of the build keeps it TF-free; the cost
-  is RAM of about the largest split's size (MVTec AD train at 288: ~1.2 GB).
-  """
-  old = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-  tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(old, int(n_bytes))
-  try:
-    yield
-  finally:
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = old
 
 
 def _prune_stale(builder: MVTecFolder, keep_name: str, phash: str) -> None:
@@ -207,10 +187,9 @@ def open_dataset(
   check(read_images=not prepared)
   builder._limits = limits
   if not prepared:
-    largest = max(sum(r.split == s for r in records) for s in splits)
     tfds_bars = tfds.core.utils.tqdm_utils._active  # restored after the build
     tfds.display_progress_bar(False)
-    with _in_memory_shuffler(largest * (4 * config.crop * config.crop + 1024) * 2):
+    with spill.sequential_spill():  # one example in memory at a time (data/spill.py)
       try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(

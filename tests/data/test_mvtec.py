@@ -355,7 +355,7 @@ def test_build_error_names_bad_file(tmp_path):
 
 def test_build_without_tensorflow_for_splits_over_tfds_memory_buffer(tmp_path, monkeypatch):
   # tfds spills a split larger than shuffle.MAX_MEM_BUFFER_SIZE to temporary files through
-  # tf.io.gfile (TensorFlow); load_dataset raises the threshold for the build.
+  # tf.io.gfile (TensorFlow); load_dataset's builds spill through data/spill.py instead.
   from tensorflow_datasets.core import shuffle as tfds_shuffle
 
   monkeypatch.setattr(tfds_shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
