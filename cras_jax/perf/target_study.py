@@ -243,11 +243,17 @@ def resident_rows(result: dict) -> list[dict]:
       continue
     data = resident.rows_per_device(n, p["devices"]) * (feed["bytes_per_image"] - 4)
     auto = resident.decide("auto", p["mode"], data, footprint, hbm)
+    # on the devices only the indices cross the host link and nothing is read per step: the
+    # end-to-end rate is the step's, or the loop thread's dispatch where that binds
+    rates = [r for r in (p.get("images_per_s"), p.get("dispatch_images_per_s")) if r]
     out.append(
         {
             "mode": p["mode"], "chips": p["devices"], "global_batch": p["global_batch"],
             "data_bytes": data, "footprint_bytes": footprint, "hbm_bytes": hbm,
             "fits": data + footprint <= hbm, "auto": auto.on_device,
+            "from_host_images_per_s": p.get("end_to_end_images_per_s"),
+            "bound_by": p.get("bound_by"),
+            "on_device_images_per_s": min(rates) if rates else None,
         }
     )  # fmt: skip
   return out
@@ -265,14 +271,21 @@ def resident_table(result: dict) -> list[str]:
       f"footprint; auto puts it there within {resident.MARGIN:.0%} of the HBM.",
       "",
       f"| mode | {u}s | global batch | data/{u} GB | step/{u} GB | total GB | HBM GB | fits "
-      "| auto |",
-      "|---|---:|---:|---:|---:|---:|---:|---|---|",
+      "| auto | end-to-end images/s from the host (bound by) | on the devices |",
+      "|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|",
   ]
   for r in found:
     lines.append(
         f"| {r['mode']} | {r['chips']} | {r['global_batch']} | {_gb(r['data_bytes'])} | "
         f"{_gb(r['footprint_bytes'])} | {_gb(r['data_bytes'] + r['footprint_bytes'])} | "
         f"{_gb(r['hbm_bytes'])} | {'yes' if r['fits'] else 'no'} | "
-        f"{'on the devices' if r['auto'] else 'host'} |"
+        f"{'on the devices' if r['auto'] else 'host'} | "
+        f"{scaling_report._f(r['from_host_images_per_s'], 0)} ({r['bound_by'] or '–'}) | "
+        f"{scaling_report._f(r['on_device_images_per_s'], 0) if r['fits'] else '–'} |"
     )
-  return lines + [""]
+  return lines + [
+      "",
+      "On the devices: the step's images/s (or the loop thread's dispatch, where it binds): "
+      "no batch crosses the host link and nothing is read per step.",
+      "",
+  ]

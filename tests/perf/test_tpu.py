@@ -221,3 +221,30 @@ def test_max_batch_per_chip_searches_per_device_multiples_and_reports_the_limit(
   assert all(b % (8 * 8) == 0 for b in compiled) and got["compiles"] == len(set(compiled))
   big = tpu.max_batch_per_chip("train", None, devs, 2, 1e12, 3, multiple=8, limit_per_chip=64)
   assert big["max_batch_per_chip"] == 64 and big["at_limit"]
+
+
+def test_resident_table_adds_the_training_set_per_chip_to_the_steps_footprint():
+  """data.on_device on a target: the training set split over the chips plus the compiled
+  step, against the HBM (fits) and auto's margin (auto)."""
+  from cras_jax.perf import target_study
+
+  gb = 10**9
+  feature = 1296 * 1536 * 2  # one WRN50-2 image's stored features, float16
+  result = {
+      "target": "tpu:v5e",
+      "train_images": 3629,
+      "host_feeds": {"train_cached": {"bytes_per_image": feature + 4}},
+      "projections": [
+          {"mode": "train_cached", "devices": n, "global_batch": 32 * n, "fits": True,
+           "memory_needed_bytes": 2 * gb, "memory_available_bytes": 16 * gb}
+          for n in (1, 4, 16)
+      ] + [{"mode": "score", "devices": 1, "global_batch": 32, "fits": True,
+            "memory_needed_bytes": gb, "memory_available_bytes": 16 * gb}],
+  }  # fmt: skip
+  rows = target_study.resident_rows(result)
+  assert [r["chips"] for r in rows] == [1, 4, 16]  # scoring has no training set
+  assert [r["data_bytes"] for r in rows] == [3629 * feature, 908 * feature, 227 * feature]
+  assert [r["fits"] for r in rows] == [False, True, True]  # 14.4 + 2 GB > 16 GB
+  assert [r["auto"] for r in rows] == [False, True, True]
+  table = "\n".join(target_study.resident_table(result))
+  assert "3,629 images" in table and "| train_cached | 4 | 128 |" in table
