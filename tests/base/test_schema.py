@@ -76,6 +76,7 @@ def test_later_defaults_come_from_the_schema():
       "data.max_aspect_ratio": 10.0,
       "data.allow_crop_padding": False,
       "data.workers": 0,
+      "data.on_device": "auto",  # where batches are gathered: results do not depend on it
       "model.kernels": "auto",
       "model.aggregate_dtype": "float32",  # runs saved before the field aggregated in float32
       "train.deterministic": True,
