@@ -157,6 +157,7 @@ def test_openvino_runs_the_same_file(exported):
   _close(got, exported["want"], exported["thr"].image_threshold)
 
 
+@pytest.mark.slow  # the fast tier converts the demo's EfficientNet-Lite0 exactly (above)
 def test_resnet_backbone_converts_exactly(tmp_path):
   """ResNet-18 (max pooling, strided convolutions, residual adds; random weights and centres):
   onnxruntime equals the JAX scorer at two batch sizes."""
