@@ -54,6 +54,14 @@ FIELDS: tuple[Field, ...] = (
         "Dataset name (data/datasets.py; `synthetic`: the generated demo set).",
     ),
     F("data.root", "", "The dataset directory (MVTec layout); required except for `synthetic`."),
+    F(
+        "data.sources",
+        (),
+        "With `data.name=combined`: the datasets whose classes one model trains on together, "
+        "each `name` (registered, read from `data.data_dir`; `synthetic`) or `name:root`; "
+        "classes are named `<dataset>.<class>` (docs/data.md).",
+        later=True,
+    ),
     F("data.classes", (), "Class names; empty: discovered from the root's sub-folders."),
     F(
         "data.data_dir",

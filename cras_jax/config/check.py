@@ -18,7 +18,7 @@ from cras_jax.backbones import sources
 from cras_jax.base import compile_cache, errors, registry, schema
 from cras_jax.config import bounds as config_bounds
 from cras_jax.config import population
-from cras_jax.data import layout
+from cras_jax.data import combined, layout
 
 LEVELS = registry.ALL_LEVELS  # every backbone's own are in its registry entry
 
@@ -250,9 +250,10 @@ def problems_of(config, check_files: bool = True) -> list[str]:
         p.append(f"data.classes: {why}")
   named = {q.split("=")[0] for q in p}
   p += [q for q in config_bounds.bound_problems(config) if q.split("=")[0] not in named]
+  _sources(p, config, check_files)
   if check_files:
     _weights(p, config)
-    if d.name != "synthetic":
+    if d.name not in ("synthetic", combined.NAME):
       if not d.root and registry.fetchable(d.name):
         pass  # read from <data_dir>/<name>, fetched there before the run starts
       elif not d.root:
@@ -263,6 +264,37 @@ def problems_of(config, check_files: bool = True) -> list[str]:
       elif not os.path.isdir(os.path.expanduser(d.root)):
         p.append(f"data.root={d.root!r}: no such directory")
   return p
+
+
+def _sources(problems, config, check_files: bool) -> None:
+  """`data.sources`: with `data.name=combined`, datasets that can be combined (and, with
+  `check_files`, roots that exist); with another name, empty."""
+  d = config.data
+  if d.name != combined.NAME:
+    if d.sources:
+      problems.append(
+          f"data.sources={tuple(d.sources)!r} is read only with data.name={combined.NAME}: "
+          f"set data.name={combined.NAME}, or leave data.sources empty"
+      )
+    return
+  if config.setting == "single_class":
+    problems.append(
+        f"setting=single_class with data.name={combined.NAME}: one model across datasets is "
+        f"the multi-class setting; use setting=multi_class, or one dataset per single-class run"
+    )
+  try:
+    parsed = combined.parse(d.sources)
+  except combined.SourcesError as e:
+    problems.append(str(e))
+    return
+  for name, root in parsed if check_files else ():
+    if root and not os.path.isdir(os.path.expanduser(root)):
+      problems.append(f"data.sources: {name}:{root}: no such directory")
+    elif not root and name != "synthetic" and not registry.fetchable(name):
+      problems.append(
+          f"data.sources: {name} has no root and is not fetched by name: give it as "
+          f"{name}:<its folder>"
+      )
 
 
 def check(config, check_files: bool = True) -> None:

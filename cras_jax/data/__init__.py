@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cras_jax.base import fs, registry
+from cras_jax.data import combined as combined_lib
 from cras_jax.data import datasets, fetch
 from cras_jax.data.spec import DataSpec
 
@@ -59,6 +60,13 @@ def load(spec: DataSpec, workdir: str):
   MVTec AD 2 (a registered dataset of layout "mvtec_ad2") is read in its own layout, with its
   validation split (`mvtec_ad2.load`, the same lock)."""
   entry = registry.dataset(spec.name)
+  if spec.name == combined_lib.NAME:  # several datasets' classes as one (data/combined.py)
+    return load_locked(
+        spec,
+        workdir,
+        lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs),
+        combined=True,
+    )
   if entry is not None and entry.layout == "mvtec_ad2":
     from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
 
@@ -70,9 +78,11 @@ def load(spec: DataSpec, workdir: str):
   return load_locked(spec, workdir, lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs))
 
 
-def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable):
+def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable, combined: bool = False):
   """``load_dataset(root, classes, resize, crop, cache, ...)`` of a spec (`mvtec.load_dataset`
-  and its like), its root resolved (`prepare_data_root`), under the cache's exclusive lock."""
+  and its like), its root resolved (`prepare_data_root`), under the cache's exclusive lock;
+  `combined`: the sources' roots resolved and their classes linked into one
+  (`combined.load`)."""
   cache = cache_dir(spec, workdir)
   fs.writable_dir(
       cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"
@@ -80,6 +90,8 @@ def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable):
   with open(os.path.join(cache, ".prepare.lock"), "a") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
+      if combined:
+        return combined_lib.load(spec, workdir, load_dataset, prepare_data_root, cache)
       root = prepare_data_root(spec, workdir)
       classes = datasets.resolve_classes(spec.name, spec.classes)
       return load_dataset(

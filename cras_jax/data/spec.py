@@ -35,3 +35,5 @@ class DataSpec:
   synthetic: SyntheticSpec
   # A registered dataset fetched and prepared by name when `root` is empty (`fetch.ensure`).
   fetch: FetchSpec | None = None
+  # name "combined": the datasets whose classes it reads together (`data/combined.py`)
+  sources: tuple[str, ...] = ()

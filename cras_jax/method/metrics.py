@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -181,6 +181,24 @@ def summarise(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, dict[st
   }  # None: a metric read back from JSON (null) where it was undefined
   table[MEAN_ROW] = {k: _nanmean([row.get(k, _NAN) for row in per_class.values()]) for k in cols}
   return table
+
+
+def group_means(
+    table: Mapping[str, Mapping[str, float]], group: Callable[[str], str]
+) -> dict[str, dict[str, float]]:
+  """A table's class rows averaged per group (`group(class name)`, e.g. a class's dataset):
+  one row per group, in order of first appearance, each metric's nanmean over the group's
+  classes; then the "mean" row over the groups (`summarise`: each group counts once)."""
+  rows: dict[str, list] = {}
+  for name, row in table.items():
+    if name != MEAN_ROW:
+      rows.setdefault(group(name), []).append(row)
+  cols = _columns(r for members in rows.values() for r in members)
+  per = {
+      g: {k: _nanmean([r.get(k, _NAN) for r in members]) for k in cols}
+      for g, members in rows.items()
+  }
+  return summarise(per)
 
 
 def _ordered_rows(table: Mapping[str, Mapping[str, float]]) -> list[str]:

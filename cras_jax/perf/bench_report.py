@@ -21,6 +21,15 @@ def _mode(row: dict) -> str:
   return row["mode"] if form == "jit" else f"{row['mode']} ({form})"
 
 
+def peak_text(r: dict) -> str:
+  """A row's peak memory: its devices' (memory_stats), or where they report none (the CPU) the
+  process's peak RSS so far, marked "RSS"."""
+  if r.get("device_peak_bytes") is not None:
+    return fmt(r["device_peak_bytes"], 2**20, 0)
+  rss = r.get("process_peak_rss_bytes")
+  return "–" if rss is None else f"{fmt(rss, 2**20, 0)} RSS"
+
+
 def collectives_text(collectives: dict) -> str:
   """{kind: {count, operand_bytes}} -> "all-reduce 2× 1.3 MB" (per device, summed operands)."""
   parts = [
@@ -120,13 +129,16 @@ def markdown(result: dict) -> str:
       f"jax {result['environment']['jax']}; {result['rows'][0]['reps'] if result['rows'] else 0}"
       f" reps; step time median [min–max]; FLOPs from XLA's cost analysis; CPU s/s: this "
       f"process's CPU seconds per wall second while timed ({result['environment']['cpu_count']}"
-      f" host CPUs, 1-min load average {fmt(result['environment']['loadavg_1min'])} at the start).",
+      f" host CPUs, 1-min load average {fmt(result['environment']['loadavg_1min'])} at the start)"
+      "; ms/image: the step over its batch (at batch 1, the latency per image); peak mem: the "
+      "devices' peak, or on the CPU this process's peak RSS so far (one row per process gives "
+      "each row its own).",
       "",
       "| mode | backbone | image | D | dtype | dev | batch | compile s | step ms median [min–max]"
-      " | images/s | GFLOP/step | achieved GFLOP/s | f32 matmul GFLOP/s | % of peak | XLA mem MiB"
-      " | peak mem MiB | CPU s/s | backbone % | adapter+matching % | discriminator % | other %"
-      " | matmul ops % |",
-      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+      " | ms/image | images/s | GFLOP/step | achieved GFLOP/s | f32 matmul GFLOP/s | % of peak "
+      "| XLA mem MiB | peak mem MiB | CPU s/s | backbone % | adapter+matching % | discriminator %"
+      " | other % | matmul ops % |",
+      "|---|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
       "---:|---:|---:|---:|---:|",
   ]
   for r in result["rows"]:
@@ -137,10 +149,11 @@ def markdown(result: dict) -> str:
     lines.append(
         f"| {_mode(r)} | {r['backbone']} | {r['image_size']} | {r['embed_dim']} | {r['dtype']} | "
         f"{r['devices']} | {r['batch_size']} | {compile_s} | {step} | "
+        f"{fmt(r.get('ms_per_image'))} | "
         f"{r['images_per_s']:.2f} | {fmt(r['flops_per_step'], 1e9)} | "
         f"{fmt(r['achieved_flops_per_s'], 1e9)} | {fmt(r['peak_flops_per_s_f32'], 1e9)} | "
         f"{fmt(r['ratio_to_peak_f32'], 0.01)} | {fmt(r['xla_memory_bytes_per_device'], 2**20, 0)} | "
-        f"{fmt(r['device_peak_bytes'], 2**20, 0)} | {fmt(r['process_cpu_per_wall_s'])} | "
+        f"{peak_text(r)} | {fmt(r['process_cpu_per_wall_s'])} | "
         + " | ".join(
             fmt(sh.get(k) if (sh := r.get("stage_shares")) else None, 0.01, 0)
             for k in probes.STAGE_NAMES

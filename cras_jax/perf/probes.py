@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,17 @@ def memory_bytes(compiled) -> int | None:
       + ma.temp_size_in_bytes
       - ma.alias_size_in_bytes
   )
+
+
+def process_peak_rss_bytes() -> int | None:
+  """This process's peak resident memory so far (getrusage; None where unavailable): on the
+  CPU backend the devices' memory is the process's."""
+  try:
+    import resource  # POSIX only
+  except ImportError:
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # Linux: KiB
 
 
 def device_peak_bytes(devs) -> int | None:

@@ -211,6 +211,8 @@ def bench_row(
       "collectives": facts["collectives"],
       "largest_writes": facts["largest_writes"],
       "device_peak_bytes": probes.device_peak_bytes(devs),
+      "process_peak_rss_bytes": probes.process_peak_rss_bytes(),  # so far, in this process
+      "ms_per_image": s["median_s"] * 1e3 / batch_size,  # at batch 1: the latency
       "compiles_on_first_call": first_call_compiles,
       "recompiles_during_timing": recompiles,
       # CPU seconds of this process per wall second in the timed reps: on the CPU backend,

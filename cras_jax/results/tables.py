@@ -119,6 +119,10 @@ def write_scores(res: dict, class_names, path: str) -> None:
       )
 
 
+# The title of a combined run's second table (`data.name=combined`: `metrics.group_means`).
+BY_DATASET = "per dataset (each row: the mean over its classes; mean: over the datasets)"
+
+
 def markdown(table: dict, title: str | None = None) -> str:
   """The table as markdown, with a note naming metrics whose mean leaves classes out."""
   text = metrics_lib.to_markdown(table, title=title)
@@ -165,9 +169,15 @@ def write_results(table: dict, out_dir: str, tag: str, extra: dict) -> None:
       extra_columns={"data_note": note} if note else None,
   )
   title = f"protocol: {extra['protocol']}" if "protocol" in extra else None
+  by_dataset = extra.get("by_dataset")  # one model across datasets
+  if by_dataset:
+    metrics_lib.to_csv(by_dataset, os.path.join(out_dir, f"metrics_{tag}_by_dataset.csv"))
   fileio.atomic_write_text(
       os.path.join(out_dir, f"metrics_{tag}.md"),
-      markdown(table, title=title) + (f"\nnote: {note}\n" if note else "") + "\n",
+      markdown(table, title=title)
+      + (f"\nnote: {note}\n" if note else "")
+      + (f"\n{markdown(by_dataset, title=BY_DATASET)}" if by_dataset else "")
+      + "\n",
   )
 
 

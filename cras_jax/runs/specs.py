@@ -35,6 +35,7 @@ def data_spec(config) -> DataSpec:
           s.seed, s.image_size, s.n_train, s.n_test_good, s.n_test_defect_per_type
       ),
       fetch=fetch_spec(config),
+      sources=tuple(d.sources),
   )
 
 

@@ -66,6 +66,7 @@ TRAINING_ONLY_FIELDS = ("train.",)
 # Config fields that do not change results: they may differ between a run and its resumption.
 NON_RESULT_FIELDS = (
     "data.root",
+    "data.sources",  # names and roots: the class list and the data's contents are checked
     "data.cache_dir",
     "data.data_dir",
     "data.download_url",

@@ -20,6 +20,7 @@ import jax
 
 from cras_jax.base import fileio, progress
 from cras_jax.config import check as config_check
+from cras_jax.data import combined
 from cras_jax.method import metrics as metrics_lib
 from cras_jax.results import summaries
 from cras_jax.results import tables as results
@@ -75,6 +76,8 @@ def evaluate(
       **(ad2.extra() if ad2 is not None else {}),
       **{k: v for k, v in (run_info or {}).items() if v is not None},
   }
+  if config.data.name == combined.NAME:  # one model across datasets: each dataset's mean too
+    extra["by_dataset"] = metrics_lib.group_means(table, combined.dataset_of)
   if jax.process_index() == 0:
     results.write_results(table, out_dir, tag, extra)
     results.write_scores(res, dataset.class_names, os.path.join(out_dir, f"scores_{tag}.csv"))
@@ -83,6 +86,8 @@ def evaluate(
       f"{seconds:.1f}s (protocol: {extra['protocol']}; image score: {config.model.score_mode})"
   )
   print(results.markdown(table), flush=True)
+  if "by_dataset" in extra:
+    print(results.markdown(extra["by_dataset"], title=results.BY_DATASET), flush=True)
   if heatmaps and jax.process_index() == 0:
     results.save_heatmaps(
         res, dataset.class_names, os.path.join(out_dir, "heatmaps"), config.eval.num_heatmaps

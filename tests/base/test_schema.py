@@ -77,6 +77,7 @@ def test_later_defaults_come_from_the_schema():
       "data.allow_crop_padding": False,
       "data.workers": 0,
       "data.on_device": "auto",  # where batches are gathered: results do not depend on it
+      "data.sources": (),  # data.name=combined only
       "model.kernels": "auto",
       "model.aggregate_dtype": "float32",  # runs saved before the field aggregated in float32
       "train.deterministic": True,

@@ -21,6 +21,7 @@ def _parse(*args):
 def test_names_are_the_shipped_files():
   assert configs.names() == [
       "btad",
+      "combined",
       "demo",
       "folder",
       "itdd",

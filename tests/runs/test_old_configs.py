@@ -58,7 +58,7 @@ def _as_before(stored: dict) -> dict:
   fields' `LATER_DEFAULTS` (`config_check.get`, `population._get`, `.get(field, default)`), the
   log switches on (`progress.configure`, `specs.tensorboard`)."""
   want = _flat(stored)
-  want.update(schema.LATER_DEFAULTS)
+  want.update(_flat(schema.LATER_DEFAULTS))  # a tuple as the JSON stores it: a list
   want.update({"log.progress": True, "log.tensorboard": True})
   return want
 
