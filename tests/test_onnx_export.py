@@ -353,7 +353,9 @@ def test_a_function_without_an_onnx_form_is_one_message(tiny_run, tmp_path, monk
     [
         (["--format=onnx", "--output={tmp}/model.npz"], "pass --format=jax"),
         pytest.param(["--output={tmp}/model.onnx"], "pass --format=onnx", marks=pytest.mark.slow),
-        (["--format=onnx", "--platforms=cpu"], "drop --platforms"),
+        pytest.param(
+            ["--format=onnx", "--platforms=cpu"], "drop --platforms", marks=pytest.mark.slow
+        ),
         pytest.param(["--format=tflite"], "one of <jax|onnx>", marks=pytest.mark.slow),
     ],
 )

@@ -269,6 +269,7 @@ def test_the_pooling_convolution_reads_bfloat16_levels_exactly():
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles WideResNet50's aggregation at 288 px twice
 def test_the_xla_aggregation_never_forms_the_k_by_k_stack():
   """The "xla" form (GPUs, TPUs) compiled on this CPU: no intermediate as large as a level's
   nine shifted copies, and less scratch memory than the unfold-then-pool program."""
@@ -304,6 +305,7 @@ def test_the_xla_aggregation_never_forms_the_k_by_k_stack():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles WideResNet50's aggregation at 288 px in two dtypes
 def test_bfloat16_aggregation_sums_in_float32_and_writes_half_the_bytes():
   """`model.aggregate_dtype=compute` with bfloat16 levels: the "xla" aggregation writes t in
   bfloat16, its sums run in float32, so it is the float32 aggregation of the same bfloat16 levels rounded to
