@@ -5,7 +5,6 @@ message where --out cannot be written."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import subprocess
@@ -17,12 +16,12 @@ import tifffile
 from PIL import Image
 from sklearn.metrics import f1_score
 
-from cras_jax import data as data_lib
 from cras_jax.base import errors, registry
 from cras_jax.data import layout, preprocess
 from cras_jax.data.synthetic import mvtec_ad2 as synthetic_ad2
+from cras_jax.deploy import run_onnx
 from cras_jax.method import metrics
-from cras_jax.scoring import ad2_evaluation, evaluate, submission, submission_format, thresholds
+from cras_jax.scoring import ad2_evaluation, submission, submission_format, thresholds
 from tests.conftest import ROOT, run_command, run_module
 
 # ----------------------------------------------------------------------------- SegF1
@@ -321,15 +320,7 @@ def test_the_command_exits_2_naming_an_unwritable_out(tmp_path):
   assert out.returncode == 2 and os.fspath(blocker) in out.stderr, out.stderr[-2000:]
 
 
-# The training path reads MVTec AD 2 once data.load and evaluate.evaluate dispatch to it
-# (the wiring of docs/mvtec_ad2.md); until then the end-to-end test cannot run.
-_WIRED = "mvtec_ad2" in inspect.getsource(data_lib.load) and "submission" in inspect.getsource(
-    evaluate.evaluate
-)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _WIRED, reason="data.load / evaluate.evaluate do not read MVTec AD 2 yet")
 def test_train_on_synthetic_mvtec_ad2_then_submit(tmp_path):
   """The whole path: configs/mvtec_ad2.py on the synthetic AD 2 folder (thresholds from its
   validation split, SegF1 in the results), then the submission of its private sets."""
@@ -369,3 +360,22 @@ def test_train_on_synthetic_mvtec_ad2_then_submit(tmp_path):
   out = run_module("cras_jax.submission", f"--workdir={workdir}", f"--out={sub}")
   assert "wrote 32 maps and masks" in out
   assert sorted(os.listdir(sub / "anomaly_images")) == list(registry.MVTEC_AD2_CLASSES)
+  # A compressed export of it re-fits its thresholds by MVTec AD 2's own rule, on the float16
+  # graph's scores of the validation split (all normal): its decisions there are float32's.
+  onnx_file = tmp_path / "ad2_fp16.onnx"
+  run_module(
+      "cras_jax.export",
+      f"--workdir={workdir}",
+      "--format=onnx",
+      "--precision=fp16",
+      f"--output={onnx_file}",
+  )
+  meta = run_onnx.load(str(onnx_file))["meta"]
+  refit = meta["compression"]["thresholds"]
+  assert refit["choice"] == "re-fitted" and refit["rule"].startswith("MVTec AD 2's validation")
+  assert meta["thresholds"]["source"].startswith("file, re-fitted on the fp16 graph")
+  at_run, at_refit = (
+      refit["threshold_images"][k] for k in ("at_run_thresholds", "at_refit_thresholds")
+  )
+  assert at_refit["flips"] <= at_run["flips"]
+  assert refit["refit"]["image"] == pytest.approx(refit["run"]["image"], rel=0.05)
