@@ -10,7 +10,8 @@ import pytest
 import scipy.ndimage as ndi
 
 from cras_jax.data import perturbations as R
-from tests.conftest import run_module
+from cras_jax.experiments import robustness as robustness_cmd
+from tests.conftest import run_command
 
 torch = pytest.importorskip("torch")
 TF = pytest.importorskip("torchvision.transforms.functional")
@@ -216,9 +217,12 @@ def test_perturbed_source_is_independent_of_batch_size(kind):
     np.testing.assert_array_equal(mask, whole["mask"][i])
 
 
-def test_robustness_cli_on_tiny_run(tiny_run):
+def test_robustness_cli_on_tiny_run(tiny_run, capsys):
+  """The command as `python -m cras_jax.robustness` runs it (its flags and main), in this
+  process: the tiny run's compiled scoring is shared."""
   workdir = tiny_run["workdir"]
-  out = run_module("cras_jax.robustness", f"--workdir={workdir}", "--seed=1")
+  run_command(robustness_cmd, f"--workdir={workdir}", "--seed=1")
+  out = capsys.readouterr().out
   stem = os.path.join(workdir, "results", "robustness_seed1")
   for ext in ("json", "csv", "md"):
     assert os.path.isfile(f"{stem}.{ext}")
