@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
-from cras_jax.base import registry
+from cras_jax.base import errors, registry
 from cras_jax.data import layout
 from cras_jax.data.spec import DataSpec
 
@@ -31,8 +31,9 @@ SEP = "."  # <dataset>.<class>
 FIELD = "data.sources"
 
 
-class SourcesError(ValueError):
-  """`data.sources` names something that cannot be combined (the message names the entry)."""
+class SourcesError(errors.UserValueError):
+  """`data.sources` names something that cannot be combined (the message names the entry):
+  one message, exit status 2."""
 
 
 def parse(sources: Sequence[str]) -> list[tuple[str, str]]:
@@ -115,7 +116,10 @@ def load(spec: DataSpec, workdir: str, load_dataset, prepare_root, cache: str):
     ready = prepare_root(sub, workdir)
     classes = registry.resolve_classes(name, ()) or layout.discover_classes(ready)
     if not classes:
-      raise SourcesError(f"{FIELD}: {name} ({ready}) holds no class folders")
+      raise SourcesError(
+          f"{FIELD}: {name}:{ready} holds no class folders (sub-folders with train/ or test/):"
+          f" give the dataset's root"
+      )
     parts.append((name, ready, list(classes)))
   every = [f"{name}{SEP}{c}" for name, _, classes in parts for c in classes]
   chosen = list(spec.classes) or every

@@ -90,6 +90,20 @@ def test_two_datasets_read_as_one_with_prefixed_classes(tmp_path):
     data_lib.load(_spec(tmp_path, ["synthetic", f"folder:{other}"], ["folder.nope"]), "w")
 
 
+def test_a_source_without_class_folders_is_one_message_and_exit_2(tmp_path):
+  (tmp_path / "empty").mkdir()
+  out = subprocess.run(
+      [
+          sys.executable, "-m", "cras_jax.main", "--config=configs/demo.py",
+          f"--workdir={tmp_path / 'w'}", "--config.data.name=combined",
+          f"--config.data.sources=('folder:{tmp_path / 'empty'}',)",
+      ],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "holds no class folders" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_per_dataset_rows_are_the_means_of_their_classes():
   table = metrics.summarise(
       {
