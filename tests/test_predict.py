@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cras_jax.scoring import predicting, scoring, thresholds
+from cras_jax.scoring import predicting, scoring, threshold_fit, thresholds
 from tests import predict_helpers
 from tests.conftest import ROOT, run_module
 
@@ -22,22 +22,22 @@ from tests.conftest import ROOT, run_module
 def test_f1_optimal_threshold_and_percentile_fallback():
   s = np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])
   y = np.array([0, 0, 0, 1, 1, 1], bool)
-  thr, f1 = thresholds.f1_optimal_threshold(s, y)
+  thr, f1 = threshold_fit.f1_optimal_threshold(s, y)
   assert math.isclose(thr, 0.325, rel_tol=1e-7) and f1 == 1.0  # half-way (float32)
   y2 = np.array([0, 0, 1, 0, 1, 1], bool)  # best: flag the top 4 (F1 6/7) or top 2 (4/5)
-  thr2, f12 = thresholds.f1_optimal_threshold(s, y2)
+  thr2, f12 = threshold_fit.f1_optimal_threshold(s, y2)
   assert math.isclose(thr2, 0.25) and math.isclose(f12, 6 / 7)
-  assert math.isnan(thresholds.f1_optimal_threshold(s, np.zeros(6, bool))[0])
+  assert math.isnan(threshold_fit.f1_optimal_threshold(s, np.zeros(6, bool))[0])
   # Many distinct values: quantile candidates, still near the separating point.
   rng = np.random.default_rng(0)
   big = np.concatenate([rng.normal(0, 1, 20000), rng.normal(6, 1, 2000)])
   lab = np.arange(big.size) >= 20000
-  thr3, _ = thresholds.f1_optimal_threshold(big, lab, max_candidates=512)
+  thr3, _ = threshold_fit.f1_optimal_threshold(big, lab, max_candidates=512)
   assert 2.5 < thr3 < 4.5
 
   # No defective calibration image: the normal-score quantile.
   res = _fake_res(defects=False)
-  d = thresholds.fit(res, ["a", "b"])
+  d = threshold_fit.fit(res, ["a", "b"])
   assert d["rules"]["image"].startswith("normal_quantile")
   assert d["rules"]["pixel"].startswith("normal_quantile")
   cal = thresholds.calibration_mask(res["name"], res["label"], res["is_anomaly"])
@@ -85,7 +85,7 @@ def test_split_normalisation_and_one_threshold_for_all_classes():
     for a in (0, 1):
       g = (res["label"] == k) & (res["is_anomaly"] == a)
       assert cal[g].sum() == math.ceil(g.sum() / 2)
-  d = thresholds.fit(res, ["a", "b"])
+  d = threshold_fit.fit(res, ["a", "b"])
   n = d["normalisation"]
   z = thresholds.normalise(res["scores"], res["cls"], n["loc"], n["scale"])
   for k in (0, 1):
@@ -134,7 +134,7 @@ def test_training_writes_thresholds_from_the_calibration_part(tiny_run):
   for k in range(len(names)):
     normal = cal & (cls == k) & (anomalous == 0)
     assert abs(np.median(z[normal])) < 1e-4  # scores_final.csv holds 6 decimals
-  thr, _ = thresholds.f1_optimal_threshold(z[cal], anomalous[cal].astype(bool))
+  thr, _ = threshold_fit.f1_optimal_threshold(z[cal], anomalous[cal].astype(bool))
   assert abs(thr - d["image_threshold"]) < 1e-3
   assert d["rules"]["image"] == "f1_calibration" and d["rules"]["pixel"] == "f1_calibration"
   assert {"image", "pixel", "per_class"} <= set(d["report"])

@@ -55,10 +55,11 @@ def cache_dir(spec: DataSpec, workdir: str) -> str:
 
 def load(spec: DataSpec, workdir: str):
   """The dataset of a spec. Generation and TFDS preparation run under an exclusive
-  file lock in the cache directory: the processes of a multi-process run (or two
-  runs sharing a cache) prepare it once, one after another, instead of racing.
-  MVTec AD 2 (a registered dataset of layout "mvtec_ad2") is read in its own layout, with its
-  validation split (`mvtec_ad2.load`, the same lock)."""
+    file lock in the cache directory: the processes of a multi-process run (or two
+    runs sharing a cache) prepare it once, one after another, instead of racing.
+    MVTec AD 2 (a registered dataset of layout "mvtec_ad2") is read in its own layout, with its
+    validation split (`mvtec_ad2.load_dataset`, the same lock); Real-IAD through its JSON splits
+  (`real_iad.load_dataset`)."""
   entry = registry.dataset(spec.name)
   if spec.name == combined_lib.NAME:  # several datasets' classes as one (data/combined.py)
     return load_locked(
@@ -70,11 +71,11 @@ def load(spec: DataSpec, workdir: str):
   if entry is not None and entry.layout == "mvtec_ad2":
     from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
 
-    return mvtec_ad2.load(spec, workdir)
+    return load_locked(spec, workdir, mvtec_ad2.load_dataset)
   if entry is not None and entry.layout == "real_iad":  # its JSON splits (data/real_iad.py)
-    from cras_jax.data import real_iad
+    from cras_jax.data import real_iad  # heavy (TFDS), as mvtec
 
-    return real_iad.load(spec, workdir)
+    return load_locked(spec, workdir, real_iad.load_dataset)
   return load_locked(spec, workdir, lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs))
 
 

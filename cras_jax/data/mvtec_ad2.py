@@ -38,7 +38,6 @@ import tensorflow_datasets as tfds
 
 from cras_jax.data import identity, layout, mvtec, mvtec_builder, preprocess
 from cras_jax.data import validate as validate_lib
-from cras_jax.data.spec import DataSpec
 
 # prepared split -> the release's folder
 SPLIT_DIRS = {"train": "train", "validation": "validation", "test": "test_public"}
@@ -295,11 +294,3 @@ def load_dataset(
       verbose=verbose,
       limits=limits,
   )
-
-
-def load(spec: DataSpec, workdir: str) -> Dataset:
-  """The MVTec AD 2 dataset of a spec, as `cras_jax.data.load` gives the others: its root
-  resolved (`data.prepare_data_root`), prepared once under the cache's exclusive lock."""
-  from cras_jax import data as data_lib  # the package imports this module lazily
-
-  return data_lib.load_locked(spec, workdir, load_dataset)

@@ -47,7 +47,6 @@ from pathlib import Path
 
 from cras_jax.data import identity, layout, mvtec, mvtec_builder, preprocess
 from cras_jax.data import validate as validate_lib
-from cras_jax.data.spec import DataSpec
 
 JSON_DIR = "realiad_jsons"
 SPLIT_SETS = ("realiad_jsons", "realiad_jsons_sv")  # read; realiad_jsons_fuiad_* refused
@@ -319,11 +318,3 @@ def load_dataset(
       verbose=verbose,
       limits=limits,
   )
-
-
-def load(spec: DataSpec, workdir: str) -> mvtec.Dataset:
-  """The Real-IAD dataset of a spec (split set ``realiad_jsons``), as `cras_jax.data.load` gives
-  the others: its root resolved, prepared once under the cache's exclusive lock."""
-  from cras_jax import data as data_lib  # the package imports this module lazily
-
-  return data_lib.load_locked(spec, workdir, load_dataset)

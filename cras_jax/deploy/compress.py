@@ -25,7 +25,7 @@ the thresholds (docs/deploy.md: the measurements that decided this).
 
 `compress` then scores the held-back normal images with the float32 and the compressed graph,
 re-fits the thresholds on the compressed graph's own scores of the threshold images (the run's
-rule, `thresholds.fit`), and refuses (`CompressionRefused`, exit status 2) a file whose
+rule, `threshold_fit.fit`), and refuses (`CompressionRefused`, exit status 2) a file whose
 decisions differ from float32's on more than `max_flip_rate` of the held-back images.
 
 Imports onnx, numpy and onnxruntime (its quantization tools ship inside it); no JAX.

@@ -26,7 +26,7 @@ from cras_jax.base import errors, fileio
 from cras_jax.deploy import compress, exporting, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
-from cras_jax.scoring import ad2_evaluation, thresholds
+from cras_jax.scoring import ad2_evaluation, threshold_fit, thresholds
 
 # What the graph computes in, whatever the run's model.dtype: bfloat16 is no type of ONNX's
 # Conv at opset 18, and onnxruntime's CPU provider has no bfloat16 MatMul, so a bfloat16 run
@@ -225,7 +225,7 @@ def check_images(run: trained.Run, workdir: str, calibration_images: int) -> com
       if val is not None
       else (
           dataset.test,
-          thresholds.fit,
+          threshold_fit.fit,
           "thresholds.json's: normalisation from the test split's normal calibration half, "
           "F1-optimal thresholds on its calibration half",
       )

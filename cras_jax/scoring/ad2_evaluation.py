@@ -14,7 +14,7 @@ import numpy as np
 
 from cras_jax.base import errors
 from cras_jax.method import metrics as metrics_lib
-from cras_jax.scoring import scoring, thresholds
+from cras_jax.scoring import scoring, threshold_fit, thresholds
 
 RULE = "validation_mean_plus_3std"
 N_STD = 3.0
@@ -72,7 +72,7 @@ def fit_validation(res: dict, class_names: Sequence[str]) -> dict:
   z = (s - mean[c]) / std[c]), that is z >= 3 for every class: one pixel threshold serves all,
   as this project's thresholds need. The image threshold is the same rule on the normalised
   image scores, all classes pooled. Both are placed between validation values
-  (`thresholds.separating_threshold`). Returns the content of thresholds.json
+  (`threshold_fit.separating_threshold`). Returns the content of thresholds.json
   (`thresholds.save`), its rules `RULE`."""
   scores, cls = np.asarray(res["scores"]), np.asarray(res["cls"])
   if scores.size == 0:
@@ -85,8 +85,8 @@ def fit_validation(res: dict, class_names: Sequence[str]) -> dict:
     mean, std = _mean_std(values)
     # pixels: mean + 3 std of each class's own pixels, which normalised is 3 for every class
     statistic = N_STD if what == "pixel" else mean + N_STD * std
-    sample = values.reshape(-1)[thresholds._subsample(values.size, thresholds.MAX_PIXELS)]
-    placed = thresholds.separating_threshold(sample, statistic)
+    sample = values.reshape(-1)[threshold_fit._subsample(values.size, thresholds.MAX_PIXELS)]
+    placed = threshold_fit.separating_threshold(sample, statistic)
     stats[what] = {
         "pooled_mean": mean,
         "pooled_std": std,
@@ -169,7 +169,7 @@ def segf1_columns(res: dict, class_names: Sequence[str], thr: thresholds.Thresho
           np.asarray(res["maps"])[sel], np.asarray(res["cls"])[sel], thr.loc, thr.scale
       )
       seg = metrics_lib.seg_f1(np.asarray(res["mask"])[sel], zmaps, thr.pixel_threshold)
-    image = thresholds.prf(z[sel] >= thr.image_threshold, is_anomaly[sel])
+    image = threshold_fit.prf(z[sel] >= thr.image_threshold, is_anomaly[sel])
     out[name] = {"seg_f1": seg, "i_f1": image["f1"]}
   return out
 

@@ -23,7 +23,7 @@ from cras_jax import data as data_lib
 from cras_jax.base import stop as stop_lib
 from cras_jax.engine import sharding, steps
 from cras_jax.results import tables as results
-from cras_jax.scoring import thresholds
+from cras_jax.scoring import threshold_fit, thresholds
 
 OUTPUTS = ("scores", "maps", "cls")  # what a scored batch returns by default
 
@@ -147,7 +147,7 @@ def write_thresholds(
     member: str | None = None,
 ) -> dict:
   """Fits the per-class normalisation and the image and pixel thresholds on a split (the
-  test split: `thresholds.fit` uses its calibration half) and writes <workdir>/thresholds.json.
+  test split: `threshold_fit.fit` uses its calibration half) and writes <workdir>/thresholds.json.
 
   scorer: a per-image scorer (`Scorer.per_image`); res: its `predict_dataset` of `source`
   when already computed, else the split is scored here; run_id: the run whose checkpoint
@@ -156,7 +156,7 @@ def write_thresholds(
   part; process 0 writes."""
   if res is None:
     res = scorer.predict_dataset(source)
-  d = thresholds.fit(res, class_names)
+  d = threshold_fit.fit(res, class_names)
   d.update(
       step=scorer.model_step,
       score_mode=scorer.spec.config.model.score_mode,

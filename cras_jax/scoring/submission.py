@@ -11,7 +11,7 @@ check_and_prepare_data_for_upload.py): "segmentation_threshold = np.mean(anomaly
 maps are normalised per matched class by the mean and standard deviation of its validation
 pixels (`pixel_normalisation`), so that rule is z >= 3 for every class and one pixel threshold
 serves all; the image threshold is the same rule on the normalised image scores (pooled). Each
-is placed between validation values (`thresholds.separating_threshold`, as every threshold of
+is placed between validation values (`threshold_fit.separating_threshold`, as every threshold of
 this project). The file has thresholds.json's format: predict and export read it as any other.
 
 **SegF1** (`segf1_columns`): per class, `metrics.seg_f1` of the test_public maps at the fixed
@@ -322,9 +322,7 @@ def run_thresholds(run: trained.Run, workdir: str, scorer: scoring.Scorer, spec)
     if is_validation_fit(d) and d.get("step") == int(run.state.step):
       thr = thresholds.load(home, run.class_names, run.meta.get("run_id"), run.member)
       return thr, d, file
-  from cras_jax.data import mvtec_ad2  # heavy (TFDS)
-
-  dataset = mvtec_ad2.load(spec, workdir)
+  dataset = data_lib.load(spec, workdir)  # MVTec AD 2's layout, with its validation split
   if list(dataset.class_names) != run.class_names:
     raise errors.UserValueError(
         f"the run's classes {run.class_names} differ from the data's {dataset.class_names}"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cras_jax.scoring import thresholds
+from cras_jax.scoring import threshold_fit, thresholds
 
 
 def _f32_mid(lo: float, hi: float) -> float:
@@ -17,32 +17,32 @@ def _f32_mid(lo: float, hi: float) -> float:
 def _best_f1_on_a_score(s, y) -> float:
   """The F1 optimum over thresholds placed ON each distinct score (the placement of old)."""
   s = np.asarray(s, np.float32)
-  return max(thresholds.prf(s >= v, y)["f1"] for v in np.unique(s))
+  return max(threshold_fit.prf(s >= v, y)["f1"] for v in np.unique(s))
 
 
 def test_the_threshold_lies_midway_between_the_chosen_score_and_the_next_lower():
   s = np.array([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])
-  thr, f1 = thresholds.f1_optimal_threshold(s, np.array([0, 0, 0, 1, 1, 1], bool))
+  thr, f1 = threshold_fit.f1_optimal_threshold(s, np.array([0, 0, 0, 1, 1, 1], bool))
   assert thr == _f32_mid(0.3, 0.35) == 0.32499998807907104 and f1 == 1.0
   # ties decide together: two images at 0.3 (one normal, one defective) are flagged together
-  thr, f1 = thresholds.f1_optimal_threshold([0.1, 0.3, 0.3, 0.5], [0, 0, 1, 1])
+  thr, f1 = threshold_fit.f1_optimal_threshold([0.1, 0.3, 0.3, 0.5], [0, 0, 1, 1])
   assert thr == _f32_mid(0.1, 0.3) and math.isclose(f1, 0.8)
   # every score flagged (the optimum here): below the lowest by half its gap to the next
-  thr, f1 = thresholds.f1_optimal_threshold([0.1, 0.2, 0.4], [1, 1, 0])
+  thr, f1 = threshold_fit.f1_optimal_threshold([0.1, 0.2, 0.4], [1, 1, 0])
   assert thr == float(np.float32(0.1 - 0.05)) and math.isclose(f1, 0.8)
   # one distinct value: below it by EDGE_MARGIN / 2 * max(1, |v|)
-  assert thresholds.f1_optimal_threshold([2.0, 2.0], [1, 0])[0] == float(np.float32(2 - 1e-3))
+  assert threshold_fit.f1_optimal_threshold([2.0, 2.0], [1, 0])[0] == float(np.float32(2 - 1e-3))
   # only +inf flagged (no finite score): above the top score by half its gap to the next lower
-  thr, f1 = thresholds.f1_optimal_threshold([0.2, 0.5, np.inf], [0, 0, 1])
+  thr, f1 = threshold_fit.f1_optimal_threshold([0.2, 0.5, np.inf], [0, 0, 1])
   assert thr == float(np.float32(0.5 + 0.15)) and f1 == 1.0
   # NaN is never flagged (NaN >= t is false) and counts as a missed defect
-  thr, f1 = thresholds.f1_optimal_threshold([np.nan, 0.5, 0.7], [1, 0, 1])
+  thr, f1 = threshold_fit.f1_optimal_threshold([np.nan, 0.5, 0.7], [1, 0, 1])
   assert thr == _f32_mid(0.5, 0.7) and math.isclose(f1, 2 / 3)
-  assert all(map(math.isnan, thresholds.f1_optimal_threshold([np.nan, np.nan], [1, 0])))
+  assert all(map(math.isnan, threshold_fit.f1_optimal_threshold([np.nan, np.nan], [1, 0])))
   # two adjacent float32 values have nothing between them: the flagged one (decisions kept)
   a = np.float32(1.0)
   b = np.nextafter(a, np.float32(2))
-  assert thresholds.f1_optimal_threshold([a, b], [0, 1])[0] == float(b)
+  assert threshold_fit.f1_optimal_threshold([a, b], [0, 1])[0] == float(b)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -54,9 +54,9 @@ def test_the_f1_at_the_threshold_is_the_f1_at_the_chosen_score(seed):
   s = rng.normal(size=n) + 1.5 * y * rng.random()
   if seed % 4 == 0:
     s = np.round(s, 1)  # ties
-  thr, f1 = thresholds.f1_optimal_threshold(s, y)
+  thr, f1 = threshold_fit.f1_optimal_threshold(s, y)
   s32 = s.astype(np.float32)
-  assert thresholds.prf(s32 >= thr, y)["f1"] == pytest.approx(f1, abs=1e-12)
+  assert threshold_fit.prf(s32 >= thr, y)["f1"] == pytest.approx(f1, abs=1e-12)
   assert f1 == pytest.approx(_best_f1_on_a_score(s, y), abs=1e-12)
   assert not np.any(s32 == np.float32(thr))  # never on a score
   assert np.array_equal(s32 >= thr, s32 > thr)  # `>=` and `>` decide alike
@@ -82,7 +82,7 @@ def test_a_perturbation_of_1e6_flips_no_calibration_decision(seed):
   s = np.round(rng.normal(size=n) + y * rng.random(), 4)
   if seed == 0:  # the tiny demo run's case: the defects the lowest, all flagged
     s, y = np.array([-1.75, -1.56, -0.64, 0.0, 0.0001, 0.16]), np.array([1, 1, 1, 0, 0, 1], bool)
-  thr, _ = thresholds.f1_optimal_threshold(s, y)
+  thr, _ = threshold_fit.f1_optimal_threshold(s, y)
   assert _flips(s, thr) == 0
   if seed == 0:
     assert thr < -1.75  # everything flagged, with a margin
@@ -129,7 +129,7 @@ def test_fit_places_both_thresholds_between_calibration_values(case):
   none flipped by 1e-6."""
   quantile = case == "normal_quantile"
   res = _res(defects=not quantile, close_top=quantile, classes=1 if quantile else 2)
-  d = thresholds.fit(res, ["a"] if quantile else ["a", "b"])
+  d = threshold_fit.fit(res, ["a"] if quantile else ["a", "b"])
   assert d["rules"]["image"].startswith(case) and d["rules"]["pixel"].startswith(case)
   z, zmaps = _calibration_values(res, d)
   for values, thr in ((z, d["image_threshold"]), (zmaps, d["pixel_threshold"])):
@@ -141,6 +141,6 @@ def test_fit_places_both_thresholds_between_calibration_values(case):
 
 def test_fit_without_pixel_ground_truth_stores_no_pixel_threshold():
   """No calibration image has a mask: no pixel threshold (null), not an IndexError."""
-  d = thresholds.fit(_res(defects=False, masks=False), ["a", "b"])
+  d = threshold_fit.fit(_res(defects=False, masks=False), ["a", "b"])
   assert math.isnan(d["pixel_threshold"]) and d["rules"]["pixel"] == "none"
   assert math.isfinite(d["image_threshold"])
