@@ -84,10 +84,14 @@ def test_two_datasets_read_as_one_with_prefixed_classes(tmp_path):
   batch = data_lib.get_batch(ds.train, [first], ("image", "name"))
   assert batch["name"][0].startswith("folder.chip/train/good/")
   # a second load reuses the links and the prepared copy; a choice of classes picks them
-  again = data_lib.load(_spec(tmp_path, ["synthetic", f"folder:{other}"], ["folder.gear"]), "w")
+  again = data_lib.load(
+      _spec(tmp_path, ["synthetic", f"folder:{other}"], ["folder.gear"]), str(tmp_path / "work")
+  )
   assert again.class_names == ["folder.gear"]
   with pytest.raises(combined.SourcesError, match="folder.nope not among the combined classes"):
-    data_lib.load(_spec(tmp_path, ["synthetic", f"folder:{other}"], ["folder.nope"]), "w")
+    data_lib.load(
+        _spec(tmp_path, ["synthetic", f"folder:{other}"], ["folder.nope"]), str(tmp_path / "work")
+    )
 
 
 def test_a_source_without_class_folders_is_one_message_and_exit_2(tmp_path):
