@@ -62,12 +62,7 @@ def load(spec: DataSpec, workdir: str):
   (`real_iad.load_dataset`)."""
   entry = registry.dataset(spec.name)
   if spec.name == combined_lib.NAME:  # several datasets' classes as one (data/combined.py)
-    return load_locked(
-        spec,
-        workdir,
-        lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs),
-        combined=True,
-    )
+    return load_locked(spec, workdir, _load_mvtec_layout, combined=True)
   if entry is not None and entry.layout == "mvtec_ad2":
     from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
 
@@ -76,14 +71,14 @@ def load(spec: DataSpec, workdir: str):
     from cras_jax.data import real_iad  # heavy (TFDS), as mvtec
 
     return load_locked(spec, workdir, real_iad.load_dataset)
-  return load_locked(spec, workdir, lambda *args, **kwargs: _mvtec().load_dataset(*args, **kwargs))
+  return load_locked(spec, workdir, _load_mvtec_layout)
 
 
 def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable, combined: bool = False):
   """``load_dataset(root, classes, resize, crop, cache, ...)`` of a spec (`mvtec.load_dataset`
   and its like), its root resolved (`prepare_data_root`), under the cache's exclusive lock;
   `combined`: the sources' roots resolved and their classes linked into one
-  (`combined.load`)."""
+  (`combined.resolve`)."""
   cache = cache_dir(spec, workdir)
   fs.writable_dir(
       cache, "the data cache (data.cache_dir)", "set --config.data.cache_dir to a writable folder"
@@ -92,9 +87,10 @@ def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable, combined: 
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       if combined:
-        return combined_lib.load(spec, workdir, load_dataset, prepare_data_root, cache)
-      root = prepare_data_root(spec, workdir)
-      classes = datasets.resolve_classes(spec.name, spec.classes)
+        root, classes = combined_lib.resolve(spec, workdir, prepare_data_root, cache)
+      else:
+        root = prepare_data_root(spec, workdir)
+        classes = datasets.resolve_classes(spec.name, spec.classes)
       return load_dataset(
           root,
           classes,
@@ -107,6 +103,11 @@ def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable, combined: 
       )
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _load_mvtec_layout(*args, **kwargs):
+  """`mvtec.load_dataset`, its module imported on first use."""
+  return _mvtec().load_dataset(*args, **kwargs)
 
 
 def _mvtec():

@@ -105,11 +105,11 @@ def link_tree(cache: str, parts: list[tuple[str, str, list[str]]]) -> str:
   return tree
 
 
-def load(spec: DataSpec, workdir: str, load_dataset, prepare_root, cache: str):
-  """The combined dataset of `spec` (its `sources`), prepared in `cache` (the caller holds its
-  lock): each source's root made ready (`prepare_root`: generated, fetched or given), its
-  classes resolved (registered, or discovered), then the link folder read by `load_dataset`
-  (`mvtec.load_dataset`)."""
+def resolve(spec: DataSpec, workdir: str, prepare_root, cache: str) -> tuple[str, list[str]]:
+  """(root, classes) of the combined dataset of `spec` (its `sources`) in `cache` (the caller
+  holds its lock), for `mvtec.load_dataset` to read: each source's root made ready
+  (`prepare_root`: generated, fetched or given), its classes resolved (registered, or
+  discovered), then the folder of links and the prefixed classes chosen."""
   parts = []
   for name, root in parse(spec.sources):
     sub = source_spec(spec, name, root)
@@ -129,14 +129,4 @@ def load(spec: DataSpec, workdir: str, load_dataset, prepare_root, cache: str):
         f"data.classes: {', '.join(unknown)} not among the combined classes (<dataset>.<class>:"
         f" {', '.join(every[:8])}{', ...' if len(every) > 8 else ''})"
     )
-  tree = link_tree(cache, parts)
-  return load_dataset(
-      tree,
-      chosen,
-      spec.resize,
-      spec.crop,
-      cache,
-      allow_image_level_only=spec.allow_image_level_only,
-      mask_rule=spec.mask_rule,
-      limits=spec.limits,
-  )
+  return link_tree(cache, parts), chosen

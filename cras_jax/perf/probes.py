@@ -73,26 +73,6 @@ def cost_flops(compiled) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def memory_bytes(compiled) -> int | None:
-  """XLA's estimate of a step's device footprint (per device)."""
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001
-    return None
-  if ma is None:
-    return None
-  if isinstance(ma, (list, tuple)):
-    ma = ma[0] if ma else None
-    if ma is None:
-      return None
-  return int(
-      ma.argument_size_in_bytes
-      + ma.output_size_in_bytes
-      + ma.temp_size_in_bytes
-      - ma.alias_size_in_bytes
-  )
-
-
 def process_peak_rss_bytes() -> int | None:
   """This process's peak resident memory so far (getrusage; None where unavailable): on the
   CPU backend the devices' memory is the process's."""

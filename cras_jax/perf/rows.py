@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cras_jax.engine import sharding, steps
+from cras_jax.engine import resident, sharding, steps
 from cras_jax.perf import hlo, probes
 from cras_jax.scoring import scoring
 
@@ -118,7 +118,7 @@ def bench_row(
   t2 = time.perf_counter()
   cache_hit = counter.cache_hits > hits0
   flops_per_device = probes.cost_flops(compiled)
-  xla_mem = probes.memory_bytes(compiled)
+  xla_mem = resident.step_footprint(compiled)
   text = compiled.as_text()  # read once: the facts and the breakdown's op maps
   facts = compiled_facts(compiled, devices.count, text)
   stages = probes.op_stages(text) if args.breakdown else {}

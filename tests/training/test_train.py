@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -97,13 +98,7 @@ def test_sigint_then_rerun_resumes_to_identical_result(shared):
   assert not (work / "results" / "metrics_final.json").exists()
   out2 = run_main(work, base / "data", base / "cache", "--config.train.epochs=3")
   assert "resumed from step" in out2
-  step_a, params_a = final_params(ref)
-  step_b, params_b = final_params(work)
-  assert step_a == step_b == 9
-  import jax
-
-  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
-    np.testing.assert_array_equal(a, b)
+  assert assert_same_final_params(work, ref) == 9
   assert metrics(work)["metrics"] == metrics(ref)["metrics"]
 
 
@@ -175,14 +170,15 @@ def _copy_run(src, dst):
   shutil.copytree(src, dst, ignore=shutil.ignore_patterns("results", ".lock"))
 
 
-def _assert_same_final_params(work, ref):
-  import jax
-
+def assert_same_final_params(work, ref) -> int:
+  """The two workdirs' last checkpoints are of the same step, with bit-identical parameters.
+  -> that step."""
   step_a, params_a = final_params(ref)
   step_b, params_b = final_params(work)
   assert step_a == step_b
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(a, b)
+  return step_a
 
 
 @pytest.mark.slow
@@ -207,7 +203,7 @@ def test_sigkill_then_rerun_ends_bit_identical(shared, when):
   assert not (work / "results" / "metrics_final.json").exists()
   out = run_main(work, base / "data", base / "cache", *args)
   assert "resumed from step" in out
-  _assert_same_final_params(work, ref)
+  assert_same_final_params(work, ref)
   assert metrics(work)["metrics"] == metrics(ref)["metrics"]
 
 
@@ -226,7 +222,7 @@ def test_truncated_checkpoint_falls_back_to_previous(shared):
   out = run_main(work, base / "data", base / "cache", "--config.train.epochs=3")
   assert "checkpoint 9 is unreadable" in out and "using checkpoint 6" in out
   assert "resumed from step 6" in out
-  _assert_same_final_params(work, ref)
+  assert_same_final_params(work, ref)
 
 
 @pytest.mark.slow
