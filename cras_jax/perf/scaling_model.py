@@ -4,7 +4,6 @@ count compiles (and measures), the projections on the named systems, and the rep
 from __future__ import annotations
 
 import os
-import time
 import types
 
 import jax
@@ -110,13 +109,7 @@ def run_count(config, args, n: int, plan: list[tuple], measure: bool) -> list[di
   for g in batches:
     for mode in args.modes:
       tpu.boundary(f"compiling {mode} on {n} device(s), batch {g}")
-      t0 = time.perf_counter()
-      try:
-        facts = rows.compile_step(mode, config, devs, g, args.num_classes)
-      except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is a row
-        if not tpu.out_of_memory(e):
-          raise
-        facts = tpu.refused_facts(e, time.perf_counter() - t0)  # the step cannot fit
+      facts = tpu.compile_or_refusal(mode, config, devs, g, args.num_classes)
       rec = {"mode": mode, "devices": n, "global_batch": g, "facts": facts}
       if measure and g == batches[0] and "refused" not in facts:
         if vars_ is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from cras_jax.engine import resident
-from cras_jax.perf import gpu, roofline, rows, scaling_model, scaling_report, systems, tpu
+from cras_jax.perf import gpu, roofline, scaling_model, scaling_report, systems, tpu
 from cras_jax.perf.targets import Target
 
 GB = 1e9
@@ -38,12 +38,7 @@ def compile_counts(
       for mode in args.modes:
         tpu.boundary(f"compiling {mode} for {name}, batch {g}")
         t0 = time.perf_counter()
-        try:
-          facts = rows.compile_step(mode, config, devs, g, args.num_classes)
-        except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is a row
-          if not tpu.out_of_memory(e):
-            raise
-          facts = tpu.refused_facts(e, time.perf_counter() - t0)  # the step cannot fit
+        facts = tpu.compile_or_refusal(mode, config, devs, g, args.num_classes)
         facts.update(topology=name, chips=n, devices_per_chip=per_chip)
         rec = {
             "mode": mode,

@@ -237,6 +237,18 @@ def refused_facts(e: Exception, seconds: float) -> dict:
 _DOING = {"what": "starting"}
 
 
+def compile_or_refusal(mode: str, config, devs, batch: int, num_classes: int) -> dict:
+  """`rows.compile_step`'s facts of the step, or, where the compiler refuses it for memory, the
+  facts of a step that does not fit (`refused_facts`); any other error is raised."""
+  t0 = time.perf_counter()
+  try:
+    return rows.compile_step(mode, config, devs, batch, num_classes)
+  except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory is a row
+    if not out_of_memory(e):
+      raise
+    return refused_facts(e, time.perf_counter() - t0)  # the step cannot fit
+
+
 def boundary(what: str) -> None:
   """A compile boundary of the scaling study, before `what` starts (a compile, a worker):
   where SIGINT/SIGTERM arrived inside a `stop.StopRequest` (cras_jax/base/stop.py), raises
