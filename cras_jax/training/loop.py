@@ -112,15 +112,13 @@ def train_batches(
         )
       else:
         parts.append(reader.read(idx, ("image", "label")))
-    if resident is not None:
-      index = np.stack([p["index"] for p in parts]) if per_member else parts[0]["index"]
-      label = np.stack([p["label"] for p in parts]) if per_member else parts[0]["label"]
-      put = devices.put_member_batch if per_member else devices.put_batch
-      yield s, {key: resident.take(index), **put({"label": label})}
-    elif per_member:
-      yield s, devices.put_member_batch({k: np.stack([p[k] for p in parts]) for k in parts[0]})
+    host = {k: np.stack([p[k] for p in parts]) for k in parts[0]} if per_member else parts[0]
+    put = devices.put_member_batch if per_member else devices.put_batch
+    if resident is not None:  # the rows gathered on the devices, the labels put from here
+      index = host.pop("index")
+      yield s, {key: resident.take(index), **put(host)}
     else:
-      yield s, devices.put_batch(parts[0])
+      yield s, put(host)
 
 
 @dataclasses.dataclass
