@@ -9,7 +9,7 @@ import types
 import jax
 
 from cras_jax import backbones
-from cras_jax.engine import steps
+from cras_jax.engine import resident, steps
 from cras_jax.perf import probes, roofline, rows, systems, tpu
 
 GB = 1e9
@@ -187,8 +187,7 @@ def add_end_to_end(projections: list[dict], by_name: dict, feeds: dict | None) -
   return projections
 
 
-def gb_text(x: float) -> str:
-  return f"{x / GB:.3g} GB"
+gb_text = resident.gb  # "14.4 GB": bytes in GB, 3 significant digits
 
 
 def memory_fit(
