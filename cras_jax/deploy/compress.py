@@ -17,10 +17,10 @@ layout transposes removed: `quant_pre_process`), the per-channel affine after ea
 (the folded BatchNorm) folded into its kernel and bias (`fold_conv_affine`; an output channel
 whose kernel is 1e5 times smaller than the layer's largest is a dead channel and set to zero,
 so its bias needs no extreme int32 scale) and ReLU6 written as Clip (`relu_to_clip`), so each
-activation is quantised over the range it keeps. Quantised: the convolutions, their Clips and the
-adapter's MatMul, i.e. the nodes that feed the adapter's output (`feature_nodes`). Kept in float32:
-the matching (the MatMul and arg-max over the class centres, the nearest-patch Einsum and
-arg-max), the discriminator, the anomaly map's upsampling and smoothing, the normalisation and
+activation is quantised over the range it keeps. Quantised: the convolutions and their Clips,
+i.e. the nodes that feed the adapter (`feature_nodes`). Kept in float32: the adapter, the
+matching (the MatMul and arg-max over the class centres, the nearest-patch Einsum and arg-max),
+the discriminator, the anomaly map's upsampling and smoothing, the normalisation and
 the thresholds (docs/deploy.md: the measurements that decided this).
 
 `compress` then scores the held-back normal images with the float32 and the compressed graph,

@@ -1,7 +1,7 @@
 """INT8 by onnxruntime's static quantisation (QDQ, per-channel int8 weights, uint8
 activations), calibrated on the images the caller gives: `to_int8` rewrites the graph exactly
-first (`onnx_rewrites`) and quantises only the backbone's and adapter's nodes
-(`feature_nodes`)."""
+first (`onnx_rewrites`) and quantises only the backbone's convolutions and activations, the nodes
+that feed the adapter (`feature_nodes`)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def to_int8(
       },
       "quantised_nodes": len(nodes),
       "quantised_convolutions": len(convs),
-      "kept_float32": "the matching (class centres and nearest patch), the discriminator, the "
+      "kept_float32": "the adapter, the matching (class centres and nearest patch), the discriminator, the "
       "anomaly map's upsampling and smoothing, the normalisation and the thresholds",
   }
   return quantised, info

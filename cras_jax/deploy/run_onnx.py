@@ -217,26 +217,58 @@ def _onnxruntime(data: bytes, path: str, threads: int):
   return run
 
 
-def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
+def _import_openvino():
+  """`import openvino`, without its telemetry. OpenVINO 2026.4's import starts
+  `openvino_telemetry`, which sends a usage event from a forked process: a connection a factory
+  PC should not make, and a fork that can deadlock a process running JAX's threads (the
+  export's check, deploy_bench). Without the module, OpenVINO uses its own stub; a process that
+  imported it before keeps it."""
+  blocked = "openvino_telemetry" not in sys.modules
+  if blocked:
+    sys.modules["openvino_telemetry"] = None  # its import now raises ImportError
   try:
-    import openvino as ov  # noqa: PLC0415 - optional: imported only when chosen
+    import openvino  # noqa: PLC0415 - optional: imported only when chosen
   except ImportError:
     raise _missing("openvino") from None
+  finally:
+    if blocked and sys.modules.get("openvino_telemetry", 0) is None:
+      del sys.modules["openvino_telemetry"]
+  return openvino
+
+
+def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
+  """OpenVINO's runner: the graph compiled for each batch size it is called with (a static
+  shape; the first for batch 1, to check at load that OpenVINO takes the file). With the batch
+  left symbolic, OpenVINO 2026.4's CPU plugin computed the demo's int8 graph wrongly (every
+  held-back image decided otherwise than float32; docs/deploy.md); with static shapes it agrees
+  with onnxruntime, for every precision."""
+  ov = _import_openvino()
   core = ov.Core()
   # float32 throughout: OpenVINO's CPU plugin otherwise computes in bfloat16 on CPUs that have
   # it, and its scores then differ from the model's by up to ~30% (docs/deploy.md).
   config = {"INFERENCE_PRECISION_HINT": "f32"}
   if threads:
     config["INFERENCE_NUM_THREADS"] = threads
-  try:
-    compiled = core.compile_model(core.read_model(data), "CPU", config)
-  except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
-    raise ExportError(f"{path}: OpenVINO cannot load it ({runtime_reason(e)})") from None
-  request = compiled.create_infer_request()
   wanted = set(outputs)
-  ports = {(set(o.get_names()) & wanted).pop(): o for o in compiled.outputs}
+  requests: dict[int, tuple] = {}
+
+  def compiled_for(batch: int) -> tuple:
+    if batch not in requests:
+      try:
+        model = core.read_model(data)
+        shape = list(model.input("images").get_partial_shape())
+        model.reshape({"images": [batch, *(d.get_length() for d in shape[1:])]})
+        compiled = core.compile_model(model, "CPU", config)
+      except Exception as e:  # noqa: BLE001 - the runtime's own error, named with the file
+        raise ExportError(f"{path}: OpenVINO cannot load it ({runtime_reason(e)})") from None
+      ports = {(set(o.get_names()) & wanted).pop(): o for o in compiled.outputs}
+      requests[batch] = (compiled.create_infer_request(), ports)
+    return requests[batch]
+
+  compiled_for(1)
 
   def run(images, ithr, pthr):
+    request, ports = compiled_for(len(images))
     res = request.infer(
         {"images": images, "image_threshold": np.asarray(ithr), "pixel_threshold": np.asarray(pthr)}
     )
