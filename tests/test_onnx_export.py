@@ -483,20 +483,20 @@ def test_a_compressed_file_refuses_a_runtime_its_export_did_not_check(int8, expo
   )
 
 
-def test_int8_file_runs_without_jax_in_both_runtimes(int8, exported):
+def test_int8_file_runs_without_jax_and_alike_in_openvino(int8, exported):
   """run_onnx reads an int8 file with nothing more than an fp32 one needs (no JAX, no onnx). The
   export's check verified OpenVINO for this EfficientNet-Lite0 file, and OpenVINO scores it as
   onnxruntime does, up to the rounding of int8 arithmetic: the same matched classes, decisions
   within the flip bound. (OpenVINO 2026.4 computed this graph wrongly with a symbolic batch,
-  drifting by ~4 normalised units: run_onnx compiles it for each batch size; batch 3 here also
-  gives a ragged last batch.)"""
+  drifting by ~4 normalised units: run_onnx compiles it for each batch size; batch 3 gives a
+  ragged last batch. OpenVINO without JAX: `test_openvino_runs_the_same_file`.)"""
   tmp = exported["dir"]
   got = _no_jax_run(str(int8["path"]), str(tmp / "crops.npy"), str(tmp / "int8_out.npz"))
   assert got["scores"].shape == (len(exported["images"]),)
   pytest.importorskip("openvino", reason="OpenVINO is optional (requirements-openvino.txt)")
   assert len(exported["images"]) % 3, "the batch of 3 should leave a ragged last batch"
   assert int8["meta"]["compression"]["runtimes"]["openvino"] == {"verified": True}
-  ov = _no_jax_run(str(int8["path"]), str(tmp / "crops.npy"), str(tmp / "int8_ov.npz"), "openvino")
+  ov = run_onnx.score(run_onnx.load(str(int8["path"]), "openvino"), exported["images"], 3)
   np.testing.assert_array_equal(ov["cls"], got["cls"])
   assert (ov["is_anomaly"] != got["is_anomaly"]).mean() <= compress.DEFAULT_MAX_FLIP_RATE
   assert np.abs(ov["normalised_scores"] - got["normalised_scores"]).mean() < 0.5
