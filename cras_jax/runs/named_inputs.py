@@ -9,9 +9,11 @@ all it needs in one message.
 
 from __future__ import annotations
 
+import dataclasses
+
 from cras_jax.backbones import sources, weights_fetch
 from cras_jax.base import errors, registry, user_cache
-from cras_jax.data import fetch
+from cras_jax.data import combined, fetch
 from cras_jax.runs import specs
 
 
@@ -28,10 +30,9 @@ def ensure(config) -> None:
       weights_fetch.fetch(m.backbone, cache, m.weights_url)
     except errors.UserError as e:
       problems.append(str(e))
-  d = config.data
-  if d.name != "synthetic" and not d.root and registry.fetchable(d.name):
+  for spec in _datasets(config):
     try:
-      fetch.ensure(specs.fetch_spec(config))
+      fetch.ensure(spec)
     except errors.UserError as e:
       problems.append(str(e))
   if len(problems) == 1:
@@ -40,3 +41,19 @@ def ensure(config) -> None:
     raise NamedInputsError(
         f"{len(problems)} inputs could not be got:\n" + "\n".join(f"  - {p}" for p in problems)
     )
+
+
+def _datasets(config) -> list[fetch.FetchSpec]:
+  """The datasets the config names without a root and that are fetched by name: `data.name`,
+  or with `data.name=combined` each such entry of `data.sources` (fetched as the loader's
+  `combined.source_spec` asks for it: every class)."""
+  d = config.data
+  if d.name == combined.NAME:
+    return [
+        dataclasses.replace(specs.fetch_spec(config), name=name, classes=())
+        for name, root in combined.parse(d.sources)
+        if not root and name != "synthetic" and registry.fetchable(name)
+    ]
+  if d.name != "synthetic" and not d.root and registry.fetchable(d.name):
+    return [specs.fetch_spec(config)]
+  return []

@@ -16,8 +16,9 @@ from cras_jax.configs import combined as combined_config
 from cras_jax.configs import demo
 from cras_jax.data import combined, synthetic
 from cras_jax.method import metrics
-from cras_jax.runs import specs
+from cras_jax.runs import named_inputs, specs
 from tests.conftest import ROOT, TINY
+from tests.fixture_server import closed_port_url
 
 SMALL = {"image_size": 32, "n_train": 2, "n_test_good": 1, "n_test_defect_per_type": 1}
 
@@ -151,3 +152,20 @@ def test_the_combined_config_trains_and_reports_per_dataset(tmp_path):
   assert "per dataset" in md and "| folder |" in md
   assert (work / "results" / "metrics_final_by_dataset.csv").exists()
   assert "per dataset" in out.stdout
+
+
+def test_a_named_source_that_cannot_be_fetched_is_reported_before_the_workdir_is_made(tmp_path):
+  """Offline, `data.sources=("synthetic", "mpdd")` (MPDD fetched by name) stops at the named
+  inputs' one message, naming the dataset and where to put it, as a single named dataset
+  does: before any data work and before the workdir exists."""
+  from cras_jax.training import train  # noqa: PLC0415 - the driver: heavy, this test only
+
+  cfg = combined_config.get_config()
+  cfg.data.sources = ("synthetic", "mpdd")
+  cfg.model.weights = "random"  # nothing else to fetch
+  cfg.data.download_url = closed_port_url("mpdd.tar.gz")
+  cfg.cache.dir = str(tmp_path / "cache")
+  with pytest.raises(named_inputs.NamedInputsError) as e:
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  assert "mpdd" in str(e.value) and str(tmp_path / "cache" / "datasets" / "mpdd") in str(e.value)
+  assert not (tmp_path / "run").exists()
