@@ -6,8 +6,8 @@ One row drives `training.loop.run_steps` itself: batches from `loop.train_batche
 the features gathered from a memory-mapped feature cache written by `runs.feature_cache`),
 through the loop's `prefetch` thread, the step as training compiles it
 (`Devices.compile_train`, `train.deterministic`), and a single run's hooks
-(`training.train.SingleRun.hooks`: the NaN check and the training log, with its TensorBoard
-scalars, every `train.log_every` steps), in a workdir of its own in a temporary folder. The
+(`training.train.run_hooks`: the NaN check and the training log, with its TensorBoard scalars,
+every `train.log_every` steps), in a workdir of its own in a temporary folder. The
 run has one epoch of `warm + reps x steps_per_rep` steps: its only checkpoint is saved after
 its last step, outside the timed steps. Nothing of the loop is rewritten here: the step, the
 batches and the hooks are wrapped, only to record when each was called and returned.
@@ -201,10 +201,8 @@ def loop_row(
     total = warm + args.reps * per_rep
     config.train.epochs, config.train.checkpoint_every_steps = 1, 0  # one save, after the end
     workdir = tempfile.mkdtemp(dir=root, prefix=f"run_{mode}_")
-    run = object.__new__(train_lib.SingleRun)  # its hooks need only its config and workdir
-    run.config, run.workdir, run.board = config, workdir, None
     checks, logs, produced = [], [], []
-    hooks = run.hooks(total, lambda state, epoch: None)
+    hooks, board = train_lib.run_hooks(config, workdir, total, lambda state, epoch: None)
     hooks = dataclasses.replace(
         hooks, check=_timed(hooks.check, checks), log=_timed(hooks.log, logs)
     )
@@ -240,8 +238,7 @@ def loop_row(
     finally:
       logging.set_verbosity(verbosity)
       clock.close()
-      if run.board is not None:
-        run.board.close()
+      board.close()
     cpu_util = (probes.cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
   finally:
     if reader is not None:

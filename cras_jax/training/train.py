@@ -342,20 +342,8 @@ class SingleRun:
     return evaluate_run
 
   def hooks(self, steps_per_epoch: int, evaluate_epoch: Callable) -> loop.Hooks:
-    history_path = (
-        os.path.join(self.workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
-    )
-    board = self.board = summaries.for_workdir(self.workdir, specs.tensorboard(self.config))
-    learning_rates = specs.learning_rates(self.config)
-
-    def log(window, done: int) -> dict:
-      metrics = results.summarise_window(window)
-      with open(history_path, "a") as f:
-        f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **metrics}) + "\n")
-      board.train(done, metrics, learning_rates)
-      return metrics
-
-    return loop.Hooks(check_finite, log, evaluate_epoch)
+    hooks, self.board = run_hooks(self.config, self.workdir, steps_per_epoch, evaluate_epoch)
+    return hooks
 
   def trained(self, last: dict) -> None:
     if last:
@@ -369,3 +357,23 @@ class SingleRun:
     summaries.write_curves(self.workdir, run_id)
     stop_lib.poll("the run's last step", "its checkpoints and results are complete")
     return tables[0]
+
+
+def run_hooks(config, workdir: str, steps_per_epoch: int, evaluate_epoch: Callable) -> tuple:
+  """A single run's hooks: the NaN check, the training log (<workdir>/train_log.jsonl and its
+  TensorBoard) and `evaluate_epoch`. -> (loop.Hooks, the TensorBoard writer, which the caller
+  closes)."""
+  history_path = (
+      os.path.join(workdir, "train_log.jsonl") if jax.process_index() == 0 else os.devnull
+  )
+  board = summaries.for_workdir(workdir, specs.tensorboard(config))
+  learning_rates = specs.learning_rates(config)
+
+  def log(window, done: int) -> dict:
+    metrics = results.summarise_window(window)
+    with open(history_path, "a") as f:
+      f.write(json.dumps({"step": done, "epoch": done / steps_per_epoch, **metrics}) + "\n")
+    board.train(done, metrics, learning_rates)
+    return metrics
+
+  return loop.Hooks(check_finite, log, evaluate_epoch), board
