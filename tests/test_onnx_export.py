@@ -169,6 +169,22 @@ def test_openvino_runs_the_same_file(exported):
   _close(got, exported["want"], exported["thr"].image_threshold)
 
 
+def test_openvino_scores_alike_at_every_batch_size(exported):
+  """OpenVINO runs the graph compiled for each batch size it is called with, keeping the
+  `OPENVINO_SIZES_KEPT` used last: 1 to 6 images a call (the fifth size evicts one, batch 1
+  comes back after) score 7 images as one call of all 7 does."""
+  pytest.importorskip("openvino", reason="OpenVINO is optional (requirements-openvino.txt)")
+  model = run_onnx.load(str(exported["dir"] / "model.onnx"), "openvino")
+  x = exported["images"][:7]
+  assert len(x) == 7 and run_onnx.OPENVINO_SIZES_KEPT < 6
+  want = run_onnx.score(model, x)
+  for bs in (1, 2, 3, 4, 5, 6, 1):
+    got = run_onnx.score(model, x, bs)
+    for name in ("scores", "maps", "normalised_scores"):
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(got["cls"], want["cls"])
+
+
 @pytest.mark.slow  # the fast tier converts the demo's EfficientNet-Lite0 exactly (above)
 def test_resnet_backbone_converts_exactly(tmp_path):
   """ResNet-18 (max pooling, strided convolutions, residual adds; random weights and centres):

@@ -48,6 +48,7 @@ SUM_KEY = "cras_jax.sha256"
 PLACEHOLDER = "0" * 64  # the checksum's value while the checksum is computed
 RUNTIMES = ("onnxruntime", "openvino")
 PINS = {"onnxruntime": "onnxruntime==1.32.0", "openvino": "openvino==2026.4.1"}
+OPENVINO_SIZES_KEPT = 4  # batch sizes OpenVINO keeps compiled (`_openvino`)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -238,7 +239,8 @@ def _import_openvino():
 
 def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
   """OpenVINO's runner: the graph compiled for each batch size it is called with (a static
-  shape; the first for batch 1, to check at load that OpenVINO takes the file). With the batch
+  shape; the first for batch 1, to check at load that OpenVINO takes the file; the
+  `OPENVINO_SIZES_KEPT` sizes used last stay compiled). With the batch
   left symbolic, OpenVINO 2026.4's CPU plugin computed the demo's int8 graph wrongly (every
   held-back image decided otherwise than float32; docs/deploy.md); with static shapes it agrees
   with onnxruntime, for every precision."""
@@ -250,10 +252,14 @@ def _openvino(data: bytes, path: str, threads: int, outputs: list[str]):
   if threads:
     config["INFERENCE_NUM_THREADS"] = threads
   wanted = set(outputs)
-  requests: dict[int, tuple] = {}
+  requests: dict[int, tuple] = {}  # batch size -> (request, ports), the latest used last
 
   def compiled_for(batch: int) -> tuple:
-    if batch not in requests:
+    if batch in requests:
+      requests[batch] = requests.pop(batch)
+    else:
+      if len(requests) >= OPENVINO_SIZES_KEPT:  # a caller of many sizes: the least recent goes
+        del requests[next(iter(requests))]
       try:
         model = core.read_model(data)
         shape = list(model.input("images").get_partial_shape())
