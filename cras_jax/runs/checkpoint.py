@@ -30,6 +30,9 @@ _T = TypeVar("_T")
 # event loop closed. Readers drop these; any other report passes through.
 _PRUNED_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index")
 _PRUNED_READ_LOGS = ("Metadata file does not exist",)
+# an aborted read's task, reported by asyncio when it is collected: its TensorStore open failed
+# on the pruned step's files ("Task exception was never retrieved")
+_PRUNED_READ_TASKS = ("NOT_FOUND: Error opening",)
 
 
 class _DropPrunedReadLogs(py_logging.Filter):
@@ -38,8 +41,20 @@ class _DropPrunedReadLogs(py_logging.Filter):
     return not str(record.msg).startswith(_PRUNED_READ_LOGS)
 
 
+class _DropPrunedReadTasks(py_logging.Filter):
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+        str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
+        and str(error).startswith(_PRUNED_READ_TASKS)
+        and "does not exist" in str(error)
+    )
+
+
 def _quiet_pruned_reads() -> None:
-  """Installs, once per process, the filters of `_PRUNED_READ_NOISE` and `_PRUNED_READ_LOGS`."""
+  """Installs, once per process, the filters of `_PRUNED_READ_NOISE`, `_PRUNED_READ_LOGS` and
+  `_PRUNED_READ_TASKS`."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_pruned_reads", False):
     return
@@ -52,6 +67,7 @@ def _quiet_pruned_reads() -> None:
   hook.drops_pruned_reads = True
   sys.unraisablehook = hook
   py_logging.getLogger("absl").addFilter(_DropPrunedReadLogs())
+  py_logging.getLogger("asyncio").addFilter(_DropPrunedReadTasks())
 
 
 def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:

@@ -1,5 +1,6 @@
 """Readers of a checkpoint folder that a training saves into and prunes at the same time."""
 
+import logging as py_logging
 import os
 import subprocess
 import sys
@@ -113,3 +114,25 @@ def test_a_reader_beside_a_pruning_writer_prints_nothing_of_the_reads_it_abandon
   assert int(out.stdout.split()[-1]) > 2
   for noise in ("Traceback", "Event loop is closed", "Exception ignored", "Metadata file"):
     assert noise not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_pruned_read_task_reported_by_asyncio_is_dropped_and_other_reports_pass():
+  """asyncio's report of an aborted read's task (collected after its step was pruned, its
+  TensorStore open NOT_FOUND) is dropped once readers' filters are on; its other reports, and
+  other errors of tasks, pass."""
+  checkpoint._quiet_pruned_reads()
+  asyncio_logger = py_logging.getLogger("asyncio")
+  pruned = ValueError(
+      'NOT_FOUND: Error opening "cast" driver: Error opening "zarr" driver: Metadata at '
+      '"b/.zarray" in OCDBT database at local file "run/checkpoints/93/state/" does not exist'
+  )
+
+  def record(message, error):
+    info = (type(error), error, None) if error is not None else None
+    return py_logging.LogRecord("asyncio", py_logging.ERROR, "", 0, message, None, info)
+
+  task = "Task exception was never retrieved\nfuture: <Task finished name='Task-7'>"
+  assert not asyncio_logger.filter(record(task, pruned))
+  assert asyncio_logger.filter(record(task, ValueError("NOT_FOUND: Error opening the door")))
+  assert asyncio_logger.filter(record(task, RuntimeError("a bug")))
+  assert asyncio_logger.filter(record("Unhandled exception in event loop", pruned))
