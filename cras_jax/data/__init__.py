@@ -1,9 +1,5 @@
 """Data: datasets in the MVTec layout through TFDS, and the synthetic demo set, as a
-`spec.DataSpec` describes them.
-
-The TFDS builder (`mvtec`) and the synthetic generator (`synthetic`, scipy) are imported when a
-dataset is first prepared or read, not with the package: the commands that only score images
-(predict, export) start about 4 s sooner on a 2-core machine without them."""
+`spec.DataSpec` describes them."""
 
 from __future__ import annotations
 
@@ -15,7 +11,7 @@ import numpy as np
 
 from cras_jax.base import fs, registry
 from cras_jax.data import combined as combined_lib
-from cras_jax.data import datasets, fetch
+from cras_jax.data import datasets, fetch, mvtec, mvtec_ad2, real_iad, synthetic
 from cras_jax.data.spec import DataSpec
 
 
@@ -25,8 +21,6 @@ def prepare_data_root(spec: DataSpec, workdir: str) -> str:
   complete tree), or a named dataset in <data_dir>/<name> (`fetch.ensure`: fetched and
   prepared once)."""
   if spec.name == "synthetic":
-    from cras_jax.data import synthetic  # heavy (scipy): only the demo set needs it
-
     root = spec.root or os.path.join(workdir, "synthetic_data")
     s = spec.synthetic
     synthetic.generate(
@@ -62,16 +56,12 @@ def load(spec: DataSpec, workdir: str):
   (`real_iad.load_dataset`)."""
   entry = registry.dataset(spec.name)
   if spec.name == combined_lib.NAME:  # several datasets' classes as one (data/combined.py)
-    return load_locked(spec, workdir, _load_mvtec_layout, combined=True)
+    return load_locked(spec, workdir, mvtec.load_dataset, combined=True)
   if entry is not None and entry.layout == "mvtec_ad2":
-    from cras_jax.data import mvtec_ad2  # heavy (TFDS), as mvtec
-
     return load_locked(spec, workdir, mvtec_ad2.load_dataset)
   if entry is not None and entry.layout == "real_iad":  # its JSON splits (data/real_iad.py)
-    from cras_jax.data import real_iad  # heavy (TFDS), as mvtec
-
     return load_locked(spec, workdir, real_iad.load_dataset)
-  return load_locked(spec, workdir, _load_mvtec_layout)
+  return load_locked(spec, workdir, mvtec.load_dataset)
 
 
 def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable, combined: bool = False):
@@ -105,31 +95,20 @@ def load_locked(spec: DataSpec, workdir: str, load_dataset: Callable, combined: 
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _load_mvtec_layout(*args, **kwargs):
-  """`mvtec.load_dataset`, its module imported on first use."""
-  return _mvtec().load_dataset(*args, **kwargs)
-
-
-def _mvtec():
-  from cras_jax.data import mvtec  # heavy (TensorFlow Datasets): imported on first use
-
-  return mvtec
-
-
 def get_batch(source, indices, keys=None) -> dict:
-  batch = _mvtec().get_batch(source, np.asarray(indices))
+  batch = mvtec.get_batch(source, np.asarray(indices))
   if keys is not None:
     batch = {k: batch[k] for k in keys}
   return batch
 
 
 def class_indices(source) -> np.ndarray:
-  return _mvtec().class_indices(source)
+  return mvtec.class_indices(source)
 
 
 def has_mask(source) -> np.ndarray:
   """1 where an example's mask is known (normal images, or defective with a mask)."""
-  return _mvtec().has_mask(source)
+  return mvtec.has_mask(source)
 
 
 def padded_indices(indices, batch_size: int, multiple: int = 1):

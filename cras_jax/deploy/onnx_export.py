@@ -23,6 +23,7 @@ from jax import export as jax_export
 import cras_jax
 from cras_jax import data as data_lib
 from cras_jax.base import errors, fileio
+from cras_jax.data import mvtec
 from cras_jax.deploy import compress, exporting, onnx_graph, run_onnx
 from cras_jax.engine import steps
 from cras_jax.runs import trained
@@ -153,8 +154,6 @@ def export_onnx(
 def _split_field(source, field: str) -> list:
   """One field of every example of a split, from its metadata where it has it (no image is
   decoded), else read from the examples."""
-  from cras_jax.data import mvtec  # noqa: PLC0415
-
   m = mvtec.split_metadata(source)
   if m is not None and field in m:
     values = list(m[field])

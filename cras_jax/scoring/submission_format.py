@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from cras_jax.data import layout, preprocess
+from cras_jax.data import layout, mvtec_ad2, preprocess
 
 MAPS_DIR, MASKS_DIR = "anomaly_images", "anomaly_images_thresholded"
 PRIVATE_SPLITS = ("test_private", "test_private_mixed")
@@ -172,8 +172,6 @@ class Item:
 def private_items(root: str, classes: Sequence[str], splits: Sequence[str]) -> list[Item]:
   """Every image of the private splits, class by class; one `DatasetError` naming every
   missing folder and every mask or folder inside them."""
-  from cras_jax.data import mvtec_ad2  # heavy (TFDS): only when a submission is written
-
   if not os.path.isdir(root):
     raise layout.DatasetError(
         f"the MVTec AD 2 folder {root!r} does not exist or is not a folder: give --data_root "
