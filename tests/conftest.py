@@ -127,6 +127,24 @@ def run_module(module: str, *args, timeout: int = 600, cwd=ROOT) -> str:
   return out.stdout + out.stderr
 
 
+def run_on_cpu_devices(n: int, script: str, *args, timeout: int = 600) -> str:
+  """Runs `python -c script args` from the repository root with `n` simulated CPU devices;
+  asserts it exits 0, returns its stdout."""
+  env = dict(
+      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", script, *map(str, args)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
 def parse_command_flags(command, *args) -> flags.FlagValues:
   """A command module's flags (`command.define_flags`) parsed from `args`, on a FlagValues of
   their own (absl's global flags are left alone)."""

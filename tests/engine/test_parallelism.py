@@ -8,18 +8,14 @@ an all-reduce, in another order than one device's sum); biases whose exact gradi
 take Adam steps of rounding noise (up to ±lr per step), compared within 2 lr per step.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from cras_jax.configs import demo
 from cras_jax.engine import sharding
 from cras_jax.perf import hlo
+from tests.conftest import run_on_cpu_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 3
 
 SCRIPT = r"""
@@ -67,19 +63,8 @@ print("devices", devices.count)
 
 
 def run(n: int, forms: str, kinds: str, path, score: bool = True) -> tuple[dict, dict]:
-  env = dict(
-      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
-  )
-  out = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(path), forms, kinds, "score" if score else "-"],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"devices {n}" in out.stdout
+  stdout = run_on_cpu_devices(n, SCRIPT, path, forms, kinds, "score" if score else "-", timeout=900)
+  assert f"devices {n}" in stdout
   res: dict = {}
   for key, v in np.load(path).items():
     form, k = key.split("|", 1)

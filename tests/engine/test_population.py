@@ -4,10 +4,6 @@ vmapped), on one shared batch or on its own batches (a per-member data order), t
 likewise, and the population sharded on 4 simulated devices (mesh ("model", "data")) equals it
 on 1."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +12,8 @@ import pytest
 from cras_jax.configs import demo
 from cras_jax.engine import population, steps
 from tests import golden
+from tests.conftest import run_on_cpu_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEMBERS = [
     {"seed": 0},
     {"seed": 1, "model.noise_sigma": 0.3},
@@ -271,19 +267,7 @@ print("devices", jax.device_count(), "mesh", dict(devices.mesh.shape))
 
 
 def run(n, shards, path, order="shared"):
-  env = dict(
-      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
-  )
-  out = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(path), str(shards), order],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"devices {n}" in out.stdout
+  assert f"devices {n}" in run_on_cpu_devices(n, SCRIPT, path, shards, order)
   return dict(np.load(path))
 
 

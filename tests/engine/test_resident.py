@@ -2,18 +2,14 @@
 would have read, laid out as the host's batch, on one device and split over several; the
 "auto"/"true"/"false" rule."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
 from cras_jax.base import errors
 from cras_jax.engine import population, resident, sharding
+from tests.conftest import run_on_cpu_devices
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GB = 10**9
 
 
@@ -65,17 +61,7 @@ print("ok", jax.device_count())
 
 
 def test_take_over_two_devices_gives_each_its_share_of_the_host_batch():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  out = subprocess.run(
-      [sys.executable, "-c", SCRIPT],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "ok 2" in out.stdout
+  assert "ok 2" in run_on_cpu_devices(2, SCRIPT, timeout=300)
 
 
 def test_false_keeps_the_data_on_the_host_whatever_fits():

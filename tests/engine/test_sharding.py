@@ -1,18 +1,13 @@
 """Data parallelism: one jitted, sharded step on 4 simulated CPU devices equals the
 same step on 1 device (parameters, BatchNorm statistics, loss, scores)."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from cras_jax.configs import demo
 from cras_jax.engine import sharding
 from tests import golden
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import run_on_cpu_devices
 
 SCRIPT = r"""
 import sys
@@ -42,19 +37,7 @@ print("devices", devices.count)
 
 
 def run(n, path):
-  env = dict(
-      os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
-  )
-  out = subprocess.run(
-      [sys.executable, "-c", SCRIPT, str(path)],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"devices {n}" in out.stdout
+  assert f"devices {n}" in run_on_cpu_devices(n, SCRIPT, path)
   return dict(np.load(path))
 
 
