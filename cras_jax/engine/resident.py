@@ -53,6 +53,11 @@ def rows_per_device(n: int, data_shards: int) -> int:
   return math.ceil(n / data_shards)
 
 
+def bytes_per_device(n: int, data_shards: int, row_bytes: int) -> int:
+  """Bytes each device holds of `n` rows of `row_bytes` each (`rows_per_device`)."""
+  return rows_per_device(n, data_shards) * row_bytes
+
+
 def decide(
     setting: str,
     what: str,
@@ -150,7 +155,9 @@ class Resident:
     per = rows_per_device(n, self.shards)
     shape = (per * self.shards, *row_shape)
     self.dtype = np.dtype(dtype)
-    self.bytes_per_device = per * int(np.prod(row_shape)) * self.dtype.itemsize
+    self.bytes_per_device = bytes_per_device(
+        n, self.shards, int(np.prod(row_shape)) * self.dtype.itemsize
+    )
     read_once: dict[tuple[int, int], np.ndarray] = {}  # a block replicated along "model"
 
     def block(index) -> np.ndarray:

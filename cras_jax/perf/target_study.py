@@ -236,7 +236,7 @@ def resident_rows(result: dict) -> list[dict]:
     hbm, footprint = p.get("memory_available_bytes"), p.get("memory_needed_bytes")
     if not (n and feed and hbm and footprint) or p.get("fits") is False:
       continue
-    data = resident.rows_per_device(n, p["devices"]) * (feed["bytes_per_image"] - 4)
+    data = resident.bytes_per_device(n, p["devices"], feed["bytes_per_image"] - 4)
     auto = resident.decide("auto", p["mode"], data, footprint, hbm)
     # on the devices only the indices cross the host link and nothing is read per step: the
     # end-to-end rate is the step's, or the loop thread's dispatch where that binds

@@ -60,7 +60,7 @@ def place(
     read = lambda lo, hi: reader.read(np.arange(lo, hi), ("image",))["image"]
   shards = devices.mesh.shape[resident.AXIS]
   row_bytes = int(np.prod(rows)) * np.dtype(dtype).itemsize
-  per_device = resident.rows_per_device(n, shards) * row_bytes
+  per_device = resident.bytes_per_device(n, shards, row_bytes)
   limit = None if setting == "false" else resident.device_limit(devices.mesh.devices.flat)
   footprint = None
   if limit:  # an accelerator: what the step itself needs
