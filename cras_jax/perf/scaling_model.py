@@ -187,9 +187,6 @@ def add_end_to_end(projections: list[dict], by_name: dict, feeds: dict | None) -
   return projections
 
 
-gb_text = resident.gb  # "14.4 GB": bytes in GB, 3 significant digits
-
-
 def memory_fit(
     facts: dict, system: systems.System, n_devices: int, local_memory=None, unit: str = "device"
 ) -> dict:
@@ -207,7 +204,7 @@ def memory_fit(
   if cap is None and local_memory and local_memory[0]:
     cap, what = local_memory[0], f"of {local_memory[1]}"
     if system.shared and need is not None:
-      what += f", for {n_devices} simulated device(s) of {gb_text(need)} each"
+      what += f", for {n_devices} simulated device(s) of {resident.gb(need)} each"
       need *= n_devices
   if facts.get("refused"):
     fits, why = False, f"the compiler refused it: {facts['refused']}"
@@ -215,7 +212,7 @@ def memory_fit(
     fits, why = None, None
   else:
     fits = bool(need <= cap)
-    why = None if fits else f"{gb_text(need)} > {gb_text(cap)} {what}"
+    why = None if fits else f"{resident.gb(need)} > {resident.gb(cap)} {what}"
   return {
       "fits": fits,
       "fits_memory": fits,

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from cras_jax.base import errors, fileio, fs
+from cras_jax.engine import resident
 from cras_jax.perf import tpu
 from cras_jax.perf.bench_report import collectives_text
-from cras_jax.perf.scaling_model import gb_text
 
 
 def host_note(result: dict) -> list[str]:
@@ -90,7 +90,7 @@ def fits_note(result: dict) -> str:
   """What the "fits" column compares."""
   host = result.get("host_memory") or {}
   here = (
-      f"{gb_text(host['bytes'])} of {host['what']} when the study started"
+      f"{resident.gb(host['bytes'])} of {host['what']} when the study started"
       if host.get("bytes")
       else "unknown here"
   )
