@@ -35,10 +35,18 @@ _PRUNED_READ_LOGS = ("Metadata file does not exist",)
 _PRUNED_READ_TASKS = ("NOT_FOUND: Error opening",)
 
 
+# the metadata file there when orbax checked, gone (pruned) when it read it
+_PRUNED_READ_GONE = "Failed to read Metadata file"
+
+
 class _DropPrunedReadLogs(py_logging.Filter):
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_PRUNED_READ_LOGS)
+    msg = str(record.msg)
+    if msg.startswith(_PRUNED_READ_GONE):
+      args = record.args if isinstance(record.args, tuple) else ()
+      return not any(isinstance(a, FileNotFoundError) for a in args)
+    return not msg.startswith(_PRUNED_READ_LOGS)
 
 
 class _DropPrunedReadTasks(py_logging.Filter):
@@ -53,8 +61,8 @@ class _DropPrunedReadTasks(py_logging.Filter):
 
 
 def _quiet_pruned_reads() -> None:
-  """Installs, once per process, the filters of `_PRUNED_READ_NOISE`, `_PRUNED_READ_LOGS` and
-  `_PRUNED_READ_TASKS`."""
+  """Installs, once per process, the filters of `_PRUNED_READ_NOISE`, `_PRUNED_READ_LOGS`,
+  `_PRUNED_READ_GONE` and `_PRUNED_READ_TASKS`."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_pruned_reads", False):
     return

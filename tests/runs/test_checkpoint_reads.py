@@ -136,3 +136,22 @@ def test_a_pruned_read_task_reported_by_asyncio_is_dropped_and_other_reports_pas
   assert asyncio_logger.filter(record(task, ValueError("NOT_FOUND: Error opening the door")))
   assert asyncio_logger.filter(record(task, RuntimeError("a bug")))
   assert asyncio_logger.filter(record("Unhandled exception in event loop", pruned))
+
+
+def test_a_metadata_file_pruned_between_check_and_read_is_dropped_and_other_read_errors_pass():
+  """orbax's "Failed to read Metadata file" (the file there when it checked, pruned when it
+  read it: FileNotFoundError) is dropped once readers' filters are on; the same message for
+  another error (a permission, a bad file) passes."""
+  checkpoint._quiet_pruned_reads()
+  absl_logger = py_logging.getLogger("absl")
+  path = "run/checkpoints/77/_CHECKPOINT_METADATA"
+
+  def record(error):
+    return py_logging.LogRecord(
+        "absl", py_logging.ERROR, "", 0, "Failed to read Metadata file: %s, error: %s",
+        (path, error), None,
+    )  # fmt: skip
+
+  assert not absl_logger.filter(record(FileNotFoundError(2, "No such file or directory", path)))
+  assert absl_logger.filter(record(PermissionError(13, "Permission denied", path)))
+  assert absl_logger.filter(record(ValueError("bad bytes")))
