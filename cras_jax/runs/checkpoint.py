@@ -30,13 +30,12 @@ _T = TypeVar("_T")
 # event loop closed. Readers drop these; any other report passes through.
 _PRUNED_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index")
 _PRUNED_READ_LOGS = ("Metadata file does not exist",)
-# an aborted read's task, reported by asyncio when it is collected: its TensorStore open failed
-# on the pruned step's files ("Task exception was never retrieved")
-_PRUNED_READ_TASKS = ("NOT_FOUND: Error opening",)
-
-
 # the metadata file there when orbax checked, gone (pruned) when it read it
 _PRUNED_READ_GONE = "Failed to read Metadata file"
+# an aborted read's task, reported by asyncio when it is collected ("Task exception was never
+# retrieved"): it failed on the pruned step's files, gone (TensorStore's open "NOT_FOUND: Error
+# opening ... does not exist", orbax's "Checkpoint directory does not exist")
+_PRUNED_READ_TASKS = ("NOT_FOUND: Error opening", "Checkpoint directory does not exist")
 
 
 class _DropPrunedReadLogs(py_logging.Filter):

@@ -117,8 +117,8 @@ def test_a_reader_beside_a_pruning_writer_prints_nothing_of_the_reads_it_abandon
 
 
 def test_a_pruned_read_task_reported_by_asyncio_is_dropped_and_other_reports_pass():
-  """asyncio's report of an aborted read's task (collected after its step was pruned, its
-  TensorStore open NOT_FOUND) is dropped once readers' filters are on; its other reports, and
+  """asyncio's report of an aborted read's task (collected after its step was pruned: its
+  TensorStore open NOT_FOUND, or orbax's step directory gone) is dropped once readers' filters are on; its other reports, and
   other errors of tasks, pass."""
   checkpoint._quiet_pruned_reads()
   asyncio_logger = py_logging.getLogger("asyncio")
@@ -133,6 +133,8 @@ def test_a_pruned_read_task_reported_by_asyncio_is_dropped_and_other_reports_pas
 
   task = "Task exception was never retrieved\nfuture: <Task finished name='Task-7'>"
   assert not asyncio_logger.filter(record(task, pruned))
+  gone = ValueError("Checkpoint directory does not exist: run/checkpoints/48/state.")
+  assert not asyncio_logger.filter(record(task, gone))
   assert asyncio_logger.filter(record(task, ValueError("NOT_FOUND: Error opening the door")))
   assert asyncio_logger.filter(record(task, RuntimeError("a bug")))
   assert asyncio_logger.filter(record("Unhandled exception in event loop", pruned))
